@@ -1,0 +1,252 @@
+"""The sampler contract, and the math that several samplers share.
+
+A sampler is a pair of pure functions (in the spirit of optax's `GradientTransformation`):
+
+    state = sampler.init(noise)                          # noise: [B, ...]; sizes history buffers
+    x = state.init_sigma * noise                         # the driver scales the initial latent
+    for i in range(num_model_calls(state)):              # one lax.scan in jaxdiff.sampling
+        t, scale = next_call(state)                      # [] training-scale t, [] input scale
+        out = model_fn(scale * x, full([B], t))          # the network's native prediction
+        x, state = sampler.step(state, x, out, key)      # key: the run's key; step folds in i
+
+The loop runs over *model calls*, not solver steps: a two-evaluation solver (Heun) plans two
+calls per step and tells them apart from the index; a multistep solver (DPM-Solver++(2M),
+UniPC) keeps fixed-size history buffers in `state.memory`. Everything the driver needs is an
+array in the state, so the number of calls is static (`state.timesteps.shape[0]`) and one
+compiled loop serves every plan of the same length.
+
+Rules for samplers: no Python `if` on traced values (use `jnp.where` / `lax.select` /
+`lax.switch`), never find a timestep by equality (index the plan with `state.index`), and
+stochastic steps draw from `jax.random.fold_in(key, state.index)`.
+
+Construction (`samplers.get`) happens on the host: the plan is computed in float64 from the
+schedule and stored as float32 arrays, options that change the traced program (prediction type,
+dynamic thresholding) are static fields, numeric options (eta, clip range) are arrays, and `init` /
+`step` are `jax.tree_util.Partial`s of module-level functions. Two samplers built with the same
+static options and plan length therefore have the same pytree structure, and a jitted driver
+does not recompile for them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from jaxdiff import parameterization
+
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+class SamplerState(NamedTuple):
+    """What a sampler carries between model calls. N = number of model calls of the run.
+
+    index: int32 [], the number of model calls already made; the next call is number `index`.
+    timesteps: float32 [N], the training-scale timestep handed to the network at each call.
+    input_scales: float32 [N], the factor applied to x before each call (1 for DDPM / DDIM;
+        1 / sqrt(sigma^2 + 1) for sigma-space samplers).
+    init_sigma: float32 [], the std of the initial latent: x_T = init_sigma * noise.
+    plan: sampler-specific pytree of per-call arrays, each with leading axis N.
+    memory: sampler-specific pytree of fixed-shape arrays updated by `step` (history buffers);
+        `()` for one-step samplers.
+    """
+
+    index: jax.Array
+    timesteps: jax.Array
+    input_scales: jax.Array
+    init_sigma: jax.Array
+    plan: Any
+    memory: Any = ()
+
+
+class Sampler(NamedTuple):
+    """init(noise [B, ...]) -> SamplerState;
+    step(state, x [B, ...], model_output [B, ...], key) -> (x_next [B, ...], state)."""
+
+    init: Callable[[jax.Array], SamplerState]
+    step: Callable[[SamplerState, jax.Array, jax.Array, jax.Array], tuple[jax.Array, SamplerState]]
+
+
+def num_model_calls(state: SamplerState) -> int:
+    """The (static) number of model calls the state plans."""
+    return state.timesteps.shape[0]
+
+
+def next_call(state: SamplerState) -> tuple[jax.Array, jax.Array]:
+    """(t, input_scale) of the next model call, float32 scalars."""
+    return state.timesteps[state.index], state.input_scales[state.index]
+
+
+def current(plan, index: jax.Array):
+    """The plan's entries for one call: every leaf `[N, ...]` indexed at `index`."""
+    return jax.tree.map(lambda leaf: leaf[index], plan)
+
+
+def step_key(key: jax.Array, state: SamplerState) -> jax.Array:
+    """The key of this call's randomness: fold_in(key, index)."""
+    return jax.random.fold_in(key, state.index)
+
+
+def constant_init(state: SamplerState, noise: jax.Array) -> SamplerState:
+    """`init` of samplers without history: the precomputed state whatever the noise."""
+    del noise
+    return state
+
+
+def new_state(timesteps, plan, *, init_sigma=1.0, input_scales=None, memory=()) -> SamplerState:
+    """A SamplerState at index 0 from host arrays (stored float32)."""
+    timesteps = f32(timesteps)
+    if input_scales is None:
+        input_scales = jnp.ones_like(timesteps)
+    return SamplerState(index=jnp.zeros((), jnp.int32), timesteps=timesteps, input_scales=f32(input_scales),
+                        init_sigma=f32(init_sigma), plan=plan, memory=memory)
+
+
+def f32(x) -> jax.Array:
+    return jnp.asarray(x, jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Option checks (clear messages at construction, never inside a trace).
+# --------------------------------------------------------------------------------------------
+
+def check_choice(option: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{option}={value!r} is not valid; choose one of: {', '.join(map(str, choices))}")
+
+
+def check_range(option: str, value, lo: float, hi: float) -> None:
+    """Checks lo <= value <= hi when value is concrete (a traced value is left to the caller)."""
+    if isinstance(value, jax.core.Tracer):
+        return
+    v = float(value)
+    if not lo <= v <= hi:
+        raise ValueError(f"{option} must lie in [{lo}, {hi}], got {v}")
+
+
+def check_num_steps(num_steps: int, num_train_timesteps: int) -> None:
+    if int(num_steps) != num_steps or not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps must be an integer in [1, {num_train_timesteps}] "
+                         f"(the schedule's num_train_timesteps), got {num_steps}")
+
+
+# --------------------------------------------------------------------------------------------
+# Timestep plans (host side).
+# --------------------------------------------------------------------------------------------
+
+def plan_timesteps(num_train_timesteps: int, num_steps: int, timestep_spacing: str,
+                   steps_offset: int = 0) -> np.ndarray:
+    """The decreasing training timesteps `[num_steps]` (int64) a discrete sampler visits.
+
+    leading:  0, r, 2r, ... (r = T // num_steps), reversed, plus `steps_offset`.
+    trailing: T - 1, T - 1 - T / num_steps, ... rounded; always starts at the noisiest step
+              (Lin et al. 2023, Table 2). `steps_offset` does not apply.
+    linspace: round(linspace(0, T - 1, num_steps)), reversed. `steps_offset` does not apply.
+    These follow diffusers' `timestep_spacing` exactly.
+    """
+    check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+    check_num_steps(num_steps, num_train_timesteps)
+    if timestep_spacing == "leading":
+        ratio = num_train_timesteps // num_steps
+        ts = np.arange(num_steps, dtype=np.int64)[::-1] * ratio + int(steps_offset)
+    elif timestep_spacing == "trailing":
+        ts = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / num_steps)).astype(np.int64) - 1
+    else:
+        ts = np.linspace(0, num_train_timesteps - 1, num_steps).round()[::-1].astype(np.int64)
+    if ts.max() >= num_train_timesteps:
+        raise ValueError(f"steps_offset={steps_offset} pushes the first timestep to {ts.max()}, "
+                         f"past the schedule's last timestep {num_train_timesteps - 1}")
+    return ts.copy()
+
+
+def alpha_bar_at(alphas_cumprod: np.ndarray, timesteps: np.ndarray, before_first: float) -> np.ndarray:
+    """abar at integer `timesteps`, with `before_first` for timesteps < 0 (the clean end)."""
+    timesteps = np.asarray(timesteps)
+    return np.where(timesteps >= 0, alphas_cumprod[np.maximum(timesteps, 0)], before_first)
+
+
+# --------------------------------------------------------------------------------------------
+# Shared math.
+# --------------------------------------------------------------------------------------------
+
+def posterior(alpha_bar, alpha_bar_prev):
+    """The forward-process posterior q(x_{t'} | x_t, x0) between two levels abar_t < abar_{t'}
+    (Ho et al. 2020, eq. 6-7, with t' the previous *planned* step, so the per-step
+    beta_t = 1 - abar_t / abar_{t'} and alpha_t = 1 - beta_t span the skipped steps):
+
+        mean     = coef_x0 x0 + coef_xt x_t
+        coef_x0  = sqrt(abar_{t'}) beta_t / (1 - abar_t)
+        coef_xt  = sqrt(alpha_t) (1 - abar_{t'}) / (1 - abar_t)
+        variance = beta_tilde_t = (1 - abar_{t'}) / (1 - abar_t) beta_t
+
+    Elementwise on arrays of any shape; plain arithmetic, so numpy float64 in gives float64 out
+    (the samplers compute their plans this way on the host). Returns
+    (coef_x0, coef_xt, variance, beta).
+    """
+    alpha = alpha_bar / alpha_bar_prev
+    beta = 1.0 - alpha
+    coef_x0 = alpha_bar_prev ** 0.5 * beta / (1.0 - alpha_bar)
+    coef_xt = alpha ** 0.5 * (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
+    variance = (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * beta
+    return coef_x0, coef_xt, variance, beta
+
+
+@struct.dataclass
+class DenoiseOptions:
+    """How a raw network output becomes (x0_hat, eps_hat); shared by the discrete samplers.
+
+    clip_range: float32 [], x0_hat is clipped to [-clip_range, clip_range]; inf when clipping is
+        off, so switching `clip_sample` does not recompile.
+    dynamic_thresholding_ratio, sample_max_value: float32 [] (used when `thresholding`).
+    prediction_type, thresholding: static (they change the traced program).
+    """
+
+    clip_range: jax.Array
+    dynamic_thresholding_ratio: jax.Array
+    sample_max_value: jax.Array
+    prediction_type: str = struct.field(pytree_node=False)
+    thresholding: bool = struct.field(pytree_node=False)
+
+
+def denoise_options(*, prediction_type: str, clip_sample: bool, clip_sample_range: float,
+                    thresholding: bool, dynamic_thresholding_ratio: float,
+                    sample_max_value: float) -> DenoiseOptions:
+    """Validated `DenoiseOptions` (names and meanings as diffusers' scheduler options; like there,
+    `thresholding` takes precedence over `clip_sample`)."""
+    check_choice("prediction_type", prediction_type, parameterization.PREDICTION_TYPES)
+    check_choice("clip_sample", clip_sample, (True, False))
+    check_choice("thresholding", thresholding, (True, False))
+    check_range("clip_sample_range", clip_sample_range, 0.0, float("inf"))
+    check_range("dynamic_thresholding_ratio", dynamic_thresholding_ratio, 0.0, 1.0)
+    check_range("sample_max_value", sample_max_value, 1.0, float("inf"))
+    clip_range = f32(clip_sample_range) if clip_sample else f32(jnp.inf)
+    return DenoiseOptions(clip_range=clip_range, dynamic_thresholding_ratio=f32(dynamic_thresholding_ratio),
+                          sample_max_value=f32(sample_max_value), prediction_type=prediction_type,
+                          thresholding=bool(thresholding))
+
+
+def denoise(model_output, x, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, options: DenoiseOptions):
+    """(x0_hat, eps_hat) `[B, ...]` float32 from the network output at x_t = x.
+
+    x0_hat is then dynamically thresholded (if `thresholding`) or clipped to
+    [-clip_range, clip_range] (a no-op for clip_range = inf); eps_hat is the unclipped one.
+    """
+    x0, eps = parameterization.x0_eps_coefs(model_output, x, sqrt_alpha_bar, sqrt_one_minus_alpha_bar,
+                                            options.prediction_type)
+    if options.thresholding:
+        x0 = dynamic_threshold(x0, options.dynamic_thresholding_ratio, options.sample_max_value)
+    else:
+        x0 = jnp.clip(x0, -options.clip_range, options.clip_range)
+    return x0, eps
+
+
+def dynamic_threshold(x0, ratio, max_value):
+    """Dynamic thresholding (Saharia et al. 2022, sec. 2.3): per example, s = the `ratio`
+    quantile of |x0| clamped to [1, max_value]; x0 -> clip(x0, -s, s) / s. x0: [B, ...]."""
+    flat = x0.reshape(x0.shape[0], -1)                                   # [B, D]
+    s = jnp.quantile(jnp.abs(flat), ratio, axis=1)                       # [B]
+    s = jnp.clip(s, 1.0, max_value)[:, None]                             # [B, 1]
+    return (jnp.clip(flat, -s, s) / s).reshape(x0.shape)
