@@ -496,3 +496,26 @@ def test_resblock_matches_diffusers(scale_shift):
     block = ResBlock(32, num_groups=4, use_scale_shift_norm=scale_shift)
     out = block.apply(params, jnp.asarray(x), jnp.asarray(emb))
     np.testing.assert_allclose(out, out_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_patch_size_folds_pixels_into_channels_and_back():
+    from jaxdiff.models.unet import depth_to_space, space_to_depth
+
+    x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+    y = space_to_depth(x, 2)
+    assert y.shape == (2, 2, 3, 12)
+    # pixel (1, 1) of patch (0, 0), channel 2 sits at channel index (1*2 + 1)*3 + 2
+    assert float(y[0, 0, 0, 11]) == float(x[0, 1, 1, 2])
+    assert jnp.array_equal(depth_to_space(y, 2), x)
+
+
+def test_patch_size_network_shapes_and_divisibility():
+    m = UNet(out_channels=1, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+             attention_levels=(1,), num_groups=8, patch_size=2)
+    x = jnp.ones((2, 28, 28, 1))
+    params = m.init(jax.random.PRNGKey(0), x, jnp.zeros((2,)))
+    assert params["params"]["conv_in"]["kernel"].shape[2] == 4       # 2x2x1 pixels per input
+    assert params["params"]["conv_out"]["kernel"].shape[3] == 4
+    assert m.apply(params, x, jnp.zeros((2,))).shape == (2, 28, 28, 1)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        m.init(jax.random.PRNGKey(0), jnp.ones((1, 26, 26, 1)), jnp.zeros((1,)))
