@@ -4,7 +4,21 @@
 
 The contract is in `samplers/base.py`; each family has its own file and registers its factory
 below. A factory is `factory(schedule, num_steps, *, option=default, ...) -> Sampler`; its
-keyword-only parameters are the options `get` accepts.
+keyword-only parameters are the options `get` accepts (names and defaults as the diffusers
+scheduler of the same method).
+
+    name                      file           latent integrated     model calls   memory
+    ddpm, ddim, ddim_inverse  ddpm, ddim     x_t                   N             -
+    euler, euler_ancestral    euler          x_t / sqrt(abar)      N             -
+    heun, edm                 heun           x_t / sqrt(abar)      2N - 1        [2, B, ...]
+    lms                       lms            x_t / sqrt(abar)      N             [order, B, ...]
+    dpmpp_2m(_sde), dpmpp_3m_sde  dpm_solver x_t                   N             [order, B, ...]
+    unipc                     unipc          x_t                   N             [order + 1, B, ...]
+    pndm                      pndm           x_t                   N + 9 (N + 1) [5, B, ...]
+
+Samplers on x_t / sqrt(abar) (the "sigma-space" ones, `samplers/sigma.py`) set `init_sigma` to
+the largest sigma of their plan (sqrt(sigma_max^2 + 1) with "leading" spacing, as the reference)
+and `input_scales` to 1 / sqrt(sigma^2 + 1), so the network is handed x_t either way.
 """
 
 from __future__ import annotations
@@ -12,13 +26,23 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
-from jaxdiff.samplers import base, ddim, ddpm
+from jaxdiff.samplers import base, ddim, ddpm, dpm_solver, euler, heun, lms, pndm, sigma, unipc
 from jaxdiff.samplers.base import Sampler, SamplerState
 
 _REGISTRY: dict[str, Callable[..., Sampler]] = {
     "ddpm": ddpm.ddpm,
     "ddim": ddim.ddim,
     "ddim_inverse": ddim.ddim_inverse,
+    "euler": euler.euler,
+    "euler_ancestral": euler.euler_ancestral,
+    "heun": heun.heun,
+    "dpmpp_2m": dpm_solver.dpmpp_2m,
+    "dpmpp_2m_sde": dpm_solver.dpmpp_2m_sde,
+    "dpmpp_3m_sde": dpm_solver.dpmpp_3m_sde,
+    "lms": lms.lms,
+    "unipc": unipc.unipc,
+    "pndm": pndm.pndm,
+    "edm": heun.edm,
 }
 
 
@@ -57,4 +81,5 @@ def _factory(name: str) -> Callable[..., Sampler]:
     return _REGISTRY[name]
 
 
-__all__ = ["Sampler", "SamplerState", "base", "ddim", "ddpm", "get", "names", "options", "register"]
+__all__ = ["Sampler", "SamplerState", "base", "ddim", "ddpm", "dpm_solver", "euler", "get", "heun", "lms", "names",
+           "options", "pndm", "register", "sigma", "unipc"]

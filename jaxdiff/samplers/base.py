@@ -96,6 +96,25 @@ def constant_init(state: SamplerState, noise: jax.Array) -> SamplerState:
     return state
 
 
+def history_init(state: SamplerState, noise: jax.Array) -> SamplerState:
+    """`init` of samplers with history. The precomputed state carries `memory` = zeros [K] as a
+    placeholder (its static length K is the number of slots); it becomes a fixed-size buffer of
+    zeros [K, B, ...] float32 shaped like the noise (slot 0: the newest entry)."""
+    num_slots = state.memory.shape[0]
+    return state._replace(memory=jnp.zeros((num_slots,) + noise.shape, jnp.float32))
+
+
+def push_history(memory: jax.Array, entry: jax.Array) -> jax.Array:
+    """The history buffer [K, B, ...] with `entry` [B, ...] in slot 0 and the oldest dropped."""
+    return jnp.concatenate([entry[None], memory[:-1]])
+
+
+def combine(coefs: jax.Array, history: jax.Array) -> jax.Array:
+    """sum_j coefs[j] history[j]: coefs [K], history [K, B, ...] -> [B, ...] (the linear
+    combination a multistep method takes of its stored values)."""
+    return jnp.tensordot(coefs, history, axes=1)
+
+
 def new_state(timesteps, plan, *, init_sigma=1.0, input_scales=None, memory=()) -> SamplerState:
     """A SamplerState at index 0 from host arrays (stored float32)."""
     timesteps = f32(timesteps)
