@@ -1,0 +1,192 @@
+"""Configs as code: the base config, loading `experiments/*.py`, and command-line overrides.
+
+A config is an `ml_collections.ConfigDict` returned by a `get_config()` function. The base config
+below trains the tiny U-Net on the embedded digits; experiment files start from it and change
+what they need (never copy it). The config is unpacked by the trainer into constructors; it never
+enters a module.
+
+Overrides look like flax examples / big_vision: `--config.train.steps=2000` or
+`--config.data.dataset tfds:mnist`. A key that does not exist is an error naming the nearest
+valid keys, so a typo never silently trains the wrong thing.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import json
+import os
+
+import ml_collections
+
+from jaxdiff.errors import JaxdiffError
+
+
+class ConfigError(JaxdiffError, ValueError):
+    """A config file or override the user can fix."""
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The default: the tiny U-Net on the embedded MNIST digits, sized to train in about nine
+    minutes on a 2-core CPU: digits at 16x16 (a 3x cheaper step than 28x28, where XLA's CPU
+    convolution gradients dominate), v-prediction with min-SNR-5 weighting (Hang et al. 2023:
+    faster convergence), and 2,000 steps of batch 64."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    c.data = ml_collections.ConfigDict()
+    c.data.dataset = "digits"          # "digits" | "tfds:NAME[:SPLIT]" | "folder:PATH"
+    c.data.batch_size = 64             # global batch, split over every device of every process
+    c.data.image_size = 16             # 0: keep the dataset's size; else resize to this square
+    c.data.channels = 0                # 0: keep the dataset's channels; else 1 or 3
+    c.data.random_flip = False
+    c.data.data_dir = ""               # TFDS data_dir ("" = TFDS default)
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = "tiny"              # a key of jaxdiff.models.unet.CONFIGS
+    c.model.dropout = 0.0
+    c.model.class_conditional = True   # learn p(x | label) with a null class for guidance
+    c.model.dtype = "float32"          # compute dtype; params always float32
+
+    c.diffusion = ml_collections.ConfigDict()
+    c.diffusion.schedule = "linear"
+    c.diffusion.num_train_timesteps = 1000
+    c.diffusion.beta_start = 0.0001
+    c.diffusion.beta_end = 0.02
+    c.diffusion.rescale_betas_zero_snr = False
+    c.diffusion.prediction_type = "v_prediction"   # "epsilon" | "sample" | "v_prediction"
+    c.diffusion.min_snr_gamma = 5.0           # 0 disables min-SNR-gamma loss weighting
+    c.diffusion.label_dropout = 0.1           # P(label -> null class) in training, for guidance
+
+    c.optim = ml_collections.ConfigDict()
+    c.optim.learning_rate = 2e-3
+    c.optim.warmup_steps = 200
+    c.optim.decay_steps = 0            # 0: constant after warmup; else cosine decay to 0 over this many
+    c.optim.weight_decay = 0.0
+    c.optim.b1 = 0.9
+    c.optim.b2 = 0.99
+    c.optim.grad_clip = 1.0
+    c.optim.ema_decay = 0.998
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 2000
+    c.train.log_every = 50
+    c.train.checkpoint_every = 500
+    c.train.keep_checkpoints = 3
+    c.train.sample_every = 0           # 0: sample only at the end
+
+    c.sample = ml_collections.ConfigDict()
+    c.sample.num = 80                 # 8 rows x one column per class
+    c.sample.sampler = "ddim"
+    c.sample.steps = 50
+    c.sample.guidance_scale = 1.0      # 1.0: plain conditional sampling
+    return c
+
+
+def load(path: str | None) -> ml_collections.ConfigDict:
+    """The config from a Python file exposing `get_config()`, or the default when `path` is None."""
+    if path is None:
+        return get_config()
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    spec = importlib.util.spec_from_file_location("jaxdiff_user_config", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the user's file: report it as theirs
+        raise ConfigError(f"could not execute config file {path}: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} defines no get_config() function")
+    return module.get_config()
+
+
+def _parse_value(text: str, current):
+    if isinstance(current, bool):
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"expected a boolean, got {text!r}")
+    if isinstance(current, str):
+        return text
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = text
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if current is not None and not isinstance(value, type(current)):
+        raise ConfigError(f"expected {type(current).__name__}, got {text!r}")
+    return value
+
+
+def _all_keys(cfg, prefix=""):
+    for k, v in cfg.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            yield from _all_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}"
+
+
+def override(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> None:
+    """Set `cfg.<dotted> = text`, parsed to the existing field's type. Unknown keys are errors."""
+    *parents, leaf = dotted.split(".")
+    node = cfg
+    for p in parents:
+        if p not in node or not isinstance(node[p], ml_collections.ConfigDict):
+            node = None
+            break
+        node = node[p]
+    if node is None or leaf not in node or isinstance(node[leaf], ml_collections.ConfigDict):
+        close = difflib.get_close_matches(dotted, list(_all_keys(cfg)), n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ConfigError(f"unknown config key '{dotted}'.{hint}")
+    try:
+        node[leaf] = _parse_value(text, node[leaf])
+    except ConfigError as e:
+        raise ConfigError(f"bad value for config key '{dotted}': {e}") from None
+
+
+def apply_overrides(cfg: ml_collections.ConfigDict, args: list[str]) -> list[str]:
+    """Consume `--config.a.b=v` / `--config.a.b v` from `args`; return the remaining args."""
+    rest, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--config."):
+            key = a[len("--config."):]
+            if "=" in key:
+                key, value = key.split("=", 1)
+            elif i + 1 < len(args):
+                i += 1
+                value = args[i]
+            else:
+                raise ConfigError(f"missing value for {a}")
+            override(cfg, key, value)
+        else:
+            rest.append(a)
+        i += 1
+    return rest
+
+
+def to_json(cfg: ml_collections.ConfigDict) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    """Rebuild a saved config on top of the current defaults, so old runs load after new keys appear."""
+    saved = json.loads(text)
+    cfg = get_config()
+
+    def merge(node, d):
+        for k, v in d.items():
+            if isinstance(v, dict) and k in node and isinstance(node[k], ml_collections.ConfigDict):
+                merge(node[k], v)
+            else:
+                with node.ignore_type():
+                    node[k] = v
+
+    with cfg.unlocked():
+        merge(cfg, saved)
+    return cfg

@@ -1,0 +1,286 @@
+"""The outer training loop: data -> sharded train_step -> metrics, checkpoints, samples.
+
+`train(config, workdir)` is what `jaxdiff train` runs. It resumes from the newest checkpoint in
+`workdir` when there is one (state *and* data-iterator position, so the resumed run is the same
+run), writes metrics to `metrics.jsonl` and TensorBoard event files, and at the end a grid of
+samples and a loss curve. Only process 0 writes logs and pictures; every process takes part in
+checkpointing, as orbax requires.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from jaxdiff import config as config_lib
+from jaxdiff import data as data_lib
+from jaxdiff import schedules
+from jaxdiff import sharding as sharding_lib
+from jaxdiff.checkpoint import Checkpointer, checkpoint_dir
+from jaxdiff.errors import JaxdiffError
+from jaxdiff.models import unet as unet_lib
+from jaxdiff.train import state as state_lib
+from jaxdiff.train.step import make_loss_fn, make_train_step
+
+
+class TrainingError(JaxdiffError, RuntimeError):
+    """Training cannot go on (diverged, or the work dir holds an incompatible run)."""
+
+
+# Config sections that must agree between a run and the checkpoint it resumes from.
+_RESUME_SECTIONS = ("model", "diffusion", "data")
+
+
+def build_model(cfg: ml_collections.ConfigDict, image_shape, num_classes):
+    """The U-Net named by `cfg.model`, with channels and classes taken from the data."""
+    try:
+        factory = unet_lib.CONFIGS[cfg.model.name]
+    except KeyError:
+        raise config_lib.ConfigError(
+            f"unknown model '{cfg.model.name}'; choose one of {sorted(unet_lib.CONFIGS)}") from None
+    dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+    if cfg.model.dtype not in dtypes:
+        raise config_lib.ConfigError(f"model.dtype must be one of {sorted(dtypes)}, got {cfg.model.dtype!r}")
+    return factory(out_channels=image_shape[-1],
+                   num_classes=num_classes if cfg.model.class_conditional else None,
+                   dropout=cfg.model.dropout, dtype=dtypes[cfg.model.dtype])
+
+
+def build_schedule(cfg: ml_collections.ConfigDict):
+    d = cfg.diffusion
+    return schedules.discrete(d.schedule, num_train_timesteps=d.num_train_timesteps,
+                              beta_start=d.beta_start, beta_end=d.beta_end,
+                              rescale_betas_zero_snr=d.rescale_betas_zero_snr)
+
+
+def build_optimizer(cfg: ml_collections.ConfigDict):
+    o = cfg.optim
+    return state_lib.make_optimizer(o.learning_rate, warmup_steps=o.warmup_steps,
+                                    decay_steps=o.decay_steps, weight_decay=o.weight_decay,
+                                    b1=o.b1, b2=o.b2, grad_clip=o.grad_clip)
+
+
+def init_state_fn(model, tx, image_shape, seed: int):
+    """A function of no arguments returning a fresh TrainState (traced under jit or eval_shape)."""
+    def init():
+        key = jax.random.PRNGKey(seed)
+        k_init, k_run = jax.random.split(key)
+        x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
+        t = jnp.zeros((1,), jnp.float32)
+        labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
+        params = model.init({"params": k_init}, x, t, labels)["params"]
+        return state_lib.create(params, tx, k_run)
+    return init
+
+
+def build_data(cfg, mesh, *, process_index=None, process_count=None):
+    local_batch = sharding_lib.check_batch_size(cfg.data.batch_size, mesh)
+    return data_lib.build(
+        cfg.data.dataset, batch_size=local_batch, seed=cfg.seed,
+        image_size=cfg.data.image_size or None, channels=cfg.data.channels or None,
+        random_flip=cfg.data.random_flip,
+        process_index=jax.process_index() if process_index is None else process_index,
+        process_count=jax.process_count() if process_count is None else process_count,
+        data_dir=cfg.data.data_dir or None)
+
+
+def run_config_json(cfg, image_shape, num_classes) -> str:
+    """The config as saved with a run, plus what the network's shape depends on from the data, so
+    a checkpoint can be loaded for sampling without the dataset."""
+    saved = cfg.to_dict()
+    saved["data_signature"] = {"image_shape": list(image_shape), "num_classes": num_classes}
+    return json.dumps(saved, indent=2, sort_keys=True)
+
+
+def _check_resumable(saved: dict, cfg) -> None:
+    current = cfg.to_dict()
+    for section in _RESUME_SECTIONS:
+        old, new = saved.get(section, {}), current.get(section, {})
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            k = diff[0]
+            raise TrainingError(
+                f"the work dir holds a run with a different config ({section}.{k}: "
+                f"{old.get(k)!r} there, {new.get(k)!r} now); use a new --workdir or the same config")
+
+
+class _Logger:
+    """metrics.jsonl + TensorBoard, process 0 only."""
+
+    def __init__(self, workdir: str, enabled: bool):
+        self.enabled = enabled
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if enabled:
+            from tensorboardX import SummaryWriter
+            self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        for k, v in metrics.items():
+            self._tb.add_scalar(f"train/{k}", v, step)
+
+    def truncate_after(self, step: int) -> None:
+        """Drop lines past `step` (written after the checkpoint a resumed run restarts from)."""
+        if not self.enabled or not os.path.exists(self.path):
+            return
+        with open(self.path) as f:
+            rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(rows)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progress: bool = True,
+          write_samples: bool = True):
+    """Train (or resume) the run described by `cfg` in `workdir`; returns the final TrainState."""
+    from tqdm.auto import tqdm
+
+    workdir = os.path.abspath(workdir)
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding_lib.make_mesh(devices)
+    ds = build_data(cfg, mesh)
+    model = build_model(cfg, ds.image_shape, ds.num_classes)
+    schedule = build_schedule(cfg)
+    tx = build_optimizer(cfg)
+    config_json = run_config_json(cfg, ds.image_shape, model.num_classes)
+
+    replicated = sharding_lib.replicated(mesh)
+    init = init_state_fn(model, tx, ds.image_shape, cfg.seed)
+    abstract = jax.eval_shape(init)
+    state_sharding = jax.tree.map(lambda _: replicated, abstract)
+
+    ckpt = Checkpointer(checkpoint_dir(workdir), max_to_keep=cfg.train.keep_checkpoints)
+    iterator = ds.iterator()
+    logger = _Logger(workdir, is_main)
+    start = ckpt.latest_step()
+    if start is None:
+        state = jax.jit(init, out_shardings=state_sharding)()
+        start = 0
+    else:
+        _check_resumable(ckpt.read_config(start), cfg)
+        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                              abstract, state_sharding)
+        state, start = ckpt.restore(target, start, data_iterator=iterator)
+        logger.truncate_after(start)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_json)
+
+    loss_fn = make_loss_fn(
+        model.apply, schedule.alphas_cumprod,
+        prediction_type=cfg.diffusion.prediction_type, min_snr_gamma=cfg.diffusion.min_snr_gamma,
+        label_dropout=cfg.diffusion.label_dropout, null_label=model.num_classes or None)
+    step_fn = make_train_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    step_fn = jax.jit(step_fn, donate_argnums=(0,),
+                      in_shardings=(state_sharding, batch_sharding),
+                      out_shardings=(state_sharding, replicated))
+
+    total = cfg.train.steps
+    last_saved = start
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not (progress and is_main),
+               dynamic_ncols=True)
+    t_last, step, step_last = time.perf_counter(), start, start
+    try:
+        while step < total:
+            batch = sharding_lib.shard_batch(next(iterator), mesh)
+            state, metrics = step_fn(state, batch)
+            step += 1
+            bar.update(1)
+            if step == start + 1:  # time steps, not the first step's compilation
+                jax.block_until_ready(metrics)
+                t_last, step_last = time.perf_counter(), step
+            should_save = step % cfg.train.checkpoint_every == 0 or step == total
+            if step % cfg.train.log_every == 0 or should_save:
+                host = {k: float(v) for k, v in metrics.items()}
+                if not all(math.isfinite(v) for v in host.values()):
+                    raise TrainingError(
+                        f"loss became {host['loss']} at step {step}; nothing was saved past step "
+                        f"{last_saved} (checkpoints in {ckpt.directory} are intact). Lower "
+                        f"--config.optim.learning_rate or enable --config.optim.grad_clip")
+                now = time.perf_counter()
+                host["steps_per_sec"] = (step - step_last) / max(now - t_last, 1e-9)
+                t_last, step_last = now, step
+                logger.write(step, host)
+                bar.set_postfix(loss=f"{host['loss']:.4f}")
+            if should_save:
+                ckpt.save(step, state, iterator, config_json)
+                last_saved = step
+            if cfg.train.sample_every and step % cfg.train.sample_every == 0 and is_main and write_samples:
+                _write_samples(cfg, model, schedule, state, ds.image_shape, workdir, f"samples_{step:07d}.png")
+    except KeyboardInterrupt:
+        # Keep what was learned: save the current step (it is finite unless the very last steps
+        # diverged, which the next run's first log would reveal) before leaving.
+        if step > last_saved:
+            ckpt.save(step, state, iterator, config_json)
+        ckpt.wait()
+        raise
+    finally:
+        bar.close()
+        ckpt.wait()
+        logger.close()
+    ckpt.close()
+
+    if is_main and write_samples:
+        _write_samples(cfg, model, schedule, state, ds.image_shape, workdir, "samples.png")
+        plot_loss_curve(logger.path, os.path.join(workdir, "loss.png"))
+    return state
+
+
+def _write_samples(cfg, model, schedule, state, image_shape, workdir, name):
+    from jaxdiff.pipelines.pixel import DiffusionModel
+    from jaxdiff import images
+
+    dm = DiffusionModel(config=cfg, module=model, schedule=schedule, params=state.params,
+                        ema_params=state.ema_params, image_shape=image_shape)
+    labels = dm.grid_labels(cfg.sample.num)
+    imgs = dm.sample(cfg.sample.num, sampler=cfg.sample.sampler, num_steps=cfg.sample.steps,
+                     seed=cfg.seed, labels=labels,
+                     guidance_scale=cfg.sample.guidance_scale if labels is not None else None)
+    images.save_grid(imgs, os.path.join(workdir, name),
+                     ncols=model.num_classes if labels is not None else None)
+
+
+def plot_loss_curve(metrics_path: str, out_path: str) -> None:
+    """Loss (raw and smoothed) against step, from metrics.jsonl, as a PNG."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not os.path.exists(metrics_path):
+        return
+    with open(metrics_path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if not rows:
+        return
+    steps = np.array([r["step"] for r in rows])
+    loss = np.array([r["loss"] for r in rows])
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
+    ax.plot(steps, loss, alpha=0.35, lw=1, label="loss (logged steps)")
+    if len(loss) >= 5:
+        k = max(len(loss) // 20, 2)
+        smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+        ax.plot(steps[k - 1:], smooth, lw=2, label=f"moving average ({k})")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path)
+    plt.close(fig)
