@@ -16,7 +16,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {"schedules", "parameterization", "samplers", "sampling", "models", "data",
-               "sharding", "checkpoint", "config", "images", "pipelines", "train", "errors"}
+               "sharding", "checkpoint", "config", "images", "pipelines", "train", "errors",
+               "convert"}
 _EXPORTS = {"load": "jaxdiff.pipelines.pixel", "DiffusionModel": "jaxdiff.pipelines.pixel"}
 
 __all__ = sorted(_SUBMODULES | set(_EXPORTS))
