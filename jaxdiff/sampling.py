@@ -18,8 +18,13 @@ and the scales as traced leaves:
     x0 = sampling.sample(sampler, guided, noise, key)
 
 The network is traced once per compile, whatever the number of steps; the loop recompiles only
-when the shapes (batch, image size, number of model calls) or a sampler's static options
-(prediction type, dynamic thresholding) change. The sampler math runs in float32 whatever dtype the
+when the shapes (batch, image size, length of the plan) or a sampler's static options
+(prediction type, dynamic thresholding) change. A sampler built with `max_steps` pads its plan to
+a fixed length, so every step count up to it, every img2img start (`start_step`, with `x0`), every
+eta and guidance scale runs through one compiled program:
+
+    sampler = samplers.get("dpmpp_2m", schedule, num_steps=30, max_steps=100, start_step=12)
+    x0 = sampling.sample(sampler, guided, noise, key, x0=image_latents)    # img2img, strength 0.6 The sampler math runs in float32 whatever dtype the
 network returns.
 """
 
@@ -35,17 +40,31 @@ from jaxdiff.samplers import base
 
 
 def sample(sampler: base.Sampler, model_fn: Callable, noise: jax.Array, key: jax.Array, *,
-           return_trajectory: bool = False):
+           x0: jax.Array | None = None, return_trajectory: bool = False):
     """Integrate from noise to data.
 
     noise: [B, ...] ~ N(0, I); the sampler's `init_sigma` scales it to the initial latent.
     key: PRNG key of the run (each stochastic step folds in its index).
+    x0: optional clean data [B, ...] to start from instead of pure noise (img2img): the initial
+        latent is then x0 noised to the level of the sampler's first call, `signal * x0 + noise_scale
+        * noise` (the forward process, as diffusers' `scheduler.add_noise`), and a sampler built with
+        `start_step=k` denoises from there through its remaining steps.
     Returns x0 [B, ...] float32, and with `return_trajectory=True` also the sample after each
-    model call, [num_model_calls, B, ...] float32 (the last entry is x0).
+    iteration, [num_model_calls, B, ...] float32: one entry per planned call (entries past the
+    last real call of a padded plan repeat the result), the last entry the result.
     """
     if key is None:
         key = jax.random.PRNGKey(0)
-    return _run(sampler, _as_partial(model_fn), jnp.asarray(noise), key, return_trajectory=return_trajectory)
+    noise = jnp.asarray(noise)
+    from_image = x0 is not None
+    x0 = jnp.zeros_like(noise) if x0 is None else jnp.asarray(x0)
+    if x0.shape != noise.shape:
+        raise ValueError(f"x0 has shape {tuple(x0.shape)} but noise has shape {tuple(noise.shape)}; they must match")
+    if from_image and jax.eval_shape(sampler.init, noise).signal_scales is None:
+        raise ValueError("this sampler's plan has no noise levels (signal_scales / noise_scales), so it cannot "
+                         "start from an image x0")
+    return _run(sampler, _as_partial(model_fn), noise, key, x0, jnp.asarray(from_image),
+                return_trajectory=return_trajectory)
 
 
 def invert(sampler: base.Sampler, model_fn: Callable, x0: jax.Array, *, return_trajectory: bool = False):
@@ -55,7 +74,8 @@ def invert(sampler: base.Sampler, model_fn: Callable, x0: jax.Array, *, return_t
     Returns the latent [B, ...] float32 that the forward sampler with the same options maps back
     to (approximately) x0, and optionally the trajectory [num_model_calls, B, ...].
     """
-    return _run(sampler, _as_partial(model_fn), jnp.asarray(x0), jax.random.PRNGKey(0),
+    x0 = jnp.asarray(x0)
+    return _run(sampler, _as_partial(model_fn), x0, jax.random.PRNGKey(0), jnp.zeros_like(x0), jnp.asarray(False),
                 return_trajectory=return_trajectory)
 
 
@@ -69,17 +89,25 @@ def _as_partial(model_fn: Callable) -> jax.tree_util.Partial:
 
 @functools.partial(jax.jit, static_argnames=("return_trajectory",))
 def _run(sampler: base.Sampler, model_fn: jax.tree_util.Partial, noise: jax.Array, key: jax.Array,
-         return_trajectory: bool):
+         x0: jax.Array, from_image: jax.Array, return_trajectory: bool):
+    # from_image is traced, so text-to-image and image-to-image requests share one program.
     noise = noise.astype(jnp.float32)
     state = sampler.init(noise)
     x = state.init_sigma * noise                                               # [B, ...]
+    if state.signal_scales is not None:
+        noised = state.signal_scales[state.index] * x0.astype(jnp.float32) + state.noise_scales[state.index] * noise
+        x = jnp.where(from_image, noised, x)
     batch = noise.shape[0]
 
-    def body(carry, _):
-        x, state = carry
+    def call(x, state):
         t, scale = base.next_call(state)                                      # [], []
         out = model_fn(scale * x, jnp.full((batch,), t, jnp.float32))         # [B, ...]
-        x, state = sampler.step(state, x, out.astype(jnp.float32), key)
+        return sampler.step(state, x, out.astype(jnp.float32), key)
+
+    def body(carry, _):
+        # Once `index` reaches `num_calls` (after a late start, or over padding) iterations do nothing.
+        x, state = carry
+        x, state = jax.lax.cond(state.index < state.num_calls, call, lambda x, state: (x, state), x, state)
         return (x, state), (x if return_trajectory else None)
 
     (x, _), trajectory = jax.lax.scan(body, (x, state), None, length=base.num_model_calls(state))

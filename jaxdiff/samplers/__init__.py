@@ -62,9 +62,12 @@ def options(name: str) -> dict:
             if p.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
-def get(name: str, schedule, num_steps: int, **opts) -> Sampler:
+def get(name: str, schedule, num_steps: int, *, max_steps: int | None = None, **opts) -> Sampler:
     """The sampler `name` over `schedule` with `num_steps` steps.
 
+    max_steps: pad the plan to the length of a `max_steps`-step plan, so that every step count up
+        to it (and every `start_step`) gives arrays of the same shapes and `sampling.sample` runs
+        them all through one compiled program. The padding costs no model calls.
     Raises ValueError naming the problem for an unknown sampler, an unknown option or a bad value.
     """
     valid = options(name)
@@ -72,7 +75,14 @@ def get(name: str, schedule, num_steps: int, **opts) -> Sampler:
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for sampler {name!r}; "
                          f"valid options: {', '.join(sorted(valid))}")
-    return _factory(name)(schedule, num_steps, **opts)
+    factory = _factory(name)
+    sampler = factory(schedule, num_steps, **opts)
+    if max_steps is None:
+        return sampler
+    if int(max_steps) != max_steps or max_steps < num_steps:
+        raise ValueError(f"max_steps must be an integer >= num_steps={num_steps}, got {max_steps}")
+    longest = factory(schedule, int(max_steps), **{k: v for k, v in opts.items() if k != "start_step"})
+    return base.padded(sampler, base.num_model_calls(base.host_plan(longest)))
 
 
 def _factory(name: str) -> Callable[..., Sampler]:

@@ -12,8 +12,10 @@ A sampler is a pair of pure functions (in the spirit of optax's `GradientTransfo
 The loop runs over *model calls*, not solver steps: a two-evaluation solver (Heun) plans two
 calls per step and tells them apart from the index; a multistep solver (DPM-Solver++(2M),
 UniPC) keeps fixed-size history buffers in `state.memory`. Everything the driver needs is an
-array in the state, so the number of calls is static (`state.timesteps.shape[0]`) and one
-compiled loop serves every plan of the same length.
+array in the state, so the length of the plan is static (`state.timesteps.shape[0]`) and one
+compiled loop serves every plan of the same length. The driver calls the network while
+`index < num_calls`: a run may start late (`start_call`, img2img) and a plan may be padded to a
+fixed length (`pad`, `samplers.get(..., max_steps=M)`), so many step counts share one program.
 
 Rules for samplers: no Python `if` on traced values (use `jnp.where` / `lax.select` /
 `lax.switch`), never find a timestep by equality (index the plan with `state.index`), and
@@ -52,6 +54,12 @@ class SamplerState(NamedTuple):
     plan: sampler-specific pytree of per-call arrays, each with leading axis N.
     memory: sampler-specific pytree of fixed-shape arrays updated by `step` (history buffers);
         `()` for one-step samplers.
+    num_calls: int32 [], the model calls of the plan; the driver stops calling once `index`
+        reaches it. Equal to N unless the plan was padded (`pad`) to a longer fixed length.
+    signal_scales, noise_scales: float32 [N], the forward process in the sampler's own latent
+        coordinates: the latent x at call i's level is `signal_scales[i] x0 + noise_scales[i] eps`
+        (sqrt(abar), sqrt(1 - abar) for samplers on x_t; 1, sigma on x_t / sqrt(abar)). The driver
+        uses them to start from a noised image at `index` (img2img); None where a sampler cannot.
     """
 
     index: jax.Array
@@ -60,6 +68,9 @@ class SamplerState(NamedTuple):
     init_sigma: jax.Array
     plan: Any
     memory: Any = ()
+    num_calls: Any = None
+    signal_scales: Any = None
+    noise_scales: Any = None
 
 
 class Sampler(NamedTuple):
@@ -71,7 +82,8 @@ class Sampler(NamedTuple):
 
 
 def num_model_calls(state: SamplerState) -> int:
-    """The (static) number of model calls the state plans."""
+    """The (static) length of the plan: the number of iterations of the driver's scan. The calls
+    actually made are `state.num_calls - state.index` (fewer for a padded or late-starting plan)."""
     return state.timesteps.shape[0]
 
 
@@ -115,13 +127,86 @@ def combine(coefs: jax.Array, history: jax.Array) -> jax.Array:
     return jnp.tensordot(coefs, history, axes=1)
 
 
-def new_state(timesteps, plan, *, init_sigma=1.0, input_scales=None, memory=()) -> SamplerState:
-    """A SamplerState at index 0 from host arrays (stored float32)."""
+def new_state(timesteps, plan, *, init_sigma=1.0, input_scales=None, memory=(), levels=None,
+              start_call: int = 0) -> SamplerState:
+    """A SamplerState at call `start_call` from host arrays (stored float32).
+
+    levels: (signal_scales [N], noise_scales [N]) of each call's level (see SamplerState), or None.
+    With start_call > 0 the run begins at that call, as an img2img run does, and `init_sigma`
+    becomes the noise scale there.
+    """
     timesteps = f32(timesteps)
+    n = timesteps.shape[0]
+    if not 0 <= start_call < n:
+        raise ValueError(f"the start call {start_call} lies outside the plan's {n} model calls")
     if input_scales is None:
         input_scales = jnp.ones_like(timesteps)
-    return SamplerState(index=jnp.zeros((), jnp.int32), timesteps=timesteps, input_scales=f32(input_scales),
-                        init_sigma=f32(init_sigma), plan=plan, memory=memory)
+    signal, noise = (None, None) if levels is None else (f32(levels[0]), f32(levels[1]))
+    if start_call and noise is not None:
+        init_sigma = noise[start_call]
+    return SamplerState(index=jnp.asarray(start_call, jnp.int32), timesteps=timesteps,
+                        input_scales=f32(input_scales), init_sigma=f32(init_sigma), plan=plan, memory=memory,
+                        num_calls=jnp.asarray(n, jnp.int32), signal_scales=signal, noise_scales=noise)
+
+
+def vp_levels(sqrt_alpha_bar):
+    """(signal, noise) scales of levels on x_t: sqrt(abar), sqrt(1 - abar). Host float64 in."""
+    sqrt_alpha_bar = np.asarray(sqrt_alpha_bar, np.float64)
+    return sqrt_alpha_bar, np.sqrt(np.maximum(1.0 - sqrt_alpha_bar ** 2, 0.0))
+
+
+def ve_levels(sigmas):
+    """(signal, noise) scales of levels on x_t / sqrt(abar): 1, sigma."""
+    sigmas = np.asarray(sigmas, np.float64)
+    return np.ones_like(sigmas), sigmas
+
+
+def check_start_step(start_step: int, num_steps: int) -> int:
+    """start_step must be an integer in [0, num_steps): the steps of the plan that are skipped,
+    as diffusers' img2img pipelines skip the first `num_steps - int(num_steps * strength)`."""
+    if int(start_step) != start_step or not 0 <= start_step < num_steps:
+        raise ValueError(f"start_step must be an integer in [0, num_steps={num_steps}), got {start_step}")
+    return int(start_step)
+
+
+# --------------------------------------------------------------------------------------------
+# Fixed-length plans: many step counts, one compiled loop.
+# --------------------------------------------------------------------------------------------
+
+def pad(state: SamplerState, length: int) -> SamplerState:
+    """The state with every per-call array (timesteps, scales, plan leaves) padded to `length`
+    calls by repeating its last entry; `num_calls` keeps the real number, so the driver skips the
+    padding. Plans of different lengths padded alike have the same shapes, hence one program."""
+    n = num_model_calls(state)
+    if length < n:
+        raise ValueError(f"cannot pad a plan of {n} model calls to {length}; raise max_steps")
+
+    def grow(leaf):
+        leaf = jnp.asarray(leaf)
+        return jnp.concatenate([leaf, jnp.repeat(leaf[-1:], length - n, axis=0)])
+
+    per_call = (state.timesteps, state.input_scales, state.plan, state.signal_scales, state.noise_scales)
+    timesteps, input_scales, plan, signal, noise = jax.tree.map(grow, per_call)
+    return state._replace(timesteps=timesteps, input_scales=input_scales, plan=plan, signal_scales=signal,
+                          noise_scales=noise)
+
+
+def host_plan(sampler: Sampler) -> SamplerState:
+    """The precomputed state a sampler built by `samplers.get` holds: its `init` is a
+    `jax.tree_util.Partial` with that `SamplerState` among its arguments."""
+    init = sampler.init
+    states = [a for a in getattr(init, "args", ()) if isinstance(a, SamplerState)]
+    if not isinstance(init, jax.tree_util.Partial) or len(states) != 1:
+        raise ValueError("this sampler's init holds no precomputed plan (build it with samplers.get)")
+    return states[0]
+
+
+def padded(sampler: Sampler, length: int) -> Sampler:
+    """`sampler` with its precomputed plan padded to `length` model calls (see `pad`)."""
+    host_plan(sampler)                                             # checks there is one
+    init = sampler.init
+    args = [pad(a, length) if isinstance(a, SamplerState) else a for a in init.args]
+    return sampler._replace(init=jax.tree_util.Partial(init.func, *args, **init.keywords))
 
 
 def f32(x) -> jax.Array:

@@ -111,19 +111,22 @@ def ddim(schedule: schedules.DiscreteSchedule, num_steps: int, *, eta: float = 0
          timestep_spacing: str = "leading", steps_offset: int = 0, set_alpha_to_one: bool = True,
          prediction_type: str = "epsilon", clip_sample: bool = True, clip_sample_range: float = 1.0,
          thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-         sample_max_value: float = 1.0, use_clipped_model_output: bool = False) -> base.Sampler:
+         sample_max_value: float = 1.0, use_clipped_model_output: bool = False,
+         start_step: int = 0) -> base.Sampler:
     """The DDIM sampler over `num_steps` model calls. Options and defaults as diffusers'
     `DDIMScheduler` (eta and use_clipped_model_output are its `step` arguments).
 
     eta in [0, 1]: 0 deterministic (DDIM), 1 DDPM-like noise. Traced, so changing it never
-    recompiles the sampling loop.
+    recompiles the sampling loop. start_step: skip the first steps and start there (img2img; see
+    `sampling.sample`'s x0).
     """
     ts, _, ab, ab_prev = _levels(schedule, num_steps, timestep_spacing, steps_offset, set_alpha_to_one)
     options = _options(eta, use_clipped_model_output, prediction_type=prediction_type,
                        clip_sample=clip_sample, clip_sample_range=clip_sample_range,
                        thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                        sample_max_value=sample_max_value)
-    state = base.new_state(ts, _plan(ab, ab_prev))
+    state = base.new_state(ts, _plan(ab, ab_prev), levels=base.vp_levels(np.sqrt(ab)),
+                           start_call=base.check_start_step(start_step, num_steps))
     return base.Sampler(init=jax.tree_util.Partial(base.constant_init, state),
                         step=jax.tree_util.Partial(ddim_step, options))
 
@@ -151,6 +154,6 @@ def ddim_inverse(schedule: schedules.DiscreteSchedule, num_steps: int, *,
                        thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                        sample_max_value=sample_max_value)
     call_t = np.maximum(prev, 0)[::-1]
-    state = base.new_state(call_t, _plan(ab_prev[::-1], ab[::-1]))
+    state = base.new_state(call_t, _plan(ab_prev[::-1], ab[::-1]), levels=base.vp_levels(np.sqrt(ab_prev[::-1])))
     return base.Sampler(init=jax.tree_util.Partial(base.constant_init, state),
                         step=jax.tree_util.Partial(ddim_step, options))

@@ -67,12 +67,13 @@ def ddpm(schedule: schedules.DiscreteSchedule, num_steps: int | None = None, *,
          variance_type: str = "fixed_small", timestep_spacing: str = "leading", steps_offset: int = 0,
          prediction_type: str = "epsilon", clip_sample: bool = True, clip_sample_range: float = 1.0,
          thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-         sample_max_value: float = 1.0) -> base.Sampler:
+         sample_max_value: float = 1.0, start_step: int = 0) -> base.Sampler:
     """The DDPM ancestral sampler over `num_steps` model calls (default: every training timestep).
     Options and defaults as diffusers' `DDPMScheduler`.
 
     variance_type: "fixed_small" (sigma_t^2 = beta_tilde_t, right for deterministic data) or
     "fixed_large" (sigma_t^2 = beta_t, right for N(0, I) data), Ho et al. 2020 sec. 3.2.
+    start_step: skip the first steps and start there (img2img; see `sampling.sample`'s x0).
     """
     if not isinstance(schedule, schedules.DiscreteSchedule):
         raise ValueError(f"DDPM needs a schedules.DiscreteSchedule, got {type(schedule).__name__}")
@@ -93,6 +94,7 @@ def ddpm(schedule: schedules.DiscreteSchedule, num_steps: int | None = None, *,
                                    clip_sample_range=clip_sample_range, thresholding=thresholding,
                                    dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                                    sample_max_value=sample_max_value)
-    state = base.new_state(ts, plan)
+    state = base.new_state(ts, plan, levels=base.vp_levels(np.sqrt(ab)),
+                           start_call=base.check_start_step(start_step, num_steps))
     return base.Sampler(init=jax.tree_util.Partial(base.constant_init, state),
                         step=jax.tree_util.Partial(ddpm_step, options))

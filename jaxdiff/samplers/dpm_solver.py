@@ -89,10 +89,11 @@ def dpm_solver_step(options: DPMOptions, state: base.SamplerState, x, model_outp
 # Host-side plan.
 # --------------------------------------------------------------------------------------------
 
-def _orders(num_steps, solver_order, lower_order_final, euler_at_final, final_zero):
-    """The order used at each step: warm-up (step i uses at most i + 1 predictions), and the
-    lower orders at the end (for stability with few steps, and always first order onto sigma = 0)."""
-    orders = np.minimum(np.arange(num_steps) + 1, solver_order)
+def _orders(num_steps, solver_order, lower_order_final, euler_at_final, final_zero, start=0):
+    """The order used at each step: warm-up (step i of a run starting at step `start` uses at most
+    i - start + 1 predictions), and the lower orders at the end (for stability with few steps, and
+    always first order onto sigma = 0). Steps before `start` are not taken (order 1 placeholders)."""
+    orders = np.clip(np.arange(num_steps) - start + 1, 1, solver_order)
     few = lower_order_final and num_steps < 15
     if euler_at_final or few or final_zero:
         orders[-1] = 1
@@ -142,8 +143,11 @@ def _coefficients(lam, alpha, s_vp, i, order, K, stochastic, solver_type):
 def dpm_solver(schedule: schedules.DiscreteSchedule, num_steps: int, *, stochastic: bool, solver_order: int,
                solver_type: str, lower_order_final: bool, euler_at_final: bool, use_karras_sigmas: bool,
                final_sigmas_type: str, timestep_spacing: str, steps_offset: int, prediction_type: str,
-               thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float) -> base.Sampler:
-    """A DPM-Solver++ sampler (the registered names fix `stochastic` and default `solver_order`)."""
+               thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float,
+               start_step: int = 0) -> base.Sampler:
+    """A DPM-Solver++ sampler (the registered names fix `stochastic` and default `solver_order`).
+    start_step: skip the first steps (img2img); the multistep history warms up again from there,
+    as the reference does after `set_begin_index`."""
     base.check_choice("solver_order", solver_order, (1, 2, 3))
     base.check_choice("solver_type", solver_type, SOLVER_TYPES)
     for name, value in [("lower_order_final", lower_order_final), ("euler_at_final", euler_at_final)]:
@@ -152,7 +156,8 @@ def dpm_solver(schedule: schedules.DiscreteSchedule, num_steps: int, *, stochast
                                     use_karras_sigmas=use_karras_sigmas, final_sigmas_type=final_sigmas_type)
     alpha, s_vp, lam = sig.vp_coordinates(sigmas)
     K = solver_order
-    orders = _orders(num_steps, K, lower_order_final, euler_at_final, final_sigmas_type == "zero")
+    start = base.check_start_step(start_step, num_steps)
+    orders = _orders(num_steps, K, lower_order_final, euler_at_final, final_sigmas_type == "zero", start)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         coefs = [_coefficients(lam, alpha, s_vp, i, int(orders[i]), K, stochastic, solver_type)
                  for i in range(num_steps)]
@@ -162,7 +167,8 @@ def dpm_solver(schedule: schedules.DiscreteSchedule, num_steps: int, *, stochast
     if not (np.all(np.isfinite(A)) and np.all(np.isfinite(B)) and np.all(np.isfinite(C))):
         raise ValueError("the DPM-Solver plan has non-finite coefficients (repeated noise levels?); "
                          "use fewer steps or another timestep_spacing")
-    state = base.new_state(ts, plan, memory=jnp.zeros((K,), jnp.float32))
+    state = base.new_state(ts, plan, memory=jnp.zeros((K,), jnp.float32), levels=(alpha[:-1], s_vp[:-1]),
+                           start_call=start)
     options = DPMOptions(denoise=base.denoise_options(prediction_type=prediction_type, clip_sample=False,
                                                       clip_sample_range=1.0, thresholding=thresholding,
                                                       dynamic_thresholding_ratio=dynamic_thresholding_ratio,
@@ -178,13 +184,14 @@ def _factory(stochastic: bool, default_order: int):
                 use_karras_sigmas: bool = False, final_sigmas_type: str = "zero",
                 timestep_spacing: str = "linspace", steps_offset: int = 0, prediction_type: str = "epsilon",
                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                sample_max_value: float = 1.0) -> base.Sampler:
+                sample_max_value: float = 1.0, start_step: int = 0) -> base.Sampler:
         return dpm_solver(schedule, num_steps, stochastic=stochastic, solver_order=solver_order,
                           solver_type=solver_type, lower_order_final=lower_order_final,
                           euler_at_final=euler_at_final, use_karras_sigmas=use_karras_sigmas,
                           final_sigmas_type=final_sigmas_type, timestep_spacing=timestep_spacing,
                           steps_offset=steps_offset, prediction_type=prediction_type, thresholding=thresholding,
-                          dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value)
+                          dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
+                          start_step=start_step)
     return factory
 
 

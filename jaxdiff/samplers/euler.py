@@ -69,7 +69,7 @@ def euler_step(options: EulerOptions, state: base.SamplerState, x, model_output,
 
 
 def _build(schedule, num_steps, *, ancestral, timestep_spacing, steps_offset, prediction_type,
-           use_karras_sigmas, final_sigmas_type, sigma_min, sigma_max):
+           use_karras_sigmas, final_sigmas_type, sigma_min, sigma_max, start_step):
     ts, sigmas = sig.karras_plan(schedule, num_steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
                                  use_karras_sigmas=use_karras_sigmas, final_sigmas_type=final_sigmas_type,
                                  sigma_min=sigma_min, sigma_max=sigma_max)
@@ -80,7 +80,8 @@ def _build(schedule, num_steps, *, ancestral, timestep_spacing, steps_offset, pr
         down, up = nxt, np.zeros_like(nxt)
     plan = EulerPlan(now=sig.level(now), sigma_down=base.f32(down), sigma_up=base.f32(up))
     state = base.new_state(ts, plan, init_sigma=sig.init_sigma(sigmas, timestep_spacing),
-                           input_scales=sig.input_scale(now))
+                           input_scales=sig.input_scale(now), levels=base.ve_levels(now),
+                           start_call=base.check_start_step(start_step, num_steps))
     options = EulerOptions(denoiser=sig.denoiser_options(prediction_type), ancestral=ancestral)
     return base.Sampler(init=jax.tree_util.Partial(base.constant_init, state),
                         step=jax.tree_util.Partial(euler_step, options))
@@ -89,22 +90,24 @@ def _build(schedule, num_steps, *, ancestral, timestep_spacing, steps_offset, pr
 def euler(schedule: schedules.DiscreteSchedule, num_steps: int, *, timestep_spacing: str = "linspace",
           steps_offset: int = 0, prediction_type: str = "epsilon", use_karras_sigmas: bool = False,
           final_sigmas_type: str = "zero", sigma_min: float | None = None,
-          sigma_max: float | None = None) -> base.Sampler:
+          sigma_max: float | None = None, start_step: int = 0) -> base.Sampler:
     """The Euler sampler of the probability-flow ODE over `num_steps` model calls (deterministic,
     first order). Options and defaults as diffusers' `EulerDiscreteScheduler`; `sigma_min` /
     `sigma_max` bound the Karras sigmas (default: the plan's extreme levels)."""
     return _build(schedule, num_steps, ancestral=False, timestep_spacing=timestep_spacing,
                   steps_offset=steps_offset, prediction_type=prediction_type, use_karras_sigmas=use_karras_sigmas,
-                  final_sigmas_type=final_sigmas_type, sigma_min=sigma_min, sigma_max=sigma_max)
+                  final_sigmas_type=final_sigmas_type, sigma_min=sigma_min, sigma_max=sigma_max,
+                  start_step=start_step)
 
 
 def euler_ancestral(schedule: schedules.DiscreteSchedule, num_steps: int, *, timestep_spacing: str = "linspace",
                     steps_offset: int = 0, prediction_type: str = "epsilon", use_karras_sigmas: bool = False,
                     final_sigmas_type: str = "zero", sigma_min: float | None = None,
-                    sigma_max: float | None = None) -> base.Sampler:
+                    sigma_max: float | None = None, start_step: int = 0) -> base.Sampler:
     """The Euler-ancestral sampler over `num_steps` model calls (stochastic; noise from
     fold_in(key, i)). Options and defaults as diffusers' `EulerAncestralDiscreteScheduler`, plus
     the Karras-sigma and final-sigma options of `euler` (same plan; the reference has neither)."""
     return _build(schedule, num_steps, ancestral=True, timestep_spacing=timestep_spacing,
                   steps_offset=steps_offset, prediction_type=prediction_type, use_karras_sigmas=use_karras_sigmas,
-                  final_sigmas_type=final_sigmas_type, sigma_min=sigma_min, sigma_max=sigma_max)
+                  final_sigmas_type=final_sigmas_type, sigma_min=sigma_min, sigma_max=sigma_max,
+                  start_step=start_step)

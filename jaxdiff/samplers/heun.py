@@ -93,24 +93,28 @@ def _calls(num_steps):
     return step, correct
 
 
-def _host_state(ts, sigmas, num_steps, init_sigma):
+def _host_state(ts, sigmas, num_steps, init_sigma, start_step):
+    """The plan of all calls; a run that skips `start_step` steps begins at the predictor call of
+    step start_step, call 2 start_step."""
     step, correct = _calls(num_steps)
     level = np.where(correct > 0, step + 1, step)                     # index into sigmas / timesteps
     plan = HeunPlan(now=sig.level(sigmas[level]), sigma_from=base.f32(sigmas[step]),
                     sigma_to=base.f32(sigmas[step + 1]), correct=base.f32(correct),
                     churn_std=base.f32(np.zeros(step.shape)))
     return base.new_state(ts[level], plan, init_sigma=init_sigma, input_scales=sig.input_scale(sigmas[level]),
-                          memory=jnp.zeros((2,), jnp.float32))
+                          memory=jnp.zeros((2,), jnp.float32), levels=base.ve_levels(sigmas[level]),
+                          start_call=2 * base.check_start_step(start_step, num_steps))
 
 
 def heun(schedule: schedules.DiscreteSchedule, num_steps: int, *, timestep_spacing: str = "linspace",
          steps_offset: int = 0, prediction_type: str = "epsilon", use_karras_sigmas: bool = False,
-         clip_sample: bool = False, clip_sample_range: float = 1.0) -> base.Sampler:
+         clip_sample: bool = False, clip_sample_range: float = 1.0, start_step: int = 0) -> base.Sampler:
     """Heun's method over `num_steps` steps = 2 num_steps - 1 model calls (deterministic, second
-    order). Options and defaults as diffusers' `HeunDiscreteScheduler`."""
+    order). Options and defaults as diffusers' `HeunDiscreteScheduler`; `start_step` skips the
+    first steps (img2img)."""
     ts, sigmas = sig.karras_plan(schedule, num_steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
                                  use_karras_sigmas=use_karras_sigmas, final_sigmas_type="zero")
-    state = _host_state(ts, sigmas, num_steps, sig.init_sigma(sigmas, timestep_spacing))
+    state = _host_state(ts, sigmas, num_steps, sig.init_sigma(sigmas, timestep_spacing), start_step)
     options = HeunOptions(denoiser=sig.denoiser_options(prediction_type, clip_sample, clip_sample_range),
                           stochastic=False)
     return base.Sampler(init=jax.tree_util.Partial(base.history_init, state),
@@ -159,7 +163,8 @@ def edm_init(churn: Churn, state: base.SamplerState, noise):
     now = jax.tree.map(lambda new, old: jnp.where(raised, new, old), now, p.now)             # host values if unraised
     # Both calls of step i (predictor and corrector) integrate from sigma_hat_i.
     plan = p.replace(now=now, sigma_from=sigma_hat, churn_std=churn_std)
-    state = state._replace(timesteps=timesteps, input_scales=now.a, init_sigma=sigma_hat[0], plan=plan)
+    state = state._replace(timesteps=timesteps, input_scales=now.a, init_sigma=sigma_hat[state.index], plan=plan,
+                           noise_scales=evaluated)
     return base.history_init(state, noise)
 
 
@@ -167,19 +172,20 @@ def edm(schedule: schedules.DiscreteSchedule, num_steps: int, *, s_churn: float 
         s_tmax: float = float("inf"), s_noise: float = 1.0, use_karras_sigmas: bool = True,
         sigma_min: float | None = None, sigma_max: float | None = None, timestep_spacing: str = "linspace",
         steps_offset: int = 0, prediction_type: str = "epsilon", clip_sample: bool = False,
-        clip_sample_range: float = 1.0) -> base.Sampler:
+        clip_sample_range: float = 1.0, start_step: int = 0) -> base.Sampler:
     """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2) over `num_steps` steps =
     2 num_steps - 1 model calls, on Karras sigmas (eq. 5, rho = 7) between the schedule's levels
     (or `sigma_min` / `sigma_max`). s_churn, s_tmin, s_tmax, s_noise: the paper's S_churn, S_tmin,
     S_tmax, S_noise (names as diffusers' `step` arguments); traced, so changing them never
-    recompiles. s_churn = 0 is the deterministic `heun`."""
+    recompiles. s_churn = 0 is the deterministic `heun`. `start_step` skips the first steps (img2img:
+    the image is noised to that step's raised level sigma_hat)."""
     for name, value, lo in [("s_churn", s_churn, 0.0), ("s_tmin", s_tmin, 0.0), ("s_tmax", s_tmax, 0.0),
                             ("s_noise", s_noise, 0.0)]:
         base.check_range(name, value, lo, float("inf"))
     ts, sigmas = sig.karras_plan(schedule, num_steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
                                  use_karras_sigmas=use_karras_sigmas, final_sigmas_type="zero",
                                  sigma_min=sigma_min, sigma_max=sigma_max)
-    state = _host_state(ts, sigmas, num_steps, float(sigmas[0]))
+    state = _host_state(ts, sigmas, num_steps, float(sigmas[0]), start_step)
     churn = Churn(s_churn=base.f32(s_churn), s_tmin=base.f32(s_tmin), s_tmax=base.f32(s_tmax),
                   s_noise=base.f32(s_noise), schedule=schedule, num_steps=base.f32(num_steps))
     options = HeunOptions(denoiser=sig.denoiser_options(prediction_type, clip_sample, clip_sample_range),

@@ -49,12 +49,13 @@ def lms_step(options: sig.DenoiserOptions, state: base.SamplerState, x, model_ou
     return x + base.combine(c.coefs, history), state._replace(index=state.index + 1, memory=history)
 
 
-def adams_bashforth_coefficients(sigmas: np.ndarray, order: int) -> np.ndarray:
-    """c [N, order] float64 for levels sigmas [N + 1] (zeros beyond each step's k)."""
+def adams_bashforth_coefficients(sigmas: np.ndarray, order: int, start: int = 0) -> np.ndarray:
+    """c [N, order] float64 for levels sigmas [N + 1] (zeros beyond each step's k, and for the
+    steps before `start`, where a run starting there warms up again)."""
     n = sigmas.shape[0] - 1
     coefs = np.zeros((n, order))
-    for i in range(n):
-        k = min(i + 1, order)
+    for i in range(start, n):
+        k = min(i - start + 1, order)
         nodes = sigmas[i - np.arange(k)]                            # sigma_i, sigma_{i-1}, ...
         for j in range(k):
             others = np.delete(nodes, j)
@@ -65,15 +66,23 @@ def adams_bashforth_coefficients(sigmas: np.ndarray, order: int) -> np.ndarray:
 
 
 def lms(schedule: schedules.DiscreteSchedule, num_steps: int, *, order: int = 4, timestep_spacing: str = "linspace",
-        steps_offset: int = 0, prediction_type: str = "epsilon", use_karras_sigmas: bool = False) -> base.Sampler:
+        steps_offset: int = 0, prediction_type: str = "epsilon", use_karras_sigmas: bool = False,
+        start_step: int = 0) -> base.Sampler:
     """The LMS sampler over `num_steps` model calls (deterministic, `order`-step Adams-Bashforth).
-    Options and defaults as diffusers' `LMSDiscreteScheduler` (`order` as its step argument)."""
+    Options and defaults as diffusers' `LMSDiscreteScheduler` (`order` as its step argument).
+
+    start_step: skip the first steps (img2img); the method warms up again from there (step
+    start_step + j uses min(j + 1, order) slopes). The reference keeps `order` fixed by the
+    absolute step index and sums only the slopes it has, which is not a consistent method."""
     if int(order) != order or not 1 <= order <= 8:
         raise ValueError(f"order must be an integer in [1, 8], got {order}")
     ts, sigmas = sig.karras_plan(schedule, num_steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
                                  use_karras_sigmas=use_karras_sigmas, final_sigmas_type="zero")
-    plan = LMSPlan(now=sig.level(sigmas[:-1]), coefs=base.f32(adams_bashforth_coefficients(sigmas, int(order))))
+    start = base.check_start_step(start_step, num_steps)
+    plan = LMSPlan(now=sig.level(sigmas[:-1]),
+                   coefs=base.f32(adams_bashforth_coefficients(sigmas, int(order), start)))
     state = base.new_state(ts, plan, init_sigma=sig.init_sigma(sigmas, timestep_spacing),
-                           input_scales=sig.input_scale(sigmas[:-1]), memory=jnp.zeros((int(order),), jnp.float32))
+                           input_scales=sig.input_scale(sigmas[:-1]), memory=jnp.zeros((int(order),), jnp.float32),
+                           levels=base.ve_levels(sigmas[:-1]), start_call=start)
     return base.Sampler(init=jax.tree_util.Partial(base.history_init, state),
                         step=jax.tree_util.Partial(lms_step, sig.denoiser_options(prediction_type)))

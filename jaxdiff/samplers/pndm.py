@@ -141,7 +141,9 @@ def pndm(schedule: schedules.DiscreteSchedule, num_steps: int, *, skip_prk_steps
          set_alpha_to_one: bool = False, prediction_type: str = "epsilon", timestep_spacing: str = "leading",
          steps_offset: int = 0) -> base.Sampler:
     """PNDM over `num_steps` steps: num_steps + 9 model calls (3 PRK steps of 4 calls, then PLMS),
-    or num_steps + 1 with `skip_prk_steps`. Options and defaults as diffusers' `PNDMScheduler`."""
+    or num_steps + 1 with `skip_prk_steps`. Options and defaults as diffusers' `PNDMScheduler`.
+    Its Runge-Kutta / pseudo-linear warm-up is tied to the first steps, so it has no `start_step`
+    (use ddim or dpmpp_2m for img2img)."""
     if not isinstance(schedule, schedules.DiscreteSchedule):
         raise ValueError(f"PNDM needs a schedules.DiscreteSchedule, got {type(schedule).__name__}")
     base.check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
@@ -169,6 +171,7 @@ def pndm(schedule: schedules.DiscreteSchedule, num_steps: int, *, skip_prk_steps
                     coef_x=base.f32(np.sqrt(ab_to / ab)), coef_e=base.f32((ab_to - ab) / denom),
                     push=column("push"), acc_keep=column("acc_keep"), acc_add=column("acc_add"),
                     set_start=column("set_start"))
-    state = base.new_state([c["t_model"] for c in calls], plan, memory=jnp.zeros((HISTORY + 2,), jnp.float32))
+    state = base.new_state([c["t_model"] for c in calls], plan, memory=jnp.zeros((HISTORY + 2,), jnp.float32),
+                           levels=base.vp_levels(np.sqrt(ab)))
     return base.Sampler(init=jax.tree_util.Partial(base.history_init, state),
                         step=jax.tree_util.Partial(pndm_step, PNDMOptions(prediction_type=prediction_type)))

@@ -124,10 +124,12 @@ def unipc(schedule: schedules.DiscreteSchedule, num_steps: int, *, solver_order:
           lower_order_final: bool = True, disable_corrector: tuple = (), use_karras_sigmas: bool = False,
           final_sigmas_type: str = "zero", timestep_spacing: str = "linspace", steps_offset: int = 0,
           prediction_type: str = "epsilon", thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-          sample_max_value: float = 1.0) -> base.Sampler:
+          sample_max_value: float = 1.0, start_step: int = 0) -> base.Sampler:
     """UniPC over `num_steps` model calls (deterministic; order `solver_order` predictor and
     corrector). Options and defaults as diffusers' `UniPCMultistepScheduler` (predict_x0=True);
-    `disable_corrector`: step indices whose prediction is not corrected."""
+    `disable_corrector`: step indices whose prediction is not corrected. `start_step`: skip the
+    first steps (img2img); predictor and corrector warm up again from there, as the reference does
+    after `set_begin_index`."""
     base.check_choice("solver_order", solver_order, (1, 2, 3))
     base.check_choice("solver_type", solver_type, SOLVER_TYPES)
     base.check_choice("lower_order_final", lower_order_final, (True, False))
@@ -136,13 +138,14 @@ def unipc(schedule: schedules.DiscreteSchedule, num_steps: int, *, solver_order:
                                     use_karras_sigmas=use_karras_sigmas, final_sigmas_type=final_sigmas_type)
     alpha, s_vp, lam = sig.vp_coordinates(sigmas)
     K, n = solver_order, num_steps
-    # Predictor order of step i: warm-up (i + 1 predictions available), lowered near the end.
-    orders = [min(K, n - i if lower_order_final else K, i + 1) for i in range(n)]
+    start = base.check_start_step(start_step, num_steps)
+    # Predictor order of step i: warm-up (i - start + 1 predictions available), lowered near the end.
+    orders = [max(1, min(K, n - i if lower_order_final else K, i - start + 1)) for i in range(n)]
     cols = {k: np.zeros(n) for k in ("corr_x", "corr_last", "corr_new", "pred_x")}
     corr_hist, pred_hist = np.zeros((n, K)), np.zeros((n, K))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for i in range(n):
-            if i > 0 and (i - 1) not in disabled:
+            if i > start and (i - 1) not in disabled:
                 # Correct x_i (level i) with the order the predictor of step i - 1 used.
                 cols["corr_last"][i], corr_hist[i], cols["corr_new"][i] = _update(
                     alpha, s_vp, lam, i - 1, orders[i - 1], K, solver_type, corrector=True)
@@ -161,6 +164,7 @@ def unipc(schedule: schedules.DiscreteSchedule, num_steps: int, *, solver_order:
     options = base.denoise_options(prediction_type=prediction_type, clip_sample=False, clip_sample_range=1.0,
                                    thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                                    sample_max_value=sample_max_value)
-    state = base.new_state(ts, plan, memory=jnp.zeros((K + 1,), jnp.float32))
+    state = base.new_state(ts, plan, memory=jnp.zeros((K + 1,), jnp.float32), levels=(alpha[:-1], s_vp[:-1]),
+                           start_call=start)
     return base.Sampler(init=jax.tree_util.Partial(base.history_init, state),
                         step=jax.tree_util.Partial(unipc_step, options))
