@@ -149,6 +149,9 @@ class ResBlock(nn.Module):
     average pool / nearest x2, no conv) right after the first norm+SiLU, so the block also
     changes resolution.
 
+    Without a conditioning vector (`emb=None`, as in the autoencoder) there is no `time_proj`
+    parameter and `norm_1` acts on `h` alone.
+
     Attributes:
       out_channels: C_out.
       dropout: dropout rate before conv_1 (needs the 'dropout' rng when train=True).
@@ -167,8 +170,9 @@ class ResBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, emb: Array, *, train: bool = False) -> Array:
-        """x: [B, H, W, C_in], emb: [B, D] -> [B, H', W', out_channels] (H' = H, H/2 or 2H)."""
+    def __call__(self, x: Array, emb: Array | None = None, *, train: bool = False) -> Array:
+        """x: [B, H, W, C_in], emb: [B, D] or None -> [B, H', W', out_channels] (H' = H, H/2
+        or 2H)."""
         if self.resample not in (None, "down", "up"):
             raise ValueError(
                 f"ResBlock.resample must be None, 'down' or 'up', got {self.resample!r}"
@@ -180,18 +184,21 @@ class ResBlock(nn.Module):
             h, x = fn(h), fn(x)
         h = conv3x3(self.out_channels, self.dtype, "conv_0")(h)
 
-        proj_width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
-        e = nn.Dense(
-            proj_width, dtype=self.dtype, param_dtype=jnp.float32,
-            kernel_init=default_init, name="time_proj",
-        )(nn.silu(emb))
-        e = e[:, None, None, :]  # [B, 1, 1, proj_width]
         norm_1 = group_norm(self.num_groups, self.norm_eps, self.dtype, "norm_1")
-        if self.use_scale_shift_norm:
-            scale, shift = jnp.split(e, 2, axis=-1)  # each [B, 1, 1, C_out]
-            h = norm_1(h) * (1 + scale) + shift
+        if emb is None:
+            h = norm_1(h)
         else:
-            h = norm_1(h + e)
+            proj_width = 2 * self.out_channels if self.use_scale_shift_norm else self.out_channels
+            e = nn.Dense(
+                proj_width, dtype=self.dtype, param_dtype=jnp.float32,
+                kernel_init=default_init, name="time_proj",
+            )(nn.silu(emb))
+            e = e[:, None, None, :]  # [B, 1, 1, proj_width]
+            if self.use_scale_shift_norm:
+                scale, shift = jnp.split(e, 2, axis=-1)  # each [B, 1, 1, C_out]
+                h = norm_1(h) * (1 + scale) + shift
+            else:
+                h = norm_1(h + e)
         h = nn.silu(h)
         h = nn.Dropout(self.dropout)(h, deterministic=not train)
         h = conv3x3(self.out_channels, self.dtype, "conv_1", zero=True)(h)
