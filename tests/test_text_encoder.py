@@ -169,12 +169,14 @@ def test_key_and_shape_errors_name_the_key():
         clip.params_from_torch(missing, module)
 
     extra = dict(sd, **{"text_model.text_projection.weight": np.zeros((32, 32), np.float32)})
-    with pytest.raises(CheckpointError, match=r"unexpected 1 key\(s\): text_model\.text_projection"):
+    with pytest.raises(CheckpointError,
+                       match=r"unexpected 1 key\(s\): text_model\.text_projection"):
         clip.params_from_torch(extra, module)
 
     bad = dict(sd, **{"text_model.encoder.layers.0.self_attn.q_proj.weight":
                       np.zeros((32, 16), np.float32)})
-    with pytest.raises(CheckpointError, match=r"q_proj\.weight has \(32, 16\), expected \(32, 32\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"q_proj\.weight has \(32, 16\), expected \(32, 32\)"):
         clip.params_from_torch(bad, module)
 
     deeper = module.clone(num_layers=4)  # a checkpoint with fewer layers than the module

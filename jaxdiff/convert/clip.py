@@ -249,7 +249,7 @@ def _read_weights(folder: str) -> dict[str, np.ndarray]:
 
 
 def load(folder: str, dtype=jnp.float32) -> tuple[CLIPTextEncoder, dict]:
-    """(module, params) from a transformers CLIPTextModel folder (e.g. `<pipeline>/text_encoder`)."""
+    """(module, params) from a transformers CLIPTextModel folder, e.g. `<pipeline>/text_encoder`."""
     folder = os.fspath(folder)
     if not os.path.isdir(folder):
         raise CheckpointError(f"text encoder folder not found: {folder} (jaxdiff reads local "

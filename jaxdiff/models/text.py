@@ -29,24 +29,25 @@ conditioning reads `hidden_states[-2]` from it.
 No attention mask is taken: like the Stable Diffusion pipelines, padding tokens are attended to
 under the causal mask alone (they sit after EOS, so they never change the tokens before them).
 
-Pooling rule: with `eos_token_id=None` the EOS position is `argmax(input_ids)` (the legacy rule
-transformers keeps for configs with `eos_token_id == 2`, which every released Stable Diffusion
-text encoder has; correct because the CLIP EOS token has the largest id in the vocabulary). With
-an id, it is the first position holding that id.
+Pooling rule: with `eos_token_id=None` the EOS position is `argmax(input_ids)`, the first
+maximum (the legacy rule transformers keeps for configs with `eos_token_id == 2`, which every
+released Stable Diffusion text encoder has; correct because the CLIP EOS token has the largest id
+in the vocabulary). With an id, it is the first position holding that id.
 
 Precision: parameters are float32; `dtype` is the compute dtype of the attention, MLP and
 LayerNorm outputs, while the residual stream between layers is kept in float32.
 
-Parameters and their transformers names:
+Parameters and their transformers names (files from transformers 4.x, which every released
+Stable Diffusion folder is, prefix each with `text_model.`):
 
     jaxdiff                                  transformers CLIPTextModel
-    token_embedding/embedding                text_model.embeddings.token_embedding.weight
-    position_embedding/embedding             text_model.embeddings.position_embedding.weight
-    layer_{i}/norm_1/{scale,bias}            text_model.encoder.layers.{i}.layer_norm1.{weight,bias}
-    layer_{i}/attn/{query,key,value,out}     text_model.encoder.layers.{i}.self_attn.{q,k,v,out}_proj
-    layer_{i}/norm_2/{scale,bias}            text_model.encoder.layers.{i}.layer_norm2.{weight,bias}
-    layer_{i}/mlp/{fc1,fc2}                  text_model.encoder.layers.{i}.mlp.{fc1,fc2}
-    final_norm/{scale,bias}                  text_model.final_layer_norm.{weight,bias}
+    token_embedding/embedding                embeddings.token_embedding.weight
+    position_embedding/embedding             embeddings.position_embedding.weight
+    layer_{i}/norm_1/{scale,bias}            encoder.layers.{i}.layer_norm1.{weight,bias}
+    layer_{i}/attn/{query,key,value,out}     encoder.layers.{i}.self_attn.{q,k,v,out}_proj
+    layer_{i}/norm_2/{scale,bias}            encoder.layers.{i}.layer_norm2.{weight,bias}
+    layer_{i}/mlp/{fc1,fc2}                  encoder.layers.{i}.mlp.{fc1,fc2}
+    final_norm/{scale,bias}                  final_layer_norm.{weight,bias}
 
 (dense `kernel` [in, out] is the transpose of torch's `weight` [out, in]; see convert/clip.py.)
 """
