@@ -1,0 +1,277 @@
+"""transformers `CLIPTextModel` folders (config.json + model.safetensors) <-> `CLIPTextEncoder`.
+
+A Stable Diffusion pipeline folder keeps its text encoder in `text_encoder/`, in exactly this
+format. Public API:
+
+    module_from_config(config: dict, dtype=jnp.float32) -> CLIPTextEncoder
+    config_to_transformers(module) -> dict                     # a CLIPTextConfig config.json
+    params_from_torch(state_dict: Mapping[str, np.ndarray], module) -> params
+    params_to_torch(params, module) -> dict[str, np.ndarray]   # transformers names and layouts
+    load(folder, dtype=jnp.float32) -> (module, params)
+    save(folder, module, params) -> None
+
+`params` is the nested dict of float32 numpy arrays that goes into
+`module.apply({"params": params}, input_ids)`.
+
+Names (see jaxdiff/models/text.py for the whole table): `embeddings.{token,position}_embedding`
+-> `{token,position}_embedding`, `encoder.layers.{i}.{layer_norm1, self_attn.{q,k,v,out}_proj,
+layer_norm2, mlp.fc1, mlp.fc2}` -> `layer_{i}/{norm_1, attn/{query,key,value,out}, norm_2,
+mlp/fc1, mlp/fc2}`, `final_layer_norm` -> `final_norm`. Linear weights are transposed
+([out, in] -> [in, out]), LayerNorm `weight` becomes `scale`, embedding tables are kept as they are.
+
+Checkpoints written by transformers 4.x (every released Stable Diffusion folder) prefix each name
+with `text_model.`; transformers 5 writes them without. Both are read; `save` writes the prefixed
+form, which both versions load. The `text_model.embeddings.position_ids` buffer some files carry
+is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdiff.convert import tensors
+from jaxdiff.convert.tensors import CheckpointError
+from jaxdiff.models.text import ACTIVATIONS, CLIPTextEncoder
+
+PREFIX = "text_model."
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+_IGNORED = ("embeddings.position_ids",)
+
+# CLIPTextConfig's defaults (transformers), used for keys a config.json leaves out.
+_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
+                 num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
+                 layer_norm_eps=1e-5, eos_token_id=49407)
+# The eos id configs carried before transformers fixed it; it selects the argmax pooling rule.
+_LEGACY_EOS = 2
+
+
+# ------------------------------------------------------------------------------------------
+# configs
+
+
+def module_from_config(config: Mapping, dtype=jnp.float32) -> CLIPTextEncoder:
+    """A `CLIPTextEncoder` from a transformers `CLIPTextConfig` dict (a text_encoder/config.json).
+
+    `eos_token_id == 2` (the legacy value in every Stable Diffusion config) selects the
+    argmax-of-ids pooling rule, like transformers; any other id pools at its first occurrence.
+    Raises CheckpointError naming options jaxdiff does not implement.
+    """
+    model_type = config.get("model_type", "clip_text_model")
+    if model_type == "clip":
+        raise CheckpointError(
+            "config.json describes a whole CLIP model (text and vision); jaxdiff loads only the "
+            "text tower: use a CLIPTextModel folder such as a pipeline's text_encoder/")
+    if model_type != "clip_text_model":
+        raise CheckpointError(f"config.json has model_type={model_type!r}; expected "
+                              "'clip_text_model' (a transformers CLIPTextModel)")
+    archs = [a for a in config.get("architectures") or [] if a != "CLIPTextModel"]
+    if archs:
+        raise CheckpointError(
+            f"config.json architecture {archs[0]!r} is not supported: jaxdiff's CLIPTextEncoder "
+            "is a plain CLIPTextModel (no text_projection head, as SDXL's second encoder has)")
+    c = {k: (config.get(k) if config.get(k) is not None else v) for k, v in _DEFAULTS.items()}
+    if c["hidden_act"] not in ACTIVATIONS:
+        raise CheckpointError(f"config.json hidden_act={c['hidden_act']!r} is not supported; "
+                              f"jaxdiff implements {ACTIVATIONS}")
+    if c["hidden_size"] % c["num_attention_heads"]:
+        raise CheckpointError(f"config.json hidden_size={c['hidden_size']} is not divisible by "
+                              f"num_attention_heads={c['num_attention_heads']}")
+    eos = c["eos_token_id"]
+    if isinstance(eos, (list, tuple)):
+        raise CheckpointError(f"config.json eos_token_id={eos!r}: a list of EOS ids is not "
+                              "supported; give one id")
+    return CLIPTextEncoder(
+        vocab_size=int(c["vocab_size"]),
+        max_position_embeddings=int(c["max_position_embeddings"]),
+        hidden_size=int(c["hidden_size"]),
+        intermediate_size=int(c["intermediate_size"]),
+        num_layers=int(c["num_hidden_layers"]),
+        num_heads=int(c["num_attention_heads"]),
+        hidden_act=str(c["hidden_act"]),
+        layer_norm_eps=float(c["layer_norm_eps"]),
+        eos_token_id=None if eos == _LEGACY_EOS else int(eos),
+        dtype=dtype,
+    )
+
+
+def config_to_transformers(module: CLIPTextEncoder) -> dict:
+    """The `CLIPTextConfig` dict (config.json) transformers builds the same network from.
+
+    The argmax pooling rule (`eos_token_id=None`) is written as the legacy `eos_token_id: 2`
+    with Stable Diffusion's `bos_token_id: 0, pad_token_id: 1`, which transformers reads as
+    that rule.
+    """
+    config = {
+        "architectures": ["CLIPTextModel"],
+        "model_type": "clip_text_model",
+        "vocab_size": module.vocab_size,
+        "max_position_embeddings": module.max_position_embeddings,
+        "hidden_size": module.hidden_size,
+        "intermediate_size": module.intermediate_size,
+        "num_hidden_layers": module.num_layers,
+        "num_attention_heads": module.num_heads,
+        "hidden_act": module.hidden_act,
+        "layer_norm_eps": module.layer_norm_eps,
+        "attention_dropout": 0.0,
+    }
+    if module.eos_token_id is None:
+        config.update(bos_token_id=0, pad_token_id=1, eos_token_id=_LEGACY_EOS)
+    else:
+        config["eos_token_id"] = module.eos_token_id
+    return config
+
+
+# ------------------------------------------------------------------------------------------
+# the name table
+
+
+def _modules(num_layers: int) -> Iterator[tuple[str, tuple[str, ...], str]]:
+    """(transformers module name without prefix, jaxdiff path, kind in {embed, dense, norm})."""
+    yield "embeddings.token_embedding", ("token_embedding",), "embed"
+    yield "embeddings.position_embedding", ("position_embedding",), "embed"
+    for i in range(num_layers):
+        t, f = f"encoder.layers.{i}", f"layer_{i}"
+        yield f"{t}.layer_norm1", (f, "norm_1"), "norm"
+        for tp, fp in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"),
+                       ("out_proj", "out")):
+            yield f"{t}.self_attn.{tp}", (f, "attn", fp), "dense"
+        yield f"{t}.layer_norm2", (f, "norm_2"), "norm"
+        yield f"{t}.mlp.fc1", (f, "mlp", "fc1"), "dense"
+        yield f"{t}.mlp.fc2", (f, "mlp", "fc2"), "dense"
+    yield "final_layer_norm", ("final_norm",), "norm"
+
+
+# torch leaf -> jaxdiff leaf, per kind
+_LEAVES = {"embed": {"weight": "embedding"},
+           "dense": {"weight": "kernel", "bias": "bias"},
+           "norm": {"weight": "scale", "bias": "bias"}}
+
+
+def _leaves(num_layers: int) -> Iterator[tuple[str, tuple[str, ...], str]]:
+    """(transformers parameter name without prefix, jaxdiff key tuple, kind)."""
+    for tname, fpath, kind in _modules(num_layers):
+        for tleaf, fleaf in _LEAVES[kind].items():
+            yield f"{tname}.{tleaf}", (*fpath, fleaf), kind
+
+
+def _to_flax(kind: str, w: np.ndarray) -> np.ndarray:
+    return tensors.linear_to_flax(w) if kind == "dense" and w.ndim == 2 else w
+
+
+def _to_torch(kind: str, w: np.ndarray) -> np.ndarray:
+    return tensors.linear_to_torch(w) if kind == "dense" and w.ndim == 2 else w
+
+
+def _param_shapes(module: CLIPTextEncoder) -> dict:
+    """Flat {jaxdiff key: shape} of the module's parameters (no FLOPs: jax.eval_shape)."""
+    tree = jax.eval_shape(
+        lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
+    return {k: tuple(v.shape) for k, v in tensors.flatten(tree).items()}
+
+
+def _shaped(shape) -> np.ndarray:
+    """A zero-byte array of `shape`, for the shape checks."""
+    return np.broadcast_to(np.uint8(0), shape)
+
+
+# ------------------------------------------------------------------------------------------
+# state dicts
+
+
+def params_from_torch(state_dict: Mapping[str, np.ndarray], module: CLIPTextEncoder) -> dict:
+    """transformers CLIPTextModel state dict (numpy) -> `module`'s params (float32 numpy tree).
+
+    Accepts names with or without the `text_model.` prefix (one convention per file) and ignores
+    the `position_ids` buffer. Raises CheckpointError naming missing or unexpected keys and
+    shape mismatches, in the file's own names and torch layouts.
+    """
+    prefix = PREFIX if any(k.startswith(PREFIX) for k in state_dict) else ""
+    sd = {k: v for k, v in state_dict.items()
+          if not (k.startswith(prefix) and k[len(prefix):] in _IGNORED)}
+    flax_shapes = _param_shapes(module)
+    table = {prefix + t: (f, kind) for t, f, kind in _leaves(module.num_layers)}
+    if set(flax_shapes) != {f for f, _ in table.values()}:  # the table must cover the module
+        raise AssertionError("convert/clip.py name table is out of date with CLIPTextEncoder")
+    # expected torch shapes: the flax shapes in torch layout
+    expected = {t: (flax_shapes[f][::-1] if kind == "dense" and len(flax_shapes[f]) == 2
+                    else flax_shapes[f]) for t, (f, kind) in table.items()}
+    what = "CLIP text encoder checkpoint"
+    tensors.check_same_keys(sd, expected, what=what)
+    tensors.check_same_shapes(sd, {t: _shaped(s) for t, s in expected.items()}, what=what)
+    flat = {f: np.asarray(_to_flax(kind, np.asarray(sd[t])), np.float32)
+            for t, (f, kind) in table.items()}
+    return tensors.unflatten(flat)
+
+
+def params_to_torch(params: Mapping, module: CLIPTextEncoder) -> dict[str, np.ndarray]:
+    """`module`'s params -> transformers state dict (`text_model.`-prefixed, float32 numpy)."""
+    flat = tensors.flatten(jax.device_get(params))
+    table = {f: (t, kind) for t, f, kind in _leaves(module.num_layers)}
+    tensors.check_same_keys(flat, table, what="CLIP text encoder params")
+    tensors.check_same_shapes(flat, {k: _shaped(s) for k, s in _param_shapes(module).items()},
+                              what="CLIP text encoder params")
+    return {PREFIX + t: np.ascontiguousarray(_to_torch(kind, np.asarray(flat[f], np.float32)))
+            for f, (t, kind) in table.items()}
+
+
+# ------------------------------------------------------------------------------------------
+# folders
+
+
+def _read_weights(folder: str) -> dict[str, np.ndarray]:
+    path = os.path.join(folder, WEIGHTS_NAME)
+    if os.path.isfile(path):
+        return tensors.read_safetensors(path)
+    index = os.path.join(folder, WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        sd = {}
+        for shard in shards:
+            sd.update(tensors.read_safetensors(os.path.join(folder, shard)))
+        return sd
+    names = sorted(os.listdir(folder))
+    for name in names:
+        if name.lower().endswith(tensors.PICKLE_SUFFIXES):
+            tensors.refuse_pickle(os.path.join(folder, name))
+    others = [n for n in names if n.endswith(".safetensors")]
+    hint = (f"; it has {', '.join(others)} (a variant? rename or copy it to {WEIGHTS_NAME})"
+            if others else "")
+    raise CheckpointError(f"{folder} has no {WEIGHTS_NAME}{hint}")
+
+
+def load(folder: str, dtype=jnp.float32) -> tuple[CLIPTextEncoder, dict]:
+    """(module, params) from a transformers CLIPTextModel folder, e.g. `<pipeline>/text_encoder`."""
+    folder = os.fspath(folder)
+    if not os.path.isdir(folder):
+        raise CheckpointError(f"text encoder folder not found: {folder} (jaxdiff reads local "
+                              "folders only; download the checkpoint first)")
+    config_path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        hint = (f"; it has a text_encoder/ subfolder, pass {os.path.join(folder, 'text_encoder')}"
+                if os.path.isdir(os.path.join(folder, "text_encoder")) else "")
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}{hint}")
+    with open(config_path) as f:
+        config = json.load(f)
+    module = module_from_config(config, dtype=dtype)
+    return module, params_from_torch(_read_weights(folder), module)
+
+
+def save(folder: str, module: CLIPTextEncoder, params: Mapping) -> None:
+    """Write `config.json` + `model.safetensors` that transformers' `CLIPTextModel` loads."""
+    folder = os.fspath(folder)
+    os.makedirs(folder, exist_ok=True)
+    state_dict = params_to_torch(params, module)
+    tensors.write_safetensors(state_dict, os.path.join(folder, WEIGHTS_NAME),
+                              metadata={"format": "pt"})
+    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
+        json.dump(config_to_transformers(module), f, indent=2, sort_keys=True)
+        f.write("\n")
