@@ -53,6 +53,18 @@ def sample(sampler: base.Sampler, model_fn: Callable, noise: jax.Array, key: jax
     iteration, [num_model_calls, B, ...] float32: one entry per planned call (entries past the
     last real call of a padded plan repeat the result), the last entry the result.
     """
+    return _run(*_arguments(sampler, model_fn, noise, key, x0), return_trajectory=return_trajectory)
+
+
+def lower(sampler: base.Sampler, model_fn: Callable, noise: jax.Array, key: jax.Array, *,
+          x0: jax.Array | None = None, return_trajectory: bool = False) -> jax.stages.Lowered:
+    """The compiled program `sample` would run for these arguments, lowered but not run:
+    `.compile()` it to time compilation or read `.memory_analysis()` / `.cost_analysis()`."""
+    return _run.lower(*_arguments(sampler, model_fn, noise, key, x0), return_trajectory=return_trajectory)
+
+
+def _arguments(sampler, model_fn, noise, key, x0):
+    """The arguments of `_run`, checked: x0 (zeros when absent) and a traced `from_image` flag."""
     if key is None:
         key = jax.random.PRNGKey(0)
     noise = jnp.asarray(noise)
@@ -63,8 +75,7 @@ def sample(sampler: base.Sampler, model_fn: Callable, noise: jax.Array, key: jax
     if from_image and jax.eval_shape(sampler.init, noise).signal_scales is None:
         raise ValueError("this sampler's plan has no noise levels (signal_scales / noise_scales), so it cannot "
                          "start from an image x0")
-    return _run(sampler, _as_partial(model_fn), noise, key, x0, jnp.asarray(from_image),
-                return_trajectory=return_trajectory)
+    return sampler, _as_partial(model_fn), noise, key, x0, jnp.asarray(from_image)
 
 
 def invert(sampler: base.Sampler, model_fn: Callable, x0: jax.Array, *, return_trajectory: bool = False):
