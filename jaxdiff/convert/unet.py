@@ -16,7 +16,8 @@ Names (jaxdiff module path -> diffusers module path; `up_{i}` is diffusers' `up_
     up_{i}/upsample/conv                  up_blocks.{L-1-i}.upsamplers.0.conv
     mid/res_{0,1}, mid/attn               mid_block.resnets.{0,1}, mid_block.attentions.0
   inside a ResBlock
-    norm_0 conv_0 time_proj norm_1 conv_1 skip    norm1 conv1 time_emb_proj norm2 conv2 conv_shortcut
+    norm_0 conv_0 time_proj                       norm1 conv1 time_emb_proj
+    norm_1 conv_1 skip                            norm2 conv2 conv_shortcut
   inside a pixel AttentionBlock
     norm query key value proj_out                 group_norm to_q to_k to_v to_out.0
   inside a SpatialTransformer
@@ -383,7 +384,10 @@ def _conditional_from_config(c: Mapping, dtype) -> UNet:
         dtype=dtype,
         **added,
     )
-    model.per_level("num_heads"), model.per_level("transformer_depth")  # lengths
+    try:
+        model.per_level("num_heads"), model.per_level("transformer_depth")
+    except ValueError as e:
+        raise CheckpointError(f"U-Net config: {e}") from None
     return model
 
 

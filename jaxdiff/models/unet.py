@@ -60,7 +60,7 @@ Array = jax.Array
 Dtype = Any
 
 
-class _Attention(nn.Module):
+class _WithAttention(nn.Module):
     """Fields shared by the blocks that hold attention, and the choice of attention kind.
 
     Not used on its own: DownLevel, UpLevel and MidBlock derive from it.
@@ -89,7 +89,7 @@ class _Attention(nn.Module):
         )(h, context)
 
 
-class DownLevel(_Attention):
+class DownLevel(_WithAttention):
     """One encoder level: `num_res_blocks` ResBlocks (each optionally followed by attention),
     then an optional 2x downsampling.
 
@@ -133,7 +133,7 @@ class DownLevel(_Attention):
         return h, skips
 
 
-class UpLevel(_Attention):
+class UpLevel(_WithAttention):
     """One decoder level: `num_res_blocks + 1` ResBlocks, each on the concatenation of the
     running activation and one encoder skip (optionally followed by attention), then an optional
     2x upsampling."""
@@ -172,7 +172,7 @@ class UpLevel(_Attention):
         return h
 
 
-class MidBlock(_Attention):
+class MidBlock(_WithAttention):
     """ResBlock -> attention -> ResBlock at the lowest resolution (shape-preserving)."""
 
     channels: int
@@ -340,7 +340,7 @@ class UNet(nn.Module):
                     f"UNet: attention_levels={self.attention_levels} has level {lvl}, but there "
                     f"are only levels 0..{len(self.channel_mult) - 1}"
                 )
-        self.per_level("num_heads"), self.per_level("transformer_depth")
+        self.per_level("num_heads"), self.per_level("transformer_depth")  # raise if mis-sized
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, B)):
             raise ValueError(f"UNet: t must be a scalar or shape [B]=[{B}], got shape {t.shape}")
         if labels is not None and self.num_classes is None:
