@@ -91,14 +91,32 @@ def _jaxdiff(unet, vae, text):
             (tm, clip_convert.params_from_torch(_text_state(text), tm)))
 
 
-@pytest.fixture(scope="module", params=list(KINDS))
-def case(request, tmp_path_factory):
-    kind = request.param
-    torch_models = _torch_models(kind)
-    nets = _jaxdiff(*torch_models)
-    path = tmp_path_factory.mktemp(kind) / "model.safetensors"
-    single_file.save_single_file(path, *nets)
-    return kind, torch_models, nets, str(path)
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    """kind -> (kind, torch networks, jaxdiff (module, params) pairs, single-file path), each
+    kind built once per module."""
+    cache = {}
+
+    def get(kind):
+        if kind not in cache:
+            torch_models = _torch_models(kind)
+            nets = _jaxdiff(*torch_models)
+            path = tmp_path_factory.mktemp(kind) / "model.safetensors"
+            single_file.save_single_file(path, *nets)
+            cache[kind] = kind, torch_models, nets, str(path)
+        return cache[kind]
+
+    return get
+
+
+@pytest.fixture(params=list(KINDS))
+def case(request, build):
+    return build(request.param)
+
+
+@pytest.fixture
+def sd1(build):
+    return build("sd1")
 
 
 def _flat(params):
@@ -112,6 +130,10 @@ def _assert_same_params(got, want):
         np.testing.assert_array_equal(np.asarray(got[k]), np.asarray(want[k]), err_msg=str(k))
 
 
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
 def _assert_same_state(got, want):
     got = {k: np.asarray(v) for k, v in got.items()}
     assert sorted(got) == sorted(want)
@@ -123,17 +145,26 @@ def _assert_same_state(got, want):
 
 
 def test_round_trip_gives_identical_params(case):
-    kind, _, nets, path = case
+    kind, torch_models, nets, path = case
     loaded = single_file.load_single_file(path)
     for name, (module, params) in zip(("unet", "vae", "text_encoder"), nets):
         got_module, got_params = loaded[name]
         _assert_same_params(got_params, params)
-    um = loaded["unet"][0]
-    assert um.in_channels == KINDS[kind]["in_channels"]
-    assert um.use_linear_projection == KINDS[kind]["linear"]
-    assert um.context_dim == KINDS[kind]["text"]
-    assert loaded["text_encoder"][0].num_layers == KINDS[kind]["layers"]
-    assert loaded["text_encoder"][0].hidden_act == KINDS[kind]["act"]
+    # the configs read from the tensor shapes are the ones the torch networks were built with
+    unet, vae, text = torch_models
+    got = unet_convert.config_to_diffusers(loaded["unet"][0])
+    for key in ("in_channels", "out_channels", "block_out_channels", "layers_per_block",
+                "down_block_types", "up_block_types", "cross_attention_dim",
+                "attention_head_dim", "use_linear_projection", "norm_num_groups"):
+        assert got[key] == _plain(unet.config[key]), key
+    got = vae_convert.config_to_diffusers(loaded["vae"][0])
+    for key in ("in_channels", "out_channels", "block_out_channels", "layers_per_block",
+                "latent_channels", "norm_num_groups", "scaling_factor"):
+        assert got[key] == _plain(vae.config[key]), key
+    got = clip_convert.config_to_transformers(loaded["text_encoder"][0])
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads", "max_position_embeddings", "hidden_act", "eos_token_id"):
+        assert got[key] == getattr(text.config, key), key
     sched = loaded["scheduler"]
     assert (sched["beta_schedule"], sched["beta_start"], sched["beta_end"],
             sched["num_train_timesteps"], sched["prediction_type"]) == (
@@ -192,10 +223,8 @@ def _rewrite(path, out, change):
     return str(out)
 
 
-def test_key_errors_name_the_key(case, tmp_path):
-    kind, _, _, path = case
-    if kind != "sd1":
-        pytest.skip("one layout is enough")
+def test_key_errors_name_the_key(sd1, tmp_path):
+    _, _, _, path = sd1
     extra = _rewrite(path, tmp_path / "extra.safetensors",
                      lambda sd: sd.__setitem__("model.diffusion_model.extra.weight", np.ones(3)))
     with pytest.raises(CheckpointError, match=r"unexpected 1 key.*model\.diffusion_model\.extra"):
@@ -217,12 +246,38 @@ def test_key_errors_name_the_key(case, tmp_path):
         sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = np.arange(77)[None]
     single_file.load_single_file(_rewrite(path, tmp_path / "ema.safetensors", add_ignored))
 
+    no_vae = _rewrite(path, tmp_path / "no_vae.safetensors", lambda sd: [
+        sd.pop(k) for k in list(sd) if k.startswith("first_stage_model.")])
+    with pytest.raises(CheckpointError, match=r"missing key first_stage_model\.encoder\.conv_in"):
+        single_file.load_single_file(no_vae)
+    sdxl = _rewrite(path, tmp_path / "sdxl.safetensors", lambda sd: sd.__setitem__(
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.bias", np.ones(3)))
+    with pytest.raises(CheckpointError, match="SDXL"):
+        single_file.load_single_file(sdxl)
+
     ckpt = tmp_path / "model.ckpt"
     ckpt.write_bytes(b"not read")
     with pytest.raises(CheckpointError, match="is a pickle.*safetensors"):
         single_file.load_single_file(ckpt)
     with pytest.raises(CheckpointError, match="prediction_type"):
         single_file.load_single_file(path, prediction_type="x0")
+
+
+def test_half_precision_file(sd1, tmp_path):
+    """A float16 file (as most are shared) loads into float32 params equal to the rounded ones."""
+    _, _, nets, _ = sd1
+    path = tmp_path / "half.safetensors"
+    single_file.save_single_file(path, *nets, dtype=np.float16)
+    from safetensors.numpy import load_file
+
+    assert {v.dtype for v in load_file(path).values()} == {np.dtype(np.float16)}
+    loaded = single_file.load_single_file(path)
+    for name, (_, params) in zip(("unet", "vae", "text_encoder"), nets):
+        got = _flat(loaded[name][1])
+        for k, want in _flat(params).items():
+            assert np.asarray(got[k]).dtype == np.float32
+            np.testing.assert_array_equal(
+                np.asarray(got[k]), np.asarray(want).astype(np.float16).astype(np.float32))
 
 
 def _tokenizer_dir(root):
@@ -267,10 +322,8 @@ def test_pipeline_folder_loads_in_diffusers(case, tmp_path):
     assert pipe.unet.config.use_linear_projection == KINDS[kind]["linear"]
 
 
-def test_save_pretrained_without_tokenizer_says_so(case, tmp_path):
-    kind, _, nets, _ = case
-    if kind != "sd1":
-        pytest.skip("one layout is enough")
+def test_save_pretrained_without_tokenizer_says_so(sd1, tmp_path):
+    _, _, nets, _ = sd1
     components = dict(zip(("unet", "vae", "text_encoder"), nets),
                       scheduler=single_file.SCHEDULER_CONFIG)
     with pytest.warns(UserWarning, match="no tokenizer"):
@@ -282,10 +335,8 @@ def test_save_pretrained_without_tokenizer_says_so(case, tmp_path):
         "model_index.json", "scheduler", "text_encoder", "unet", "vae"]
 
 
-def test_cli_convert(case, tmp_path, capsys):
-    kind, (unet, _, _), _, path = case
-    if kind != "sd1":
-        pytest.skip("one layout is enough")
+def test_cli_convert(sd1, tmp_path, capsys):
+    _, (unet, _, _), _, path = sd1
     out = tmp_path / "cli_pipe"
     assert cli.main(["convert", "--single_file", path, "--out", str(out),
                      "--prediction_type", "v_prediction"]) == 0
