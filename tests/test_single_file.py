@@ -243,8 +243,18 @@ def test_key_errors_name_the_key(sd1, tmp_path):
         sd["model_ema.decay"] = np.float32(0.999)
         sd["model_ema.diffusion_modelconv_in_weight"] = np.ones(3, np.float32)
         sd["alphas_cumprod"] = np.ones(1000, np.float32)
+        sd["betas"] = single_file.sd_betas().astype(np.float16)  # SD's own schedule
         sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = np.arange(77)[None]
-    single_file.load_single_file(_rewrite(path, tmp_path / "ema.safetensors", add_ignored))
+    loaded = single_file.load_single_file(_rewrite(path, tmp_path / "ema.safetensors",
+                                                   add_ignored))
+    assert loaded["scheduler"]["trained_betas"] is None
+
+    # a file trained with another schedule keeps it, with a warning
+    ddpm = np.linspace(1e-4, 0.02, 1000, dtype=np.float32)
+    other = _rewrite(path, tmp_path / "ddpm.safetensors", lambda sd: sd.__setitem__("betas", ddpm))
+    with pytest.warns(UserWarning, match="trained_betas"):
+        loaded = single_file.load_single_file(other)
+    np.testing.assert_allclose(loaded["scheduler"]["trained_betas"], ddpm)
 
     no_vae = _rewrite(path, tmp_path / "no_vae.safetensors", lambda sd: [
         sd.pop(k) for k in list(sd) if k.startswith("first_stage_model.")])

@@ -72,7 +72,9 @@ gives the same penultimate *and* last hidden states.
 
 Ignored on load (listed in IGNORED_KEYS / IGNORED_PREFIXES): the EMA copy `model_ema.*` (the
 U-Net under `model.diffusion_model.` is the one loaded), the training schedule buffers
-(`betas`, `alphas_cumprod`, ...), `logvar`, and the text encoder's `position_ids` buffer.
+(`betas`, `alphas_cumprod`, ...), `logvar`, and the text encoder's `position_ids` buffer. The
+scheduler config is SD's schedule (scaled_linear betas 0.00085..0.012, 1000 steps); a file whose
+`betas` buffer holds another schedule gets it as `trained_betas`, with a warning.
 
 What a file does not say, and the rule used:
   - SD 1.x vs 2.x: 2.x uses linear `proj_in`/`proj_out` in its transformers (and a 1024-wide
@@ -90,6 +92,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Any, Mapping
 
 import jax.numpy as jnp
@@ -479,6 +482,31 @@ def text_encoder_config(sd: Mapping[str, np.ndarray]) -> tuple[str, dict]:
     }
 
 
+def sd_betas(num_steps: int = 1000) -> np.ndarray:
+    """Stable Diffusion's `scaled_linear` betas: linear in sqrt(beta) from 0.00085 to 0.012."""
+    return np.linspace(SCHEDULER_CONFIG["beta_start"] ** 0.5, SCHEDULER_CONFIG["beta_end"] ** 0.5,
+                       num_steps, dtype=np.float64) ** 2
+
+
+def scheduler_config(sd: Mapping[str, np.ndarray], prediction_type: str = "epsilon") -> dict:
+    """The diffusers scheduler config for a single file: SD's schedule, or the file's own
+    `betas` buffer as `trained_betas` (with a warning) when it holds a different one."""
+    config = {**SCHEDULER_CONFIG, "prediction_type": prediction_type}
+    betas = sd.get("betas")
+    if betas is None:
+        return config
+    betas = np.asarray(betas, np.float64).reshape(-1)
+    # stored in half precision in many files: compare at its resolution
+    if betas.size == 1000 and np.allclose(betas, sd_betas(), rtol=2e-3, atol=0):
+        return config
+    warnings.warn(
+        f"this checkpoint was trained with {betas.size} betas from {betas[0]:.6g} to "
+        f"{betas[-1]:.6g}, not Stable Diffusion's scaled_linear 0.00085..0.012; its scheduler "
+        "config uses them as trained_betas", stacklevel=3)
+    config.update(num_train_timesteps=int(betas.size), trained_betas=betas.tolist())
+    return config
+
+
 # ------------------------------------------------------------------------------------------
 # loading
 
@@ -511,7 +539,10 @@ def load_single_file(path: str | os.PathLike, *, prediction_type: str = "epsilon
     if prediction_type not in PREDICTION_TYPES:
         raise CheckpointError(f"prediction_type={prediction_type!r}; use one of {PREDICTION_TYPES}")
     path = os.fspath(path)
-    sd = {k: v for k, v in tensors.read_safetensors(path).items() if not _ignored(k)}
+    raw = tensors.read_safetensors(path)
+    scheduler = scheduler_config(raw, prediction_type)
+    sd = {k: v for k, v in raw.items() if not _ignored(k)}
+    del raw
     _check_kind(sd)
     unet_module = unet_convert.module_from_config(unet_config(sd, prediction_type), dtype)
     vae_module = vae_convert.module_from_config(vae_config(sd), dtype)
@@ -537,7 +568,7 @@ def load_single_file(path: str | os.PathLike, *, prediction_type: str = "epsilon
         "vae": (vae_module, vae_convert.params_from_torch(vae_sd, vae_module)),
         "text_encoder": (text_module, clip_convert.params_from_torch(_to_diffusers(sd, text_t),
                                                                      text_module)),
-        "scheduler": {**SCHEDULER_CONFIG, "prediction_type": prediction_type},
+        "scheduler": scheduler,
     }
 
 
