@@ -34,7 +34,7 @@ KINDS = {
     "sd1": dict(widths=(32, 64), linear=False, in_channels=4, text=64, layers=2,
                 act="quick_gelu"),
     # SD 2.x: OpenCLIP text tower, 23 layers as diffusers ships ViT-H (the file gets 24)
-    "sd2": dict(widths=(64, 128), linear=True, in_channels=4, text=128, layers=23, act="gelu"),
+    "sd2": dict(widths=(64, 128), linear=True, in_channels=4, text=64, layers=23, act="gelu"),
     "inpaint": dict(widths=(32, 64), linear=False, in_channels=9, text=64, layers=2,
                     act="quick_gelu"),
 }
@@ -292,8 +292,6 @@ def test_half_precision_file(sd1, tmp_path):
 
 def _tokenizer_dir(root):
     """A minimal CLIP tokenizer folder: byte vocabulary, no merges, BOS and EOS."""
-    from jaxdiff.models.tokenizer import CLIPTokenizer  # noqa: F401  (validates in save)
-
     printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
                  + list(range(ord("®"), ord("ÿ") + 1)))
     extra = [b for b in range(256) if b not in printable]
@@ -362,3 +360,9 @@ def test_cli_convert(sd1, tmp_path, capsys):
     assert cli.main(["convert", "--single_file", str(ckpt), "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "pickle" in err[0] and err[0].startswith("jaxdiff convert: error:")
+    # a wrong tokenizer folder is reported before any conversion work
+    assert cli.main(["convert", "--single_file", path, "--out", str(tmp_path / "o2"),
+                     "--tokenizer", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tokenizer folder not found" in err[0]
+    assert not (tmp_path / "o2").exists()

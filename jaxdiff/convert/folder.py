@@ -44,10 +44,12 @@ def _write_json(obj: Mapping, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _tokenizer_source(tokenizer_dir: str) -> str:
-    """The folder holding the tokenizer files (a pipeline root's tokenizer/ is accepted)."""
+def tokenizer_source(tokenizer_dir: str | os.PathLike) -> str:
+    """The folder holding the tokenizer files (a pipeline root's tokenizer/ is accepted);
+    raises CheckpointError when it holds no readable CLIP tokenizer."""
     from jaxdiff.models.tokenizer import CLIPTokenizer
 
+    tokenizer_dir = os.fspath(tokenizer_dir)
     sub = os.path.join(tokenizer_dir, "tokenizer")
     if os.path.isdir(sub) and not os.path.isfile(os.path.join(tokenizer_dir, "vocab.json")):
         tokenizer_dir = sub
@@ -68,7 +70,7 @@ def save_pretrained(out_dir: str | os.PathLike, components: Mapping[str, Any], *
     missing = [k for k in ("unet", "vae", "text_encoder", "scheduler") if k not in components]
     if missing:
         raise CheckpointError(f"save_pretrained: components lack {', '.join(missing)}")
-    tok_src = None if tokenizer_dir is None else _tokenizer_source(os.fspath(tokenizer_dir))
+    tok_src = None if tokenizer_dir is None else tokenizer_source(tokenizer_dir)
     unet_module, unet_params = components["unet"]
     os.makedirs(out_dir, exist_ok=True)
 

@@ -357,8 +357,9 @@ def _indices(keys, pattern: str) -> list[int]:
 
 def _heads(width: int, what: str) -> int:
     if width % _HEAD_WIDTH:
-        raise CheckpointError(f"{what}: width {width} is not a multiple of the {_HEAD_WIDTH}-channel "
-                              "heads Stable Diffusion uses; this is not an SD 1.x/2.x checkpoint")
+        raise CheckpointError(
+            f"{what}: width {width} is not a multiple of the {_HEAD_WIDTH}-channel heads Stable "
+            "Diffusion uses; this is not an SD 1.x/2.x checkpoint")
     return width // _HEAD_WIDTH
 
 
@@ -374,7 +375,8 @@ def unet_config(sd: Mapping[str, np.ndarray], prediction_type: str = "epsilon") 
             levels.append([])
             continue
         width = int(_need(sd, f"{p}input_blocks.{n}.0.in_layers.2.weight", "U-Net").shape[0])
-        depth = len(_indices(sd, re.escape(f"{p}input_blocks.{n}.1.transformer_blocks.") + r"(\d+)\."))
+        blocks = re.escape(f"{p}input_blocks.{n}.1.transformer_blocks.") + r"(\d+)\."
+        depth = len(_indices(sd, blocks))
         levels[-1].append((width, depth))
     R = len(levels[0])
     if R == 0 or any(len(lv) != R for lv in levels) or any(len(set(lv)) != 1 for lv in levels):
@@ -411,7 +413,7 @@ def unet_config(sd: Mapping[str, np.ndarray], prediction_type: str = "epsilon") 
                                else _SD1_HEADS),
         "transformer_layers_per_block": depth,
         "use_linear_projection": linear,
-        # the released 2.x folders set it; it changes nothing in float32
+        # as in SD 2.1's released folder; in float32 it changes nothing
         "upcast_attention": sd2,
     }
 
@@ -456,8 +458,9 @@ def text_encoder_config(sd: Mapping[str, np.ndarray]) -> tuple[str, dict]:
         position = _need(sd, p + "positional_embedding", "OpenCLIP text encoder")
         blocks = _indices(sd, re.escape(p) + r"transformer\.resblocks\.(\d+)\.")
         if len(blocks) < 2:
-            raise CheckpointError(f"single-file OpenCLIP text encoder has {len(blocks)} resblocks; "
-                                  "Stable Diffusion 2.x uses all but the last, so at least 2 are needed")
+            raise CheckpointError(
+                f"single-file OpenCLIP text encoder has {len(blocks)} resblocks; Stable "
+                "Diffusion 2.x uses all but the last, so at least 2 are needed")
         fc1 = _need(sd, f"{p}transformer.resblocks.0.mlp.c_fc.weight", "OpenCLIP text encoder")
         layers, act = len(blocks) - 1, "gelu"
     elif any(k.startswith(CLIP_PREFIX) for k in sd):
@@ -517,8 +520,9 @@ def _ignored(key: str) -> bool:
 
 def _check_kind(keys) -> None:
     if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise CheckpointError("this is an SDXL single file (conditioner.embedders.*); jaxdiff reads "
-                              "SD 1.x/2.x single files only: use the diffusers folder of the model")
+        raise CheckpointError(
+            "this is an SDXL single file (conditioner.embedders.*); jaxdiff reads SD 1.x/2.x "
+            "single files only: use the diffusers folder of the model")
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise CheckpointError(
             f"not a Stable Diffusion single-file checkpoint: no {UNET_PREFIX}* keys (a diffusers "
@@ -581,8 +585,10 @@ def to_diffusers_folder(path: str | os.PathLike, out_dir: str | os.PathLike, *,
     A single file holds no tokenizer: without `tokenizer_dir` the folder has none, which the
     returned notes (also issued as a warning) say, with how to add one.
     """
-    from jaxdiff.convert.folder import save_pretrained
+    from jaxdiff.convert.folder import save_pretrained, tokenizer_source
 
+    if tokenizer_dir is not None:  # fail before the (long) conversion
+        tokenizer_dir = tokenizer_source(tokenizer_dir)
     components = load_single_file(path, prediction_type=prediction_type)
     return save_pretrained(out_dir, components, tokenizer_dir=tokenizer_dir)
 
