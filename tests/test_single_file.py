@@ -366,3 +366,84 @@ def test_cli_convert(sd1, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "tokenizer folder not found" in err[0]
     assert not (tmp_path / "o2").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# full-size layouts, shapes only (torch "meta" tensors hold no data)
+
+_SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+               down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4)
+_VIT_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+              num_attention_heads=12, hidden_act="quick_gelu")
+_VIT_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23,
+              num_attention_heads=16, hidden_act="gelu")
+# diffusers' model type -> (UNet2DConditionModel options beyond its SD-shaped defaults, text)
+FULL_SIZE = {
+    "v1": (dict(cross_attention_dim=768), _VIT_L),
+    "inpainting": (dict(cross_attention_dim=768, in_channels=9), _VIT_L),
+    "v2": (dict(cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20],
+                use_linear_projection=True), _VIT_H),
+}
+
+
+@pytest.mark.parametrize("model_type", list(FULL_SIZE))
+def test_full_size_layout_matches_diffusers(model_type):
+    """Real SD 1.5 / 2.x / inpainting sizes: the LDM file our tables describe is recognised by
+    diffusers as that model type, diffusers' converters map it onto the full-size diffusers
+    networks (names and shapes), and the configs read back from its shapes are the real ones."""
+    unet_opts, text_opts = FULL_SIZE[model_type]
+    with torch.device("meta"):
+        unet = diffusers.UNet2DConditionModel(**unet_opts)
+        vae = diffusers.AutoencoderKL(**_SD_VAE)
+        text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_opts))
+    layout = "openclip" if text_opts["hidden_act"] == "gelu" else "clip"
+    um = unet_convert.module_from_config(dict(unet.config))
+    vm = vae_convert.module_from_config(
+        {k: v for k, v in vae.config.items() if k in vae_convert._DEFAULTS})
+    tm = clip_convert.module_from_config(text.config.to_dict())
+    unet_sd, vae_sd = unet.state_dict(), vae.state_dict()
+    text_sd = {(k if k.startswith("text_model.") else "text_model." + k): v
+               for k, v in text.state_dict().items() if not k.endswith("position_ids")}
+
+    ckpt = {}
+    for table, state in ((single_file._unet_table(um), unet_sd),
+                         (single_file._vae_table(vm), vae_sd),
+                         (single_file._openclip_table(tm) if layout == "openclip"
+                          else single_file._clip_table(tm), text_sd)):
+        for ldm, dif in table.items():
+            if isinstance(dif, tuple):
+                ckpt[ldm] = torch.cat([state[d] for d in dif])
+            elif single_file._VAE_CONV1X1.fullmatch(dif) and ldm.startswith("first_stage"):
+                ckpt[ldm] = state[dif][:, :, None, None]
+            else:
+                ckpt[ldm] = state[dif]
+    if layout == "openclip":  # the unused 24th ViT-H block
+        for k in single_file._openclip_block_keys(tm.num_layers):
+            ckpt[k] = ckpt[k.replace(".resblocks.23.", ".resblocks.0.")]
+
+    assert sfu.infer_diffusers_model_type(ckpt) == model_type
+
+    def same_layout(got, want):
+        assert sorted(got) == sorted(want)
+        for k in want:
+            assert tuple(got[k].shape) == tuple(want[k].shape), k
+
+    same_layout(sfu.convert_ldm_unet_checkpoint(ckpt, dict(unet.config)), unet_sd)
+    same_layout(sfu.convert_ldm_vae_checkpoint(ckpt, dict(vae.config)), vae_sd)
+    same_layout(sfu.convert_open_clip_checkpoint(text, ckpt) if layout == "openclip"
+                else sfu.convert_ldm_clip_checkpoint(ckpt), text_sd)
+
+    got = single_file.unet_config(ckpt)
+    for key in ("in_channels", "block_out_channels", "layers_per_block", "down_block_types",
+                "up_block_types", "cross_attention_dim", "attention_head_dim",
+                "use_linear_projection"):
+        assert _plain(got[key]) == _plain(unet.config[key]), key
+    got = single_file.vae_config(ckpt)
+    for key in ("block_out_channels", "layers_per_block", "latent_channels"):
+        assert _plain(got[key]) == _plain(vae.config[key]), key
+    got_layout, got = single_file.text_encoder_config(ckpt)
+    assert got_layout == layout
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "hidden_act"):
+        assert got[key] == getattr(text.config, key), key
