@@ -110,6 +110,8 @@ def _convert(argv: list[str]) -> int:
                         help="CLIP tokenizer folder to copy in (single files hold none)")
     parser.add_argument("--prediction_type", default="epsilon", choices=("epsilon", "v_prediction"),
                         help="v_prediction for SD 2.x 768-v checkpoints (not readable from the weights)")
+    parser.add_argument("--use_ema", action="store_true",
+                        help="take the U-Net from the file's EMA copy (model_ema.*, in full-ema files)")
     args = parser.parse_args(argv)
 
     import warnings
@@ -119,7 +121,7 @@ def _convert(argv: list[str]) -> int:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the notes are printed below
         notes = to_diffusers_folder(args.single_file, args.out, prediction_type=args.prediction_type,
-                                    tokenizer_dir=args.tokenizer)
+                                    use_ema=args.use_ema, tokenizer_dir=args.tokenizer)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     print(f"wrote {args.out}")

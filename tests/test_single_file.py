@@ -214,6 +214,12 @@ def test_zero_final_openclip_block_is_the_identity():
     torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+def _read(path):
+    from jaxdiff.convert import tensors
+
+    return tensors.read_safetensors(path)
+
+
 def _rewrite(path, out, change):
     from jaxdiff.convert import tensors
 
@@ -271,6 +277,24 @@ def test_key_errors_name_the_key(sd1, tmp_path):
         single_file.load_single_file(ckpt)
     with pytest.raises(CheckpointError, match="prediction_type"):
         single_file.load_single_file(path, prediction_type="x0")
+
+
+def test_use_ema_takes_the_unet_from_the_ema_copy(sd1, tmp_path):
+    _, _, nets, path = sd1
+
+    def add_ema(sd):  # EMA weights differing from the raw ones, as LDM names them
+        for k in [k for k in sd if k.startswith("model.diffusion_model.")]:
+            sd["model_ema." + k[len("model."):].replace(".", "")] = 2 * sd[k]
+        sd["model_ema.decay"], sd["model_ema.num_updates"] = np.float32(0.9999), np.int64(7)
+    full = _rewrite(path, tmp_path / "full_ema.safetensors", add_ema)
+    assert "model_ema.diffusion_modelinput_blocks00weight" in _read(full)
+    _assert_same_params(single_file.load_single_file(full)["unet"][1], nets[0][1])
+    ema = single_file.load_single_file(full, use_ema=True)
+    doubled = {k: 2 * np.asarray(v) for k, v in _flat(nets[0][1]).items()}
+    _assert_same_params(ema["unet"][1], traverse_util.unflatten_dict(doubled))
+    _assert_same_params(ema["vae"][1], nets[1][1])  # only the U-Net has an EMA copy
+    with pytest.raises(CheckpointError, match="no EMA copy.*model_ema.diffusion_model"):
+        single_file.load_single_file(path, use_ema=True)
 
 
 def test_half_precision_file(sd1, tmp_path):

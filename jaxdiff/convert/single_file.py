@@ -8,10 +8,11 @@ Pickled `.ckpt` files are refused (see `tensors.refuse_pickle`).
 
 Public API:
 
-    load_single_file(path, *, prediction_type="epsilon", dtype=jnp.float32) -> {
+    load_single_file(path, *, prediction_type="epsilon", use_ema=False, dtype=jnp.float32) -> {
         "unet": (UNet, params), "vae": (AutoencoderKL, params),
         "text_encoder": (CLIPTextEncoder, params), "scheduler": dict}
-    to_diffusers_folder(path, out_dir, *, prediction_type="epsilon", tokenizer_dir=None)
+    to_diffusers_folder(path, out_dir, *, prediction_type="epsilon", use_ema=False,
+                        tokenizer_dir=None)
         -> list[str]   # notes for the user (e.g. that no tokenizer was copied)
     save_single_file(out_path, unet, vae, text_encoder, *, text_layout=None,
                      dtype=np.float32) -> None
@@ -71,7 +72,7 @@ resblock as zeros: an all-zero pre-LayerNorm residual block is the identity, so 
 gives the same penultimate *and* last hidden states.
 
 Ignored on load (listed in IGNORED_KEYS / IGNORED_PREFIXES): the EMA copy `model_ema.*` (the
-U-Net under `model.diffusion_model.` is the one loaded), the training schedule buffers
+U-Net under `model.diffusion_model.` is the one loaded, unless `use_ema=True`), the training schedule buffers
 (`betas`, `alphas_cumprod`, ...), `logvar`, and the text encoder's `position_ids` buffer. The
 scheduler config is SD's schedule (scaled_linear betas 0.00085..0.012, 1000 steps); a file whose
 `betas` buffer holds another schedule gets it as `trained_betas`, with a warning.
@@ -529,12 +530,34 @@ def _check_kind(keys) -> None:
             "folder or a lone U-Net/VAE file is loaded with jaxdiff.convert.unet/vae instead)")
 
 
+def ema_key(key: str) -> str:
+    """The name LDM gives the EMA copy of U-Net weight `key`: `model_ema.` + the name after
+    `model.` with its dots removed (`model.diffusion_model.out.2.weight` ->
+    `model_ema.diffusion_modelout2weight`)."""
+    return "model_ema." + key[len("model."):].replace(".", "")
+
+
+def _swap_in_ema(raw: dict[str, np.ndarray], path: str) -> None:
+    unet_keys = [k for k in raw if k.startswith(UNET_PREFIX)]
+    missing = [k for k in unet_keys if ema_key(k) not in raw]
+    if missing:
+        n = sum(k.startswith("model_ema.") for k in raw)
+        raise CheckpointError(
+            f"{path}: use_ema=True, but {len(missing)} U-Net weight(s) have no EMA copy, e.g. "
+            f"{ema_key(missing[0])} for {missing[0]} (the file has {n} model_ema.* keys); "
+            "load without use_ema")
+    for k in unet_keys:
+        raw[k] = raw[ema_key(k)]
+
+
 def load_single_file(path: str | os.PathLike, *, prediction_type: str = "epsilon",
-                     dtype=jnp.float32) -> dict[str, Any]:
+                     use_ema: bool = False, dtype=jnp.float32) -> dict[str, Any]:
     """Read an SD 1.x / 2.x / inpainting single-file `.safetensors` checkpoint.
 
     prediction_type: "epsilon" (default: SD 1.x, 2.x base, inpainting) or "v_prediction"
       (SD 2.x 768-v); the weights cannot tell them apart.
+    use_ema: load the U-Net from the file's EMA copy (`model_ema.*`, in "full-ema" files)
+      instead of `model.diffusion_model.*`; an error if the file has none.
     dtype: compute dtype of the returned modules; params are float32 whatever the file holds.
     Returns {"unet": (UNet, params), "vae": (AutoencoderKL, params),
              "text_encoder": (CLIPTextEncoder, params), "scheduler": scheduler config dict}.
@@ -544,6 +567,8 @@ def load_single_file(path: str | os.PathLike, *, prediction_type: str = "epsilon
         raise CheckpointError(f"prediction_type={prediction_type!r}; use one of {PREDICTION_TYPES}")
     path = os.fspath(path)
     raw = tensors.read_safetensors(path)
+    if use_ema:
+        _swap_in_ema(raw, path)
     scheduler = scheduler_config(raw, prediction_type)
     sd = {k: v for k, v in raw.items() if not _ignored(k)}
     del raw
@@ -577,7 +602,7 @@ def load_single_file(path: str | os.PathLike, *, prediction_type: str = "epsilon
 
 
 def to_diffusers_folder(path: str | os.PathLike, out_dir: str | os.PathLike, *,
-                        prediction_type: str = "epsilon",
+                        prediction_type: str = "epsilon", use_ema: bool = False,
                         tokenizer_dir: str | os.PathLike | None = None) -> list[str]:
     """Convert a single file into a diffusers pipeline folder (model_index.json, unet/, vae/,
     text_encoder/, scheduler/, and tokenizer/ when `tokenizer_dir` is given).
@@ -589,7 +614,7 @@ def to_diffusers_folder(path: str | os.PathLike, out_dir: str | os.PathLike, *,
 
     if tokenizer_dir is not None:  # fail before the (long) conversion
         tokenizer_dir = tokenizer_source(tokenizer_dir)
-    components = load_single_file(path, prediction_type=prediction_type)
+    components = load_single_file(path, prediction_type=prediction_type, use_ema=use_ema)
     return save_pretrained(out_dir, components, tokenizer_dir=tokenizer_dir)
 
 
