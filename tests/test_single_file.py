@@ -279,6 +279,19 @@ def test_key_errors_name_the_key(sd1, tmp_path):
         single_file.load_single_file(path, prediction_type="x0")
 
 
+def test_reads_clip_names_without_text_model(sd1, tmp_path):
+    """Files written with transformers before 4.22 name the SD 1.x text encoder
+    `cond_stage_model.transformer.embeddings...` (no `text_model.`)."""
+    _, _, nets, path = sd1
+    old, new = "cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."
+
+    def rename(sd):
+        for k in [k for k in sd if k.startswith(old)]:
+            sd[new + k[len(old):]] = sd.pop(k)
+    loaded = single_file.load_single_file(_rewrite(path, tmp_path / "old.safetensors", rename))
+    _assert_same_params(loaded["text_encoder"][1], nets[2][1])
+
+
 def test_use_ema_takes_the_unet_from_the_ema_copy(sd1, tmp_path):
     _, _, nets, path = sd1
 
