@@ -83,8 +83,7 @@ def _torch_models(kind):
 def _jaxdiff(unet, vae, text):
     """(module, params) pairs from the torch networks, through the per-network converters."""
     um = unet_convert.module_from_config(dict(unet.config))
-    vm = vae_convert.module_from_config(
-        {k: v for k, v in vae.config.items() if k in vae_convert._DEFAULTS})
+    vm = vae_convert.module_from_config(dict(vae.config))
     tm = clip_convert.module_from_config(text.config.to_dict())
     return ((um, unet_convert.params_from_torch(_numpy(unet.state_dict()), um)),
             (vm, vae_convert.params_from_torch(_numpy(vae.state_dict()), vm)),
@@ -436,8 +435,7 @@ def test_full_size_layout_matches_diffusers(model_type):
         text = transformers.CLIPTextModel(transformers.CLIPTextConfig(**text_opts))
     layout = "openclip" if text_opts["hidden_act"] == "gelu" else "clip"
     um = unet_convert.module_from_config(dict(unet.config))
-    vm = vae_convert.module_from_config(
-        {k: v for k, v in vae.config.items() if k in vae_convert._DEFAULTS})
+    vm = vae_convert.module_from_config(dict(vae.config))
     tm = clip_convert.module_from_config(text.config.to_dict())
     unet_sd, vae_sd = unet.state_dict(), vae.state_dict()
     text_sd = {(k if k.startswith("text_model.") else "text_model." + k): v
