@@ -99,7 +99,37 @@ def _sample(argv: list[str]) -> int:
     return 0
 
 
+def _convert(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="jaxdiff convert",
+        description="Convert a Stable Diffusion 1.x/2.x single-file .safetensors checkpoint into a "
+                    "diffusers-format pipeline folder.")
+    parser.add_argument("--single_file", required=True, help="the .safetensors checkpoint (LDM layout)")
+    parser.add_argument("--out", required=True, help="the pipeline folder to write")
+    parser.add_argument("--tokenizer", default=None,
+                        help="CLIP tokenizer folder to copy in (single files hold none)")
+    parser.add_argument("--prediction_type", default="epsilon", choices=("epsilon", "v_prediction"),
+                        help="v_prediction for SD 2.x 768-v checkpoints (not readable from the weights)")
+    parser.add_argument("--use_ema", action="store_true",
+                        help="take the U-Net from the file's EMA copy (model_ema.*, in full-ema files)")
+    args = parser.parse_args(argv)
+
+    import warnings
+
+    from jaxdiff.convert.single_file import to_diffusers_folder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the notes are printed below
+        notes = to_diffusers_folder(args.single_file, args.out, prediction_type=args.prediction_type,
+                                    use_ema=args.use_ema, tokenizer_dir=args.tokenizer)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"wrote {args.out}")
+    return 0
+
+
 COMMANDS = {"train": _train, "sample": _sample}
+COMMANDS["convert"] = _convert
 
 
 def main(argv: list[str] | None = None) -> int:
