@@ -144,7 +144,8 @@ def _generate(argv: list[str]) -> int:
     picture = pixels[0] if args.num == 1 else images.make_grid(pixels)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     Image.fromarray(np.ascontiguousarray(picture)).save(args.out)
-    print(f"wrote {args.num} image(s) to {args.out}")
+    devices = pipe.mesh.devices.size
+    print(f"wrote {args.num} image(s) to {args.out} (batch over {devices} device{'s' if devices > 1 else ''})")
     return 0
 
 

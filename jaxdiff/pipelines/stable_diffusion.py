@@ -383,12 +383,8 @@ class StableDiffusion:
                              f"W/{self.vae_scale_factor}, {self.latent_channels}], NHWC), got {list(latents.shape)}")
         return latents
 
-    def _run(self, *, prompt, negative_prompt, num_steps, sampler, guidance_scale, guidance_rescale, seed,
-             num_images, height, width, latents, output_type, clip_skip, eta, options, start_step=0, x0=None,
-             extra=None, blend=None):
-        if output_type not in ("pil", "np", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-        plan = self._sampler(sampler, num_steps, start_step, eta, options)
+    def _run(self, *, plan, prompt, negative_prompt, guidance_scale, guidance_rescale, seed, num_images, height,
+             width, latents, output_type, clip_skip, x0=None, extra=None, blend=None):
         guided = guidance_scale is not None and guidance_scale > 1.0
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images, clip_skip=clip_skip,
                                           guidance=guided)
@@ -436,11 +432,12 @@ class StableDiffusion:
         output_type: "pil" (list of PIL images), "np" (float32 [N, H, W, 3] in [0, 1]) or "latent"
             (the final latents [N, H/f, W/f, C]).
         """
+        _check_output_type(output_type)
         height, width = self._size(height, width)
-        return self._run(prompt=prompt, negative_prompt=negative_prompt, num_steps=num_steps, sampler=sampler,
-                         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, seed=seed,
-                         num_images=num_images, height=height, width=width, latents=latents,
-                         output_type=output_type, clip_skip=clip_skip, eta=eta, options=sampler_options)
+        plan = self._sampler(sampler, num_steps, 0, eta, sampler_options)
+        return self._run(plan=plan, prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                         guidance_rescale=guidance_rescale, seed=seed, num_images=num_images, height=height,
+                         width=width, latents=latents, output_type=output_type, clip_skip=clip_skip)
 
     generate = __call__
 
@@ -481,16 +478,17 @@ class StableDiffusion:
         sample_posterior: encode with a VAE posterior sample, as diffusers does (True), or with
             the posterior mean (False). Other arguments as `__call__`.
         """
+        _check_output_type(output_type)
         start = self._start_step(num_steps, strength)
+        plan = self._sampler(sampler, num_steps, start, eta, sampler_options)
         n = _num_outputs(prompt, num_images)
         pixels = _images_in(image, n, height, width, self.size_multiple)
         k_post = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
         x0 = self.encode_images(pixels, key=k_post if sample_posterior else None)
         h, w = pixels.shape[1:3]
-        return self._run(prompt=prompt, negative_prompt=negative_prompt, num_steps=num_steps, sampler=sampler,
-                         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, seed=seed,
-                         num_images=num_images, height=h, width=w, latents=latents, output_type=output_type,
-                         clip_skip=clip_skip, eta=eta, options=sampler_options, start_step=start, x0=x0)
+        return self._run(plan=plan, prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                         guidance_rescale=guidance_rescale, seed=seed, num_images=num_images, height=h, width=w,
+                         latents=latents, output_type=output_type, clip_skip=clip_skip, x0=x0)
 
     def inpaint(self, image, mask, prompt: str | Sequence[str], strength: float = 1.0,
                 negative_prompt: str | Sequence[str] | None = None, *, num_steps: int = 30,
@@ -508,13 +506,17 @@ class StableDiffusion:
         masked-image latents]) as input (the masked image is the image with the mask region set
         to 0 in [-1, 1]). A 4-channel U-Net inpaints by mask blending: after each step the known
         region is replaced by the image latents noised to the next step's level, through a sampler
-        wrapper (`jaxdiff.samplers.masked`). Other arguments as `img2img`.
+        wrapper (`jaxdiff.samplers.masked`). `latents` is the noise of the run at any strength
+        (diffusers, given latents, starts from them as pure noise even below strength 1). Other
+        arguments as `img2img`.
         """
         in_channels = self.unet.in_channels or self.latent_channels
         if in_channels not in (self.latent_channels, 2 * self.latent_channels + 1):
             raise ValueError(f"inpainting needs a U-Net with {self.latent_channels} or "
                              f"{2 * self.latent_channels + 1} input channels, this one has {in_channels}")
+        _check_output_type(output_type)
         start = self._start_step(num_steps, strength) if strength < 1.0 else 0
+        plan = self._sampler(sampler, num_steps, start, eta, sampler_options)
         n = _num_outputs(prompt, num_images)
         pixels = _images_in(image, n, height, width, self.size_multiple)
         h, w = pixels.shape[1:3]
@@ -534,10 +536,9 @@ class StableDiffusion:
             extra = jnp.concatenate([jnp.asarray(small_mask), masked_latents], axis=-1)   # [N, h, w, 1 + C]
         else:
             blend = (jnp.asarray(small_mask), image_latents)
-        return self._run(prompt=prompt, negative_prompt=negative_prompt, num_steps=num_steps, sampler=sampler,
-                         guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, seed=seed,
-                         num_images=num_images, height=h, width=w, latents=latents, output_type=output_type,
-                         clip_skip=clip_skip, eta=eta, options=sampler_options, start_step=start,
+        return self._run(plan=plan, prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
+                         guidance_rescale=guidance_rescale, seed=seed, num_images=num_images, height=h, width=w,
+                         latents=latents, output_type=output_type, clip_skip=clip_skip,
                          x0=image_latents if start else None, extra=extra, blend=blend)
 
 
@@ -569,6 +570,11 @@ def _check_folder(path: str) -> None:
                                   f"{', '.join(p + '/' for p in PIPELINE_PARTS)}")
     if not os.path.isfile(os.path.join(path, "scheduler", SCHEDULER_CONFIG)):
         raise CheckpointError(f"{os.path.join(path, 'scheduler')} has no {SCHEDULER_CONFIG}")
+
+
+def _check_output_type(output_type) -> None:
+    if output_type not in ("pil", "np", "latent"):
+        raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
 
 
 def _num_outputs(prompt, num_images) -> int:
