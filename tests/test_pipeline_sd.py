@@ -220,6 +220,21 @@ def test_pil_output_seed_and_defaults(pipe):
     other = pipe(PROMPT, num_steps=STEPS, num_images=N, seed=2, output_type="np")
     assert np.abs(other - again).max() > 0.05
     assert pipe.default_sampler == "ddim"
+    import jaxdiff
+    assert jaxdiff.StableDiffusion is StableDiffusion
+
+
+def test_prompts_are_encoded_once_per_call_in_prompt_major_order(pipe):
+    cond, uncond = pipe.encode_prompt(["a cat", "a dog"], "ugly", num_images=2)
+    cat, neg = pipe.encode_prompt("a cat", "ugly")
+    dog, _ = pipe.encode_prompt("a dog", guidance=False)
+    assert cond.shape == uncond.shape == (4, 77, 32) and neg.shape == (1, 77, 32)
+    for row, want in zip(cond, [cat[0], cat[0], dog[0], dog[0]]):
+        np.testing.assert_allclose(row, want, atol=1e-5)
+    np.testing.assert_allclose(uncond, np.repeat(neg, 4, 0), atol=1e-5)
+    assert np.abs(cat - dog).max() > 0.1
+    with pytest.raises(ValueError, match="1 negative prompts for 2 prompts"):
+        pipe.encode_prompt(["a cat", "a dog"], ["ugly"])
 
 
 def test_new_step_counts_and_strengths_reuse_the_compiled_loop(pipe):
