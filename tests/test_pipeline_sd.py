@@ -212,6 +212,27 @@ def test_text_to_image_matches_diffusers(tiny, pipe):
     assert outs[0].std() > 0.1
 
 
+def test_another_sampler_matches_diffusers_scheduler_from_the_folder_config(tiny, pipe):
+    """sampler="euler" on SD 1.5's DDIM config ("leading" spacing, steps_offset 1) is diffusers'
+    EulerDiscreteScheduler.from_config of the saved config; a sigma-space sampler, so the given
+    latents are scaled by its initial sigma (~4.2 here), not 1. (Measured for heun, lms, unipc,
+    dpmpp_2m and pndm alike: ~1e-6.)"""
+    folder, ref = tiny
+    config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    noise = _noise(4)
+    ours = pipe(PROMPT, sampler="euler", num_steps=STEPS, num_images=N, guidance_scale=1.0, latents=noise,
+                output_type="np")
+    euler = _pipeline(diffusers.StableDiffusionPipeline,
+                      dict(ref.components, scheduler=diffusers.EulerDiscreteScheduler.from_config(config)))
+    theirs = euler(PROMPT, num_inference_steps=STEPS, num_images_per_prompt=N, guidance_scale=1.0,
+                   latents=_torch(noise), output_type="np").images
+    np.testing.assert_allclose(ours, theirs, atol=1e-3)                        # measured ~1e-6
+    # the carried-over spacing matters: Euler's own default ("linspace") gives other pictures
+    linspace = pipe(PROMPT, sampler="euler", timestep_spacing="linspace", num_steps=STEPS, num_images=N,
+                    guidance_scale=1.0, latents=noise, output_type="np")
+    assert np.abs(ours - linspace).max() > 0.05
+
+
 def test_pil_output_seed_and_defaults(pipe):
     pictures = pipe(PROMPT, num_steps=STEPS, num_images=N, seed=1)                 # default size: 8 * 2
     assert len(pictures) == N and pictures[0].size == (SIZE, SIZE) and pictures[0].mode == "RGB"

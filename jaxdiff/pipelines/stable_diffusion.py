@@ -22,7 +22,8 @@ Scheduler: the folder's `scheduler_config.json` becomes a jaxdiff noise schedule
 beta_start / beta_end, num_train_timesteps, trained_betas, rescale_betas_zero_snr) and default
 sampler options: every key of the config that the chosen sampler also takes (prediction_type,
 timestep_spacing, steps_offset, set_alpha_to_one, clip_sample, use_karras_sigmas, ...) is passed
-to it, as diffusers' `OtherScheduler.from_config(pipe.scheduler.config)` carries them over. The
+to it, as diffusers' `OtherScheduler.from_config(pipe.scheduler.config)` carries them over (e.g.
+SD 1.5's "leading" spacing and steps_offset=1 stay with `sampler="euler"`). The
 config's `_class_name` picks the default sampler (`SCHEDULER_SAMPLERS`); `sampler=` picks another.
 
 Guidance follows the diffusers pipelines: classifier-free guidance (`sampling.cfg`, one batched
@@ -133,8 +134,10 @@ def default_sampler(config: dict) -> str:
 
 
 def sampler_options(name: str, config: dict) -> dict:
-    """The options of sampler `name` that the scheduler config sets (diffusers' from_config rule:
-    shared keys carry over, the others keep the sampler's defaults)."""
+    """The options of sampler `name` that the scheduler config sets: the keys it shares with the
+    sampler carry over, the others keep the sampler's defaults. This is what diffusers'
+    `OtherScheduler.from_config(config)` does with a config read from a folder (a scheduler built
+    in memory also remembers which keys were left at their defaults and does not carry those)."""
     valid = samplers.options(name)
     out = {k: v for k, v in config.items()
            if k in valid and k != "start_step" and not k.startswith("_") and k not in _SCHEDULE_KEYS}
