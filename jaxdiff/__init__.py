@@ -8,6 +8,9 @@
     sched = schedules.discrete("linear")
     x0 = sampling.sample(samplers.get("ddim", sched, num_steps=50), model_fn, noise, key)
 
+    pipe = jaxdiff.StableDiffusion.from_pretrained("path/to/stable-diffusion-v1-5")  # diffusers folder
+    pictures = pipe("a photo of a cat", num_steps=30, guidance_scale=7.5, seed=0)     # list of PIL images
+
 Submodules are imported on first use, so `import jaxdiff` (and the CLI's help) stays fast.
 """
 
@@ -18,7 +21,8 @@ __version__ = "0.1.0"
 _SUBMODULES = {"schedules", "parameterization", "samplers", "sampling", "models", "data",
                "sharding", "checkpoint", "config", "images", "pipelines", "train", "errors",
                "convert"}
-_EXPORTS = {"load": "jaxdiff.pipelines.pixel", "DiffusionModel": "jaxdiff.pipelines.pixel"}
+_EXPORTS = {"load": "jaxdiff.pipelines.pixel", "DiffusionModel": "jaxdiff.pipelines.pixel",
+            "StableDiffusion": "jaxdiff.pipelines.stable_diffusion"}
 
 __all__ = sorted(_SUBMODULES | set(_EXPORTS))
 
