@@ -3,6 +3,10 @@
     jaxdiff train  [--config experiments/X.py] [--config.a.b=value ...] [--workdir DIR]
     jaxdiff sample --checkpoint DIR [--num 64] [--sampler ddim] [--steps 50] [--seed 0]
                    [--labels 0,1,2 | --labels grid] [--guidance_scale 2.0] [--out grid.png]
+    jaxdiff generate --model SD_FOLDER --prompt "..." [--negative_prompt ...] [--steps 30]
+                   [--sampler NAME] [--guidance_scale 7.5] [--seed 0] [--num 1] [--out out.png]
+    jaxdiff convert --single_file model.safetensors --out SD_FOLDER [--tokenizer DIR]
+                   [--prediction_type v_prediction]
 
 Errors a user can fix (bad config key, missing dataset, missing or corrupt checkpoint, wrong image
 shape, diverged loss) print one line naming the problem and exit with status 2; set
