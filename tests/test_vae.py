@@ -311,7 +311,7 @@ def test_sharded_safetensors_folder_loads(tiny, tmp_path):
     for name, ks in shards.items():
         T.write_safetensors({k: sd[k] for k in ks}, str(folder / name))
     weight_map = {k: name for name, ks in shards.items() for k in ks}
-    (folder / convert.INDEX_NAME).write_text(json.dumps({"weight_map": weight_map}))
+    (folder / (convert.WEIGHTS_NAME + ".index.json")).write_text(json.dumps({"weight_map": weight_map}))
     _, got = convert.load(str(folder))
     jax.tree.map(np.testing.assert_array_equal, got, params)
 

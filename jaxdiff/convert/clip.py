@@ -42,7 +42,6 @@ from jaxdiff.models.text import ACTIVATIONS, CLIPTextEncoder
 PREFIX = "text_model."
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 _IGNORED = ("embeddings.position_ids",)
 
 # CLIPTextConfig's defaults (transformers), used for keys a config.json leaves out.
@@ -226,28 +225,6 @@ def params_to_torch(params: Mapping, module: CLIPTextEncoder) -> dict[str, np.nd
 # folders
 
 
-def _read_weights(folder: str) -> dict[str, np.ndarray]:
-    path = os.path.join(folder, WEIGHTS_NAME)
-    if os.path.isfile(path):
-        return tensors.read_safetensors(path)
-    index = os.path.join(folder, WEIGHTS_INDEX_NAME)
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        sd = {}
-        for shard in shards:
-            sd.update(tensors.read_safetensors(os.path.join(folder, shard)))
-        return sd
-    names = sorted(os.listdir(folder))
-    for name in names:
-        if name.lower().endswith(tensors.PICKLE_SUFFIXES):
-            tensors.refuse_pickle(os.path.join(folder, name))
-    others = [n for n in names if n.endswith(".safetensors")]
-    hint = (f"; it has {', '.join(others)} (a variant? rename or copy it to {WEIGHTS_NAME})"
-            if others else "")
-    raise CheckpointError(f"{folder} has no {WEIGHTS_NAME}{hint}")
-
-
 def load(folder: str, dtype=jnp.float32) -> tuple[CLIPTextEncoder, dict]:
     """(module, params) from a transformers CLIPTextModel folder, e.g. `<pipeline>/text_encoder`."""
     folder = os.fspath(folder)
@@ -262,7 +239,7 @@ def load(folder: str, dtype=jnp.float32) -> tuple[CLIPTextEncoder, dict]:
     with open(config_path) as f:
         config = json.load(f)
     module = module_from_config(config, dtype=dtype)
-    return module, params_from_torch(_read_weights(folder), module)
+    return module, params_from_torch(tensors.read_weights_folder(folder, "model"), module)
 
 
 def save(folder: str, module: CLIPTextEncoder, params: Mapping) -> None:

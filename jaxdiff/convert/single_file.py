@@ -368,7 +368,7 @@ def unet_config(sd: Mapping[str, np.ndarray], prediction_type: str = "epsilon") 
     """The diffusers UNet2DConditionModel config of the U-Net in `sd` (full LDM keys)."""
     p = UNET_PREFIX
     conv_in = _need(sd, p + "input_blocks.0.0.weight", "U-Net")  # [C, in, 3, 3]
-    base, in_channels = int(conv_in.shape[0]), int(conv_in.shape[1])
+    in_channels = int(conv_in.shape[1])
     out_channels = int(_need(sd, p + "out.2.weight", "U-Net").shape[0])
     levels: list[list[tuple[int, int]]] = [[]]  # per level: (width, transformer depth) per block
     for n in _indices(sd, re.escape(p) + r"input_blocks\.(\d+)\.")[1:]:

@@ -16,6 +16,7 @@ when loaded, so it is refused with a message saying how to convert it.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Mapping
 
@@ -151,6 +152,33 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         return load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+
+
+def read_weights_folder(folder: str, stem: str, *, variant: str | None = None) -> dict[str, np.ndarray]:
+    """The weights of a diffusers / transformers model folder: `<stem>[.<variant>].safetensors`,
+    or the shards its `.safetensors.index.json` lists (e.g. stem "diffusion_pytorch_model" for a
+    U-Net or VAE, "model" for a text encoder). A pickled weights file there (`<stem>.bin`,
+    `pytorch_model.bin`, ...) is refused with the conversion instructions; otherwise a missing
+    file is a CheckpointError naming what the folder holds.
+    """
+    name = stem + (f".{variant}" if variant else "") + ".safetensors"
+    path, index = os.path.join(folder, name), os.path.join(folder, name + ".index.json")
+    if os.path.isfile(path):
+        return read_safetensors(path)
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        weights: dict[str, np.ndarray] = {}
+        for shard in shards:
+            weights.update(read_safetensors(os.path.join(folder, shard)))
+        return weights
+    held = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
+    for held_name in held:
+        if held_name.lower().endswith(PICKLE_SUFFIXES):
+            refuse_pickle(os.path.join(folder, held_name))
+    others = [n for n in held if n.endswith(".safetensors")]
+    hint = f" (it holds {', '.join(others)}: another variant?)" if others else ""
+    raise CheckpointError(f"{folder} has no {name}{hint}")
 
 
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str,

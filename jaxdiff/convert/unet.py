@@ -527,30 +527,6 @@ def config_to_diffusers(module: UNet, *, in_channels: int | None = None) -> dict
 # folders
 
 
-def _weights_path(folder: str, variant: str | None) -> str:
-    stem = "diffusion_pytorch_model" + (f".{variant}" if variant else "")
-    path = os.path.join(folder, stem + ".safetensors")
-    if os.path.isfile(path) or os.path.isfile(path + ".index.json"):
-        return path
-    for suffix in tensors.PICKLE_SUFFIXES:
-        if os.path.isfile(os.path.join(folder, stem + suffix)):
-            tensors.refuse_pickle(os.path.join(folder, stem + suffix))
-    have = sorted(os.listdir(folder))
-    raise CheckpointError(f"{folder} has no {stem}.safetensors (it holds: {', '.join(have)})")
-
-
-def _read_weights(path: str) -> dict[str, np.ndarray]:
-    index = path + ".index.json"
-    if os.path.isfile(path) or not os.path.isfile(index):
-        return tensors.read_safetensors(path)
-    with open(index) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    out: dict[str, np.ndarray] = {}
-    for shard in shards:
-        out.update(tensors.read_safetensors(os.path.join(os.path.dirname(path), shard)))
-    return out
-
-
 def load(folder: str | os.PathLike, dtype=jnp.float32, *, variant: str | None = None
          ) -> tuple[UNet, dict]:
     """Read a diffusers U-Net folder (`config.json` + `diffusion_pytorch_model.safetensors`,
@@ -570,7 +546,7 @@ def load(folder: str | os.PathLike, dtype=jnp.float32, *, variant: str | None = 
     with open(config_path) as f:
         config = json.load(f)
     module = module_from_config(config, dtype)
-    weights = _read_weights(_weights_path(folder, variant))
+    weights = tensors.read_weights_folder(folder, "diffusion_pytorch_model", variant=variant)
     return module, params_from_torch(weights, module)
 
 

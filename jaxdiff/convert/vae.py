@@ -43,7 +43,6 @@ from jaxdiff.models.vae import AutoencoderKL
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 INDEX_NAME = "diffusion_pytorch_model.safetensors.index.json"
-PICKLE_NAME = "diffusion_pytorch_model.bin"
 
 # diffusers' AutoencoderKL defaults, used for keys a config.json leaves out.
 _DEFAULTS: dict[str, Any] = {
@@ -242,26 +241,6 @@ def params_to_torch(params: Mapping, module: AutoencoderKL) -> dict[str, np.ndar
 # folders
 
 
-def _read_weights(folder: str) -> dict[str, np.ndarray]:
-    single = os.path.join(folder, WEIGHTS_NAME)
-    index = os.path.join(folder, INDEX_NAME)
-    if os.path.isfile(single):
-        return T.read_safetensors(single)
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        tensors = {}
-        for shard in shards:
-            tensors.update(T.read_safetensors(os.path.join(folder, shard)))
-        return tensors
-    pickle = os.path.join(folder, PICKLE_NAME)
-    if os.path.isfile(pickle):
-        T.refuse_pickle(pickle)
-    raise CheckpointError(
-        f"{folder} has no {WEIGHTS_NAME}; expected a diffusers AutoencoderKL folder (the `vae` "
-        "subfolder of a Stable Diffusion pipeline)")
-
-
 def load(folder: str, dtype=jnp.float32) -> tuple[AutoencoderKL, dict]:
     """Read a diffusers AutoencoderKL folder -> (module with compute `dtype`, float32 params)."""
     config_path = os.path.join(folder, CONFIG_NAME)
@@ -272,7 +251,7 @@ def load(folder: str, dtype=jnp.float32) -> tuple[AutoencoderKL, dict]:
     with open(config_path) as f:
         config = json.load(f)
     module = module_from_config(config, dtype)
-    return module, params_from_torch(_read_weights(folder), module)
+    return module, params_from_torch(T.read_weights_folder(folder, "diffusion_pytorch_model"), module)
 
 
 def save(folder: str, module: AutoencoderKL, params: Mapping) -> None:
