@@ -25,8 +25,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from bench_sampling import median_time as median_seconds, torch_unet
 from jaxdiff import config as config_lib
 from jaxdiff import samplers, sampling
 from jaxdiff.samplers import base
@@ -49,15 +49,6 @@ REFERENCES = {
 }
 
 
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def demo_network(batch: int):
     cfg = config_lib.get_config()
     image_shape = (cfg.data.image_size, cfg.data.image_size, 1)
@@ -75,20 +66,9 @@ def torch_reference(module, image_shape, batch: int):
     """diffusers' UNet2DModel with the demo network's topology, or None without torch."""
     try:
         import torch
-        from diffusers import UNet2DModel
     except ImportError:
         return None
-    levels = len(module.channel_mult)
-    down = tuple("AttnDownBlock2D" if i in module.attention_levels else "DownBlock2D" for i in range(levels))
-    up = tuple("AttnUpBlock2D" if i in module.attention_levels else "UpBlock2D" for i in reversed(range(levels)))
-    unet = UNet2DModel(
-        sample_size=image_shape[0], in_channels=image_shape[-1], out_channels=image_shape[-1],
-        block_out_channels=tuple(module.base_channels * m for m in module.channel_mult),
-        layers_per_block=module.num_res_blocks, down_block_types=down, up_block_types=up,
-        norm_num_groups=module.num_groups, attention_head_dim=None,
-        num_class_embeds=module.num_classes + 1).eval()
-    labels = torch.zeros(batch, dtype=torch.long)
-    return torch, unet, labels
+    return torch, torch_unet(module, image_shape, module.num_classes), torch.zeros(batch, dtype=torch.long)
 
 
 def run_reference(ref, scheduler_name, extra, cfg, image_shape, batch, steps, repeats):

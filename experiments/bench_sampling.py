@@ -88,12 +88,10 @@ def python_loop_sampler(sampler, model_fn, noise, key):
     return run
 
 
-def diffusers_reference(module, image_shape, num_classes, batch, steps, repeats):
-    try:
-        import torch
-        from diffusers import DDIMScheduler, UNet2DModel
-    except ImportError:
-        return None
+def torch_unet(module, image_shape, num_classes):
+    """diffusers' `UNet2DModel` with the topology of jaxdiff's pixel `module` (random weights)."""
+    from diffusers import UNet2DModel
+
     levels = len(module.channel_mult)
     down = tuple("AttnDownBlock2D" if i in module.attention_levels else "DownBlock2D" for i in range(levels))
     up = tuple("AttnUpBlock2D" if i in module.attention_levels else "UpBlock2D" for i in reversed(range(levels)))
@@ -103,6 +101,16 @@ def diffusers_reference(module, image_shape, num_classes, batch, steps, repeats)
         layers_per_block=module.num_res_blocks, down_block_types=down, up_block_types=up,
         norm_num_groups=module.num_groups, attention_head_dim=None,
         num_class_embeds=(num_classes + 1) if num_classes else None).eval()
+    return unet
+
+
+def diffusers_reference(module, image_shape, num_classes, batch, steps, repeats):
+    try:
+        import torch
+        from diffusers import DDIMScheduler
+    except ImportError:
+        return None
+    unet = torch_unet(module, image_shape, num_classes)
     sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
                           beta_end=0.02, clip_sample=False, set_alpha_to_one=False)
     labels = torch.zeros(batch, dtype=torch.long) if num_classes else None
