@@ -21,6 +21,7 @@ Each process hands in only its local slice of the global batch;
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import re
@@ -282,6 +283,28 @@ def init_distributed(coordinator_address: str | None = None, num_processes: int 
         jax.distributed.initialize()
         return True
     return False
+
+
+_BARRIERS = itertools.count()
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Wait until every process gets here (no-op in a single process). Uses the coordination
+    service rather than a device collective, so it tolerates long skews (one host compiling
+    while another reads a compilation cache)."""
+    if jax.process_count() == 1:
+        return
+    name = f"{name}_{next(_BARRIERS)}"  # a barrier name may be used once; every process counts alike
+    try:
+        from jax._src import distributed
+        client = distributed.global_state.client
+    except Exception:  # a private module: fall back to a device collective
+        client = None
+    if client is None:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+    else:
+        client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
 
 
 def _on_cloud_tpu_vm() -> bool:

@@ -416,7 +416,8 @@ def test_two_processes_match_one_and_their_checkpoint_restores_on_4_devices(tmp_
         assert p.returncode == 0, err[-3000:]
     # Process 0 alone wrote the logs; both wrote their data-iterator position.
     assert [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
-    data_files = sorted(os.listdir(workdir / "checkpoints" / str(steps) / "data"))
+    data_files = sorted(f for f in os.listdir(workdir / "checkpoints" / str(steps) / "data")
+                        if f.startswith("process_"))
     assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
 
     out = run_python(_REFERENCE.format(steps=steps, tmp=tmp_path), devices=8, cwd=REPO)

@@ -251,6 +251,15 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config_json)
 
+    # Compile before the loop, then wait for every process: on CPU (gloo) the first collective
+    # gives up after 30 s, less than the compile-time skew between busy hosts.
+    batch_abs = {"image": jax.ShapeDtypeStruct((cfg.data.batch_size,) + tuple(ds.image_shape), jnp.float32,
+                                               sharding=trainer.batch_sharding),
+                 "label": jax.ShapeDtypeStruct((cfg.data.batch_size,), jnp.int32,
+                                               sharding=trainer.batch_sharding)}
+    step_fn = trainer.step.lower(trainer.abstract, batch_abs).compile()
+    sharding_lib.barrier("jaxdiff_train_step_compiled")
+
     total = cfg.train.steps
     last_saved = start
     sigterm = _SigtermFlag()
@@ -261,17 +270,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
     try:
         while step < total:
             batch = sharding_lib.shard_batch(next(iterator), mesh)
-            state, metrics = trainer.step(state, batch)
+            state, metrics = step_fn(state, batch)
             step += 1
             bar.update(1)
             if step == start + 1:  # time steps, not the first step's compilation
                 jax.block_until_ready(metrics)
                 t_last, step_last = time.perf_counter(), step
-            # should_save is asked every step on every process (the multi-host preemption sync
-            # point needs that); SIGTERM in a single process is seen through the flag.
-            should_save = ckpt.should_save(step) or step == total
-            preempted = sigterm.received or ckpt.reached_preemption(step)
-            should_save = should_save or preempted
+            # The preemption sync point is asked once per step on every process (multi-host: all
+            # agree on the step to save); SIGTERM in a single process is seen through the flag.
+            preempted = ckpt.reached_preemption(step) or sigterm.received
+            should_save = step % cfg.train.checkpoint_every == 0 or step == total or preempted
             if step % cfg.train.log_every == 0 or should_save:
                 host = {k: float(v) for k, v in metrics.items()}
                 if not all(math.isfinite(v) for v in host.values()):
