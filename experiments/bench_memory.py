@@ -100,21 +100,34 @@ def tree_bytes_per_device(abstract, shardings) -> int:
                for a, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)))
 
 
+_INSTR = re.compile(r"\s*(?:ROOT\s+)?%(\S+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
+
+
+def _type_bytes(text: str) -> int:
+    return sum(_DTYPE_BYTES.get(dtype, 0) * math.prod(int(d) for d in dims.split(",") if d)
+               for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text))
+
+
 def collective_bytes(hlo_text: str) -> dict:
-    """Sum of operand bytes per collective kind in a compiled HLO module (per device)."""
-    out = {k: 0 for k in COLLECTIVES}
-    counts = {k: 0 for k in COLLECTIVES}
-    pattern = re.compile(r"=\s*[^=]*?\s(" + "|".join(COLLECTIVES) + r")(-start)?\((.*?)\)(,|$)")
+    """Operand bytes of every collective in a compiled (per-device) HLO module, by kind.
+
+    The compiled text names operands without their shapes, so every instruction's result size
+    is recorded first and operands are looked up by name; async pairs count once (`-start`).
+    """
+    sizes, out = {}, {}
     for line in hlo_text.splitlines():
-        m = pattern.search(line)
-        if not m or "-done" in line.split("=")[1][:60]:
+        m = _INSTR.match(line)
+        if not m:
             continue
-        kind, operands = m.group(1), m.group(3)
-        for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", operands):
-            if dtype in _DTYPE_BYTES:
-                out[kind] += _DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-        counts[kind] += 1
-    return {k: {"bytes": out[k], "ops": counts[k]} for k in COLLECTIVES if counts[k]}
+        name, type_text, op, rest = m.groups()
+        sizes[name] = _type_bytes(type_text)
+        kind = op[:-len("-start")] if op.endswith("-start") else op
+        if kind in COLLECTIVES:
+            operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+            entry = out.setdefault(kind, {"bytes": 0, "ops": 0})
+            entry["bytes"] += sum(sizes.get(o, 0) for o in operands)
+            entry["ops"] += 1
+    return out
 
 
 def bench(name: str, rules: str, n_devices: int, batch: int, image_shape) -> dict:

@@ -366,6 +366,7 @@ ds = loop.build_data(c, mesh)
 model = loop.build_model(c, ds.image_shape, ds.num_classes)
 tr = loop.build_trainer(c, mesh, model, loop.build_schedule(c), loop.build_optimizer(c), ds.image_shape)
 state = tr.init()
+np.savez("{tmp}/init.npz", *[np.asarray(x) for x in jax.tree.leaves(state.params)])
 for _ in range(STEPS):
     parts = [next(it) for it in its]
     batch = {{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}}
@@ -422,11 +423,16 @@ def test_two_processes_match_one_and_their_checkpoint_restores_on_4_devices(tmp_
 
     out = run_python(_REFERENCE.format(steps=steps, tmp=tmp_path), devices=8, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
-    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two.npz")
-    assert len(one.files) == len(two.files) > 100
-    for k in one.files:
-        # the same mesh and program, only the collectives differ (gloo across processes)
-        np.testing.assert_allclose(two[k], one[k], rtol=1e-5, atol=1e-6, err_msg=k)
+    one, two, init = (np.load(tmp_path / f"{n}.npz") for n in ("one", "two", "init"))
+    assert len(one.files) == len(two.files) == len(init.files) > 100
+    # The same mesh and program; only the collectives differ (gloo across processes), so the
+    # sums differ in rounding, which Adam magnifies for near-zero gradients.
+    norm = lambda xs: float(np.sqrt(sum(np.sum(np.square(x.astype(np.float64))) for x in xs)))
+    moved = norm([one[k] - init[k] for k in one.files])
+    drift = norm([two[k] - one[k] for k in one.files])
+    max_abs = max(float(np.max(np.abs(two[k] - one[k]))) for k in one.files)
+    print(json.dumps({"moved": moved, "rel": drift / moved, "max_abs": max_abs}))
+    assert moved > 1e-2 and drift / moved < 1e-4 and max_abs < 1e-5, (moved, drift / moved, max_abs)
 
     out = run_python(_RESUME.format(steps2=steps + 2, workdir=workdir, tmp=tmp_path), devices=4, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
