@@ -19,6 +19,7 @@ from typing import Any
 
 import grain
 import jax
+from etils import epath
 import orbax.checkpoint as ocp
 
 from jaxdiff.errors import JaxdiffError
@@ -130,7 +131,7 @@ class Checkpointer:
         The iterator state is per process (`data/process_<i>-of-<n>.json`); a checkpoint written
         by a different number of processes restores the train state only (elastic restore)."""
         name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-        return os.path.exists(os.path.join(self.directory, str(step), "data", name))
+        return (epath.Path(self.directory) / str(step) / "data" / name).exists()
 
     def _step_or_latest(self, step: int | None) -> int:
         steps = self.all_steps()
