@@ -39,7 +39,6 @@ import time  # noqa: E402
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from jaxdiff import config as config_lib  # noqa: E402
 from jaxdiff import sharding  # noqa: E402
