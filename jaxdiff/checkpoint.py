@@ -6,7 +6,9 @@ Layout of a work dir:
     WORKDIR/checkpoints/<step>/    state/ (arrays), data/ (iterator state), config/ (JSON)
 
 Saving is asynchronous (the step loop goes on while arrays are written) and atomic (a step
-directory appears only once complete); `max_to_keep` old steps are kept.
+directory appears only once complete); `max_to_keep` old steps are kept. Arrays are restored onto
+whatever shardings the caller asks for, so a checkpoint written on one mesh (8 devices, `dp`)
+loads onto another (4 devices, `fsdp`), and one written by N processes loads in M.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import os
 from typing import Any
 
 import grain
+import jax
+from etils import epath
 import orbax.checkpoint as ocp
 
 from jaxdiff.errors import JaxdiffError
@@ -53,12 +57,27 @@ class Checkpointer:
     """Save and restore (train state, data-iterator state, config) by step."""
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
-                 read_only: bool = False):
+                 read_only: bool = False, save_every: int = 1):
         self.directory = os.path.abspath(directory)
+        # `should_save(step)`: every `save_every` steps, and at the step where all processes
+        # agree to stop after a preemption notice (JAX's preemption sync point, multi-host).
+        policy = ocp.checkpoint_managers.AnySavePolicy([
+            ocp.checkpoint_managers.FixedIntervalPolicy(max(int(save_every), 1)),
+            ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-            create=not read_only, read_only=read_only)
+            create=not read_only, read_only=read_only, save_decision_policy=policy)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def should_save(self, step: int) -> bool:
+        """Whether `step` is a regular save step or the agreed preemption step. Call it at every
+        step on every process (the preemption sync point requires that)."""
+        return self._manager.should_save(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process at the step chosen to save and stop after a preemption notice
+        (multi-host runs; always False in a single process without `jax.distributed`)."""
+        return self._manager.reached_preemption(step)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -72,7 +91,7 @@ class Checkpointer:
         The data iterator's position is captured now (one small JSON file per process), so the
         loop may advance it while the arrays are still being written.
         """
-        self._manager.save(step, args=ocp.args.Composite(
+        self._manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
             config=ocp.args.JsonSave(json.loads(config_json))))
@@ -95,7 +114,7 @@ class Checkpointer:
         Returns (state, step)."""
         step = self._step_or_latest(step)
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
+        if data_iterator is not None and self.has_data_state(step):
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(**items))
@@ -105,6 +124,14 @@ class Checkpointer:
                 f"{str(e).splitlines()[0] if str(e) else ''} -- the checkpoint is corrupt, "
                 f"incomplete, or was written for a different model or optimizer config") from e
         return out.state, step
+
+    def has_data_state(self, step: int) -> bool:
+        """Whether checkpoint `step` holds a data-iterator position for this process layout.
+
+        The iterator state is per process (`data/process_<i>-of-<n>.json`); a checkpoint written
+        by a different number of processes restores the train state only (elastic restore)."""
+        name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+        return (epath.Path(self.directory) / str(step) / "data" / name).exists()
 
     def _step_or_latest(self, step: int | None) -> int:
         steps = self.all_steps()

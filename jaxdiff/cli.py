@@ -8,6 +8,13 @@
     jaxdiff convert --single_file model.safetensors --out SD_FOLDER [--tokenizer DIR]
                    [--prediction_type v_prediction]
 
+Multi-host: start the same command on every host with `--coordinator_address host0:port
+--num_processes N --process_id i` (on Cloud TPU VMs JAX finds these itself). The device mesh and
+parameter layout come from `--config.mesh.{data,fsdp,tensor,rules}`.
+
+Preemption: on SIGTERM `jaxdiff train` finishes the current step, checkpoints it, prints
+"preempted at step N" and exits with status 0; running the same command again resumes.
+
 Errors a user can fix (bad config key, missing dataset, missing or corrupt checkpoint, wrong image
 shape, diverged loss) print one line naming the problem and exit with status 2; set
 JAXDIFF_DEBUG=1 to see the full traceback instead.
@@ -29,9 +36,10 @@ def _train(argv: list[str]) -> int:
                         help="where checkpoints, metrics and samples go; an existing run there is resumed "
                              "(default: runs/<config name>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-host)")
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument("--coordinator_address", default=None,
+                        help="host:port of process 0 (multi-host; automatic on Cloud TPU VMs)")
+    parser.add_argument("--num_processes", type=int, default=None, help="processes in the run (multi-host)")
+    parser.add_argument("--process_id", type=int, default=None, help="this process, 0..num_processes-1")
     # `--config.a.b=v` cannot be declared up front: strip them before argparse sees the rest.
     config_path = _peek_config_path(argv)
     cfg = config_lib.load(config_path)
@@ -43,7 +51,9 @@ def _train(argv: list[str]) -> int:
 
     name = os.path.splitext(os.path.basename(config_path))[0] if config_path else "digits"
     workdir = args.workdir or os.path.join("runs", name)
-    loop.train(cfg, workdir, progress=not args.no_progress)
+    state = loop.train(cfg, workdir, progress=not args.no_progress)
+    if int(state.step) < cfg.train.steps:  # preempted: saved, message printed, resume later
+        return 0
     print(f"done: samples in {os.path.join(workdir, 'samples.png')}, "
           f"loss curve in {os.path.join(workdir, 'loss.png')}")
     return 0
@@ -59,9 +69,9 @@ def _peek_config_path(argv: list[str]) -> str | None:
 
 
 def _maybe_init_distributed(args) -> None:
-    if args.coordinator_address or args.num_processes:
-        import jax
-        jax.distributed.initialize(args.coordinator_address, args.num_processes, args.process_id)
+    from jaxdiff import sharding
+
+    sharding.init_distributed(args.coordinator_address, args.num_processes, args.process_id)
 
 
 def _sample(argv: list[str]) -> int:

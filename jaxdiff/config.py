@@ -76,6 +76,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 3
     c.train.sample_every = 0           # 0: sample only at the end
 
+    c.mesh = ml_collections.ConfigDict()
+    c.mesh.data = -1                   # device mesh sizes (data x fsdp x tensor = device count);
+    c.mesh.fsdp = 1                    # -1: the devices the other two leave
+    c.mesh.tensor = 1
+    c.mesh.rules = "dp"                # "dp" | "fsdp" (ZeRO-3) | "fsdp_tp" (+ tensor parallel)
+
     c.sample = ml_collections.ConfigDict()
     c.sample.num = 80                 # 8 rows x one column per class
     c.sample.sampler = "ddim"

@@ -1,12 +1,31 @@
-"""Device mesh and shardings: one code path for 1 device, 8 devices, or many hosts.
+"""Device mesh, parameter layouts and multi-host start-up: one code path from 1 device to a pod.
 
-The trainer builds a `Mesh` over every device of every process with a `data` axis, replicates the
-parameters and splits the batch's leading dimension over `data`. XLA inserts the gradient
-all-reduce. Each process hands in only its local slice of the global batch;
+The mesh has three named axes, outermost first:
+
+    data    pure data parallelism: parameters replicated, batch split
+    fsdp    data parallelism with ZeRO-3 sharding: the batch is split over it too, and each
+            parameter (and its optimizer moments) is split along one dimension, gathered by XLA
+            just before use and its gradient reduce-scattered back
+    tensor  tensor (model) parallelism: the batch is replicated over it, the `mlp` dimension of
+            weights is split (Megatron-style: column-parallel in, row-parallel out)
+
+Parameters get *logical* axis names from their path and shape (`logical_axes`), not from
+annotations inside the modules, so the same table lays out the U-Net, the VAE, the text encoder
+and any converted checkpoint. A rule table (`RULES`) maps logical names to mesh axes; choosing
+`dp`, `fsdp` or `fsdp_tp` is a config change, not a code change.
+
+Each process hands in only its local slice of the global batch;
 `jax.make_array_from_process_local_data` assembles the global array without copying it around.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import re
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -15,16 +34,196 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxdiff.errors import JaxdiffError
 
 DATA_AXIS = "data"
+FSDP_AXIS = "fsdp"
+TENSOR_AXIS = "tensor"
+MESH_AXES = (DATA_AXIS, FSDP_AXIS, TENSOR_AXIS)
+BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
+
+# Leaf names of linen parameters; any other leaf (step counters, keys, ...) is replicated.
+PARAM_LEAVES = ("kernel", "bias", "scale", "embedding")
+
+# Modules whose kernel maps the wide (`mlp`) dimension back to the model width: attention
+# output projections and the second layer of feed-forward blocks. Their kernels are laid out
+# [mlp, embed] (row-parallel) so tensor parallelism alternates column / row as in Megatron-LM.
+_ROW_PARALLEL = re.compile(
+    r"^(proj_out|proj_attn|to_out(_\d+)?|out_proj|o_proj|wo|fc2|dense_1|net_2|ff_out|c_proj)$")
 
 
 class ShardingError(JaxdiffError, ValueError):
     """A batch or mesh shape that cannot be laid out on the devices present."""
 
 
-def make_mesh(devices=None) -> Mesh:
-    """A 1-D mesh named `data` over `devices` (default: all devices of all processes)."""
-    devices = jax.devices() if devices is None else devices
-    return Mesh(np.asarray(devices), (DATA_AXIS,))
+# ---------------------------------------------------------------------------------------------
+# Mesh
+
+
+def make_mesh(devices=None, *, data: int = -1, fsdp: int = 1, tensor: int = 1) -> Mesh:
+    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
+
+    One size may be -1: it takes the devices the others leave. Devices keep `jax.devices()`
+    order (process-major), so each process owns a contiguous block of the batch and `tensor`,
+    the innermost axis, stays within a process.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {DATA_AXIS: data, FSDP_AXIS: fsdp, TENSOR_AXIS: tensor}
+    shape = _resolve_shape(sizes, len(devices))
+    mesh = Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+    _check_tensor_within_process(mesh)
+    return mesh
+
+
+def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
+    """The mesh named by a config's `mesh` section (`data`, `fsdp`, `tensor` sizes)."""
+    return make_mesh(devices, data=int(mesh_cfg.data), fsdp=int(mesh_cfg.fsdp),
+                     tensor=int(mesh_cfg.tensor))
+
+
+def _resolve_shape(sizes: dict, n_devices: int) -> tuple[int, ...]:
+    described = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    fix = (f"set --config.mesh.data/fsdp/tensor so their product is {n_devices} "
+           f"(one of them may be -1 for 'the rest')")
+    free = [k for k, v in sizes.items() if v == -1]
+    if len(free) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
+        raise ShardingError(f"mesh {described}: sizes must be positive with at most one -1; {fix}")
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    if free:
+        if n_devices % fixed:
+            raise ShardingError(
+                f"mesh {described} does not fit {n_devices} devices ({n_devices} is not a multiple "
+                f"of {fixed}); {fix}")
+        sizes = dict(sizes, **{free[0]: n_devices // fixed})
+    elif fixed != n_devices:
+        raise ShardingError(f"mesh {described} needs {fixed} devices but {n_devices} are present; {fix}")
+    return tuple(sizes[a] for a in MESH_AXES)
+
+
+def _check_tensor_within_process(mesh: Mesh) -> None:
+    # Tensor-parallel peers see the same batch rows; each process feeds only its own rows, so a
+    # tensor group spanning processes would need identical input on several processes.
+    groups = mesh.devices.reshape(-1, mesh.shape[TENSOR_AXIS])
+    if any(len({d.process_index for d in g}) > 1 for g in groups):
+        raise ShardingError(
+            f"mesh.tensor={mesh.shape[TENSOR_AXIS]} spans more than one process "
+            f"({jax.local_device_count()} devices each); use a tensor size that divides the "
+            f"devices of one process")
+
+
+# ---------------------------------------------------------------------------------------------
+# Logical axes of parameters
+
+
+def logical_axes(path: Sequence[str], shape: Sequence[int]) -> tuple[str | None, ...]:
+    """Logical axis names of one parameter, from its tree path and shape.
+
+        kernel [..., in, out]   (None.., "embed", "mlp")   dense [in, out], conv [kh, kw, in, out]
+        kernel of an output     (None.., "mlp", "embed")   attention / feed-forward out projections
+          projection                                       (row-parallel)
+        bias [out]              ("mlp",) or ("embed",)     follows its kernel's out axis
+        scale, norm bias [C]    ("norm",)                  replicated by every rule table
+        embedding [V, D]        ("vocab", "embed")
+        anything else           all None                   replicated
+
+    path: keys from the root, e.g. ("down_2", "attn_0", "proj_out", "kernel").
+    """
+    ndim = len(shape)
+    leaf = path[-1] if path else ""
+    module = path[-2] if len(path) > 1 else ""
+    row = bool(_ROW_PARALLEL.match(module))
+    if leaf == "embedding" and ndim == 2:
+        return ("vocab", "embed")
+    if leaf == "kernel" and ndim >= 2:
+        io = ("mlp", "embed") if row else ("embed", "mlp")
+        return (None,) * (ndim - 2) + io
+    if leaf == "bias" and ndim == 1:
+        if "norm" in module or module.startswith(("ln", "layer_norm", "group_norm")):
+            return ("norm",)
+        return ("embed",) if row else ("mlp",)
+    if leaf == "scale" and ndim == 1:
+        return ("norm",)
+    return (None,) * ndim
+
+
+@dataclasses.dataclass(frozen=True)
+class Rules:
+    """How logical axes land on the mesh.
+
+    logical: (logical axis, mesh axis) pairs; unlisted logical axes are replicated.
+    fsdp: shard the largest remaining dimension of each parameter of at least
+      `fsdp_min_size` elements over the `fsdp` axis (ZeRO-3); a dimension that the axis size
+      does not divide is never split, so an odd-shaped parameter stays replicated.
+    """
+
+    logical: tuple[tuple[str, str], ...] = ()
+    fsdp: bool = False
+    fsdp_min_size: int = 1024
+
+
+RULES = {
+    "dp": Rules(),
+    "fsdp": Rules(fsdp=True),
+    "fsdp_tp": Rules(logical=(("mlp", TENSOR_AXIS), ("heads", TENSOR_AXIS)), fsdp=True),
+}
+
+
+def get_rules(name: str) -> Rules:
+    try:
+        return RULES[name]
+    except KeyError:
+        raise ShardingError(
+            f"unknown sharding rules {name!r}; set --config.mesh.rules to one of {sorted(RULES)}") from None
+
+
+def param_spec(path: Sequence[str], shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
+    """The PartitionSpec of one parameter (or optimizer moment of that parameter's shape)."""
+    spec: list = [None] * len(shape)
+    table = dict(rules.logical)
+    for i, (name, size) in enumerate(zip(logical_axes(path, shape), shape)):
+        axis = table.get(name)
+        if axis is not None and mesh.shape[axis] > 1 and size % mesh.shape[axis] == 0:
+            spec[i] = axis
+    n = mesh.shape[FSDP_AXIS]
+    if rules.fsdp and n > 1 and math.prod(shape) >= rules.fsdp_min_size:
+        free = [i for i, size in enumerate(shape) if spec[i] is None and size % n == 0]
+        if free:
+            spec[max(free, key=lambda i: (shape[i], -i))] = FSDP_AXIS
+    return P(*spec)
+
+
+def _key_name(k) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def tree_shardings(tree: Any, mesh: Mesh, rules: Rules | str) -> Any:
+    """NamedShardings for every leaf of `tree` (params, a TrainState, an optax state, ...).
+
+    Leaves named like linen parameters (kernel, bias, scale, embedding) get `param_spec`;
+    optax moments (`mu`, `nu`, ...) end in the same path and have the same shape, so they land
+    exactly like their parameter. Everything else (scalars, counts, keys) is replicated.
+    tree: leaves with `.shape` (arrays or `jax.ShapeDtypeStruct`s).
+    """
+    rules = get_rules(rules) if isinstance(rules, str) else rules
+
+    def one(path, leaf):
+        names = tuple(_key_name(k) for k in path)
+        shape = tuple(getattr(leaf, "shape", ()))
+        if names and names[-1] in PARAM_LEAVES and shape:
+            return NamedSharding(mesh, param_spec(names, shape, mesh, rules))
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def with_shardings(abstract: Any, shardings: Any) -> Any:
+    """`jax.ShapeDtypeStruct`s of `abstract` carrying `shardings` (a restore / lowering target)."""
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -32,24 +231,87 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over the `data` axis; the rest replicated."""
-    return NamedSharding(mesh, P(DATA_AXIS))
+    """Leading (batch) dimension split over `data` x `fsdp`; replicated over `tensor`."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    return mesh.shape[DATA_AXIS] * mesh.shape[FSDP_AXIS]
 
 
 def check_batch_size(global_batch: int, mesh: Mesh) -> int:
     """The per-process batch size; an error if the global batch does not divide evenly."""
-    n_dev = mesh.devices.size
-    if global_batch % n_dev:
+    n = math.lcm(batch_shards(mesh), jax.process_count())
+    if global_batch % n:
         raise ShardingError(
-            f"batch size {global_batch} is not divisible by the {n_dev} devices of the mesh; "
-            f"use a multiple of {n_dev} (e.g. --config.data.batch_size={n_dev * max(1, global_batch // n_dev)})")
+            f"batch size {global_batch} is not divisible by the {batch_shards(mesh)} batch shards "
+            f"(mesh data x fsdp) and {jax.process_count()} processes; use a multiple of {n} "
+            f"(e.g. --config.data.batch_size={n * max(1, global_batch // n)})")
     return global_batch // jax.process_count()
 
 
 def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """This process's numpy batch -> global `jax.Array`s split over `data`.
+    """This process's numpy batch -> global `jax.Array`s split over `data` x `fsdp`.
 
     batch: dict of arrays `[B_local, ...]`; returns arrays `[B_local * process_count, ...]`.
     """
     sharding = batch_sharding(mesh)
     return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-host start-up
+
+
+def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> bool:
+    """Start JAX's multi-controller runtime; call before anything touches a device.
+
+    Explicit arguments (`--coordinator_address host:port --num_processes N --process_id i`)
+    are passed through; with none, the runtime is started only on a Cloud TPU VM, where JAX
+    finds the coordinator and process ids itself. Returns whether it was started.
+    """
+    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
+    if explicit:
+        if coordinator_address is None or num_processes is None or process_id is None:
+            raise ShardingError(
+                "multi-host training needs all of --coordinator_address host:port, "
+                "--num_processes N and --process_id i (0 on the coordinator host)")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
+        return True
+    if _on_cloud_tpu_vm():
+        jax.distributed.initialize()
+        return True
+    return False
+
+
+_BARRIERS = itertools.count()
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Wait until every process gets here (no-op in a single process). Uses the coordination
+    service rather than a device collective, so it tolerates long skews (one host compiling
+    while another reads a compilation cache)."""
+    if jax.process_count() == 1:
+        return
+    name = f"{name}_{next(_BARRIERS)}"  # a barrier name may be used once; every process counts alike
+    try:
+        from jax._src import distributed
+        client = distributed.global_state.client
+    except Exception:  # a private module: fall back to a device collective
+        client = None
+    if client is None:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+    else:
+        client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
+
+
+def _on_cloud_tpu_vm() -> bool:
+    if os.environ.get("JAXDIFF_NO_DISTRIBUTED"):
+        return False
+    try:
+        from jax._src.clusters import cloud_tpu_cluster
+        return bool(cloud_tpu_cluster.running_in_cloud_tpu_vm)
+    except Exception:  # a private module: treat any change as "not detected"
+        return False

@@ -12,7 +12,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import sys
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -144,58 +147,126 @@ class _Logger:
             self._tb.close()
 
 
+class Trainer(NamedTuple):
+    """The compiled pieces of a run on one mesh.
+
+    init: `() -> TrainState`, the fresh state, already laid out on the mesh.
+    step: `(state, batch) -> (state, metrics)`, jitted with the state's shardings; the input
+      state is donated.
+    abstract: the TrainState as `jax.ShapeDtypeStruct`s carrying their shardings (the target
+      for restoring a checkpoint onto this mesh, or for lowering without data).
+    state_sharding / batch_sharding: NamedSharding pytree of the state; the batch's sharding.
+    """
+
+    init: Callable
+    step: Callable
+    abstract: Any
+    state_sharding: Any
+    batch_sharding: Any
+
+
+def build_trainer(cfg: ml_collections.ConfigDict, mesh, model, schedule, tx, image_shape) -> Trainer:
+    """Lay the TrainState out on `mesh` with the rule table `cfg.mesh.rules` and jit the step."""
+    rules = sharding_lib.get_rules(cfg.mesh.rules)
+    init = init_state_fn(model, tx, image_shape, cfg.seed)
+    abstract = jax.eval_shape(init)
+    state_sharding = sharding_lib.tree_shardings(abstract, mesh, rules)
+    loss_fn = make_loss_fn(
+        model.apply, schedule.alphas_cumprod,
+        prediction_type=cfg.diffusion.prediction_type, min_snr_gamma=cfg.diffusion.min_snr_gamma,
+        label_dropout=cfg.diffusion.label_dropout, null_label=model.num_classes or None)
+    batch_sharding = sharding_lib.batch_sharding(mesh)
+    step = jax.jit(make_train_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay), donate_argnums=(0,),
+                   in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, sharding_lib.replicated(mesh)))
+    return Trainer(init=jax.jit(init, out_shardings=state_sharding), step=step,
+                   abstract=sharding_lib.with_shardings(abstract, state_sharding),
+                   state_sharding=state_sharding, batch_sharding=batch_sharding)
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the step loop polls, so a preempted run saves and exits cleanly.
+
+    Installed only in single-process runs: with `jax.distributed`, JAX's preemption service
+    catches the signal and all processes agree on the step to save (`reached_preemption`).
+    """
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+        if jax.process_count() == 1:
+            try:
+                self._previous = signal.signal(signal.SIGTERM, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                self._previous = None
+
+    def _handle(self, signum, frame):
+        self.received = True
+
+    def restore(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progress: bool = True,
           write_samples: bool = True):
-    """Train (or resume) the run described by `cfg` in `workdir`; returns the final TrainState."""
+    """Train (or resume) the run described by `cfg` in `workdir`; returns the final TrainState.
+
+    The mesh is `cfg.mesh` over `devices` (default: every device of every process). On SIGTERM
+    (or a multi-host preemption notice) the current step is checkpointed and the state returned
+    early, its `step` below `cfg.train.steps`; running the same command again resumes.
+    """
     from tqdm.auto import tqdm
 
     workdir = os.path.abspath(workdir)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
-    mesh = sharding_lib.make_mesh(devices)
+    mesh = sharding_lib.mesh_from_config(cfg.mesh, devices)
     ds = build_data(cfg, mesh)
     model = build_model(cfg, ds.image_shape, ds.num_classes)
     schedule = build_schedule(cfg)
     tx = build_optimizer(cfg)
     config_json = run_config_json(cfg, ds.image_shape, model.num_classes)
+    trainer = build_trainer(cfg, mesh, model, schedule, tx, ds.image_shape)
 
-    replicated = sharding_lib.replicated(mesh)
-    init = init_state_fn(model, tx, ds.image_shape, cfg.seed)
-    abstract = jax.eval_shape(init)
-    state_sharding = jax.tree.map(lambda _: replicated, abstract)
-
-    ckpt = Checkpointer(checkpoint_dir(workdir), max_to_keep=cfg.train.keep_checkpoints)
+    ckpt = Checkpointer(checkpoint_dir(workdir), max_to_keep=cfg.train.keep_checkpoints,
+                        save_every=cfg.train.checkpoint_every)
     iterator = ds.iterator()
     logger = _Logger(workdir, is_main)
     start = ckpt.latest_step()
     if start is None:
-        state = jax.jit(init, out_shardings=state_sharding)()
+        state = trainer.init()
         start = 0
     else:
         _check_resumable(ckpt.read_config(start), cfg)
-        target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract, state_sharding)
-        state, start = ckpt.restore(target, start, data_iterator=iterator)
+        with_data = ckpt.has_data_state(start)
+        state, start = ckpt.restore(trainer.abstract, start, data_iterator=iterator)
+        if not with_data:
+            # Written by a different number of processes: this process's data shard differs, so
+            # continue at the same batch position of the new shard (same epoch progress).
+            iterator.set_state({"next_index": start})
         logger.truncate_after(start)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config_json)
 
-    loss_fn = make_loss_fn(
-        model.apply, schedule.alphas_cumprod,
-        prediction_type=cfg.diffusion.prediction_type, min_snr_gamma=cfg.diffusion.min_snr_gamma,
-        label_dropout=cfg.diffusion.label_dropout, null_label=model.num_classes or None)
-    step_fn = make_train_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay)
-    batch_sharding = sharding_lib.batch_sharding(mesh)
-    step_fn = jax.jit(step_fn, donate_argnums=(0,),
-                      in_shardings=(state_sharding, batch_sharding),
-                      out_shardings=(state_sharding, replicated))
+    # Compile before the loop, then wait for every process: on CPU (gloo) the first collective
+    # gives up after 30 s, less than the compile-time skew between busy hosts.
+    batch_abs = {"image": jax.ShapeDtypeStruct((cfg.data.batch_size,) + tuple(ds.image_shape), jnp.float32,
+                                               sharding=trainer.batch_sharding),
+                 "label": jax.ShapeDtypeStruct((cfg.data.batch_size,), jnp.int32,
+                                               sharding=trainer.batch_sharding)}
+    step_fn = trainer.step.lower(trainer.abstract, batch_abs).compile()
+    sharding_lib.barrier("jaxdiff_train_step_compiled")
 
     total = cfg.train.steps
     last_saved = start
+    sigterm = _SigtermFlag()
     bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not (progress and is_main),
                dynamic_ncols=True)
     t_last, step, step_last = time.perf_counter(), start, start
+    preempted = False
     try:
         while step < total:
             batch = sharding_lib.shard_batch(next(iterator), mesh)
@@ -205,7 +276,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
             if step == start + 1:  # time steps, not the first step's compilation
                 jax.block_until_ready(metrics)
                 t_last, step_last = time.perf_counter(), step
-            should_save = step % cfg.train.checkpoint_every == 0 or step == total
+            # The preemption sync point is asked once per step on every process (multi-host: all
+            # agree on the step to save); SIGTERM in a single process is seen through the flag.
+            preempted = ckpt.reached_preemption(step) or sigterm.received
+            should_save = step % cfg.train.checkpoint_every == 0 or step == total or preempted
             if step % cfg.train.log_every == 0 or should_save:
                 host = {k: float(v) for k, v in metrics.items()}
                 if not all(math.isfinite(v) for v in host.values()):
@@ -221,7 +295,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
             if should_save:
                 ckpt.save(step, state, iterator, config_json)
                 last_saved = step
-            if cfg.train.sample_every and step % cfg.train.sample_every == 0 and is_main and write_samples:
+            if preempted:
+                break
+            if cfg.train.sample_every and step % cfg.train.sample_every == 0 and write_samples:
                 _write_samples(cfg, model, schedule, state, ds.image_shape, workdir, f"samples_{step:07d}.png")
     except KeyboardInterrupt:
         # Keep what was learned: save the current step (it is finite unless the very last steps
@@ -231,23 +307,38 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
         ckpt.wait()
         raise
     finally:
+        sigterm.restore()
         bar.close()
         ckpt.wait()
         logger.close()
     ckpt.close()
 
-    if is_main and write_samples:
+    if preempted:
+        if is_main:
+            print(f"jaxdiff train: preempted at step {step} of {total}; checkpoint saved in "
+                  f"{ckpt.directory}. Run the same command again to resume.", file=sys.stderr)
+        return state
+    if write_samples:
         _write_samples(cfg, model, schedule, state, ds.image_shape, workdir, "samples.png")
-        plot_loss_curve(logger.path, os.path.join(workdir, "loss.png"))
+        if is_main:
+            plot_loss_curve(logger.path, os.path.join(workdir, "loss.png"))
     return state
 
 
 def _write_samples(cfg, model, schedule, state, image_shape, workdir, name):
+    """Sample a grid with the current weights on process 0 (every process must call this: in a
+    multi-host run the sharded weights are first gathered to every host)."""
     from jaxdiff.pipelines.pixel import DiffusionModel
     from jaxdiff import images
 
-    dm = DiffusionModel(config=cfg, module=model, schedule=schedule, params=state.params,
-                        ema_params=state.ema_params, image_shape=image_shape)
+    params, ema_params = state.params, state.ema_params
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        params, ema_params = multihost_utils.process_allgather((params, ema_params), tiled=True)
+    if jax.process_index() != 0:
+        return
+    dm = DiffusionModel(config=cfg, module=model, schedule=schedule, params=params,
+                        ema_params=ema_params, image_shape=image_shape)
     labels = dm.grid_labels(cfg.sample.num)
     imgs = dm.sample(cfg.sample.num, sampler=cfg.sample.sampler, num_steps=cfg.sample.steps,
                      seed=cfg.seed, labels=labels,

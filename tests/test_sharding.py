@@ -1,0 +1,440 @@
+"""Scale-out: mesh and layout rules, FSDP / tensor parallel equivalence, multi-process training,
+restore onto another mesh, and saving on SIGTERM."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import AbstractMesh
+
+from conftest import run_python
+from jaxdiff import sharding
+from jaxdiff.checkpoint import Checkpointer
+from jaxdiff.models import unet
+from jaxdiff.train import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny_params():
+    model = unet.tiny(num_classes=10)
+    return jax.eval_shape(lambda: model.init(
+        jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 1)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)))["params"]
+
+
+def _named_leaves(tree):
+    return [(tuple(sharding._key_name(k) for k in path), leaf)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def _mesh(data=1, fsdp=1, tensor=1):
+    return AbstractMesh((data, fsdp, tensor), sharding.MESH_AXES)
+
+
+# ---------------------------------------------------------------------------------------------
+# The logical-axis table and rule tables (no devices needed)
+
+
+def test_logical_axes_cover_every_leaf_of_the_tiny_unet():
+    leaves = _named_leaves(_tiny_params())
+    by_path = {}
+    for path, leaf in leaves:
+        axes = sharding.logical_axes(path, leaf.shape)
+        by_path["/".join(path)] = axes
+        assert len(axes) == leaf.ndim, (path, axes)
+        if path[-1] in ("kernel", "embedding"):
+            # every weight matrix has named in/out dimensions, so it can be split
+            assert [a for a in axes if a is not None] in (["embed", "mlp"], ["mlp", "embed"], ["vocab", "embed"]), path
+        else:
+            assert path[-1] in ("bias", "scale") and leaf.ndim == 1, path
+    # Megatron alternation: q/k/v and the first time-MLP layer column-parallel, the attention
+    # output projection and the second time-MLP layer row-parallel; biases follow the out axis.
+    assert by_path["mid/attn/query/kernel"] == ("embed", "mlp")
+    assert by_path["mid/attn/proj_out/kernel"] == ("mlp", "embed")
+    assert by_path["mid/attn/proj_out/bias"] == ("embed",)
+    assert by_path["time_embed/dense_0/kernel"] == ("embed", "mlp")
+    assert by_path["time_embed/dense_1/kernel"] == ("mlp", "embed")
+    assert by_path["mid/res_0/conv_0/kernel"] == (None, None, "embed", "mlp")
+    assert by_path["mid/res_0/conv_0/bias"] == ("mlp",)
+    assert by_path["mid/res_0/norm_0/scale"] == by_path["mid/res_0/norm_0/bias"] == ("norm",)
+    assert by_path["class_embed/embedding"] == ("vocab", "embed")
+
+
+def test_logical_axes_of_text_encoder_and_vae_style_names():
+    cases = {
+        ("text", "embeddings", "token_embedding", "embedding"): ((49408, 768), ("vocab", "embed")),
+        ("text", "layers_0", "self_attn", "q_proj", "kernel"): ((768, 768), ("embed", "mlp")),
+        ("text", "layers_0", "self_attn", "out_proj", "kernel"): ((768, 768), ("mlp", "embed")),
+        ("text", "layers_0", "mlp", "fc1", "kernel"): ((768, 3072), ("embed", "mlp")),
+        ("text", "layers_0", "mlp", "fc2", "kernel"): ((3072, 768), ("mlp", "embed")),
+        ("text", "layers_0", "mlp", "fc2", "bias"): ((768,), ("embed",)),
+        ("text", "layers_0", "layer_norm1", "bias"): ((768,), ("norm",)),
+        ("unet", "attn1", "to_out_0", "kernel"): ((320, 320), ("mlp", "embed")),
+        ("unet", "ff", "net_2", "kernel"): ((1280, 320), ("mlp", "embed")),
+        ("unet", "transformer", "proj_out", "kernel"): ((1, 1, 320, 320), (None, None, "mlp", "embed")),
+        ("vae", "decoder", "conv_in", "kernel"): ((3, 3, 4, 512), (None, None, "embed", "mlp")),
+        ("vae", "quant_conv", "kernel"): ((1, 1, 8, 8), (None, None, "embed", "mlp")),
+        ("opt", "count"): ((), ()),
+    }
+    for path, (shape, want) in cases.items():
+        assert sharding.logical_axes(path, shape) == want, path
+
+
+def test_rule_tables_shard_what_they_promise():
+    leaves = _named_leaves(_tiny_params())
+    total = sum(leaf.size for _, leaf in leaves)
+    for name, mesh in [("dp", _mesh(data=8)), ("fsdp", _mesh(fsdp=8)), ("fsdp_tp", _mesh(fsdp=4, tensor=2))]:
+        rules = sharding.RULES[name]
+        sharded = 0
+        for path, leaf in leaves:
+            spec = tuple(sharding.param_spec(path, leaf.shape, mesh, rules))
+            for axis, size in zip(spec, leaf.shape):
+                if axis is not None:
+                    assert size % mesh.shape[axis] == 0, (name, path, spec)
+            assert spec.count("fsdp") <= 1 and spec.count("tensor") <= 1
+            if name == "dp":
+                assert all(a is None for a in spec), path
+            if name == "fsdp" and leaf.size >= rules.fsdp_min_size:
+                # the largest dimension that 8 divides carries the fsdp axis
+                dims = [s for s in leaf.shape if s % 8 == 0]
+                assert dims and leaf.shape[spec.index("fsdp")] == max(dims), (path, spec)
+            if name == "fsdp_tp":
+                axes = sharding.logical_axes(path, leaf.shape)
+                for a, s, size in zip(axes, spec, leaf.shape):
+                    assert (s == "tensor") == (a == "mlp" and size % 2 == 0), (path, spec)
+            sharded += leaf.size if any(spec) else 0
+        assert (sharded / total > 0.95) == (name != "dp"), (name, sharded / total)
+
+
+def test_state_shardings_cover_optimizer_state():
+    cfg = loop.config_lib.get_config()
+    params = _tiny_params()
+    tx = loop.build_optimizer(cfg)
+    state = jax.eval_shape(lambda: loop.state_lib.create(
+        jax.tree.map(jnp.zeros_like, params), tx, jax.random.PRNGKey(0)))
+    mesh, rules = _mesh(fsdp=8), sharding.RULES["fsdp"]
+    # The AdamW moments mirror the parameters' paths and shapes, hence their layout.
+    want = [sharding.param_spec(path, leaf.shape, mesh, rules) for path, leaf in _named_leaves(params)]
+    adam = [s for s in jax.tree.leaves(state.opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")]
+    assert len(adam) == 1
+    for moment in (adam[0].mu, adam[0].nu):
+        got = [sharding.param_spec(path, leaf.shape, mesh, rules) for path, leaf in _named_leaves(moment)]
+        assert got == want
+    # On a real mesh: one sharding per leaf; step, Adam's count and the key replicated.
+    real = sharding.make_mesh(jax.devices()[:1])
+    shardings = sharding.tree_shardings(state, real, "fsdp")
+    assert len(jax.tree.leaves(shardings)) == len(jax.tree.leaves(state))
+    replicated = jax.sharding.PartitionSpec()
+    assert shardings.step.spec == replicated and shardings.rng.spec == replicated
+    sizes = [leaf.size for _, leaf in _named_leaves(params)]
+    assert sum(n for n, s in zip(sizes, want) if any(s)) > 0.95 * sum(sizes)
+
+
+def test_bad_mesh_config_is_one_clear_error(small_config, tmp_path, capsys):
+    n = len(jax.devices())
+    with pytest.raises(sharding.ShardingError, match=rf"needs {3 * n} devices but {n} are present; set --config.mesh"):
+        sharding.make_mesh(data=3 * n)
+    with pytest.raises(sharding.ShardingError, match="at most one -1"):
+        sharding.make_mesh(data=-1, fsdp=-1)
+    with pytest.raises(sharding.ShardingError, match="does not fit"):
+        sharding.make_mesh(data=-1, fsdp=n + 1)
+    with pytest.raises(sharding.ShardingError, match="unknown sharding rules 'zero3'"):
+        sharding.get_rules("zero3")
+    # Through the command line: one line naming the fix, exit status 2, nothing trained.
+    from jaxdiff import cli
+    rc = cli.main(["train", "--config.mesh.fsdp=3", "--config.mesh.data=1", "--workdir", str(tmp_path),
+                   "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "mesh data=1, fsdp=3, tensor=1 needs 3 devices" in err[0]
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8 fake devices: the layouts give the same training as 1 device
+
+_EQUIVALENCE = """
+import json, jax, numpy as np
+from jaxdiff import config as config_lib, sharding
+from jaxdiff.checkpoint import Checkpointer
+from jaxdiff.train import loop
+assert len(jax.devices()) == 8
+c = config_lib.get_config()
+c.data.image_size = 16; c.data.batch_size = 16; c.optim.warmup_steps = 1
+STEPS = {steps}
+ds = loop.build_data(c, sharding.make_mesh(jax.devices()[:1]))
+it = ds.iterator()
+batches = [next(it) for _ in range(STEPS)]
+model = loop.build_model(c, ds.image_shape, ds.num_classes)
+
+def run(rules, devices, **shape):
+    c.mesh.rules = rules
+    mesh = sharding.make_mesh(devices, **shape)
+    tr = loop.build_trainer(c, mesh, model, loop.build_schedule(c), loop.build_optimizer(c), ds.image_shape)
+    state = tr.init()
+    init = jax.tree.map(np.asarray, state.params)
+    losses = []
+    for b in batches:
+        state, m = tr.step(state, sharding.shard_batch(b, mesh))
+        losses.append(float(m["loss"]))
+    return state, init, losses, tr
+
+def norm(leaves):
+    return float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in leaves)))
+
+ref, init, ref_losses, _ = run("dp", jax.devices()[:1])
+a = jax.tree.leaves(ref.params)
+moved = norm([np.asarray(x) - y for x, y in zip(a, jax.tree.leaves(init))])
+out = {{"moved": moved}}
+for rules, shape in {layouts}:
+    state, _, losses, tr = run(rules, jax.devices(), **shape)
+    b = jax.tree.leaves(state.params)
+    shards = {{}}
+    for name, tree in (("params", state.params), ("mu", state.opt_state[1][0].mu), ("ema", state.ema_params)):
+        x = tree["down_2"]["res_0"]["conv_1"]["kernel"]
+        shards[name] = [list(s.data.shape) for s in x.addressable_shards]
+    out[rules] = {{
+        "rel": norm([np.asarray(x) - np.asarray(y) for x, y in zip(a, b)]) / moved,
+        "max_abs": max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b)),
+        "loss_rel": max(abs(x - y) / abs(y) for x, y in zip(losses, ref_losses)),
+        "shards": shards,
+        "sharded_fraction": sum(x.size for x in b if not x.sharding.is_fully_replicated) / sum(x.size for x in b),
+    }}
+    if rules == "fsdp":
+        # Elastic restore: this 8-device FSDP state, checkpointed, loads onto 4 devices as dp.
+        ck = Checkpointer("{tmp}/ckpt")
+        ck.save(STEPS, state, it, "{{}}"); ck.wait()
+        c.mesh.rules = "dp"
+        mesh4 = sharding.make_mesh(jax.devices()[:4])
+        tr4 = loop.build_trainer(c, mesh4, model, loop.build_schedule(c), loop.build_optimizer(c), ds.image_shape)
+        back, step = ck.restore(tr4.abstract)
+        out["restore"] = {{
+            "step": step,
+            "equal": all(np.array_equal(np.asarray(x), np.asarray(y))
+                         for x, y in zip(jax.tree.leaves(state), jax.tree.leaves(back))),
+            "devices": sorted({{len(x.sharding.device_set) for x in jax.tree.leaves(back)}}),
+            "replicated": all(x.sharding.is_fully_replicated for x in jax.tree.leaves(back)),
+        }}
+        ck.close()
+print(json.dumps(out))
+"""
+
+
+def _equivalence(tmp_path, layouts, steps=3):
+    code = _EQUIVALENCE.format(steps=steps, layouts=layouts, tmp=tmp_path)
+    out = run_python(code, devices=8, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    print(out.stdout.strip().splitlines()[-1])  # measured drift, shown with pytest -s
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _check_close(result, rules):
+    r = result[rules]
+    assert result["moved"] > 1e-2, result      # training really moved the parameters
+    # Same updates up to float summation order (sharded vs single-device reductions).
+    assert r["rel"] < 1e-4 and r["max_abs"] < 1e-5 and r["loss_rel"] < 1e-5, (rules, r)
+
+
+def test_fsdp_on_8_devices_matches_1_device_and_restores_on_4(tmp_path):
+    result = _equivalence(tmp_path, [("fsdp", dict(data=1, fsdp=8))])
+    _check_close(result, "fsdp")
+    r = result["fsdp"]
+    # [3, 3, 64, 64] kernel: split 8 ways on one 64 dimension, its Adam moment and EMA alike
+    for name in ("params", "mu", "ema"):
+        assert len(r["shards"][name]) == 8 and sorted(sorted(s) for s in r["shards"][name]) == [[3, 3, 8, 64]] * 8
+    assert r["sharded_fraction"] > 0.95
+    rs = result["restore"]
+    assert rs == {"step": 3, "equal": True, "devices": [4], "replicated": True}, rs
+
+
+@pytest.mark.slow
+def test_dp_fsdp_and_fsdp_tp_on_8_devices_match_1_device(tmp_path):
+    result = _equivalence(tmp_path, [("dp", dict(data=8)), ("fsdp", dict(data=2, fsdp=4)),
+                                     ("fsdp_tp", dict(data=1, fsdp=4, tensor=2))])
+    for rules in ("dp", "fsdp", "fsdp_tp"):
+        _check_close(result, rules)
+    assert result["dp"]["sharded_fraction"] == 0
+    assert result["fsdp"]["shards"]["params"] == [[3, 3, 16, 64]] * 8
+    # fsdp over in-channels (4 ways), tensor over out-channels (2 ways)
+    assert result["fsdp_tp"]["shards"]["params"] == [[3, 3, 16, 32]] * 8
+    assert result["fsdp_tp"]["shards"]["mu"] == [[3, 3, 16, 32]] * 8
+
+
+# ---------------------------------------------------------------------------------------------
+# SIGTERM: save the current step, exit 0, resume equals an uninterrupted run
+
+
+def _overrides(steps):
+    return [f"--config.data.image_size=16", "--config.data.batch_size=16", f"--config.train.steps={steps}",
+            "--config.train.log_every=1", "--config.train.checkpoint_every=1000",
+            "--config.optim.warmup_steps=2", "--config.sample.num=4", "--config.sample.steps=3"]
+
+
+def test_sigterm_saves_the_current_step_and_resume_is_exact(small_config, tmp_path):
+    steps = 30
+    workdir = tmp_path / "preempted"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jaxdiff.cli", "train", *_overrides(steps), "--workdir", str(workdir),
+         "--no-progress"], env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+    assert len(saved) == 1 and 1 <= saved[0] < steps, saved
+    assert f"preempted at step {saved[0]} of {steps}" in err
+    assert not (workdir / "samples.png").exists()
+
+    cfg = small_config
+    cfg.train.steps, cfg.train.checkpoint_every, cfg.optim.warmup_steps = steps, 1000, 2
+    # The saved checkpoint is complete: it restores on its own, at the step the run reached.
+    ck = Checkpointer(str(workdir / "checkpoints"), read_only=True)
+    assert ck.read_config(saved[0])["train"]["steps"] == steps
+    ck.close()
+    resumed = loop.train(cfg, str(workdir), progress=False, write_samples=False)
+    full = loop.train(cfg, str(tmp_path / "full"), progress=False, write_samples=False)
+    assert int(resumed.step) == int(full.step) == steps
+    for name in ("params", "ema_params", "opt_state", "rng"):
+        a, b = jax.tree.leaves(getattr(full, name)), jax.tree.leaves(getattr(resumed, name))
+        assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a, b)), name
+    rows = [json.loads(l) for l in metrics.read_text().splitlines()]
+    full_rows = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))
+    assert [r["loss"] for r in rows] == [r["loss"] for r in full_rows]
+
+
+# ---------------------------------------------------------------------------------------------
+# Two real processes x 4 CPU devices
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_CONFIG = """
+from jaxdiff import config as config_lib
+c = config_lib.get_config()
+c.data.image_size = 16; c.data.batch_size = 16; c.train.steps = STEPS
+c.train.log_every = 1; c.train.checkpoint_every = STEPS; c.optim.warmup_steps = 1
+c.mesh.rules = RULES
+"""
+
+_WORKER = """
+import sys, jax, numpy as np
+jax.distributed.initialize("127.0.0.1:{port}", 2, int(sys.argv[1]))
+from jax.experimental import multihost_utils
+STEPS, RULES = {steps}, "dp"
+""" + _CONFIG + """
+from jaxdiff.train import loop
+assert jax.process_count() == 2 and len(jax.devices()) == 8 and len(jax.local_devices()) == 4
+state = loop.train(c, "{workdir}", progress=False, write_samples=False)
+params = multihost_utils.process_allgather(state.params, tiled=True)
+if jax.process_index() == 0:
+    np.savez("{tmp}/two.npz", *[np.asarray(x) for x in jax.tree.leaves(params)])
+print("ok", jax.process_index())
+"""
+
+_REFERENCE = """
+import jax, numpy as np
+STEPS, RULES = {steps}, "dp"
+""" + _CONFIG + """
+from jaxdiff import data as data_lib, sharding
+from jaxdiff.train import loop
+assert jax.process_count() == 1 and len(jax.devices()) == 8
+mesh = sharding.make_mesh()
+# The global batch of the 2-process run: process 0's rows, then process 1's.
+its = [data_lib.build("digits", batch_size=8, seed=c.seed, image_size=16, process_index=i,
+                      process_count=2).iterator() for i in range(2)]
+ds = loop.build_data(c, mesh)
+model = loop.build_model(c, ds.image_shape, ds.num_classes)
+tr = loop.build_trainer(c, mesh, model, loop.build_schedule(c), loop.build_optimizer(c), ds.image_shape)
+state = tr.init()
+np.savez("{tmp}/init.npz", *[np.asarray(x) for x in jax.tree.leaves(state.params)])
+for _ in range(STEPS):
+    parts = [next(it) for it in its]
+    batch = {{k: np.concatenate([p[k] for p in parts]) for k in parts[0]}}
+    state, _ = tr.step(state, sharding.shard_batch(batch, mesh))
+np.savez("{tmp}/one.npz", *[np.asarray(x) for x in jax.tree.leaves(state.params)])
+"""
+
+_RESUME = """
+import json, jax, numpy as np
+STEPS, RULES = {steps2}, "fsdp"
+""" + _CONFIG + """
+from jaxdiff import sharding
+from jaxdiff.checkpoint import Checkpointer, checkpoint_dir
+from jaxdiff.train import loop
+c.mesh.data = 1; c.mesh.fsdp = -1
+assert jax.process_count() == 1 and len(jax.devices()) == 4
+# Restore the 2-process, 8-device dp checkpoint onto 4 devices with FSDP.
+mesh = sharding.mesh_from_config(c.mesh)
+ds = loop.build_data(c, mesh)
+model = loop.build_model(c, ds.image_shape, ds.num_classes)
+tr = loop.build_trainer(c, mesh, model, loop.build_schedule(c), loop.build_optimizer(c), ds.image_shape)
+ck = Checkpointer(checkpoint_dir("{workdir}"), read_only=True)
+state, step = ck.restore(tr.abstract)
+ck.close()
+two = np.load("{tmp}/two.npz")
+leaves = jax.tree.leaves(state.params)
+equal = all(np.array_equal(np.asarray(x), two[f"arr_{{i}}"]) for i, x in enumerate(leaves))
+sharded = sum(x.size for x in leaves if not x.sharding.is_fully_replicated) / sum(x.size for x in leaves)
+# ... and the run continues from there.
+final = loop.train(c, "{workdir}", progress=False, write_samples=False)
+rows = [json.loads(l) for l in open("{workdir}/metrics.jsonl")]
+print(json.dumps({{"step": step, "equal": equal, "sharded": sharded, "final_step": int(final.step),
+                  "rows": [r["step"] for r in rows], "finite": all(np.isfinite(r["loss"]) for r in rows)}}))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_and_their_checkpoint_restores_on_4_devices(tmp_path):
+    steps = 3
+    workdir = tmp_path / "run"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    worker = _WORKER.format(port=_free_port(), steps=steps, workdir=workdir, tmp=tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-c", worker, str(i)], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    # Process 0 alone wrote the logs; both wrote their data-iterator position.
+    assert [json.loads(l)["step"] for l in (workdir / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    data_files = sorted(f for f in os.listdir(workdir / "checkpoints" / str(steps) / "data")
+                        if f.startswith("process_"))
+    assert data_files == ["process_0-of-2.json", "process_1-of-2.json"]
+
+    out = run_python(_REFERENCE.format(steps=steps, tmp=tmp_path), devices=8, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    one, two, init = (np.load(tmp_path / f"{n}.npz") for n in ("one", "two", "init"))
+    assert len(one.files) == len(two.files) == len(init.files) > 100
+    # The same mesh and program; only the collectives differ (gloo across processes), so the
+    # sums differ in rounding, which Adam magnifies for near-zero gradients.
+    norm = lambda xs: float(np.sqrt(sum(np.sum(np.square(x.astype(np.float64))) for x in xs)))
+    moved = norm([one[k] - init[k] for k in one.files])
+    drift = norm([two[k] - one[k] for k in one.files])
+    max_abs = max(float(np.max(np.abs(two[k] - one[k]))) for k in one.files)
+    print(json.dumps({"moved": moved, "rel": drift / moved, "max_abs": max_abs}))
+    assert moved > 1e-2 and drift / moved < 1e-4 and max_abs < 1e-5, (moved, drift / moved, max_abs)
+
+    out = run_python(_RESUME.format(steps2=steps + 2, workdir=workdir, tmp=tmp_path), devices=4, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["step"] == steps and r["equal"] and r["sharded"] > 0.95, r
+    assert r["final_step"] == steps + 2 and r["rows"] == [1, 2, 3, 4, 5] and r["finite"], r
