@@ -14,8 +14,8 @@ trainer's shardings on `--devices` fake CPU devices and compiled, then
   reduce-scatter, all-to-all and collective-permute in the compiled HLO.
 
 Meshes: dp = (data=N), fsdp = (fsdp=N), fsdp_tp = (fsdp=N/2, tensor=2). The default model is
-"sd15" when it exists, else the largest config present. A U-Net with a `cross_attention_dim`
-field is called as `model(x, t, context)` with a [B, 77, cross_attention_dim] context.
+"sd15". A U-Net with a `context_dim` (the Stable Diffusion ones) is called as
+`model(x, t, context=c)` with a [B, 77, context_dim] text context.
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ _DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s6
 
 def param_count(name: str, image_shape) -> int:
     model = unet.CONFIGS[name]()
-    args = _example_args(model, 1, image_shape)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *args))["params"]
+    x, t, cond = _example_args(model, 1, image_shape)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, t, context=cond))["params"]
     return sum(x.size for x in jax.tree.leaves(shapes))
 
 
@@ -73,7 +73,7 @@ def _example_args(model, batch: int, image_shape, as_struct=False):
     mk = (lambda s, d: jax.ShapeDtypeStruct(s, d)) if as_struct else (lambda s, d: jnp.zeros(s, d))
     x = mk((batch,) + tuple(image_shape), jnp.float32)
     t = mk((batch,), jnp.float32)
-    ctx_dim = getattr(model, "cross_attention_dim", None)
+    ctx_dim = model.context_dim
     cond = mk((batch, 77, ctx_dim), jnp.float32) if ctx_dim else None
     return x, t, cond
 
@@ -87,7 +87,7 @@ def make_loss(model):
         x0 = batch["image"]                                            # [B, H, W, C]
         eps = jax.random.normal(k_eps, x0.shape)
         x_t = 0.7 * x0 + 0.71 * eps
-        pred = model.apply({"params": params}, x_t, batch["t"], batch.get("cond"), train=True,
+        pred = model.apply({"params": params}, x_t, batch["t"], context=batch.get("cond"), train=True,
                            rngs={"dropout": k_drop})
         return jnp.mean(jnp.square(pred.astype(jnp.float32) - eps))
 
@@ -138,7 +138,8 @@ def bench(name: str, rules: str, n_devices: int, batch: int, image_shape) -> dic
     tx = loop.build_optimizer(cfg)
 
     def init():
-        params = model.init(jax.random.PRNGKey(0), *_example_args(model, 1, image_shape))["params"]
+        x, t, cond = _example_args(model, 1, image_shape)
+        params = model.init(jax.random.PRNGKey(0), x, t, context=cond)["params"]
         return state_lib.create(params, tx, jax.random.PRNGKey(1))
 
     abstract = jax.eval_shape(init)
