@@ -1,6 +1,7 @@
 """Per-device memory and communication of one training step under each sharding rule table.
 
     python experiments/bench_memory.py [--model sd15] [--devices 8] [--batch 8] [--rules dp,fsdp,fsdp_tp]
+                                       [--remat none|dots|full]
 
 Compile-only (nothing is executed, so a large U-Net fits on a laptop): the full training step
 (loss, gradients, AdamW, EMA) of `jaxdiff.models.unet.CONFIGS[--model]` is lowered with the
@@ -129,12 +130,12 @@ def collective_bytes(hlo_text: str) -> dict:
     return out
 
 
-def bench(name: str, rules: str, n_devices: int, batch: int, image_shape) -> dict:
+def bench(name: str, rules: str, n_devices: int, batch: int, image_shape, remat: str = "none") -> dict:
     mesh_shapes = {"dp": dict(data=n_devices), "fsdp": dict(data=1, fsdp=n_devices),
                    "fsdp_tp": dict(data=1, fsdp=n_devices // 2, tensor=2)}
     mesh = sharding.make_mesh(jax.devices()[:n_devices], **mesh_shapes[rules])
     cfg = config_lib.get_config()
-    model = unet.CONFIGS[name](dropout=0.0)
+    model = unet.CONFIGS[name](dropout=0.0, remat=remat)
     tx = loop.build_optimizer(cfg)
 
     def init():
@@ -157,7 +158,7 @@ def bench(name: str, rules: str, n_devices: int, batch: int, image_shape) -> dic
     ma = compiled.memory_analysis()
     comm = collective_bytes(compiled.as_text())
     return {
-        "model": name, "rules": rules, "mesh": dict(mesh.shape), "global_batch": batch,
+        "model": name, "rules": rules, "remat": remat, "mesh": dict(mesh.shape), "global_batch": batch,
         "image_shape": list(image_shape),
         "params_total": sum(a.size for a in jax.tree.leaves(abstract.params)),
         "per_device_bytes": {
@@ -187,6 +188,7 @@ def main() -> None:
     p.add_argument("--rules", default="dp,fsdp,fsdp_tp")
     p.add_argument("--image_size", type=int, default=None)
     p.add_argument("--channels", type=int, default=None)
+    p.add_argument("--remat", default="none", help=f"U-Net level rematerialisation: {', '.join(unet.REMAT_POLICIES)}")
     p.add_argument("--json", default=None, help="also write the figures here")
     args = p.parse_args()
     name = args.model or default_model()
@@ -196,7 +198,7 @@ def main() -> None:
     image_shape = (args.image_size or h, args.image_size or w, args.channels or c)
     rows = []
     for rules in args.rules.split(","):
-        r = bench(name, rules, args.devices, args.batch, image_shape)
+        r = bench(name, rules, args.devices, args.batch, image_shape, args.remat)
         rows.append(r)
         print(json.dumps(r), flush=True)
     print(f"\n{name}: {rows[0]['params_total'] / 1e6:.1f}M params, global batch {args.batch}, "

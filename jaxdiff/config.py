@@ -75,6 +75,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 500
     c.train.keep_checkpoints = 3
     c.train.sample_every = 0           # 0: sample only at the end
+    c.train.remat = "none"             # U-Net levels recomputed in the backward pass: none | dots | full
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                   # device mesh sizes (data x fsdp x tensor = device count);

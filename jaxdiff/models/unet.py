@@ -108,7 +108,7 @@ class DownLevel(_WithAttention):
 
     @nn.compact
     def __call__(
-        self, h: Array, emb: Array, context: Array | None, *, train: bool
+        self, h: Array, emb: Array, context: Array | None, train: bool = False
     ) -> tuple[Array, list[Array]]:
         """h: [B, H, W, C_in], emb: [B, D], context: [B, S, context_dim] or None
         -> ([B, H', W', channels], skips)."""
@@ -148,7 +148,8 @@ class UpLevel(_WithAttention):
 
     @nn.compact
     def __call__(
-        self, h: Array, emb: Array, skips: Sequence[Array], context: Array | None, *, train: bool
+        self, h: Array, emb: Array, skips: Sequence[Array], context: Array | None,
+        train: bool = False,
     ) -> Array:
         """h: [B, H, W, C], emb: [B, D], skips: num_res_blocks + 1 encoder activations, skips[j]
         concatenated before res_j, context: [B, S, context_dim] or None
@@ -180,7 +181,7 @@ class MidBlock(_WithAttention):
     use_scale_shift_norm: bool
 
     @nn.compact
-    def __call__(self, h: Array, emb: Array, context: Array | None, *, train: bool) -> Array:
+    def __call__(self, h: Array, emb: Array, context: Array | None, train: bool = False) -> Array:
         """h: [B, H, W, channels], context: [B, S, context_dim] or None
         -> [B, H, W, channels]."""
         res = functools.partial(
@@ -244,6 +245,8 @@ class UNet(nn.Module):
       addition_time_embed_dim: sinusoid width per entry of time_ids (SDXL: 256).
       sample_size: the spatial size the network was trained at (SD 1.5: 64 latents for
         512-pixel images). Not used by the network; kept for pipelines and checkpoints.
+      remat: rematerialise each level in the backward pass to save activation memory, "none",
+        "dots" or "full" (see `REMAT_POLICIES`); the forward pass and the parameters are the same.
       dtype: compute dtype (e.g. jnp.bfloat16). Parameters are always float32 and the output is
         returned in float32.
     """
@@ -273,6 +276,7 @@ class UNet(nn.Module):
     addition_embed_dim: int | None = None
     addition_time_embed_dim: int = 256
     sample_size: int | None = None
+    remat: str = "none"
     dtype: Dtype = jnp.float32
 
     @property
@@ -473,6 +477,7 @@ class UNet(nn.Module):
             upcast_attention=self.upcast_attention, dtype=self.dtype,
         )
         num_levels = len(self.channel_mult)
+        DownLevel, MidBlock, UpLevel = _levels(self.remat)
 
         x = space_to_depth(x, self.patch_size)                     # [B, H/p, W/p, C*p*p]
         h = conv3x3(self.base_channels, self.dtype, "conv_in")(x)  # [B, H/p, W/p, base]
@@ -483,13 +488,13 @@ class UNet(nn.Module):
                 use_attention=i in self.attention_levels, downsample=i < num_levels - 1,
                 resblock_updown=self.resblock_updown, downsample_padding=self.downsample_padding,
                 num_heads=heads[i], transformer_depth=depth[i], name=f"down_{i}", **common,
-            )(h, emb, context, train=train)
+            )(h, emb, context, train)
             skips.extend(level_skips)
 
         h = MidBlock(
             channels=h.shape[-1], num_heads=heads[-1], transformer_depth=depth[-1], name="mid",
             **common,
-        )(h, emb, context, train=train)
+        )(h, emb, context, train)
 
         for i in reversed(range(num_levels)):
             # the decoder takes encoder activations back in reverse order of production
@@ -499,7 +504,7 @@ class UNet(nn.Module):
                 num_res_blocks=self.num_res_blocks, use_attention=i in self.attention_levels,
                 upsample=i > 0, resblock_updown=self.resblock_updown, num_heads=heads[i],
                 transformer_depth=depth[i], name=f"up_{i}", **common,
-            )(h, emb, level_skips, context, train=train)
+            )(h, emb, level_skips, context, train)
         assert not skips, "every encoder activation is consumed by the decoder"
 
         h = group_norm(self.num_groups, self.norm_eps, self.dtype, "norm_out")(h)
@@ -508,6 +513,32 @@ class UNet(nn.Module):
         h = conv3x3(self.out_channels * p * p, self.dtype, "conv_out", zero=True)(h)
         h = depth_to_space(h, p)                                  # [B, H, W, out]
         return h.astype(jnp.float32)
+
+
+# Rematerialisation (gradient checkpointing) of whole levels, by how much of a level's forward pass
+# the backward pass keeps: "none" keeps every activation; "dots" keeps only the results of
+# matrix multiplications without batch dimensions (projections), recomputing convolutions,
+# norms and attention; "full" keeps only each level's inputs and recomputes the rest.
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def _levels(remat: str):
+    """(DownLevel, MidBlock, UpLevel), wrapped in `nn.remat` with the named policy. Parameter
+    names do not change. `train` (a Python bool) is their last positional argument, static."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"UNet: remat={remat!r} is not valid; choose one of {', '.join(REMAT_POLICIES)}")
+    if remat == "none":
+        return DownLevel, MidBlock, UpLevel
+    policy = REMAT_POLICIES[remat]
+    # static_argnums count `self` as 0: DownLevel / MidBlock (h, emb, context, train), UpLevel
+    # (h, emb, skips, context, train).
+    return (nn.remat(DownLevel, policy=policy, static_argnums=(4,)),
+            nn.remat(MidBlock, policy=policy, static_argnums=(4,)),
+            nn.remat(UpLevel, policy=policy, static_argnums=(5,)))
 
 
 def space_to_depth(x: Array, p: int) -> Array:

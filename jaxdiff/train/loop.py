@@ -53,7 +53,7 @@ def build_model(cfg: ml_collections.ConfigDict, image_shape, num_classes):
         raise config_lib.ConfigError(f"model.dtype must be one of {sorted(dtypes)}, got {cfg.model.dtype!r}")
     return factory(out_channels=image_shape[-1],
                    num_classes=num_classes if cfg.model.class_conditional else None,
-                   dropout=cfg.model.dropout, dtype=dtypes[cfg.model.dtype])
+                   dropout=cfg.model.dropout, dtype=dtypes[cfg.model.dtype], remat=cfg.train.remat)
 
 
 def build_schedule(cfg: ml_collections.ConfigDict):
