@@ -297,13 +297,16 @@ def put_batch(x, mesh: Mesh, rows: int) -> jax.Array:
 
 def place(tree: Any, shardings: Any) -> Any:
     """Lay the leaves of `tree` (numpy or jax arrays, the same on every process) out as
-    `shardings` (e.g. `tree_shardings(tree, mesh, rules)`); leaves already there are kept."""
+    `shardings` (e.g. `tree_shardings(tree, mesh, rules)`); leaves already there are kept, so a
+    jitted function handed the result sees the same input layouts every call (no recompiles)."""
     def one(x, s):
         if isinstance(x, jax.Array):
-            if x.sharding.is_equivalent_to(s, x.ndim):
+            if x.sharding == s:  # equal, not merely equivalent: jit's cache tells the two apart
                 return x
-            if not x.is_fully_addressable:  # a global array on another layout: reshard in place
+            if x.sharding.device_set == s.device_set:  # on the same devices: reshard there
                 return jax.jit(lambda a: a, out_shardings=s)(x)
+            if not x.is_fully_addressable:
+                return jax.device_put(x, s)
         return put(x, s)
 
     return jax.tree.map(one, tree, shardings)

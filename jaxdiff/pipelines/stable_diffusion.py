@@ -479,7 +479,12 @@ class StableDiffusion:
         else:
             eps = np.asarray(jax.random.normal(key, (np.shape(images)[0],) + mean.shape[1:], jnp.float32))
             z = mean + std * self._batch(eps, rows)
-        return vae_lib.scale_latents(self.vae, z)
+        return self._as_batch(vae_lib.scale_latents(self.vae, z))
+
+    def _as_batch(self, x: jax.Array) -> jax.Array:
+        """A global array [rows, ...] in the batch layout, whatever layout the op that made it
+        chose: the sampling loop then sees the same input layouts every call."""
+        return sharding_lib.place(x, sharding_lib.batch_sharding(self.mesh))
 
     def _start_step(self, num_steps, strength):
         if not 0.0 <= strength <= 1.0:
@@ -564,7 +569,7 @@ class StableDiffusion:
         if nine:
             masked_pixels = pixels * (full_mask < 0.5)
             masked_latents = self._encode(masked_pixels, rows, key=k_masked if sample_posterior else None)
-            extra = jnp.concatenate([self._batch(small_mask, rows), masked_latents], axis=-1)   # [rows, h, w, 1 + C]
+            extra = self._as_batch(jnp.concatenate([self._batch(small_mask, rows), masked_latents], axis=-1))  # [rows, h, w, 1 + C]
         else:
             blend = (small_mask, image_latents)
         return self._run(plan=plan, prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
