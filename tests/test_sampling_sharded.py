@@ -211,3 +211,53 @@ def test_two_processes_write_the_images_of_one(checkpoint, tmp_path):
     diff = np.abs(got - ref)
     print("max uint8 difference", diff.max(), "pixels differing", int((diff > 0).sum()))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+@pytest.mark.slow
+def test_two_processes_generate_the_images_of_one(tiny, tmp_path):
+    from jaxdiff.pipelines.stable_diffusion import StableDiffusion, to_uint8
+
+    folder, _ = tiny
+    port = _free_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
+               XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env.pop("JAXDIFF_DEBUG", None)
+    args = ["generate", "--model", str(folder), "--prompt", PROMPT, "--steps", "2", "--num", "3", "--seed", "4",
+            "--guidance_scale", "7.5", "--rules", "fsdp", "--no-progress",
+            "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2"]
+    procs = [subprocess.Popen([sys.executable, "-m", "jaxdiff.cli", *args, "--process_id", str(i),
+                               "--out", str(tmp_path / f"out{i}.png")], env=env, cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    assert "batch over 8 devices" in outs[0][0], outs[0][0]
+    assert not (tmp_path / "out1.png").exists() and "wrote" not in outs[1][0]
+
+    pipe = StableDiffusion.from_pretrained(folder, mesh=sharding.make_mesh(jax.devices()[:1]))
+    want = to_uint8(pipe(PROMPT, num_steps=2, num_images=3, seed=4, guidance_scale=7.5, output_type="np"))
+    grid = np.asarray(Image.open(tmp_path / "out0.png")).astype(int)
+    ref = images_lib.make_grid(want).astype(int)
+    assert grid.shape == ref.shape
+    diff = np.abs(grid - ref)
+    print("max uint8 difference", diff.max(), "pixels differing", int((diff > 0).sum()))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+
+
+# ---------------------------------------------------------------------------------------------
+# The pieces
+
+
+def test_padding_repeats_the_last_row_and_is_cut_back():
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    assert sharding.padded_batch(5, mesh) == 5
+    x = sharding.put_batch(np.arange(3), mesh, 5)
+    np.testing.assert_array_equal(np.asarray(x), [0, 1, 2, 2, 2])
+    assert x.sharding == sharding.batch_sharding(mesh)
+    fake = type("FakeMesh", (), {"shape": {"data": 2, "fsdp": 4, "tensor": 1}})()
+    assert [sharding.padded_batch(n, fake) for n in (1, 8, 9)] == [8, 8, 16]
+
+
+def test_unknown_rules_is_one_clear_error(checkpoint):
+    with pytest.raises(sharding.ShardingError, match="unknown sharding rules 'zero'.*fsdp"):
+        jaxdiff.load(str(checkpoint), rules="zero")
