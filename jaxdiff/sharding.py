@@ -303,10 +303,8 @@ def place(tree: Any, shardings: Any) -> Any:
         if isinstance(x, jax.Array):
             if x.sharding == s:  # equal, not merely equivalent: jit's cache tells the two apart
                 return x
-            if x.sharding.device_set == s.device_set:  # on the same devices: reshard there
-                return jax.jit(lambda a: a, out_shardings=s)(x)
-            if not x.is_fully_addressable:
-                return jax.device_put(x, s)
+            if x.sharding.device_set == s.device_set or not x.is_fully_addressable:
+                return jax.device_put(x, s)  # reshard on the devices, no trip through the host
         return put(x, s)
 
     return jax.tree.map(one, tree, shardings)
