@@ -2,15 +2,18 @@
 
     jaxdiff train  [--config experiments/X.py] [--config.a.b=value ...] [--workdir DIR]
     jaxdiff sample --checkpoint DIR [--num 64] [--sampler ddim] [--steps 50] [--seed 0]
-                   [--labels 0,1,2 | --labels grid] [--guidance_scale 2.0] [--out grid.png]
+                   [--labels 0,1,2 | --labels grid] [--guidance_scale 2.0] [--rules fsdp]
+                   [--out grid.png]
     jaxdiff generate --model SD_FOLDER --prompt "..." [--negative_prompt ...] [--steps 30]
                    [--sampler NAME] [--guidance_scale 7.5] [--seed 0] [--num 1] [--out out.png]
     jaxdiff convert --single_file model.safetensors --out SD_FOLDER [--tokenizer DIR]
                    [--prediction_type v_prediction]
 
 Multi-host: start the same command on every host with `--coordinator_address host0:port
---num_processes N --process_id i` (on Cloud TPU VMs JAX finds these itself). The device mesh and
-parameter layout come from `--config.mesh.{data,fsdp,tensor,rules}`.
+--num_processes N --process_id i` (on Cloud TPU VMs JAX finds these itself). For `train` the device
+mesh and parameter layout come from `--config.mesh.{data,fsdp,tensor,rules}`; `sample` and
+`generate` split the batch over every device of every process and lay the parameters out by
+`--rules dp|fsdp|fsdp_tp`; only process 0 writes the picture.
 
 Preemption: on SIGTERM `jaxdiff train` finishes the current step, checkpoints it, prints
 "preempted at step N" and exits with status 0; running the same command again resumes.
@@ -36,10 +39,7 @@ def _train(argv: list[str]) -> int:
                         help="where checkpoints, metrics and samples go; an existing run there is resumed "
                              "(default: runs/<config name>)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--coordinator_address", default=None,
-                        help="host:port of process 0 (multi-host; automatic on Cloud TPU VMs)")
-    parser.add_argument("--num_processes", type=int, default=None, help="processes in the run (multi-host)")
-    parser.add_argument("--process_id", type=int, default=None, help="this process, 0..num_processes-1")
+    _add_distributed_args(parser)
     # `--config.a.b=v` cannot be declared up front: strip them before argparse sees the rest.
     config_path = _peek_config_path(argv)
     cfg = config_lib.load(config_path)
@@ -68,10 +68,28 @@ def _peek_config_path(argv: list[str]) -> str | None:
     return None
 
 
+def _add_distributed_args(parser: argparse.ArgumentParser, *, rules: bool = False) -> None:
+    """The multi-host flags (and, for the sampling commands, the parameter layout)."""
+    parser.add_argument("--coordinator_address", default=None,
+                        help="host:port of process 0 (multi-host; automatic on Cloud TPU VMs)")
+    parser.add_argument("--num_processes", type=int, default=None, help="processes in the run (multi-host)")
+    parser.add_argument("--process_id", type=int, default=None, help="this process, 0..num_processes-1")
+    if rules:
+        parser.add_argument("--rules", default="dp", choices=("dp", "fsdp", "fsdp_tp"),
+                            help="parameter layout over the devices: dp replicates the weights, fsdp splits "
+                                 "them (the batch is split over all devices either way)")
+
+
 def _maybe_init_distributed(args) -> None:
     from jaxdiff import sharding
 
     sharding.init_distributed(args.coordinator_address, args.num_processes, args.process_id)
+
+
+def _is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
 
 
 def _sample(argv: list[str]) -> int:
@@ -87,12 +105,14 @@ def _sample(argv: list[str]) -> int:
     parser.add_argument("--guidance_scale", type=float, default=None)
     parser.add_argument("--no-ema", action="store_true", help="use the raw rather than the EMA parameters")
     parser.add_argument("--out", default="samples.png")
+    _add_distributed_args(parser, rules=True)
     args = parser.parse_args(argv)
+    _maybe_init_distributed(args)
 
     import jaxdiff
     from jaxdiff import images
 
-    model = jaxdiff.load(args.checkpoint)
+    model = jaxdiff.load(args.checkpoint, rules=args.rules)
     labels = None
     if args.labels == "grid":
         labels = model.grid_labels(args.num)
@@ -106,11 +126,17 @@ def _sample(argv: list[str]) -> int:
     options = {} if args.eta is None else {"eta": args.eta}
     imgs = model.sample(args.num, sampler=args.sampler, num_steps=args.steps, seed=args.seed,
                         labels=labels, guidance_scale=args.guidance_scale,
-                        use_ema=not args.no_ema, progress=True, **options)
-    ncols = model.num_classes if args.labels == "grid" else None
-    images.save_grid(imgs, args.out, ncols=ncols)
-    print(f"wrote {args.num} samples to {args.out}")
+                        use_ema=not args.no_ema, progress=_is_main_process(), **options)
+    if _is_main_process():
+        ncols = model.num_classes if args.labels == "grid" else None
+        images.save_grid(imgs, args.out, ncols=ncols)
+        print(f"wrote {args.num} samples to {args.out}{_devices_note(model.mesh)}")
     return 0
+
+
+def _devices_note(mesh) -> str:
+    n = mesh.devices.size
+    return f" (batch over {n} device{'s' if n > 1 else ''})"
 
 
 def _convert(argv: list[str]) -> int:
@@ -166,9 +192,11 @@ def _generate(argv: list[str]) -> int:
                         help="compute dtype of the networks (bfloat16 on GPU/TPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", default="generated.png")
+    _add_distributed_args(parser, rules=True)
     args = parser.parse_args(argv)
     if args.num < 1:
         raise ValueError(f"--num must be >= 1, got {args.num}")
+    _maybe_init_distributed(args)
 
     import jax.numpy as jnp
     import numpy as np
@@ -178,18 +206,21 @@ def _generate(argv: list[str]) -> int:
     from jaxdiff import images
     from jaxdiff.pipelines.stable_diffusion import StableDiffusion, to_uint8
 
-    pipe = StableDiffusion.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), progress=not args.no_progress)
-    with tqdm(total=1, desc="generate", unit="batch", disable=args.no_progress) as bar:
+    quiet = args.no_progress or not _is_main_process()
+    pipe = StableDiffusion.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), progress=not quiet,
+                                           rules=args.rules)
+    with tqdm(total=1, desc="generate", unit="batch", disable=quiet) as bar:
         out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_steps=args.steps, sampler=args.sampler,
                    guidance_scale=args.guidance_scale, seed=args.seed, num_images=args.num, height=args.height,
                    width=args.width, eta=args.eta, clip_skip=args.clip_skip, output_type="np")
         bar.update()
+    if not _is_main_process():
+        return 0
     pixels = to_uint8(out)
     picture = pixels[0] if args.num == 1 else images.make_grid(pixels)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     Image.fromarray(np.ascontiguousarray(picture)).save(args.out)
-    devices = pipe.mesh.devices.size
-    print(f"wrote {args.num} image(s) to {args.out} (batch over {devices} device{'s' if devices > 1 else ''})")
+    print(f"wrote {args.num} image(s) to {args.out}{_devices_note(pipe.mesh)}")
     return 0
 
 
@@ -197,7 +228,7 @@ COMMANDS["generate"] = _generate
 __doc__ += """
     jaxdiff generate --model SD_FOLDER --prompt "..." [--negative_prompt "..."] [--steps 30]
                    [--sampler dpmpp_2m] [--guidance_scale 7.5] [--seed 0] [--num 1]
-                   [--height H --width W] [--dtype bfloat16] [--out generated.png]
+                   [--height H --width W] [--dtype bfloat16] [--rules fsdp] [--out generated.png]
 """
 
 

@@ -260,6 +260,69 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Inference: host values in, images out
+
+
+def inference_mesh(rules: Rules | str = "dp", devices=None) -> Mesh:
+    """The default mesh of a sampling pipeline: every device (default: all of all processes) on
+    one batch axis, `data` for `dp` and `fsdp` for the FSDP tables (so that their parameters are
+    actually split). Build a mesh with `make_mesh` for a `tensor` axis."""
+    rules = get_rules(rules) if isinstance(rules, str) else rules
+    return make_mesh(devices, data=1, fsdp=-1) if rules.fsdp else make_mesh(devices, data=-1)
+
+
+def padded_batch(n: int, mesh: Mesh) -> int:
+    """The batch a run of `n` rows is computed at: `n` rounded up to a multiple of the batch
+    shards (data x fsdp), the extra rows being dropped from the result."""
+    k = batch_shards(mesh)
+    return -(-n // k) * k
+
+
+def put(x, sharding: NamedSharding) -> jax.Array:
+    """A host value (the same on every process) -> a global `jax.Array` laid out by `sharding`;
+    each process copies only the pieces its own devices hold."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def put_batch(x, mesh: Mesh, rows: int) -> jax.Array:
+    """Host rows `[n, ...]` (the same on every process) -> a global array `[rows, ...]` split
+    over `data` x `fsdp`, padded with copies of the last row (padding never adds zeros or NaNs
+    that a network would not see otherwise)."""
+    x = np.asarray(x)
+    if x.shape[0] < rows:
+        x = np.concatenate([x, np.repeat(x[-1:], rows - x.shape[0], axis=0)])
+    return put(x, batch_sharding(mesh))
+
+
+def place(tree: Any, shardings: Any) -> Any:
+    """Lay the leaves of `tree` (numpy or jax arrays, the same on every process) out as
+    `shardings` (e.g. `tree_shardings(tree, mesh, rules)`); leaves already there are kept, so a
+    jitted function handed the result sees the same input layouts every call (no recompiles)."""
+    def one(x, s):
+        if isinstance(x, jax.Array):
+            if x.sharding == s:  # equal, not merely equivalent: jit's cache tells the two apart
+                return x
+            if x.sharding.device_set == s.device_set or not x.is_fully_addressable:
+                return jax.device_put(x, s)  # reshard on the devices, no trip through the host
+        return put(x, s)
+
+    return jax.tree.map(one, tree, shardings)
+
+
+def gather(x: Any) -> Any:
+    """Global arrays -> numpy arrays holding all their rows, on every process (a collective in a
+    multi-process run: every process must call it)."""
+    def one(a):
+        if isinstance(a, jax.Array) and not a.is_fully_addressable:
+            from jax.experimental import multihost_utils
+            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
+        return np.asarray(a)
+
+    return jax.tree.map(one, x)
+
+
+# ---------------------------------------------------------------------------------------------
 # Multi-host start-up
 
 

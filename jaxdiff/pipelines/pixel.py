@@ -7,6 +7,18 @@
 Classifier-free guidance (Ho & Salimans 2022) goes through `jaxdiff.sampling.cfg`: the
 conditional and the null-class halves go through the network as one batch, and the prediction is
 `uncond + s * (cond - uncond)`; `s = 1` is plain conditional sampling.
+
+Devices: `load` lays the model out on a mesh of every device of every process (`jax.devices()`),
+the parameters by the trainer's rule tables (`sharding.tree_shardings`):
+
+    model = jaxdiff.load("runs/digits", rules="fsdp")     # parameters split over all devices
+    images = model.sample(64)                             # batch split over all devices
+
+A batch is split over the mesh's `data` x `fsdp` axes; one that does not divide evenly is padded
+(with copies of its last row) to the next multiple and the extra images are dropped. The noise is
+drawn on the host for the requested images only, so a seed gives the same images on 1 device, 8,
+or 2 processes x 4 (up to float rounding). In a multi-process run every process calls `sample`
+(it is a collective) and every process gets all the images.
 """
 
 from __future__ import annotations
@@ -22,6 +34,7 @@ import numpy as np
 
 from jaxdiff import images as images_lib
 from jaxdiff import samplers, sampling
+from jaxdiff import sharding as sharding_lib
 
 
 def _network(module, params, x, t, labels):
@@ -35,15 +48,25 @@ def _conditional(module, params, labels, x, t):
 
 class DiffusionModel:
     """A U-Net with its parameters, EMA parameters, noise schedule and the config it was trained
-    with. Attributes: `config`, `module`, `schedule`, `params`, `ema_params`, `image_shape`."""
+    with. Attributes: `config`, `module`, `schedule`, `params`, `ema_params` (laid out on `mesh`
+    by `rules`), `image_shape`, `mesh`, `rules`.
+
+    mesh: where sampling runs; None: every device of *this process* (a model built by hand, e.g.
+    from weights gathered onto one host; `load` defaults to the devices of all processes).
+    rules: "dp" (parameters replicated), "fsdp" or "fsdp_tp" (split as in training, see
+    `jaxdiff.sharding`).
+    """
 
     def __init__(self, *, config: ml_collections.ConfigDict, module, schedule, params, ema_params,
-                 image_shape: Sequence[int]):
+                 image_shape: Sequence[int], mesh=None, rules: str = "dp"):
         self.config = config
         self.module = module
         self.schedule = schedule
-        self.params = params
-        self.ema_params = ema_params
+        self.mesh = sharding_lib.inference_mesh(rules, jax.local_devices()) if mesh is None else mesh
+        self.rules = rules
+        place = lambda tree: sharding_lib.place(tree, sharding_lib.tree_shardings(tree, self.mesh, rules))  # noqa: E731
+        self.params = place(params)
+        self.ema_params = place(ema_params)
         self.image_shape = tuple(image_shape)              # (H, W, C)
         # One function object each per model, so repeated calls hit jit's cache.
         self._network = functools.partial(_network, module)
@@ -62,18 +85,24 @@ class DiffusionModel:
     def sample(self, num: int, sampler: str = "ddim", num_steps: int = 50, seed: int = 0,
                labels: Sequence[int] | None = None, guidance_scale: float | None = None, *,
                use_ema: bool = True, batch_size: int | None = None, progress: bool = False,
-               **sampler_options: Any) -> np.ndarray:
-        """Draw `num` images. Returns uint8 `[num, H, W, C]`.
+               output_type: str = "uint8", **sampler_options: Any) -> np.ndarray:
+        """Draw `num` images. Returns uint8 `[num, H, W, C]`, or with `output_type="float"` the
+        sampler's float32 result `[num, H, W, C]` (data scale, about [-1, 1], unclipped).
 
         labels: `[num]` class ids for a class-conditional model (None: unconditional, or for a
         conditional model the null class). guidance_scale: classifier-free guidance scale (None or
         1.0 without guidance). Sampler options (eta, timestep_spacing, ...) pass through to
-        `jaxdiff.samplers.get`. The same seed gives the same images.
+        `jaxdiff.samplers.get`. The same seed gives the same images, whatever the mesh.
+        batch_size: images per compiled call (default: all); each call's batch is split over the
+        mesh, padded to a multiple of its batch shards. Every process of a multi-process run must
+        call this, and every process gets all `num` images.
         """
         from tqdm.auto import tqdm
 
         if num < 1:
             raise ValueError(f"num must be >= 1, got {num}")
+        if output_type not in ("uint8", "float"):
+            raise ValueError(f"output_type must be 'uint8' or 'float', got {output_type!r}")
         labels = self._check_labels(labels, num)
         if guidance_scale is not None and labels is None:
             raise ValueError("guidance_scale needs a class-conditional model and labels")
@@ -85,19 +114,25 @@ class DiffusionModel:
         batch_size = batch_size or num
         key = jax.random.PRNGKey(seed)
         k_noise, k_sample = jax.random.split(key)
-        noise = jax.random.normal(k_noise, (num,) + self.image_shape, jnp.float32)
+        # Drawn for the requested images alone (on this process's default device, the same on
+        # every process), so padding and the device count do not change them.
+        noise = np.asarray(jax.random.normal(k_noise, (num,) + self.image_shape, jnp.float32))
         out = []
         starts = range(0, num, batch_size)
         for i, s in enumerate(tqdm(starts, desc="sample", unit="batch", disable=not progress)):
-            lab = None if labels is None else jnp.asarray(labels[s:s + batch_size])
+            n = min(batch_size, num - s)
+            rows = sharding_lib.padded_batch(n, self.mesh)
+            lab = None if labels is None else sharding_lib.put_batch(labels[s:s + n], self.mesh, rows)
             if scale is None or lab is None:
                 model_fn = jax.tree_util.Partial(self._conditional, params, lab)
             else:
                 null = jnp.full((1,), self.num_classes, jnp.int32)
                 model_fn = sampling.cfg(jax.tree_util.Partial(self._network, params), scale, lab, null)
-            x0 = sampling.sample(plan, model_fn, noise[s:s + batch_size], jax.random.fold_in(k_sample, i))
-            out.append(images_lib.to_uint8(x0))
-        return np.concatenate(out)
+            x = sharding_lib.put_batch(noise[s:s + n], self.mesh, rows)                 # [rows, H, W, C]
+            x0 = sampling.sample(plan, model_fn, x, jax.random.fold_in(k_sample, i))
+            out.append(sharding_lib.gather(x0)[:n])
+        out = np.concatenate(out)
+        return out if output_type == "float" else images_lib.to_uint8(out)
 
     def _check_labels(self, labels, num):
         if labels is None:
@@ -114,9 +149,13 @@ class DiffusionModel:
         return labels
 
 
-def load(path: str, step: int | None = None) -> DiffusionModel:
+def load(path: str, step: int | None = None, *, mesh=None, rules: str = "dp") -> DiffusionModel:
     """Load a trained model from a work dir, its `checkpoints/` folder or one `checkpoints/<step>`.
 
+    mesh: the devices to sample on (None: every device of every process, on the batch axis of
+    `sharding.inference_mesh(rules)`). rules: parameter layout, "dp" (replicated), "fsdp" or
+    "fsdp_tp"; the checkpoint is restored straight onto that layout. In a multi-process run
+    every process calls `load`.
     Raises `jaxdiff.checkpoint.CheckpointError` with the path when nothing loadable is there.
     """
     from jaxdiff import config as config_lib
@@ -132,11 +171,14 @@ def load(path: str, step: int | None = None) -> DiffusionModel:
         module = loop.build_model(cfg, image_shape, num_classes)
         tx = loop.build_optimizer(cfg)
         abstract = jax.eval_shape(loop.init_state_fn(module, tx, image_shape, cfg.seed))
-        state, _ = ckpt.restore(abstract, step)
+        mesh = sharding_lib.inference_mesh(rules) if mesh is None else mesh
+        target = sharding_lib.with_shardings(abstract, sharding_lib.tree_shardings(abstract, mesh, rules))
+        state, _ = ckpt.restore(target, step)
     finally:
         ckpt.close()
     return DiffusionModel(config=cfg, module=module, schedule=loop.build_schedule(cfg),
-                          params=state.params, ema_params=state.ema_params, image_shape=image_shape)
+                          params=state.params, ema_params=state.ema_params, image_shape=image_shape,
+                          mesh=mesh, rules=rules)
 
 
 def _data_signature(cfg) -> tuple[tuple[int, int, int], int | None]:

@@ -43,8 +43,15 @@ Precision: with `dtype=jnp.bfloat16` the U-Net, text encoder and VAE compute in 
 parameters stay float32; latents and sampler state are float32 throughout, and the VAE encodes
 and decodes in float32 unless `vae_float32=False`.
 
-Devices: batches are split over a 1-D mesh of `jax.local_devices()` (when N divides evenly;
-otherwise they stay replicated) and the parameters are replicated on it.
+Devices: the pipeline runs on a mesh of every device of every process (`jax.devices()`, or the
+`mesh` given); the batch of N images is split over its `data` x `fsdp` axes and the parameters
+are laid out by the trainer's rule tables (`rules="dp"` replicates them, `"fsdp"` / `"fsdp_tp"`
+split them, see `jaxdiff.sharding`). A batch that does not divide evenly is padded with copies of
+its last row to the next multiple, and the extra images are dropped. Noise (the start latents and
+the VAE posterior samples) is drawn on the host for the N requested images only, and the
+stochastic samplers' in-loop draws do not depend on the layout, so a seed gives the same images
+on 1 device, 8, or 2 processes x 4 (up to float rounding). In a multi-process run every process
+calls the pipeline (it is a collective) and every process gets all N images.
 """
 
 from __future__ import annotations
@@ -199,12 +206,16 @@ class StableDiffusion:
     """A Stable Diffusion 1.x / 2.x model: U-Net, VAE, CLIP text encoder, tokenizer and schedule.
 
     Attributes: `unet`, `vae`, `text_encoder` (flax modules), `params` (dict with "unet", "vae",
-    "text_encoder" parameter trees, replicated on `mesh`), `tokenizer`, `schedule`,
-    `scheduler_config` (dict), `default_sampler` (str), `max_steps`, `mesh`.
+    "text_encoder" parameter trees, laid out on `mesh` by `rules`), `tokenizer`, `schedule`,
+    `scheduler_config` (dict), `default_sampler` (str), `max_steps`, `mesh`, `rules`.
+
+    mesh: a `jax.sharding.Mesh` (see `sharding.make_mesh`); None: `sharding.inference_mesh(rules,
+    devices)`, i.e. `devices` (default: all devices of all processes) on one batch axis.
     """
 
     def __init__(self, *, unet, vae, text_encoder, params: dict, tokenizer, schedule, scheduler_config: dict,
-                 max_steps: int = DEFAULT_MAX_STEPS, vae_float32: bool = True, devices=None):
+                 max_steps: int = DEFAULT_MAX_STEPS, vae_float32: bool = True, devices=None, mesh=None,
+                 rules: str = "dp"):
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
@@ -213,9 +224,9 @@ class StableDiffusion:
         self.scheduler_config = dict(scheduler_config)
         self.default_sampler = default_sampler(self.scheduler_config)
         self.max_steps = int(max_steps)
-        self.mesh = sharding_lib.make_mesh(jax.local_devices() if devices is None else devices)
-        replicated = sharding_lib.replicated(self.mesh)
-        self.params = jax.device_put(jax.tree.map(jnp.asarray, params), replicated)
+        self.mesh = sharding_lib.inference_mesh(rules, devices) if mesh is None else mesh
+        self.rules = rules
+        self.params = sharding_lib.place(params, sharding_lib.tree_shardings(params, self.mesh, rules))
         coder = vae.clone(dtype=jnp.float32) if vae_float32 else vae
         # One function object each per pipeline, so repeated calls hit jit's caches.
         self._unet_fn = functools.partial(_unet, unet)
@@ -229,12 +240,15 @@ class StableDiffusion:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=jnp.float32, *, max_steps: int = DEFAULT_MAX_STEPS,
-                        vae_float32: bool = True, progress: bool = False, devices=None) -> "StableDiffusion":
+                        vae_float32: bool = True, progress: bool = False, devices=None, mesh=None,
+                        rules: str = "dp") -> "StableDiffusion":
         """Load a diffusers Stable Diffusion folder (see the module docstring for its layout).
 
         dtype: compute dtype of the networks (parameters are float32 whatever the files hold).
         max_steps: plans are padded to this many steps, so any num_steps up to it shares one
             compiled sampling loop. progress: show a progress bar while loading.
+        mesh / devices / rules: where the pipeline runs and how its parameters are laid out (see
+            the class); in a multi-process run every process loads the folder.
         Raises `CheckpointError` naming the missing or unreadable part.
         """
         from tqdm.auto import tqdm
@@ -275,7 +289,7 @@ class StableDiffusion:
         return cls(unet=unet, vae=vae, text_encoder=text, tokenizer=parts["tokenizer"],
                    params={"unet": unet_params, "vae": vae_params, "text_encoder": text_params},
                    schedule=schedule_from_config(config), scheduler_config=config, max_steps=max_steps,
-                   vae_float32=vae_float32, devices=devices)
+                   vae_float32=vae_float32, devices=devices, mesh=mesh, rules=rules)
 
     # ----------------------------------------------------------------------------------------
     # Sizes and sharding.
@@ -305,20 +319,21 @@ class StableDiffusion:
                              f"got {height}x{width}; try {max(m, round(height / m) * m)}x{max(m, round(width / m) * m)}")
         return int(height), int(width)
 
-    def _shard(self, x):
-        """Batch-leading array -> split over the mesh when the batch divides evenly, else replicated."""
-        x = jnp.asarray(x)
-        n = self.mesh.devices.size
-        spec = sharding_lib.batch_sharding(self.mesh) if x.shape[0] % n == 0 else sharding_lib.replicated(self.mesh)
-        return jax.device_put(x, spec)
+    def _rows(self, n: int) -> int:
+        """The batch N images are computed at (N padded to a multiple of the batch shards)."""
+        return sharding_lib.padded_batch(n, self.mesh)
+
+    def _batch(self, x, rows: int) -> jax.Array:
+        """Host rows [N, ...] -> a global array [rows, ...] split over the mesh's batch axes."""
+        return sharding_lib.put_batch(np.asarray(x), self.mesh, rows)
 
     # ----------------------------------------------------------------------------------------
     # Text.
 
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                       num_images: int = 1, clip_skip: int | None = None, guidance: bool = True):
-        """Text embeddings (cond [N, S, D], uncond [N, S, D] or None without guidance), float32,
-        N = len(prompts) * num_images, each prompt's rows consecutive. One text-encoder call."""
+        """Text embeddings (cond [N, S, D], uncond [N, S, D] or None without guidance), float32
+        numpy, N = len(prompts) * num_images, each prompt's rows consecutive. One text-encoder call."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError("prompt must be a string or a non-empty list of strings")
@@ -341,9 +356,9 @@ class StableDiffusion:
                                      "per prompt, or a single string")
             neg_ids = jnp.asarray(self.tokenizer(negatives))
         ids = jnp.asarray(self.tokenizer(prompts))
-        cond, uncond = self._text_fn(self.params["text_encoder"], ids, neg_ids, skip_layers=skip)
-        cond = jnp.repeat(cond, int(num_images), axis=0)                               # [N, S, D]
-        uncond = None if uncond is None else jnp.repeat(uncond, int(num_images), axis=0)
+        cond, uncond = sharding_lib.gather(self._text_fn(self.params["text_encoder"], ids, neg_ids, skip_layers=skip))
+        cond = np.repeat(cond, int(num_images), axis=0)                                # [N, S, D]
+        uncond = None if uncond is None else np.repeat(uncond, int(num_images), axis=0)
         return cond, uncond
 
     # ----------------------------------------------------------------------------------------
@@ -377,10 +392,11 @@ class StableDiffusion:
         return sampling.cfg(jax.tree_util.Partial(self._unet_fn, params), guidance_scale, cond, uncond,
                             guidance_rescale)
 
-    def _noise(self, key, latents, shape):
+    def _noise(self, key, latents, shape) -> np.ndarray:
+        """The start noise [N, h, w, C] on the host: `latents`, or drawn from `key` for exactly N rows."""
         if latents is None:
-            return jax.random.normal(key, shape, jnp.float32)
-        latents = jnp.asarray(latents, jnp.float32)
+            return np.asarray(jax.random.normal(key, shape, jnp.float32))
+        latents = np.asarray(latents, np.float32)
         if latents.shape != shape:
             raise ValueError(f"latents must be standard-normal noise of shape {list(shape)} ([N, H/{self.vae_scale_factor}, "
                              f"W/{self.vae_scale_factor}, {self.latent_channels}], NHWC), got {list(latents.shape)}")
@@ -391,27 +407,28 @@ class StableDiffusion:
         guided = guidance_scale is not None and guidance_scale > 1.0
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images, clip_skip=clip_skip,
                                           guidance=guided)
+        # x0, extra and blend's image latents come from `_encode`: global arrays of `rows` rows.
         n = cond.shape[0]
+        rows = self._rows(n)
         shape = (n, height // self.vae_scale_factor, width // self.vae_scale_factor, self.latent_channels)
         key = jax.random.PRNGKey(seed)
         k_noise, k_sample = jax.random.split(key)
-        noise = self._shard(self._noise(k_noise, latents, shape))
-        cond = {"context": self._shard(cond)}
+        noise = self._batch(self._noise(k_noise, latents, shape), rows)              # [rows, h, w, C]
+        cond = {"context": self._batch(cond, rows)}
         if uncond is not None:
-            uncond = {"context": self._shard(uncond)}
+            uncond = {"context": self._batch(uncond, rows)}
         if extra is not None:
-            cond["extra"] = self._shard(extra)
+            cond["extra"] = extra
             if uncond is not None:
                 uncond["extra"] = cond["extra"]
         if blend is not None:
             mask, known = blend
-            plan = masked_lib.masked(plan, self._shard(mask), self._shard(known), noise)
+            plan = masked_lib.masked(plan, self._batch(mask, rows), known, noise)
         model_fn = self._model_fn(cond, uncond, guidance_scale, guidance_rescale)
-        x0 = None if x0 is None else self._shard(x0)
         out = sampling.sample(plan, model_fn, noise, k_sample, x0=x0)
         if output_type == "latent":
-            return np.asarray(out)
-        images = np.asarray(self._decode_fn(self.params["vae"], out), np.float32)     # [N, H, W, 3]
+            return sharding_lib.gather(out)[:n]
+        images = sharding_lib.gather(self._decode_fn(self.params["vae"], out))[:n].astype(np.float32)  # [N, H, W, 3]
         return images if output_type == "np" else _to_pil(images)
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
@@ -450,9 +467,24 @@ class StableDiffusion:
     def encode_images(self, images, *, key=None) -> jax.Array:
         """Images [B, H, W, 3] in [-1, 1] -> scaled latents [B, H/f, W/f, C] float32: a posterior
         sample with `key` (what diffusers' pipelines use), its mean with key=None."""
-        mean, std = self._encode_fn(self.params["vae"], self._shard(images))
-        z = mean if key is None else mean + std * jax.random.normal(key, mean.shape, jnp.float32)
-        return vae_lib.scale_latents(self.vae, z)
+        b = np.shape(images)[0]
+        return jnp.asarray(sharding_lib.gather(self._encode(images, self._rows(b), key))[:b])
+
+    def _encode(self, images, rows: int, key=None) -> jax.Array:
+        """`encode_images` on the mesh: host images [B, H, W, 3] -> global latents [rows, h, w, C]
+        (rows >= B, padded; the posterior noise is drawn for the B real rows only)."""
+        mean, std = self._encode_fn(self.params["vae"], self._batch(images, rows))
+        if key is None:
+            z = mean
+        else:
+            eps = np.asarray(jax.random.normal(key, (np.shape(images)[0],) + mean.shape[1:], jnp.float32))
+            z = mean + std * self._batch(eps, rows)
+        return self._as_batch(vae_lib.scale_latents(self.vae, z))
+
+    def _as_batch(self, x: jax.Array) -> jax.Array:
+        """A global array [rows, ...] in the batch layout, whatever layout the op that made it
+        chose: the sampling loop then sees the same input layouts every call."""
+        return sharding_lib.place(x, sharding_lib.batch_sharding(self.mesh))
 
     def _start_step(self, num_steps, strength):
         if not 0.0 <= strength <= 1.0:
@@ -487,7 +519,7 @@ class StableDiffusion:
         n = _num_outputs(prompt, num_images)
         pixels = _images_in(image, n, height, width, self.size_multiple)
         k_post = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
-        x0 = self.encode_images(pixels, key=k_post if sample_posterior else None)
+        x0 = self._encode(pixels, self._rows(n), key=k_post if sample_posterior else None)
         h, w = pixels.shape[1:3]
         return self._run(plan=plan, prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                          guidance_rescale=guidance_rescale, seed=seed, num_images=num_images, height=h, width=w,
@@ -526,19 +558,20 @@ class StableDiffusion:
         full_mask = _masks_in(mask, n, h, w)                                      # [N, H, W, 1] in {0, 1}
         f = self.vae_scale_factor
         small_mask = full_mask[:, ::f, ::f]                                      # [N, h, w, 1], nearest
+        rows = self._rows(n)
         key = jax.random.PRNGKey(seed)
         k_image, k_masked = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
         nine = in_channels != self.latent_channels
         image_latents = None
         if start or not nine:
-            image_latents = self.encode_images(pixels, key=k_image if sample_posterior else None)
+            image_latents = self._encode(pixels, rows, key=k_image if sample_posterior else None)
         extra = blend = None
         if nine:
             masked_pixels = pixels * (full_mask < 0.5)
-            masked_latents = self.encode_images(masked_pixels, key=k_masked if sample_posterior else None)
-            extra = jnp.concatenate([jnp.asarray(small_mask), masked_latents], axis=-1)   # [N, h, w, 1 + C]
+            masked_latents = self._encode(masked_pixels, rows, key=k_masked if sample_posterior else None)
+            extra = self._as_batch(jnp.concatenate([self._batch(small_mask, rows), masked_latents], axis=-1))  # [rows, h, w, 1 + C]
         else:
-            blend = (jnp.asarray(small_mask), image_latents)
+            blend = (small_mask, image_latents)
         return self._run(plan=plan, prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
                          guidance_rescale=guidance_rescale, seed=seed, num_images=num_images, height=h, width=w,
                          latents=latents, output_type=output_type, clip_skip=clip_skip,
