@@ -170,7 +170,7 @@ class ResBlock(nn.Module):
     dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, emb: Array | None = None, *, train: bool = False) -> Array:
+    def __call__(self, x: Array, emb: Array | None = None, train: bool = False) -> Array:
         """x: [B, H, W, C_in], emb: [B, D] or None -> [B, H', W', out_channels] (H' = H, H/2
         or 2H)."""
         if self.resample not in (None, "down", "up"):

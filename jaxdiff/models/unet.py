@@ -74,16 +74,25 @@ class _WithAttention(nn.Module):
     transformer_depth: int
     use_linear_projection: bool
     upcast_attention: bool
+    dropout: float
+    use_scale_shift_norm: bool
+    remat: str
     dtype: Dtype
+
+    def res_block(self, out_channels: int, name: str, **kwargs) -> nn.Module:
+        """A ResBlock of this level (rematerialised per `remat`), called as block(h, emb, train)."""
+        block = checkpointed(ResBlock, self.remat, static_argnums=(3,))
+        return block(out_channels, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
+                     num_groups=self.num_groups, norm_eps=self.norm_eps, dtype=self.dtype, name=name, **kwargs)
 
     def attention(self, h: Array, context: Array | None, name: str) -> Array:
         """Self-attention (pixel network) or the cross-attention transformer on `context`."""
         if self.context_dim is None:
-            return AttentionBlock(
+            return checkpointed(AttentionBlock, self.remat)(
                 self.num_heads, self.head_dim, self.num_groups, self.norm_eps, self.dtype,
                 name=name,
             )(h)
-        return SpatialTransformer(
+        return checkpointed(SpatialTransformer, self.remat)(
             self.num_heads, self.head_dim, self.transformer_depth, self.num_groups,
             self.use_linear_projection, self.upcast_attention, self.dtype, name=name,
         )(h, context)
@@ -101,8 +110,6 @@ class DownLevel(_WithAttention):
     num_res_blocks: int
     use_attention: bool
     downsample: bool
-    dropout: float
-    use_scale_shift_norm: bool
     resblock_updown: bool
     downsample_padding: int
 
@@ -112,19 +119,15 @@ class DownLevel(_WithAttention):
     ) -> tuple[Array, list[Array]]:
         """h: [B, H, W, C_in], emb: [B, D], context: [B, S, context_dim] or None
         -> ([B, H', W', channels], skips)."""
-        res = functools.partial(
-            ResBlock, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-            num_groups=self.num_groups, norm_eps=self.norm_eps, dtype=self.dtype,
-        )
         skips = []
         for j in range(self.num_res_blocks):
-            h = res(self.channels, name=f"res_{j}")(h, emb, train=train)
+            h = self.res_block(self.channels, f"res_{j}")(h, emb, train)
             if self.use_attention:
                 h = self.attention(h, context, f"attn_{j}")
             skips.append(h)
         if self.downsample:
             if self.resblock_updown:
-                h = res(self.channels, resample="down", name="downsample")(h, emb, train=train)
+                h = self.res_block(self.channels, "downsample", resample="down")(h, emb, train)
             else:
                 h = Downsample(
                     self.channels, self.downsample_padding, self.dtype, name="downsample"
@@ -142,8 +145,6 @@ class UpLevel(_WithAttention):
     num_res_blocks: int
     use_attention: bool
     upsample: bool
-    dropout: float
-    use_scale_shift_norm: bool
     resblock_updown: bool
 
     @nn.compact
@@ -156,18 +157,14 @@ class UpLevel(_WithAttention):
         -> [B, H', W', channels]."""
         if len(skips) != self.num_res_blocks + 1:
             raise ValueError(f"UpLevel needs {self.num_res_blocks + 1} skips, got {len(skips)}")
-        res = functools.partial(
-            ResBlock, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
-            num_groups=self.num_groups, norm_eps=self.norm_eps, dtype=self.dtype,
-        )
         for j, skip in enumerate(skips):
             h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)  # [B, H, W, C + C_skip]
-            h = res(self.channels, name=f"res_{j}")(h, emb, train=train)
+            h = self.res_block(self.channels, f"res_{j}")(h, emb, train)
             if self.use_attention:
                 h = self.attention(h, context, f"attn_{j}")
         if self.upsample:
             if self.resblock_updown:
-                h = res(self.channels, resample="up", name="upsample")(h, emb, train=train)
+                h = self.res_block(self.channels, "upsample", resample="up")(h, emb, train)
             else:
                 h = Upsample(self.channels, self.dtype, name="upsample")(h)
         return h
@@ -177,21 +174,14 @@ class MidBlock(_WithAttention):
     """ResBlock -> attention -> ResBlock at the lowest resolution (shape-preserving)."""
 
     channels: int
-    dropout: float
-    use_scale_shift_norm: bool
 
     @nn.compact
     def __call__(self, h: Array, emb: Array, context: Array | None, train: bool = False) -> Array:
         """h: [B, H, W, channels], context: [B, S, context_dim] or None
         -> [B, H, W, channels]."""
-        res = functools.partial(
-            ResBlock, self.channels, dropout=self.dropout,
-            use_scale_shift_norm=self.use_scale_shift_norm, num_groups=self.num_groups,
-            norm_eps=self.norm_eps, dtype=self.dtype,
-        )
-        h = res(name="res_0")(h, emb, train=train)
+        h = self.res_block(self.channels, "res_0")(h, emb, train)
         h = self.attention(h, context, "attn")
-        return res(name="res_1")(h, emb, train=train)
+        return self.res_block(self.channels, "res_1")(h, emb, train)
 
 
 class UNet(nn.Module):
@@ -245,8 +235,9 @@ class UNet(nn.Module):
       addition_time_embed_dim: sinusoid width per entry of time_ids (SDXL: 256).
       sample_size: the spatial size the network was trained at (SD 1.5: 64 latents for
         512-pixel images). Not used by the network; kept for pipelines and checkpoints.
-      remat: rematerialise each level in the backward pass to save activation memory, "none",
-        "dots" or "full" (see `REMAT_POLICIES`); the forward pass and the parameters are the same.
+      remat: rematerialise every ResBlock and attention block in the backward pass to save
+        activation memory: "none", "dots" or "full" (see `REMAT_POLICIES`); the forward pass and
+        the parameters are the same.
       dtype: compute dtype (e.g. jnp.bfloat16). Parameters are always float32 and the output is
         returned in float32.
     """
@@ -474,10 +465,9 @@ class UNet(nn.Module):
             use_scale_shift_norm=self.use_scale_shift_norm, num_groups=self.num_groups,
             norm_eps=self.norm_eps, context_dim=self.context_dim,
             use_linear_projection=self.use_linear_projection,
-            upcast_attention=self.upcast_attention, dtype=self.dtype,
+            upcast_attention=self.upcast_attention, remat=self.remat, dtype=self.dtype,
         )
         num_levels = len(self.channel_mult)
-        DownLevel, MidBlock, UpLevel = _levels(self.remat)
 
         x = space_to_depth(x, self.patch_size)                     # [B, H/p, W/p, C*p*p]
         h = conv3x3(self.base_channels, self.dtype, "conv_in")(x)  # [B, H/p, W/p, base]
@@ -515,10 +505,10 @@ class UNet(nn.Module):
         return h.astype(jnp.float32)
 
 
-# Rematerialisation (gradient checkpointing) of whole levels, by how much of a level's forward pass
-# the backward pass keeps: "none" keeps every activation; "dots" keeps only the results of
-# matrix multiplications without batch dimensions (projections), recomputing convolutions,
-# norms and attention; "full" keeps only each level's inputs and recomputes the rest.
+# Rematerialisation (gradient checkpointing) of every residual and attention block, by how much
+# of a block's forward pass the backward pass keeps: "none" keeps every activation; "dots" keeps
+# the results of matrix multiplications without batch dimensions (the projections) and
+# recomputes convolutions, norms and attention; "full" keeps only each block's input.
 REMAT_POLICIES = {
     "none": None,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -526,19 +516,14 @@ REMAT_POLICIES = {
 }
 
 
-def _levels(remat: str):
-    """(DownLevel, MidBlock, UpLevel), wrapped in `nn.remat` with the named policy. Parameter
-    names do not change. `train` (a Python bool) is their last positional argument, static."""
+def checkpointed(cls, remat: str, static_argnums=()):
+    """`cls` wrapped in `nn.remat` with the named policy (itself for "none"); parameter names do
+    not change. static_argnums count `self` as 0."""
     if remat not in REMAT_POLICIES:
         raise ValueError(f"UNet: remat={remat!r} is not valid; choose one of {', '.join(REMAT_POLICIES)}")
     if remat == "none":
-        return DownLevel, MidBlock, UpLevel
-    policy = REMAT_POLICIES[remat]
-    # static_argnums count `self` as 0: DownLevel / MidBlock (h, emb, context, train), UpLevel
-    # (h, emb, skips, context, train).
-    return (nn.remat(DownLevel, policy=policy, static_argnums=(4,)),
-            nn.remat(MidBlock, policy=policy, static_argnums=(4,)),
-            nn.remat(UpLevel, policy=policy, static_argnums=(5,)))
+        return cls
+    return nn.remat(cls, policy=REMAT_POLICIES[remat], static_argnums=static_argnums)
 
 
 def space_to_depth(x: Array, p: int) -> Array:
