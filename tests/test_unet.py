@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
+from jaxdiff.convert import unet as convert_unet
 from jaxdiff.models.layers import AttentionBlock, ResBlock, timestep_embedding
 from jaxdiff.models.unet import CONFIGS, UNet, ddpm_cifar10, tiny
 
@@ -364,57 +365,6 @@ def test_adm_variants_shapes():
 # ---------------------------------------------------------------------------------------------
 # parity with diffusers' UNet2DModel (same random weights)
 
-_DIFFUSERS_LEAF_NAMES = {
-    "norm1": "norm_0", "conv1": "conv_0", "time_emb_proj": "time_proj", "norm2": "norm_1",
-    "conv2": "conv_1", "conv_shortcut": "skip", "group_norm": "norm", "to_q": "query",
-    "to_k": "key", "to_v": "value", "to_out.0": "proj_out",
-}
-_DIFFUSERS_TOP_NAMES = {
-    "conv_in": ("conv_in",), "conv_out": ("conv_out",), "conv_norm_out": ("norm_out",),
-    "time_embedding.linear_1": ("time_embed", "dense_0"),
-    "time_embedding.linear_2": ("time_embed", "dense_1"), "class_embedding": ("class_embed",),
-}
-
-
-def _from_diffusers(state_dict, num_levels):
-    """Minimal diffusers UNet2DModel -> jaxdiff UNet mapping, enough to check the topology.
-
-    (The supported converter lives in jaxdiff.convert; this one only serves this test.)
-    """
-    import re
-
-    flat = {}
-    for key, value in state_dict.items():
-        v = value.detach().numpy()
-        module, leaf = key.rsplit(".", 1)
-        if m := re.fullmatch(r"(down|up)_blocks\.(\d+)\.(\w+)\.(\d+)(?:\.(.+))?", module):
-            kind, block, group, j, rest = m.groups()
-            level = int(block) if kind == "down" else num_levels - 1 - int(block)
-            if group in ("downsamplers", "upsamplers"):
-                path = (f"{kind}_{level}", f"{kind}sample", "conv")
-            else:
-                sub = ("res_" if group == "resnets" else "attn_") + j
-                path = (f"{kind}_{level}", sub, _DIFFUSERS_LEAF_NAMES[rest])
-        elif m := re.fullmatch(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", module):
-            sub = f"res_{m.group(2)}" if m.group(1) == "resnets" else "attn"
-            path = ("mid", sub, _DIFFUSERS_LEAF_NAMES[m.group(3)])
-        else:
-            path = _DIFFUSERS_TOP_NAMES[module]
-        if leaf == "weight" and path[0] == "class_embed":
-            # diffusers has no null-class row; append one
-            leaf, v = "embedding", np.concatenate([v, np.zeros_like(v[:1])])
-        elif leaf == "weight" and v.ndim == 4:
-            leaf, v = "kernel", v.transpose(2, 3, 1, 0)  # [O, I, kh, kw] -> [kh, kw, I, O]
-        elif leaf == "weight" and v.ndim == 2:
-            leaf, v = "kernel", v.T  # [O, I] -> [I, O]
-        elif leaf == "weight":
-            leaf = "scale"
-        flat[path + (leaf,)] = jnp.asarray(v)
-    from flax.traverse_util import unflatten_dict
-
-    return {"params": unflatten_dict(flat)}
-
-
 @pytest.mark.parametrize("downsample_padding", [0, 1])
 def test_matches_diffusers_unet2d(downsample_padding):
     torch = pytest.importorskip("torch")
@@ -445,7 +395,11 @@ def test_matches_diffusers_unet2d(downsample_padding):
         attention_levels=(1,), head_dim=16, num_groups=8, norm_eps=1e-6, flip_sin_to_cos=False,
         freq_shift=1, downsample_padding=downsample_padding, num_classes=5,
     )
-    params = _from_diffusers(ref.state_dict(), num_levels=2)
+    # the supported converter: config.json -> module, state dict -> parameter tree
+    assert convert_unet.module_from_config(dict(ref.config)) == model.clone(
+        in_channels=3, sample_size=16)
+    params = {"params": convert_unet.params_from_torch(
+        {k: v.numpy() for k, v in ref.state_dict().items()}, model)}
     expected = jax.eval_shape(lambda: _init(model, (1, 16, 16, 3), jnp.zeros((1,), jnp.int32)))
     assert jax.tree.map(lambda a: a.shape, params) == jax.tree.map(lambda a: a.shape, expected)
 
@@ -460,6 +414,35 @@ def test_matches_diffusers_unet2d(downsample_padding):
     out = np.asarray(_apply(model, params, jnp.asarray(x), jnp.asarray(t), jnp.asarray(y)))
     rel = np.linalg.norm(out - out_ref) / np.linalg.norm(out_ref)
     assert rel < 1e-4, rel  # measured ~1e-6
+
+
+def test_pixel_checkpoint_round_trip(tmp_path):
+    """save() writes a folder diffusers' UNet2DModel reads back with the same weights (the
+    null-class row is dropped on export), and load() restores module and parameters."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    model = tiny(num_classes=3, head_dim=16)
+    shapes = jax.eval_shape(lambda: _init(model, MNIST, jnp.zeros((B,), jnp.int32)))["params"]
+    rng = np.random.RandomState(0)
+    params = jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(np.float32), shapes)
+    convert_unet.save(tmp_path, model, params)
+    ref = diffusers.UNet2DModel.from_pretrained(tmp_path)
+    assert list(ref.config.down_block_types) == ["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"]
+    assert ref.config.attention_head_dim == 16 and ref.config.num_class_embeds == 3
+    state = {k: v.numpy() for k, v in ref.state_dict().items()}
+    np.testing.assert_array_equal(state["class_embedding.weight"],
+                                  params["class_embed"]["embedding"][:3])
+    np.testing.assert_array_equal(state["down_blocks.2.attentions.0.to_q.weight"],
+                                  params["down_2"]["attn_0"]["query"]["kernel"].T)
+    module, loaded = convert_unet.load(tmp_path)
+    assert module == model.clone(in_channels=1)
+    flat, back = flatten_dict(params), flatten_dict(jax.tree.map(np.asarray, loaded))
+    assert flat.keys() == back.keys()
+    for k in flat:
+        expected = flat[k]
+        if k[-1] == "embedding":  # the null row comes back as zeros
+            expected = np.concatenate([expected[:-1], np.zeros_like(expected[-1:])])
+        np.testing.assert_array_equal(back[k], expected)
 
 
 @pytest.mark.parametrize("scale_shift", [False, True])

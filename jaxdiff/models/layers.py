@@ -211,6 +211,18 @@ class ResBlock(nn.Module):
         return x + h
 
 
+def split_heads(channels: int, num_heads: int, head_dim: int | None, who: str) -> tuple[int, int]:
+    """(heads, channels per head) for `channels` split into `head_dim`-wide heads when head_dim
+    is given, else into `num_heads` heads."""
+    if head_dim is not None:
+        if head_dim <= 0 or channels % head_dim:
+            raise ValueError(f"{who}: channels {channels} not divisible by head_dim {head_dim}")
+        return channels // head_dim, head_dim
+    if num_heads <= 0 or channels % num_heads:
+        raise ValueError(f"{who}: channels {channels} not divisible by num_heads {num_heads}")
+    return num_heads, channels // num_heads
+
+
 class AttentionBlock(nn.Module):
     """Spatial multi-head self-attention with a residual connection.
 
@@ -236,19 +248,7 @@ class AttentionBlock(nn.Module):
     def __call__(self, x: Array) -> Array:
         """x: [B, H, W, C] -> [B, H, W, C]."""
         B, H, W, C = x.shape
-        if self.head_dim is not None:
-            if C % self.head_dim:
-                raise ValueError(
-                    f"AttentionBlock: channels {C} not divisible by head_dim {self.head_dim}"
-                )
-            heads = C // self.head_dim
-        else:
-            if C % self.num_heads:
-                raise ValueError(
-                    f"AttentionBlock: channels {C} not divisible by num_heads {self.num_heads}"
-                )
-            heads = self.num_heads
-        d = C // heads
+        heads, d = split_heads(C, self.num_heads, self.head_dim, "AttentionBlock")
 
         n = group_norm(self.num_groups, self.norm_eps, self.dtype, "norm")(x)
         n = n.reshape(B, H * W, C)  # [B, T, C]

@@ -1,8 +1,10 @@
-"""Pixel-space diffusion U-Net (DDPM, Ho et al. 2020; ADM options from Dhariwal & Nichol 2021).
+"""Diffusion U-Net: pixel-space DDPM (Ho et al. 2020) with ADM options (Dhariwal & Nichol
+2021), and the text-conditioned latent U-Net of Stable Diffusion (Rombach et al. 2022; diffusers'
+`UNet2DConditionModel`), as one module.
 
 Topology, for `L = len(channel_mult)` resolution levels and `R = num_res_blocks`:
 
-    emb = time_embed(sinusoid(t)) [+ class_embed(labels)]
+    emb = time_embed(sinusoid(t)) [+ class_embed(labels)] [+ add_embed(text_embeds, time_ids)]
     h = conv_in(x)                                         -> skip
     down_i (i = 0..L-1): R x (res_j [, attn_j])            -> skip after each
                          downsample (i < L-1)              -> skip
@@ -11,9 +13,16 @@ Topology, for `L = len(channel_mult)` resolution levels and `R = num_res_blocks`
                          upsample (i > 0)
     out = conv_out(SiLU(norm_out(h)))
 
+"attn" is spatial self-attention (`layers.AttentionBlock`) in the pixel network
+(`context_dim=None`) and a cross-attention transformer (`attention.SpatialTransformer`) on a
+context sequence (text-encoder hidden states) when `context_dim` is set; the mid block's attention
+is of the same kind. SDXL's micro-conditioning ("text_time": pooled text embedding and size/crop
+numbers added to the time embedding) is `add_embed`.
+
 Parameter tree (names are stable; `convert/` maps diffusers checkpoints onto them):
 
     time_embed/{dense_0,dense_1}    class_embed/embedding [num_classes + 1, 4 * base_channels]
+    add_embed/{dense_0,dense_1}     (only with addition_embed_dim)
     conv_in
     down_{i}/res_{j}, down_{i}/attn_{j}, down_{i}/downsample
     mid/res_0, mid/attn, mid/res_1
@@ -22,7 +31,7 @@ Parameter tree (names are stable; `convert/` maps diffusers checkpoints onto the
 
 `up_{i}` is indexed by resolution level like `down_{i}` (up_0 is the full-resolution block and
 runs last); diffusers numbers its up blocks the other way round (up_blocks.{L-1-i}).
-Inner names are listed in `layers.py`.
+Inner names are listed in `layers.py` and `attention.py`.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.attention import SpatialTransformer
 from jaxdiff.models.layers import (
     AttentionBlock,
     Downsample,
@@ -50,7 +60,36 @@ Array = jax.Array
 Dtype = Any
 
 
-class DownLevel(nn.Module):
+class _Attention(nn.Module):
+    """Fields shared by the blocks that hold attention, and the choice of attention kind.
+
+    Not used on its own: DownLevel, UpLevel and MidBlock derive from it.
+    """
+
+    num_heads: int
+    head_dim: int | None
+    num_groups: int
+    norm_eps: float
+    context_dim: int | None
+    transformer_depth: int
+    use_linear_projection: bool
+    upcast_attention: bool
+    dtype: Dtype
+
+    def attention(self, h: Array, context: Array | None, name: str) -> Array:
+        """Self-attention (pixel network) or the cross-attention transformer on `context`."""
+        if self.context_dim is None:
+            return AttentionBlock(
+                self.num_heads, self.head_dim, self.num_groups, self.norm_eps, self.dtype,
+                name=name,
+            )(h)
+        return SpatialTransformer(
+            self.num_heads, self.head_dim, self.transformer_depth, self.num_groups,
+            self.use_linear_projection, self.upcast_attention, self.dtype, name=name,
+        )(h, context)
+
+
+class DownLevel(_Attention):
     """One encoder level: `num_res_blocks` ResBlocks (each optionally followed by attention),
     then an optional 2x downsampling.
 
@@ -62,19 +101,17 @@ class DownLevel(nn.Module):
     num_res_blocks: int
     use_attention: bool
     downsample: bool
-    num_heads: int
-    head_dim: int | None
     dropout: float
     use_scale_shift_norm: bool
     resblock_updown: bool
     downsample_padding: int
-    num_groups: int
-    norm_eps: float
-    dtype: Dtype
 
     @nn.compact
-    def __call__(self, h: Array, emb: Array, *, train: bool) -> tuple[Array, list[Array]]:
-        """h: [B, H, W, C_in], emb: [B, D] -> ([B, H', W', channels], skips)."""
+    def __call__(
+        self, h: Array, emb: Array, context: Array | None, *, train: bool
+    ) -> tuple[Array, list[Array]]:
+        """h: [B, H, W, C_in], emb: [B, D], context: [B, S, context_dim] or None
+        -> ([B, H', W', channels], skips)."""
         res = functools.partial(
             ResBlock, dropout=self.dropout, use_scale_shift_norm=self.use_scale_shift_norm,
             num_groups=self.num_groups, norm_eps=self.norm_eps, dtype=self.dtype,
@@ -83,10 +120,7 @@ class DownLevel(nn.Module):
         for j in range(self.num_res_blocks):
             h = res(self.channels, name=f"res_{j}")(h, emb, train=train)
             if self.use_attention:
-                h = AttentionBlock(
-                    self.num_heads, self.head_dim, self.num_groups, self.norm_eps, self.dtype,
-                    name=f"attn_{j}",
-                )(h)
+                h = self.attention(h, context, f"attn_{j}")
             skips.append(h)
         if self.downsample:
             if self.resblock_updown:
@@ -99,7 +133,7 @@ class DownLevel(nn.Module):
         return h, skips
 
 
-class UpLevel(nn.Module):
+class UpLevel(_Attention):
     """One decoder level: `num_res_blocks + 1` ResBlocks, each on the concatenation of the
     running activation and one encoder skip (optionally followed by attention), then an optional
     2x upsampling."""
@@ -108,19 +142,17 @@ class UpLevel(nn.Module):
     num_res_blocks: int
     use_attention: bool
     upsample: bool
-    num_heads: int
-    head_dim: int | None
     dropout: float
     use_scale_shift_norm: bool
     resblock_updown: bool
-    num_groups: int
-    norm_eps: float
-    dtype: Dtype
 
     @nn.compact
-    def __call__(self, h: Array, emb: Array, skips: Sequence[Array], *, train: bool) -> Array:
+    def __call__(
+        self, h: Array, emb: Array, skips: Sequence[Array], context: Array | None, *, train: bool
+    ) -> Array:
         """h: [B, H, W, C], emb: [B, D], skips: num_res_blocks + 1 encoder activations, skips[j]
-        concatenated before res_j -> [B, H', W', channels]."""
+        concatenated before res_j, context: [B, S, context_dim] or None
+        -> [B, H', W', channels]."""
         if len(skips) != self.num_res_blocks + 1:
             raise ValueError(f"UpLevel needs {self.num_res_blocks + 1} skips, got {len(skips)}")
         res = functools.partial(
@@ -131,10 +163,7 @@ class UpLevel(nn.Module):
             h = jnp.concatenate([h, skip.astype(h.dtype)], axis=-1)  # [B, H, W, C + C_skip]
             h = res(self.channels, name=f"res_{j}")(h, emb, train=train)
             if self.use_attention:
-                h = AttentionBlock(
-                    self.num_heads, self.head_dim, self.num_groups, self.norm_eps, self.dtype,
-                    name=f"attn_{j}",
-                )(h)
+                h = self.attention(h, context, f"attn_{j}")
         if self.upsample:
             if self.resblock_updown:
                 h = res(self.channels, resample="up", name="upsample")(h, emb, train=train)
@@ -143,46 +172,44 @@ class UpLevel(nn.Module):
         return h
 
 
-class MidBlock(nn.Module):
-    """ResBlock -> self-attention -> ResBlock at the lowest resolution (shape-preserving)."""
+class MidBlock(_Attention):
+    """ResBlock -> attention -> ResBlock at the lowest resolution (shape-preserving)."""
 
     channels: int
-    num_heads: int
-    head_dim: int | None
     dropout: float
     use_scale_shift_norm: bool
-    num_groups: int
-    norm_eps: float
-    dtype: Dtype
 
     @nn.compact
-    def __call__(self, h: Array, emb: Array, *, train: bool) -> Array:
-        """h: [B, H, W, channels] -> [B, H, W, channels]."""
+    def __call__(self, h: Array, emb: Array, context: Array | None, *, train: bool) -> Array:
+        """h: [B, H, W, channels], context: [B, S, context_dim] or None
+        -> [B, H, W, channels]."""
         res = functools.partial(
             ResBlock, self.channels, dropout=self.dropout,
             use_scale_shift_norm=self.use_scale_shift_norm, num_groups=self.num_groups,
             norm_eps=self.norm_eps, dtype=self.dtype,
         )
         h = res(name="res_0")(h, emb, train=train)
-        h = AttentionBlock(
-            self.num_heads, self.head_dim, self.num_groups, self.norm_eps, self.dtype, name="attn"
-        )(h)
+        h = self.attention(h, context, "attn")
         return res(name="res_1")(h, emb, train=train)
 
 
 class UNet(nn.Module):
-    """Noise-prediction U-Net on NHWC images.
+    """Noise-prediction U-Net on NHWC images (pixels or latents).
 
     Attributes:
-      out_channels: channels of the prediction (3 for RGB eps; 6 when also learning variances).
+      out_channels: channels of the prediction (3 for RGB eps; 6 when also learning variances;
+        4 for Stable Diffusion latents).
       base_channels: width of level 0; level i has base_channels * channel_mult[i] channels.
       channel_mult: per-level width multipliers; there are len(channel_mult) resolution levels
         and len(channel_mult) - 1 downsamplings, so H and W must be divisible by
         2 ** (len(channel_mult) - 1).
       num_res_blocks: ResBlocks per encoder level (the decoder has one more per level).
-      attention_levels: indices of levels that get self-attention after every ResBlock
+      attention_levels: indices of levels that get attention after every ResBlock
         (level i works at resolution H / 2**i). The middle block always has attention.
-      num_heads: attention heads (used when head_dim is None).
+      num_heads: attention heads (used when head_dim is None): one count for every level, or a
+        tuple with one per level (the middle block uses the last level's). Stable Diffusion
+        1.x uses 8 everywhere; 2.x uses (5, 10, 20, 20), i.e. 64 channels per head. (diffusers
+        calls this number `attention_head_dim` in its configs.)
       head_dim: channels per attention head; overrides num_heads when set.
       dropout: dropout rate inside ResBlocks (active only with train=True).
       use_scale_shift_norm: ADM-style (1 + scale) * norm(h) + shift time conditioning.
@@ -190,7 +217,7 @@ class UNet(nn.Module):
       downsample_padding: padding of the strided conv, 1 (symmetric) or 0 (bottom/right only,
         the original DDPM/TensorFlow alignment); see `layers.Downsample`.
       num_groups: GroupNorm groups (every width must be divisible by it).
-      norm_eps: GroupNorm epsilon.
+      norm_eps: GroupNorm epsilon (ResBlocks, pixel attention, output norm).
       num_classes: if set, class-conditional: an embedding table with num_classes + 1 rows is
         added to the time embedding; row `num_classes` is the null (unconditional) class used
         for classifier-free guidance.
@@ -199,6 +226,24 @@ class UNet(nn.Module):
         after `conv_out` (space-to-depth, as in Hoogeboom et al. 2023's "simple diffusion"), so
         the first level runs at H/p x W/p. On CPUs, where 3x3 convolutions at full resolution
         dominate the cost, p=2 makes a step several times cheaper for small images.
+      in_channels: channels of x, checked when set (4 for SD latents, 9 for SD inpainting:
+        latents + mask + masked-image latents); None takes them from x.
+      context_dim: width of the conditioning sequence (768 for SD 1.x's CLIP ViT-L, 1024 for
+        SD 2.x's OpenCLIP ViT-H, 2048 for SDXL). When set, every attention is a cross-attention
+        transformer (`attention.SpatialTransformer`) and the call needs `context`; None is the
+        pixel network with spatial self-attention.
+      transformer_depth: TransformerBlocks per SpatialTransformer, one number or one per level
+        (the middle block uses the last level's); SDXL uses (1, 2, 10).
+      use_linear_projection: SpatialTransformer projections as linear layers (SD 2.x, SDXL)
+        rather than 1x1 convolutions (SD 1.x).
+      upcast_attention: attention in float32 whatever `dtype` (see `attention.Attention`).
+      addition_embed_dim: SDXL micro-conditioning. If set, `add_embed` (an MLP like
+        `time_embed`) maps concat(text_embeds, sinusoid(time_ids)) of this width to the time
+        embedding, to which it is added; the call then needs `text_embeds` and `time_ids`.
+        (diffusers: `addition_embed_type="text_time"`, `projection_class_embeddings_input_dim`.)
+      addition_time_embed_dim: sinusoid width per entry of time_ids (SDXL: 256).
+      sample_size: the spatial size the network was trained at (SD 1.5: 64 latents for
+        512-pixel images). Not used by the network; kept for pipelines and checkpoints.
       dtype: compute dtype (e.g. jnp.bfloat16). Parameters are always float32 and the output is
         returned in float32.
     """
@@ -208,7 +253,7 @@ class UNet(nn.Module):
     channel_mult: tuple[int, ...] = (1, 2, 2, 2)
     num_res_blocks: int = 2
     attention_levels: tuple[int, ...] = (1,)
-    num_heads: int = 1
+    num_heads: int | tuple[int, ...] = 1
     head_dim: int | None = None
     dropout: float = 0.0
     use_scale_shift_norm: bool = False
@@ -220,6 +265,14 @@ class UNet(nn.Module):
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
     patch_size: int = 1
+    in_channels: int | None = None
+    context_dim: int | None = None
+    transformer_depth: int | tuple[int, ...] = 1
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    addition_embed_dim: int | None = None
+    addition_time_embed_dim: int = 256
+    sample_size: int | None = None
     dtype: Dtype = jnp.float32
 
     @property
@@ -227,10 +280,46 @@ class UNet(nn.Module):
         """H and W must be multiples of this."""
         return self.patch_size * 2 ** (len(self.channel_mult) - 1)
 
-    def _check_inputs(self, x: Array, t: Array, labels: Array | None) -> None:
+    def per_level(self, name: str) -> tuple[int, ...]:
+        """`num_heads` or `transformer_depth` spelled out with one entry per level."""
+        value, n = getattr(self, name), len(self.channel_mult)
+        if isinstance(value, int):
+            return (value,) * n
+        value = tuple(value)
+        if len(value) != n:
+            raise ValueError(
+                f"UNet: {name}={value} has {len(value)} entries but there are {n} levels "
+                f"(channel_mult={self.channel_mult}); give one number or one per level"
+            )
+        return value
+
+    def example_inputs(self, batch: int = 1, size: int | None = None,
+                       in_channels: int | None = None) -> dict[str, Array]:
+        """Zero inputs of the right shapes for `init` / `jax.eval_shape`:
+        `module.init(key, **module.example_inputs())`.
+
+        size defaults to the smallest valid H = W; in_channels to the field (else 4 with
+        context_dim, 3 without). The sequence length of `context` is 1 (parameters do not
+        depend on it)."""
+        size = size or self.downsample_factor
+        c = in_channels or self.in_channels or (4 if self.context_dim is not None else 3)
+        out = {"x": jnp.zeros((batch, size, size, c)), "t": jnp.zeros((batch,))}
+        if self.num_classes is not None:
+            out["labels"] = jnp.zeros((batch,), jnp.int32)
+        if self.context_dim is not None:
+            out["context"] = jnp.zeros((batch, 1, self.context_dim))
+        if self.addition_embed_dim is not None:
+            n_ids = 1 if self.addition_embed_dim > self.addition_time_embed_dim else 0
+            out["text_embeds"] = jnp.zeros(
+                (batch, self.addition_embed_dim - n_ids * self.addition_time_embed_dim))
+            out["time_ids"] = jnp.zeros((batch, n_ids))
+        return out
+
+    def _check_inputs(self, x: Array, t: Array, labels: Array | None, context: Array | None,
+                      text_embeds: Array | None, time_ids: Array | None) -> None:
         if x.ndim != 4:
             raise ValueError(f"UNet expects x of shape [B, H, W, C] (NHWC), got shape {x.shape}")
-        B, H, W, _ = x.shape
+        B, H, W, C = x.shape
         f = self.downsample_factor
         if H % f or W % f:
             raise ValueError(
@@ -240,12 +329,18 @@ class UNet(nn.Module):
                 f"shape {tuple(x.shape)} ([B, H, W, C]). Pad or resize the images, or use fewer "
                 f"resolution levels."
             )
+        if self.in_channels is not None and C != self.in_channels:
+            raise ValueError(
+                f"UNet: x has {C} channels ([B, H, W, C]={tuple(x.shape)}) but the network was "
+                f"built for in_channels={self.in_channels}"
+            )
         for lvl in self.attention_levels:
             if not 0 <= lvl < len(self.channel_mult):
                 raise ValueError(
                     f"UNet: attention_levels={self.attention_levels} has level {lvl}, but there "
                     f"are only levels 0..{len(self.channel_mult) - 1}"
                 )
+        self.per_level("num_heads"), self.per_level("transformer_depth")
         if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, B)):
             raise ValueError(f"UNet: t must be a scalar or shape [B]=[{B}], got shape {t.shape}")
         if labels is not None and self.num_classes is None:
@@ -266,25 +361,88 @@ class UNet(nn.Module):
                 f"UNet: labels must be integers of shape [B]=[{B}], "
                 f"got {labels.dtype}{list(labels.shape)}"
             )
+        if context is not None and self.context_dim is None:
+            raise ValueError(
+                "UNet: context was given but the model has no cross-attention "
+                "(context_dim=None). Build it with context_dim=<width of the context vectors> "
+                "or call it without context."
+            )
+        if context is None and self.context_dim is not None:
+            raise ValueError(
+                f"UNet: this model is text-conditioned (context_dim={self.context_dim}) and needs "
+                f"context of shape [B, S, {self.context_dim}], the text encoder's hidden states "
+                f"(for unconditional outputs, those of the empty prompt)."
+            )
+        if context is not None and (
+            context.ndim != 3 or context.shape[0] != B or context.shape[2] != self.context_dim
+        ):
+            raise ValueError(
+                f"UNet: context must have shape [B, S, context_dim]=[{B}, S, {self.context_dim}], "
+                f"got {list(context.shape)}"
+            )
+        self._check_added(B, text_embeds, time_ids)
+
+    def _check_added(self, B: int, text_embeds: Array | None, time_ids: Array | None) -> None:
+        given = text_embeds is not None or time_ids is not None
+        if given and self.addition_embed_dim is None:
+            raise ValueError(
+                "UNet: text_embeds/time_ids were given but the model has no added "
+                "conditioning (addition_embed_dim=None); call it without them."
+            )
+        if self.addition_embed_dim is None:
+            return
+        if text_embeds is None or time_ids is None:
+            raise ValueError(
+                f"UNet: this model adds micro-conditioning to the time embedding "
+                f"(addition_embed_dim={self.addition_embed_dim}) and needs text_embeds [B, D] "
+                f"(the pooled text embedding) and time_ids [B, n] (SDXL: original size, crop "
+                f"top-left and target size, n=6)."
+            )
+        te, ti = jnp.shape(text_embeds), jnp.shape(time_ids)
+        if len(te) != 2 or len(ti) != 2 or te[0] != B or ti[0] != B:
+            raise ValueError(
+                f"UNet: text_embeds must be [B, D] and time_ids [B, n] with B={B}, got "
+                f"{list(te)} and {list(ti)}"
+            )
+        width = te[1] + ti[1] * self.addition_time_embed_dim
+        if width != self.addition_embed_dim:
+            raise ValueError(
+                f"UNet: text_embeds {list(te)} and time_ids {list(ti)} give D + n * "
+                f"{self.addition_time_embed_dim} = {width} features, but the network was built "
+                f"for addition_embed_dim={self.addition_embed_dim}"
+            )
 
     @nn.compact
     def __call__(
-        self, x: Array, t: Array, labels: Array | None = None, *, train: bool = False
+        self,
+        x: Array,
+        t: Array,
+        labels: Array | None = None,
+        *,
+        context: Array | None = None,
+        text_embeds: Array | None = None,
+        time_ids: Array | None = None,
+        train: bool = False,
     ) -> Array:
         """Predict the network output for noisy images.
 
         Args:
-          x: [B, H, W, C] noisy images (NHWC).
+          x: [B, H, W, C] noisy images or latents (NHWC).
           t: [B] or scalar timesteps on the training scale (e.g. 0..999), float or int.
           labels: [B] int class ids in [0, num_classes] (num_classes = null class), or None for
-            an unconditional model.
+            a model without classes.
+          context: [B, S, context_dim] conditioning sequence (text-encoder hidden states) when
+            context_dim is set, else None.
+          text_embeds: [B, D] pooled text embedding and time_ids: [B, n] micro-conditioning
+            numbers, both only when addition_embed_dim is set (SDXL).
           train: enables dropout (needs the 'dropout' rng).
         Returns:
           [B, H, W, out_channels] float32.
         """
         t = jnp.asarray(t)
         labels = None if labels is None else jnp.asarray(labels)
-        self._check_inputs(x, t, labels)
+        context = None if context is None else jnp.asarray(context)
+        self._check_inputs(x, t, labels, context, text_embeds, time_ids)
         B = x.shape[0]
         t = jnp.broadcast_to(t.astype(jnp.float32), (B,))  # [B]
 
@@ -298,11 +456,21 @@ class UNet(nn.Module):
                 self.num_classes + 1, emb_dim, dtype=self.dtype, param_dtype=jnp.float32,
                 embedding_init=nn.initializers.normal(1.0), name="class_embed",
             )(labels)
+        if self.addition_embed_dim is not None:
+            ids = timestep_embedding(
+                jnp.asarray(time_ids).reshape(-1), self.addition_time_embed_dim,
+                flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift,
+            ).reshape(B, -1)  # [B, n * addition_time_embed_dim]
+            added = jnp.concatenate([jnp.asarray(text_embeds, jnp.float32), ids], axis=-1)
+            emb = emb + TimestepMLP(emb_dim, self.dtype, name="add_embed")(added)
 
+        heads, depth = self.per_level("num_heads"), self.per_level("transformer_depth")
         common = dict(
-            num_heads=self.num_heads, head_dim=self.head_dim, dropout=self.dropout,
+            head_dim=self.head_dim, dropout=self.dropout,
             use_scale_shift_norm=self.use_scale_shift_norm, num_groups=self.num_groups,
-            norm_eps=self.norm_eps, dtype=self.dtype,
+            norm_eps=self.norm_eps, context_dim=self.context_dim,
+            use_linear_projection=self.use_linear_projection,
+            upcast_attention=self.upcast_attention, dtype=self.dtype,
         )
         num_levels = len(self.channel_mult)
 
@@ -311,23 +479,27 @@ class UNet(nn.Module):
         skips = [h]
         for i, mult in enumerate(self.channel_mult):
             h, level_skips = DownLevel(
-                self.base_channels * mult, self.num_res_blocks,
+                channels=self.base_channels * mult, num_res_blocks=self.num_res_blocks,
                 use_attention=i in self.attention_levels, downsample=i < num_levels - 1,
                 resblock_updown=self.resblock_updown, downsample_padding=self.downsample_padding,
-                name=f"down_{i}", **common,
-            )(h, emb, train=train)
+                num_heads=heads[i], transformer_depth=depth[i], name=f"down_{i}", **common,
+            )(h, emb, context, train=train)
             skips.extend(level_skips)
 
-        h = MidBlock(h.shape[-1], name="mid", **common)(h, emb, train=train)
+        h = MidBlock(
+            channels=h.shape[-1], num_heads=heads[-1], transformer_depth=depth[-1], name="mid",
+            **common,
+        )(h, emb, context, train=train)
 
         for i in reversed(range(num_levels)):
             # the decoder takes encoder activations back in reverse order of production
             level_skips = [skips.pop() for _ in range(self.num_res_blocks + 1)]
             h = UpLevel(
-                self.base_channels * self.channel_mult[i], self.num_res_blocks,
-                use_attention=i in self.attention_levels, upsample=i > 0,
-                resblock_updown=self.resblock_updown, name=f"up_{i}", **common,
-            )(h, emb, level_skips, train=train)
+                channels=self.base_channels * self.channel_mult[i],
+                num_res_blocks=self.num_res_blocks, use_attention=i in self.attention_levels,
+                upsample=i > 0, resblock_updown=self.resblock_updown, num_heads=heads[i],
+                transformer_depth=depth[i], name=f"up_{i}", **common,
+            )(h, emb, level_skips, context, train=train)
         assert not skips, "every encoder activation is consumed by the decoder"
 
         h = group_norm(self.num_groups, self.norm_eps, self.dtype, "norm_out")(h)
@@ -390,4 +562,52 @@ tiny = functools.partial(
     num_groups=8,
 )
 
-CONFIGS = {"ddpm_cifar10": ddpm_cifar10, "tiny": tiny}
+# Stable Diffusion 1.x (1.4, 1.5; runwayml/stable-diffusion-v1-5 unet): 64x64x4 latents for
+# 512-pixel images, text context from CLIP ViT-L/14 (768 wide), 8 heads at every level, 1x1-conv
+# transformer projections. 859,520,964 parameters, as diffusers' UNet2DConditionModel.
+sd15 = functools.partial(
+    UNet,
+    out_channels=4,
+    in_channels=4,
+    base_channels=320,
+    channel_mult=(1, 2, 4, 4),
+    num_res_blocks=2,
+    attention_levels=(0, 1, 2),
+    num_heads=8,
+    num_groups=32,
+    norm_eps=1e-5,
+    flip_sin_to_cos=True,
+    freq_shift=0.0,
+    context_dim=768,
+    sample_size=64,
+)
+
+# Stable Diffusion 2.x (2.0, 2.1 and their 512 "base" versions): OpenCLIP ViT-H/14 context
+# (1024 wide), 64 channels per head, linear transformer projections. The 768-pixel v-prediction
+# checkpoints also set upcast_attention (and sample_size=96). 865,910,724 parameters.
+sd21 = functools.partial(
+    sd15,
+    num_heads=(5, 10, 20, 20),
+    use_linear_projection=True,
+    context_dim=1024,
+    sample_size=96,
+)
+
+# SDXL base 1.0: three levels (320, 640, 1280) with cross-attention at the lower two, 2 and 10
+# transformer blocks deep, context 2048 (two text encoders concatenated), and micro-conditioning
+# on the pooled text embedding (1280) plus six size/crop numbers (6 x 256): 2,567,463,684
+# parameters.
+sdxl = functools.partial(
+    sd15,
+    channel_mult=(1, 2, 4),
+    attention_levels=(1, 2),
+    num_heads=(5, 10, 20),
+    transformer_depth=(1, 2, 10),
+    use_linear_projection=True,
+    context_dim=2048,
+    addition_embed_dim=2816,
+    addition_time_embed_dim=256,
+    sample_size=128,
+)
+
+CONFIGS = {"ddpm_cifar10": ddpm_cifar10, "tiny": tiny, "sd15": sd15, "sd21": sd21, "sdxl": sdxl}
