@@ -27,7 +27,8 @@ from jaxdiff.checkpoint import Checkpointer, checkpoint_dir
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.models import unet as unet_lib
 from jaxdiff.train import state as state_lib
-from jaxdiff.train.step import make_loss_fn, make_train_step
+from jaxdiff.train import latent as latent_lib
+from jaxdiff.train.step import label_condition, make_loss_fn, make_train_step
 
 
 class TrainingError(JaxdiffError, RuntimeError):
@@ -35,11 +36,20 @@ class TrainingError(JaxdiffError, RuntimeError):
 
 
 # Config sections that must agree between a run and the checkpoint it resumes from.
-_RESUME_SECTIONS = ("model", "diffusion", "data")
+_RESUME_SECTIONS = ("model", "diffusion", "data", "vae", "text")
 
 
-def build_model(cfg: ml_collections.ConfigDict, image_shape, num_classes):
-    """The U-Net named by `cfg.model`, with channels and classes taken from the data."""
+def _model_overrides(cfg: ml_collections.ConfigDict) -> dict:
+    """`cfg.model.unet`: UNet fields that replace the named preset's (lists read back from a
+    saved config become tuples again)."""
+    overrides = cfg.model.get("unet") or {}
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in overrides.items()}
+
+
+def build_model(cfg: ml_collections.ConfigDict, image_shape, num_classes, context_dim=None):
+    """The U-Net named by `cfg.model` (with the fields `cfg.model.unet` overrides), channels and
+    classes taken from the data, and cross-attention on a `context_dim`-wide text context when
+    that is given."""
     try:
         factory = unet_lib.CONFIGS[cfg.model.name]
     except KeyError:
@@ -48,9 +58,15 @@ def build_model(cfg: ml_collections.ConfigDict, image_shape, num_classes):
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
     if cfg.model.dtype not in dtypes:
         raise config_lib.ConfigError(f"model.dtype must be one of {sorted(dtypes)}, got {cfg.model.dtype!r}")
-    return factory(out_channels=image_shape[-1],
-                   num_classes=num_classes if cfg.model.class_conditional else None,
-                   dropout=cfg.model.dropout, dtype=dtypes[cfg.model.dtype])
+    extra = _model_overrides(cfg)
+    if context_dim is not None:
+        extra["context_dim"] = int(context_dim)
+    try:
+        return factory(out_channels=image_shape[-1],
+                       num_classes=num_classes if cfg.model.class_conditional else None,
+                       dropout=cfg.model.dropout, dtype=dtypes[cfg.model.dtype], **extra)
+    except TypeError as e:
+        raise config_lib.ConfigError(f"bad cfg.model.unet field: {e}") from None
 
 
 def build_schedule(cfg: ml_collections.ConfigDict):
@@ -74,14 +90,28 @@ def init_state_fn(model, tx, image_shape, seed: int):
         k_init, k_run = jax.random.split(key)
         x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
         t = jnp.zeros((1,), jnp.float32)
-        labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
-        params = model.init({"params": k_init}, x, t, labels)["params"]
+        cond = {}
+        if model.num_classes:
+            cond["labels"] = jnp.zeros((1,), jnp.int32)
+        if model.context_dim:
+            cond["context"] = jnp.zeros((1, 1, model.context_dim), jnp.float32)
+        params = model.init({"params": k_init}, x, t, **cond)["params"]
         return state_lib.create(params, tx, k_run)
     return init
 
 
-def build_data(cfg, mesh, *, process_index=None, process_count=None):
+def build_data(cfg, mesh, *, process_index=None, process_count=None, workdir=None):
+    """This process's pipeline: pixels (`data.build`), or for a latent text-to-image config
+    cached latents and caption states (`latent.build`, which needs the `workdir`)."""
     local_batch = sharding_lib.check_batch_size(cfg.data.batch_size, mesh)
+    if latent_lib.is_latent_run(cfg):
+        if workdir is None:
+            raise TrainingError("a latent (vae) config keeps its autoencoder and caches in the "
+                                "work dir: pass workdir to build_data")
+        return latent_lib.build(
+            cfg, workdir, batch_size=local_batch,
+            process_index=jax.process_index() if process_index is None else process_index,
+            process_count=jax.process_count() if process_count is None else process_count)
     return data_lib.build(
         cfg.data.dataset, batch_size=local_batch, seed=cfg.seed,
         image_size=cfg.data.image_size or None, channels=cfg.data.channels or None,
@@ -91,16 +121,26 @@ def build_data(cfg, mesh, *, process_index=None, process_count=None):
         data_dir=cfg.data.data_dir or None)
 
 
-def run_config_json(cfg, image_shape, num_classes) -> str:
+def build_condition(cfg, model, ds):
+    """`condition(batch, key) -> model kwargs` for the loss: the dataset's own (text context)
+    when it has one, else class labels with the null-class dropout."""
+    if hasattr(ds, "condition"):
+        return ds.condition(cfg)
+    return label_condition(cfg.diffusion.label_dropout, model.num_classes or None)
+
+
+def run_config_json(cfg, image_shape, num_classes, context_dim=None) -> str:
     """The config as saved with a run, plus what the network's shape depends on from the data, so
     a checkpoint can be loaded for sampling without the dataset."""
     saved = cfg.to_dict()
     saved["data_signature"] = {"image_shape": list(image_shape), "num_classes": num_classes}
+    if context_dim is not None:
+        saved["data_signature"]["context_dim"] = context_dim
     return json.dumps(saved, indent=2, sort_keys=True)
 
 
 def _check_resumable(saved: dict, cfg) -> None:
-    current = cfg.to_dict()
+    current = json.loads(json.dumps(cfg.to_dict()))  # as saved: tuples read back as lists
     for section in _RESUME_SECTIONS:
         old, new = saved.get(section, {}), current.get(section, {})
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -153,11 +193,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding_lib.make_mesh(devices)
-    ds = build_data(cfg, mesh)
-    model = build_model(cfg, ds.image_shape, ds.num_classes)
+    ds = build_data(cfg, mesh, workdir=workdir)
+    context_dim = getattr(ds, "context_dim", None)
+    model = build_model(cfg, ds.image_shape, ds.num_classes, context_dim)
     schedule = build_schedule(cfg)
     tx = build_optimizer(cfg)
-    config_json = run_config_json(cfg, ds.image_shape, model.num_classes)
+    config_json = run_config_json(cfg, ds.image_shape, model.num_classes, context_dim)
 
     replicated = sharding_lib.replicated(mesh)
     init = init_state_fn(model, tx, ds.image_shape, cfg.seed)
@@ -184,7 +225,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
     loss_fn = make_loss_fn(
         model.apply, schedule.alphas_cumprod,
         prediction_type=cfg.diffusion.prediction_type, min_snr_gamma=cfg.diffusion.min_snr_gamma,
-        label_dropout=cfg.diffusion.label_dropout, null_label=model.num_classes or None)
+        condition=build_condition(cfg, model, ds))
     step_fn = make_train_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay)
     batch_sharding = sharding_lib.batch_sharding(mesh)
     step_fn = jax.jit(step_fn, donate_argnums=(0,),
@@ -222,7 +263,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
                 ckpt.save(step, state, iterator, config_json)
                 last_saved = step
             if cfg.train.sample_every and step % cfg.train.sample_every == 0 and is_main and write_samples:
-                _write_samples(cfg, model, schedule, state, ds.image_shape, workdir, f"samples_{step:07d}.png")
+                _write_samples(cfg, model, schedule, state, ds, workdir, f"samples_{step:07d}.png",
+                               final=False)
     except KeyboardInterrupt:
         # Keep what was learned: save the current step (it is finite unless the very last steps
         # diverged, which the next run's first log would reveal) before leaving.
@@ -237,15 +279,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
     ckpt.close()
 
     if is_main and write_samples:
-        _write_samples(cfg, model, schedule, state, ds.image_shape, workdir, "samples.png")
+        _write_samples(cfg, model, schedule, state, ds, workdir, "samples.png")
         plot_loss_curve(logger.path, os.path.join(workdir, "loss.png"))
     return state
 
 
-def _write_samples(cfg, model, schedule, state, image_shape, workdir, name):
+def _write_samples(cfg, model, schedule, state, ds, workdir, name, final=True):
+    if isinstance(ds, latent_lib.LatentData):  # decode, and at the end score against captions
+        latent_lib.write_outputs(cfg, model, schedule, state, ds, workdir, name, evaluate=final)
+        return
     from jaxdiff.pipelines.pixel import DiffusionModel
     from jaxdiff import images
 
+    image_shape = ds.image_shape
     dm = DiffusionModel(config=cfg, module=model, schedule=schedule, params=state.params,
                         ema_params=state.ema_params, image_shape=image_shape)
     labels = dm.grid_labels(cfg.sample.num)
