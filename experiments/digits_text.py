@@ -55,7 +55,8 @@ def get_config():
     c.text.num_heads = 4
     c.text.dropout = 0.1               # P(caption -> "") in training, for guidance
 
-    c.train.steps = 1500
+    c.data.batch_size = 32
+    c.train.steps = 2000
     c.train.log_every = 50
     c.train.checkpoint_every = 500
 
