@@ -218,3 +218,32 @@ def test_resume_is_bit_exact(tiny_config, prepared, tmp_path):
     cfg.text.dropout = 0.5
     with pytest.raises(loop.TrainingError, match="text.dropout"):
         loop.train(cfg, str(tmp_path / "split"), progress=False, write_samples=False)
+
+
+def test_frozen_folders_load_in_diffusers_and_transformers(prepared):
+    """The work dir's vae/, text_encoder/ and tokenizer/ are what the reference libraries read:
+    same token ids, same text states and same latents (float32, 1e-4)."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    transformers = pytest.importorskip("transformers")
+    parts = frozen.build_or_load(_tiny_config(), str(prepared), None, None)
+    captions = list(data_lib.digit_captions()[:8]) + [""]
+    ours = parts.tokenizer(captions)
+    ref_tok = transformers.CLIPTokenizer(str(prepared / "tokenizer" / "vocab.json"),
+                                         str(prepared / "tokenizer" / "merges.txt"))
+    ref_ids = ref_tok(captions, padding="max_length", max_length=ours.shape[1],
+                      truncation=True)["input_ids"]
+    np.testing.assert_array_equal(ours, np.asarray(ref_ids))
+    text = transformers.CLIPTextModel.from_pretrained(str(prepared / "text_encoder")).eval()
+    with torch.no_grad():
+        ref_states = text(torch.as_tensor(ours, dtype=torch.long)).last_hidden_state.numpy()
+    np.testing.assert_allclose(frozen.embed_texts(parts, captions), ref_states, rtol=1e-4,
+                               atol=1e-4)
+    vae = diffusers.AutoencoderKL.from_pretrained(str(prepared / "vae")).eval()
+    images, _ = data_lib.load_examples("captioned_digits", image_size=16)
+    x = images["image"][:4]                                                    # [4, 16, 16, 1]
+    with torch.no_grad():
+        ref = vae.encode(torch.as_tensor(x.transpose(0, 3, 1, 2))).latent_dist.mean.numpy()
+    ref = ref.transpose(0, 2, 3, 1) * vae.config.scaling_factor                # NHWC, scaled
+    with np.load(prepared / "cache" / "latents.npz") as f:
+        np.testing.assert_allclose(f["latents"][:4], ref, rtol=1e-4, atol=1e-4)
