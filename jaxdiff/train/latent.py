@@ -159,9 +159,13 @@ def grid_captions(num: int) -> np.ndarray:
 
 def sample_latents(cfg, module, schedule, params, data: LatentData, caption_ids, guidance_scale,
                    seed: int) -> np.ndarray:
-    """Latents [N, h, w, c] for captions `caption_ids` [N] with classifier-free guidance."""
+    """Latents [N, h, w, c] for captions `caption_ids` [N] with classifier-free guidance
+    (`cfg.sample.sampler`, `cfg.sample.steps`, x0 clipping off)."""
+    # Latents are not confined to [-1, 1]: DDIM / DDPM must not clip their x0 estimates there
+    # (their pixel-space default, as in diffusers; with it, samples shrink and lose the caption).
+    no_clip = {"clip_sample": False} if "clip_sample" in samplers.options(cfg.sample.sampler) else {}
     plan = samplers.get(cfg.sample.sampler, schedule, cfg.sample.steps,
-                        prediction_type=cfg.diffusion.prediction_type)
+                        prediction_type=cfg.diffusion.prediction_type, **no_clip)
     k_noise, k_run = jax.random.split(jax.random.PRNGKey(seed))
     noise = jax.random.normal(k_noise, (len(caption_ids),) + tuple(data.image_shape))
     cond = jnp.asarray(data.caption_states[np.asarray(caption_ids)])              # [N, S, D]
