@@ -579,6 +579,7 @@ class ImageDataset:
       image_shape: (H, W, C) of every image after preprocessing.
       num_classes: number of classes, or None when unlabeled (then labels are -1).
       class_names: tuple of class names, or None.
+      captions: the distinct caption strings batch["caption"] indexes (captioned sets), or None.
       num_examples: examples this process reads (its slice of the dataset).
       total_examples: examples in the whole dataset (all processes).
       batch_size: per-process batch size B.
