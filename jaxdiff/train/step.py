@@ -55,6 +55,33 @@ def label_dropper(p: float, null_label: int | None) -> Callable:
     return drop
 
 
+def label_condition(p: float, null_label: int | None) -> Callable:
+    """`condition(batch, key) -> model kwargs` for a class-conditional (or unconditional) network:
+    `{"labels": batch["label"]}` with each label replaced by the null class with probability `p`,
+    or `{}` when the network has no classes (`null_label=None`)."""
+    if null_label is None:
+        return lambda batch, key: {}
+    drop = label_dropper(p, null_label)
+    return lambda batch, key: {"labels": drop(batch["label"], key)}
+
+
+def context_condition(p: float, null_context) -> Callable:
+    """`condition(batch, key) -> {"context": [B, S, D]}` for a text-conditioned network.
+
+    batch["context"]: [B, S, D] text-encoder states of each example's caption. With probability
+    `p` an example's whole context is replaced by `null_context` [S, D] (the empty caption's
+    states), so the same network also learns the unconditional prediction for classifier-free
+    guidance."""
+    null_context = jnp.asarray(null_context, jnp.float32)
+
+    def condition(batch, key):
+        context = batch["context"]                                          # [B, S, D]
+        drop = jax.random.uniform(key, (context.shape[0], 1, 1)) < p          # [B, 1, 1]
+        return {"context": jnp.where(drop, null_context[None].astype(context.dtype), context)}
+
+    return condition
+
+
 def ema_update(ema, params, decay: float, step: jax.Array):
     """EMA with the usual warm start: the effective decay min(decay, (1+s)/(10+s)) lets a short run's
     average follow the early, fast-moving weights."""
@@ -64,15 +91,20 @@ def ema_update(ema, params, decay: float, step: jax.Array):
 
 def make_loss_fn(apply_fn: Callable, alphas_cumprod: jax.Array, *, prediction_type: str = "epsilon",
                  min_snr_gamma: float = 0.0, label_dropout: float = 0.0,
-                 null_label: int | None = None) -> Callable:
+                 null_label: int | None = None, condition: Callable | None = None) -> Callable:
     """Build `loss_fn(params, batch, key) -> scalar loss`.
 
-    apply_fn: `apply_fn({"params": p}, x_t, t, labels, train=True, rngs={"dropout": k})`.
-    alphas_cumprod: `[T]` float32. batch: {"image": [B, H, W, C] in [-1, 1], "label": [B] int32}.
+    apply_fn: `apply_fn({"params": p}, x_t, t, train=True, rngs={"dropout": k}, **cond)`.
+    alphas_cumprod: `[T]` float32. batch: {"image": [B, H, W, C] in [-1, 1], ...} plus what
+    `condition` reads.
+    condition: `condition(batch, key) -> dict` of conditioning keyword arguments for the
+    network, with its own dropout for guidance (`label_condition`, `context_condition`); by
+    default `label_condition(label_dropout, null_label)`: batch["label"] [B] int32 as `labels`.
     """
     num_t = alphas_cumprod.shape[0]
     weight_fn = min_snr_weight(prediction_type, min_snr_gamma)
-    drop_labels = label_dropper(label_dropout, null_label)
+    if condition is None:
+        condition = label_condition(label_dropout, null_label)
 
     def loss_fn(params, batch, key):
         x0 = batch["image"]                                            # [B, H, W, C]
@@ -82,9 +114,9 @@ def make_loss_fn(apply_fn: Callable, alphas_cumprod: jax.Array, *, prediction_ty
         abar = alphas_cumprod[t]                                       # [B]
         ab = abar.reshape((-1,) + (1,) * (x0.ndim - 1))                # [B, 1, 1, 1]
         x_t = jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * eps
-        labels = drop_labels(batch.get("label"), k_lab)
-        pred = apply_fn({"params": params}, x_t, t.astype(jnp.float32), labels,
-                        train=True, rngs={"dropout": k_drop})
+        cond = condition(batch, k_lab)
+        pred = apply_fn({"params": params}, x_t, t.astype(jnp.float32),
+                        train=True, rngs={"dropout": k_drop}, **cond)
         target = parameterization.target(prediction_type, x0, eps, ab)
         per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target),
                                axis=tuple(range(1, x0.ndim)))          # [B]
