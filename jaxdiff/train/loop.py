@@ -208,8 +208,8 @@ class Trainer(NamedTuple):
 def build_trainer(cfg: ml_collections.ConfigDict, mesh, model, schedule, tx, image_shape,
                   condition=None) -> Trainer:
     """Lay the TrainState out on `mesh` with the rule table `cfg.mesh.rules` and jit the step.
-    condition: `condition(batch, key) -> model kwargs` (default: class labels with null-class
-    dropout, `step.label_condition`)."""
+    condition: `condition(batch, key) -> model kwargs` (default: `build_condition` without a
+    dataset of its own, i.e. class labels with null-class dropout)."""
     rules = sharding_lib.get_rules(cfg.mesh.rules)
     init = init_state_fn(model, tx, image_shape, cfg.seed)
     abstract = jax.eval_shape(init)
@@ -217,7 +217,7 @@ def build_trainer(cfg: ml_collections.ConfigDict, mesh, model, schedule, tx, ima
     loss_fn = make_loss_fn(
         model.apply, schedule.alphas_cumprod,
         prediction_type=cfg.diffusion.prediction_type, min_snr_gamma=cfg.diffusion.min_snr_gamma,
-        condition=condition or label_condition(cfg.diffusion.label_dropout, model.num_classes or None))
+        condition=condition or build_condition(cfg, model, ds=None))
     batch_sharding = sharding_lib.batch_sharding(mesh)
     step = jax.jit(make_train_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay), donate_argnums=(0,),
                    in_shardings=(state_sharding, batch_sharding),
