@@ -182,17 +182,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_write_the_images_of_one(checkpoint, tmp_path):
-    kw = CASES["guided_ddim"]
-    port = _free_port()
+def _two_processes(args, tmp_path):
+    """Run `jaxdiff ARGS` as 2 processes x 4 CPU devices; both succeed, only process 0 writes."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
                XLA_FLAGS="--xla_force_host_platform_device_count=4")
     env.pop("JAXDIFF_DEBUG", None)
-    args = ["sample", "--checkpoint", str(checkpoint), "--num", str(kw["num"]), "--steps", str(kw["num_steps"]),
-            "--seed", str(kw["seed"]), "--labels", ",".join(map(str, kw["labels"])),
-            "--guidance_scale", str(kw["guidance_scale"]), "--rules", "fsdp",
-            "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2"]
     procs = [subprocess.Popen([sys.executable, "-m", "jaxdiff.cli", *args, "--process_id", str(i),
                                "--out", str(tmp_path / f"out{i}.png")], env=env, cwd=REPO,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -201,6 +195,16 @@ def test_two_processes_write_the_images_of_one(checkpoint, tmp_path):
         assert p.returncode == 0, err[-3000:]
     assert "batch over 8 devices" in outs[0][0], outs[0][0]
     assert not (tmp_path / "out1.png").exists() and "wrote" not in outs[1][0]
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_images_of_one(checkpoint, tmp_path):
+    kw = CASES["guided_ddim"]
+    args = ["sample", "--checkpoint", str(checkpoint), "--num", str(kw["num"]), "--steps", str(kw["num_steps"]),
+            "--seed", str(kw["seed"]), "--labels", ",".join(map(str, kw["labels"])),
+            "--guidance_scale", str(kw["guidance_scale"]), "--rules", "fsdp",
+            "--coordinator_address", f"127.0.0.1:{_free_port()}", "--num_processes", "2"]
+    _two_processes(args, tmp_path)
 
     model = jaxdiff.load(str(checkpoint), mesh=sharding.make_mesh(jax.devices()[:1]))
     want = model.sample(**kw)
@@ -218,21 +222,10 @@ def test_two_processes_generate_the_images_of_one(tiny, tmp_path):
     from jaxdiff.pipelines.stable_diffusion import StableDiffusion, to_uint8
 
     folder, _ = tiny
-    port = _free_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    env.pop("JAXDIFF_DEBUG", None)
     args = ["generate", "--model", str(folder), "--prompt", PROMPT, "--steps", "2", "--num", "3", "--seed", "4",
             "--guidance_scale", "7.5", "--rules", "fsdp", "--no-progress",
-            "--coordinator_address", f"127.0.0.1:{port}", "--num_processes", "2"]
-    procs = [subprocess.Popen([sys.executable, "-m", "jaxdiff.cli", *args, "--process_id", str(i),
-                               "--out", str(tmp_path / f"out{i}.png")], env=env, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=900) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    assert "batch over 8 devices" in outs[0][0], outs[0][0]
-    assert not (tmp_path / "out1.png").exists() and "wrote" not in outs[1][0]
+            "--coordinator_address", f"127.0.0.1:{_free_port()}", "--num_processes", "2"]
+    _two_processes(args, tmp_path)
 
     pipe = StableDiffusion.from_pretrained(folder, mesh=sharding.make_mesh(jax.devices()[:1]))
     want = to_uint8(pipe(PROMPT, num_steps=2, num_images=3, seed=4, guidance_scale=7.5, output_type="np"))
