@@ -22,11 +22,7 @@ import jax
 from etils import epath
 import orbax.checkpoint as ocp
 
-from jaxdiff.errors import JaxdiffError
-
-
-class CheckpointError(JaxdiffError, ValueError):
-    """A checkpoint that is missing, incomplete or unreadable."""
+from jaxdiff.errors import CheckpointError
 
 
 def checkpoint_dir(workdir: str) -> str:

@@ -20,11 +20,7 @@ import os
 
 import ml_collections
 
-from jaxdiff.errors import JaxdiffError
-
-
-class ConfigError(JaxdiffError, ValueError):
-    """A config file or override the user can fix."""
+from jaxdiff.errors import ConfigError
 
 
 def get_config() -> ml_collections.ConfigDict:

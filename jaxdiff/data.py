@@ -64,7 +64,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from jaxdiff.errors import JaxdiffError
+from jaxdiff.errors import DataError, DatasetNotAvailableError
 
 __all__ = [
     "DataError",
@@ -80,14 +80,6 @@ __all__ = [
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
-
-
-class DataError(JaxdiffError, ValueError):
-    """A dataset problem the user can fix (bad name, bad file, bad option)."""
-
-
-class DatasetNotAvailableError(DataError):
-    """A TFDS dataset is not prepared in the data directory (and will not be downloaded)."""
 
 
 # ----------------------------------------------------------------------------------

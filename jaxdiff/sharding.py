@@ -31,7 +31,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxdiff.errors import JaxdiffError
+from jaxdiff.errors import ShardingError
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -47,10 +47,6 @@ PARAM_LEAVES = ("kernel", "bias", "scale", "embedding")
 # [mlp, embed] (row-parallel) so tensor parallelism alternates column / row as in Megatron-LM.
 _ROW_PARALLEL = re.compile(
     r"^(proj_out|proj_attn|to_out(_\d+)?|out_proj|o_proj|wo|fc2|dense_1|net_2|ff_out|c_proj)$")
-
-
-class ShardingError(JaxdiffError, ValueError):
-    """A batch or mesh shape that cannot be laid out on the devices present."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from jaxdiff import sampling  # noqa: E402
-from jaxdiff.convert.tensors import CheckpointError  # noqa: E402
+from jaxdiff.errors import CheckpointError  # noqa: E402
 from jaxdiff.pipelines import stable_diffusion as sd_lib  # noqa: E402
 from jaxdiff.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 

@@ -24,7 +24,7 @@ from jaxdiff.convert import single_file  # noqa: E402
 from jaxdiff.convert import unet as unet_convert  # noqa: E402
 from jaxdiff.convert import vae as vae_convert  # noqa: E402
 from jaxdiff.convert.folder import save_pretrained  # noqa: E402
-from jaxdiff.convert.tensors import CheckpointError  # noqa: E402
+from jaxdiff.errors import CheckpointError  # noqa: E402
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 VOCAB = 600

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from jaxdiff.convert import clip
-from jaxdiff.convert.tensors import CheckpointError
+from jaxdiff.errors import CheckpointError
 from jaxdiff.models.text import CLIPTextEncoder, SD1TextEncoder, SD2TextEncoder
 
 torch = pytest.importorskip("torch")

@@ -9,7 +9,7 @@ import unicodedata
 import numpy as np
 import pytest
 
-from jaxdiff.convert.tensors import CheckpointError
+from jaxdiff.errors import CheckpointError
 from jaxdiff.models.tokenizer import CLIPTokenizer
 
 regex = pytest.importorskip("regex")

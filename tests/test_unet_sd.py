@@ -16,7 +16,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from jaxdiff.convert import unet as convert_unet
-from jaxdiff.convert.tensors import CheckpointError
+from jaxdiff.errors import CheckpointError
 from jaxdiff.models.unet import CONFIGS, sd15, sd21, sdxl, tiny
 
 torch = pytest.importorskip("torch")

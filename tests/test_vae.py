@@ -15,7 +15,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from jaxdiff.convert import tensors as T  # noqa: E402
 from jaxdiff.convert import vae as convert  # noqa: E402
-from jaxdiff.convert.tensors import CheckpointError  # noqa: E402
+from jaxdiff.errors import CheckpointError  # noqa: E402
 from jaxdiff.models.vae import (  # noqa: E402
     DiagonalGaussian,
     StableDiffusionVAE,

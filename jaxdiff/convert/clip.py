@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.convert import tensors
-from jaxdiff.convert.tensors import CheckpointError
+from jaxdiff.errors import CheckpointError
 from jaxdiff.models.text import ACTIVATIONS, CLIPTextEncoder
 
 PREFIX = "text_model."

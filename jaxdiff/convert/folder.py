@@ -28,7 +28,7 @@ from typing import Any, Mapping
 from jaxdiff.convert import clip as clip_convert
 from jaxdiff.convert import unet as unet_convert
 from jaxdiff.convert import vae as vae_convert
-from jaxdiff.convert.tensors import CheckpointError
+from jaxdiff.errors import CheckpointError
 
 INPAINT_IN_CHANNELS = 9
 # The diffusers folder-format version model_index.json declares (diffusers reads it to decide

@@ -103,7 +103,7 @@ from jaxdiff.convert import clip as clip_convert
 from jaxdiff.convert import tensors
 from jaxdiff.convert import unet as unet_convert
 from jaxdiff.convert import vae as vae_convert
-from jaxdiff.convert.tensors import CheckpointError
+from jaxdiff.errors import CheckpointError
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."

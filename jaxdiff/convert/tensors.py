@@ -23,13 +23,9 @@ from typing import Mapping
 import numpy as np
 from flax import traverse_util
 
-from jaxdiff.errors import JaxdiffError
+from jaxdiff.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-
-
-class CheckpointError(JaxdiffError):
-    """A checkpoint file is missing, unsafe to read, or does not fit the network."""
 
 
 # ------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.convert import tensors
-from jaxdiff.convert.tensors import CheckpointError
+from jaxdiff.errors import CheckpointError
 from jaxdiff.models.layers import split_heads
 from jaxdiff.models.unet import UNet
 

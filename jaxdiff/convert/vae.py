@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.convert import tensors as T
-from jaxdiff.convert.tensors import CheckpointError
+from jaxdiff.errors import CheckpointError
 from jaxdiff.models.vae import AutoencoderKL
 
 CONFIG_NAME = "config.json"

@@ -37,7 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxdiff.convert.tensors import CheckpointError
+from jaxdiff.errors import CheckpointError
 
 TOKENIZER_FILE = "tokenizer.json"
 VOCAB_FILE = "vocab.json"

@@ -185,6 +185,6 @@ def _data_signature(cfg) -> tuple[tuple[int, int, int], int | None]:
     """(image shape, number of classes) of the run, as saved in its config."""
     sig = cfg.get("data_signature")
     if sig is None:
-        from jaxdiff.checkpoint import CheckpointError
+        from jaxdiff.errors import CheckpointError
         raise CheckpointError("checkpoint config lacks data_signature (image shape / classes)")
     return tuple(sig["image_shape"]), sig["num_classes"]

@@ -68,7 +68,7 @@ import numpy as np
 
 from jaxdiff import samplers, sampling, schedules
 from jaxdiff import sharding as sharding_lib
-from jaxdiff.convert.tensors import CheckpointError
+from jaxdiff.errors import CheckpointError
 from jaxdiff.models import vae as vae_lib
 from jaxdiff.samplers import masked as masked_lib
 

@@ -37,7 +37,7 @@ import numpy as np
 from jaxdiff import data as data_lib
 from jaxdiff import images as images_lib
 from jaxdiff import samplers, sampling
-from jaxdiff.errors import JaxdiffError
+from jaxdiff.errors import DataError
 from jaxdiff.models.vae import decode_latents, vae_latents
 from jaxdiff.train import frozen
 from jaxdiff.train.step import context_condition
@@ -45,10 +45,6 @@ from jaxdiff.train.step import context_condition
 CACHE_DIR = "cache"
 LATENTS_FILE = "latents.npz"
 TEXT_FILE = "text.npz"
-
-
-class LatentDataError(JaxdiffError, ValueError):
-    """A latent text-to-image config the data cannot serve."""
 
 
 def is_latent_run(cfg: ml_collections.ConfigDict) -> bool:
@@ -119,7 +115,7 @@ def build(cfg: ml_collections.ConfigDict, workdir: str, *, batch_size: int, proc
         cfg.data.dataset, image_size=cfg.data.image_size or None,
         channels=cfg.data.channels or None, data_dir=cfg.data.data_dir or None)
     if captions is None or "caption" not in examples:
-        raise LatentDataError(
+        raise DataError(
             f"dataset {cfg.data.dataset!r} has no captions; text-to-image training needs a "
             "captioned set (e.g. --config.data.dataset=captioned_digits)")
     images, labels = examples["image"], examples["label"]

@@ -27,15 +27,11 @@ from jaxdiff import data as data_lib
 from jaxdiff import schedules
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.checkpoint import Checkpointer, checkpoint_dir
-from jaxdiff.errors import JaxdiffError
+from jaxdiff.errors import TrainingError
 from jaxdiff.models import unet as unet_lib
 from jaxdiff.train import state as state_lib
 from jaxdiff.train import latent as latent_lib
 from jaxdiff.train.step import label_condition, make_loss_fn, make_train_step
-
-
-class TrainingError(JaxdiffError, RuntimeError):
-    """Training cannot go on (diverged, or the work dir holds an incompatible run)."""
 
 
 # Config sections that must agree between a run and the checkpoint it resumes from.
