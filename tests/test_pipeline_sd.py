@@ -22,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 
 from jaxdiff import sampling  # noqa: E402
 from jaxdiff.errors import CheckpointError  # noqa: E402
+from jaxdiff.convert import scheduler as scheduler_convert  # noqa: E402
 from jaxdiff.pipelines import stable_diffusion as sd_lib  # noqa: E402
 from jaxdiff.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 
@@ -365,33 +366,33 @@ def test_scheduler_configs_map_to_samplers_and_options():
     sd15 = {"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
             "beta_start": 0.00085, "num_train_timesteps": 1000, "set_alpha_to_one": False,
             "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None, "clip_sample": False}
-    assert sd_lib.default_sampler(sd15) == "pndm"
-    assert sd_lib.sampler_options("pndm", sd15) == {"set_alpha_to_one": False, "skip_prk_steps": True,
+    assert scheduler_convert.default_sampler(sd15) == "pndm"
+    assert scheduler_convert.sampler_options("pndm", sd15) == {"set_alpha_to_one": False, "skip_prk_steps": True,
                                                     "steps_offset": 1}
     # switching sampler keeps the shared keys, as diffusers' from_config does
-    assert sd_lib.sampler_options("ddim", sd15) == {"set_alpha_to_one": False, "steps_offset": 1,
+    assert scheduler_convert.sampler_options("ddim", sd15) == {"set_alpha_to_one": False, "steps_offset": 1,
                                                     "clip_sample": False}
-    schedule = sd_lib.schedule_from_config(sd15)
+    schedule = scheduler_convert.schedule_from_config(sd15)
     expected = diffusers.PNDMScheduler.from_config(sd15).alphas_cumprod.numpy()
     np.testing.assert_allclose(np.asarray(schedule.alphas_cumprod), expected, rtol=1e-6)
 
     dpm = dict(diffusers.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", solver_order=3,
                                                      use_karras_sigmas=True).config)
     dpm["_class_name"] = "DPMSolverMultistepScheduler"
-    assert sd_lib.default_sampler(dpm) == "dpmpp_3m_sde"
-    opts = sd_lib.sampler_options("dpmpp_3m_sde", dpm)
+    assert scheduler_convert.default_sampler(dpm) == "dpmpp_3m_sde"
+    opts = scheduler_convert.sampler_options("dpmpp_3m_sde", dpm)
     assert opts["use_karras_sigmas"] is True and "solver_order" not in opts
-    assert "solver_type" not in sd_lib.sampler_options("unipc", dpm)       # midpoint is not a UniPC type
+    assert "solver_type" not in scheduler_convert.sampler_options("unipc", dpm)       # midpoint is not a UniPC type
     for cls, name in [("EulerDiscreteScheduler", "euler"), ("DDIMScheduler", "ddim"),
                       ("UniPCMultistepScheduler", "unipc"), ("LMSDiscreteScheduler", "lms")]:
-        assert sd_lib.default_sampler({"_class_name": cls}) == name
+        assert scheduler_convert.default_sampler({"_class_name": cls}) == name
     v = {"_class_name": "DDIMScheduler", "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
          "timestep_spacing": "trailing", "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
-    assert sd_lib.sampler_options("euler", v) == {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}
-    zsnr = sd_lib.schedule_from_config(v)
+    assert scheduler_convert.sampler_options("euler", v) == {"prediction_type": "v_prediction", "timestep_spacing": "trailing"}
+    zsnr = scheduler_convert.schedule_from_config(v)
     assert float(zsnr.alphas_cumprod[-1]) < 1e-6
     with pytest.raises(CheckpointError, match="beta_schedule='sigmoid'"):
-        sd_lib.schedule_from_config({"beta_schedule": "sigmoid"})
+        scheduler_convert.schedule_from_config({"beta_schedule": "sigmoid"})
 
 
 # ---------------------------------------------------------------------------------------------

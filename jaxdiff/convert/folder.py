@@ -1,9 +1,11 @@
-"""Write a whole diffusers-format Stable Diffusion pipeline folder from jaxdiff networks.
+"""Whole diffusers-format Stable Diffusion pipeline folders <-> jaxdiff networks, both ways.
 
-    save_pretrained(out_dir, components, *, tokenizer_dir=None) -> list[str]
+    load_pretrained(folder, dtype) -> components       (read, checking every part is there)
+    save_pretrained(out_dir, components, *, tokenizer_dir=None) -> list[str]     (write)
 
 `components` is what `single_file.load_single_file` returns: {"unet": (UNet, params),
-"vae": (AutoencoderKL, params), "text_encoder": (CLIPTextEncoder, params), "scheduler": dict}.
+"vae": (AutoencoderKL, params), "text_encoder": (CLIPTextEncoder, params), "scheduler": dict};
+`load_pretrained` returns the same, plus "tokenizer": a `CLIPTokenizer`.
 The folder written is the one `diffusers.StableDiffusionPipeline.from_pretrained(out_dir)`
 (`StableDiffusionInpaintPipeline` for a 9-channel U-Net) reads:
 
@@ -30,6 +32,9 @@ from jaxdiff.convert import unet as unet_convert
 from jaxdiff.convert import vae as vae_convert
 from jaxdiff.errors import CheckpointError
 
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+MODEL_INDEX = "model_index.json"
+SCHEDULER_CONFIG = "scheduler_config.json"
 INPAINT_IN_CHANNELS = 9
 # The diffusers folder-format version model_index.json declares (diffusers reads it to decide
 # on compatibility paths, e.g. for inpainting folders from before 0.6).
@@ -80,7 +85,7 @@ def save_pretrained(out_dir: str | os.PathLike, components: Mapping[str, Any], *
     scheduler = dict(components["scheduler"])
     scheduler.setdefault("_class_name", "PNDMScheduler")
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
-    _write_json(scheduler, os.path.join(out_dir, "scheduler", "scheduler_config.json"))
+    _write_json(scheduler, os.path.join(out_dir, "scheduler", SCHEDULER_CONFIG))
 
     notes = []
     tok_dst = os.path.join(out_dir, "tokenizer")
@@ -110,7 +115,79 @@ def save_pretrained(out_dir: str | os.PathLike, components: Mapping[str, Any], *
         "tokenizer": ["transformers", "CLIPTokenizer"] if has_tokenizer else [None, None],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
-    }, os.path.join(out_dir, "model_index.json"))
+    }, os.path.join(out_dir, MODEL_INDEX))
     for note in notes:
         warnings.warn(note, stacklevel=2)
     return notes
+
+
+# --------------------------------------------------------------------------------------------
+# Reading.
+
+
+def load_pretrained(path: str | os.PathLike, dtype=None, *, progress: bool = False) -> dict[str, Any]:
+    """Read a diffusers Stable Diffusion 1.x / 2.x folder: {"unet": (UNet, params), "vae":
+    (AutoencoderKL, params), "text_encoder": (CLIPTextEncoder, params), "tokenizer":
+    CLIPTokenizer, "scheduler": dict}. dtype: compute dtype of the networks (None: float32;
+    parameters are float32 whatever the files hold). progress: a bar over the parts.
+    Raises CheckpointError naming the missing or unreadable part."""
+    import jax.numpy as jnp
+    from tqdm.auto import tqdm
+
+    from jaxdiff.models.tokenizer import CLIPTokenizer
+
+    dtype = jnp.float32 if dtype is None else dtype
+    path = os.fspath(path)
+    check_pipeline_folder(path)
+    parts: dict[str, Any] = {}
+    bar = tqdm(PIPELINE_PARTS, desc="load", unit="part", disable=not progress)
+    for part in bar:
+        bar.set_postfix_str(part)
+        folder = os.path.join(path, part)
+        if part == "unet":
+            parts[part] = unet_convert.load(folder, dtype)
+        elif part == "vae":
+            parts[part] = vae_convert.load(folder, dtype)
+        elif part == "text_encoder":
+            parts[part] = clip_convert.load(folder, dtype)
+        elif part == "tokenizer":
+            parts[part] = CLIPTokenizer.from_dir(folder)
+        else:
+            with open(os.path.join(folder, SCHEDULER_CONFIG)) as f:
+                parts[part] = json.load(f)
+    bar.close()
+    unet, text = parts["unet"][0], parts["text_encoder"][0]
+    if unet.context_dim is None:
+        raise CheckpointError(f"{os.path.join(path, 'unet')} is not text-conditioned (no cross_attention_dim); "
+                              "a Stable Diffusion U-Net needs cross-attention")
+    if unet.context_dim != text.hidden_size:
+        raise CheckpointError(f"the U-Net's cross_attention_dim={unet.context_dim} does not match the text "
+                              f"encoder's hidden_size={text.hidden_size} in {path}")
+    return parts
+
+
+def check_pipeline_folder(path: str) -> None:
+    """Raise CheckpointError unless `path` is a diffusers SD 1.x / 2.x pipeline folder with every part."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"Stable Diffusion folder not found: {path} (jaxdiff reads local diffusers-format "
+                              "folders only; download or save_pretrained the pipeline first)")
+    index_path = os.path.join(path, MODEL_INDEX)
+    if not os.path.isfile(index_path):
+        raise CheckpointError(f"{path} has no {MODEL_INDEX}: expected a diffusers pipeline folder with "
+                              f"{', '.join(p + '/' for p in PIPELINE_PARTS)} (save one with "
+                              "StableDiffusionPipeline.save_pretrained(folder, safe_serialization=True))")
+    with open(index_path) as f:
+        index = json.load(f)
+    if "text_encoder_2" in index or "unet" not in index and "transformer" in index:
+        raise CheckpointError(f"{path} is a {index.get('_class_name', 'different')} folder; jaxdiff's "
+                              "StableDiffusion reads Stable Diffusion 1.x / 2.x pipelines (one CLIP text encoder "
+                              "and a U-Net)")
+    for part in PIPELINE_PARTS:
+        folder = os.path.join(path, part)
+        if not os.path.isdir(folder):
+            listed = index.get(part)
+            what = f" (model_index.json lists {part}: {listed[1]})" if isinstance(listed, list) and listed[1:] else ""
+            raise CheckpointError(f"{path} has no {part}/ folder{what}; a Stable Diffusion folder needs "
+                                  f"{', '.join(p + '/' for p in PIPELINE_PARTS)}")
+    if not os.path.isfile(os.path.join(path, "scheduler", SCHEDULER_CONFIG)):
+        raise CheckpointError(f"{os.path.join(path, 'scheduler')} has no {SCHEDULER_CONFIG}")

@@ -57,115 +57,20 @@ calls the pipeline (it is a collective) and every process gets all N images.
 from __future__ import annotations
 
 import functools
-import json
 import os
-import warnings
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import samplers, sampling, schedules
+from jaxdiff import samplers, sampling
 from jaxdiff import sharding as sharding_lib
-from jaxdiff.errors import CheckpointError
 from jaxdiff.models import vae as vae_lib
 from jaxdiff.samplers import masked as masked_lib
+from jaxdiff.convert import scheduler as scheduler_convert
 
-PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-SCHEDULER_CONFIG = "scheduler_config.json"
-MODEL_INDEX = "model_index.json"
 DEFAULT_MAX_STEPS = 50
-
-# diffusers scheduler class -> the jaxdiff sampler of the same method.
-SCHEDULER_SAMPLERS = {
-    "DDIMScheduler": "ddim",
-    "DDPMScheduler": "ddpm",
-    "PNDMScheduler": "pndm",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_ancestral",
-    "HeunDiscreteScheduler": "heun",
-    "LMSDiscreteScheduler": "lms",
-    "UniPCMultistepScheduler": "unipc",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",   # algorithm_type refines it, see _default_sampler
-}
-
-# Keys of scheduler configs that define the noise schedule rather than a sampler option.
-_SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
-                  "rescale_betas_zero_snr")
-# Scheduler options jaxdiff does not implement, with the value under which ignoring them is exact.
-_UNSUPPORTED = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
-                "use_flow_sigmas": False, "interpolation_type": "linear", "timestep_type": "discrete",
-                "lambda_min_clipped": -float("inf")}
-_SOLVER_TYPES = {"unipc": ("bh1", "bh2"), "dpmpp_2m": ("midpoint", "heun"), "dpmpp_2m_sde": ("midpoint", "heun"),
-                 "dpmpp_3m_sde": ("midpoint", "heun")}
-
-
-# --------------------------------------------------------------------------------------------
-# Scheduler config -> schedule, default sampler, sampler options.
-# --------------------------------------------------------------------------------------------
-
-def schedule_from_config(config: dict) -> schedules.DiscreteSchedule:
-    """The noise schedule of a diffusers scheduler config (its beta keys)."""
-    if config.get("trained_betas") is not None:
-        betas = np.asarray(config["trained_betas"], np.float64)
-        if config.get("rescale_betas_zero_snr"):
-            betas = schedules.rescale_zero_terminal_snr(betas)
-        return schedules.from_betas(betas)
-    name = config.get("beta_schedule", "linear")
-    if name not in schedules.DISCRETE_SCHEDULES:
-        raise CheckpointError(f"scheduler beta_schedule={name!r} is not supported; jaxdiff has "
-                              f"{', '.join(schedules.DISCRETE_SCHEDULES)}")
-    return schedules.discrete(name, num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
-                              beta_start=float(config.get("beta_start", 0.0001)),
-                              beta_end=float(config.get("beta_end", 0.02)),
-                              rescale_betas_zero_snr=bool(config.get("rescale_betas_zero_snr", False)))
-
-
-def default_sampler(config: dict) -> str:
-    """The jaxdiff sampler that does what the config's scheduler class does."""
-    cls = config.get("_class_name", "")
-    if cls == "DPMSolverMultistepScheduler":
-        algorithm = config.get("algorithm_type", "dpmsolver++")
-        if algorithm == "sde-dpmsolver++":
-            return "dpmpp_3m_sde" if config.get("solver_order", 2) == 3 else "dpmpp_2m_sde"
-        if algorithm != "dpmsolver++":
-            warnings.warn(f"DPMSolverMultistepScheduler algorithm_type={algorithm!r} is not implemented; "
-                          "sampling with DPM-Solver++ (dpmpp_2m) instead", stacklevel=3)
-        return "dpmpp_2m"
-    if cls not in SCHEDULER_SAMPLERS:
-        warnings.warn(f"scheduler {cls!r} has no jaxdiff counterpart; the default sampler is ddim "
-                      f"(known: {', '.join(sorted(SCHEDULER_SAMPLERS))})", stacklevel=3)
-        return "ddim"
-    return SCHEDULER_SAMPLERS[cls]
-
-
-def sampler_options(name: str, config: dict) -> dict:
-    """The options of sampler `name` that the scheduler config sets: the keys it shares with the
-    sampler carry over, the others keep the sampler's defaults. This is what diffusers'
-    `OtherScheduler.from_config(config)` does with a config read from a folder (a scheduler built
-    in memory also remembers which keys were left at their defaults and does not carry those)."""
-    valid = samplers.options(name)
-    out = {k: v for k, v in config.items()
-           if k in valid and k != "start_step" and not k.startswith("_") and k not in _SCHEDULE_KEYS}
-    if "solver_type" in out and out["solver_type"] not in _SOLVER_TYPES.get(name, (out["solver_type"],)):
-        del out["solver_type"]              # e.g. a UniPC "bh2" config used with DPM-Solver
-    if name == "dpmpp_3m_sde":
-        out.pop("solver_order", None)       # the 3M sampler is order 3 by definition
-    if "sigma_min" in out and out["sigma_min"] is None:
-        del out["sigma_min"]
-    if "sigma_max" in out and out["sigma_max"] is None:
-        del out["sigma_max"]
-    return out
-
-
-def _warn_unsupported(config: dict) -> None:
-    for key, exact in _UNSUPPORTED.items():
-        value = config.get(key, exact)
-        if value is not None and value != exact:
-            warnings.warn(f"scheduler option {key}={value!r} is not implemented in jaxdiff and is ignored "
-                          f"(samples follow {key}={exact!r})", stacklevel=3)
-
 
 # --------------------------------------------------------------------------------------------
 # Network calls (module-level so that each pipeline's partials are stable jit cache keys).
@@ -222,7 +127,7 @@ class StableDiffusion:
         self.tokenizer = tokenizer
         self.schedule = schedule
         self.scheduler_config = dict(scheduler_config)
-        self.default_sampler = default_sampler(self.scheduler_config)
+        self.default_sampler = scheduler_convert.default_sampler(self.scheduler_config)
         self.max_steps = int(max_steps)
         self.mesh = sharding_lib.inference_mesh(rules, devices) if mesh is None else mesh
         self.rules = rules
@@ -251,44 +156,15 @@ class StableDiffusion:
             the class); in a multi-process run every process loads the folder.
         Raises `CheckpointError` naming the missing or unreadable part.
         """
-        from tqdm.auto import tqdm
+        from jaxdiff.convert import folder as folder_convert
 
-        from jaxdiff.convert import clip as clip_convert
-        from jaxdiff.convert import unet as unet_convert
-        from jaxdiff.convert import vae as vae_convert
-        from jaxdiff.models.tokenizer import CLIPTokenizer
-
-        path = os.fspath(path)
-        _check_folder(path)
-        parts = {}
-        bar = tqdm(PIPELINE_PARTS, desc="load", unit="part", disable=not progress)
-        for part in bar:
-            bar.set_postfix_str(part)
-            folder = os.path.join(path, part)
-            if part == "unet":
-                parts[part] = unet_convert.load(folder, dtype)
-            elif part == "vae":
-                parts[part] = vae_convert.load(folder, dtype)
-            elif part == "text_encoder":
-                parts[part] = clip_convert.load(folder, dtype)
-            elif part == "tokenizer":
-                parts[part] = CLIPTokenizer.from_dir(folder)
-            else:
-                with open(os.path.join(folder, SCHEDULER_CONFIG)) as f:
-                    parts[part] = json.load(f)
-        bar.close()
+        parts = folder_convert.load_pretrained(path, dtype, progress=progress)
         (unet, unet_params), (vae, vae_params), (text, text_params) = parts["unet"], parts["vae"], parts["text_encoder"]
-        if unet.context_dim is None:
-            raise CheckpointError(f"{os.path.join(path, 'unet')} is not text-conditioned (no cross_attention_dim); "
-                                  "a Stable Diffusion U-Net needs cross-attention")
-        if unet.context_dim != text.hidden_size:
-            raise CheckpointError(f"the U-Net's cross_attention_dim={unet.context_dim} does not match the text "
-                                  f"encoder's hidden_size={text.hidden_size} in {path}")
         config = parts["scheduler"]
-        _warn_unsupported(config)
+        scheduler_convert.warn_unsupported(config)
         return cls(unet=unet, vae=vae, text_encoder=text, tokenizer=parts["tokenizer"],
                    params={"unet": unet_params, "vae": vae_params, "text_encoder": text_params},
-                   schedule=schedule_from_config(config), scheduler_config=config, max_steps=max_steps,
+                   schedule=scheduler_convert.schedule_from_config(config), scheduler_config=config, max_steps=max_steps,
                    vae_float32=vae_float32, devices=devices, mesh=mesh, rules=rules)
 
     # ----------------------------------------------------------------------------------------
@@ -368,7 +244,7 @@ class StableDiffusion:
         name = name or self.default_sampler
         if name not in samplers.names():
             raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(samplers.names())}")
-        opts = sampler_options(name, self.scheduler_config)
+        opts = scheduler_convert.sampler_options(name, self.scheduler_config)
         valid = samplers.options(name)
         if eta is not None:
             if "eta" in valid:
@@ -581,32 +457,6 @@ class StableDiffusion:
 # --------------------------------------------------------------------------------------------
 # Folders, images in and out.
 # --------------------------------------------------------------------------------------------
-
-def _check_folder(path: str) -> None:
-    if not os.path.isdir(path):
-        raise CheckpointError(f"Stable Diffusion folder not found: {path} (jaxdiff reads local diffusers-format "
-                              "folders only; download or save_pretrained the pipeline first)")
-    index_path = os.path.join(path, MODEL_INDEX)
-    if not os.path.isfile(index_path):
-        raise CheckpointError(f"{path} has no {MODEL_INDEX}: expected a diffusers pipeline folder with "
-                              f"{', '.join(p + '/' for p in PIPELINE_PARTS)} (save one with "
-                              "StableDiffusionPipeline.save_pretrained(folder, safe_serialization=True))")
-    with open(index_path) as f:
-        index = json.load(f)
-    if "text_encoder_2" in index or "unet" not in index and "transformer" in index:
-        raise CheckpointError(f"{path} is a {index.get('_class_name', 'different')} folder; jaxdiff's "
-                              "StableDiffusion reads Stable Diffusion 1.x / 2.x pipelines (one CLIP text encoder "
-                              "and a U-Net)")
-    for part in PIPELINE_PARTS:
-        folder = os.path.join(path, part)
-        if not os.path.isdir(folder):
-            listed = index.get(part)
-            what = f" (model_index.json lists {part}: {listed[1]})" if isinstance(listed, list) and listed[1:] else ""
-            raise CheckpointError(f"{path} has no {part}/ folder{what}; a Stable Diffusion folder needs "
-                                  f"{', '.join(p + '/' for p in PIPELINE_PARTS)}")
-    if not os.path.isfile(os.path.join(path, "scheduler", SCHEDULER_CONFIG)):
-        raise CheckpointError(f"{os.path.join(path, 'scheduler')} has no {SCHEDULER_CONFIG}")
-
 
 def _check_output_type(output_type) -> None:
     if output_type not in ("pil", "np", "latent"):
