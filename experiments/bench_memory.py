@@ -44,7 +44,7 @@ import jax.numpy as jnp  # noqa: E402
 from jaxdiff import config as config_lib  # noqa: E402
 from jaxdiff import sharding  # noqa: E402
 from jaxdiff.models import unet  # noqa: E402
-from jaxdiff.train import loop  # noqa: E402
+from jaxdiff.train import build  # noqa: E402
 from jaxdiff.train import state as state_lib  # noqa: E402
 from jaxdiff.train.step import make_train_step  # noqa: E402
 
@@ -136,7 +136,7 @@ def bench(name: str, rules: str, n_devices: int, batch: int, image_shape, remat:
     mesh = sharding.make_mesh(jax.devices()[:n_devices], **mesh_shapes[rules])
     cfg = config_lib.get_config()
     model = unet.CONFIGS[name](dropout=0.0, remat=remat)
-    tx = loop.build_optimizer(cfg)
+    tx = build.build_optimizer(cfg)
 
     def init():
         x, t, cond = _example_args(model, 1, image_shape)

@@ -30,7 +30,7 @@ from bench_sampling import median_time as median_seconds, torch_unet
 from jaxdiff import config as config_lib
 from jaxdiff import samplers, sampling
 from jaxdiff.samplers import base
-from jaxdiff.train import loop
+from jaxdiff.train import build
 
 # sampler -> (diffusers scheduler class, its extra options) for the reference runs.
 REFERENCES = {
@@ -52,7 +52,7 @@ REFERENCES = {
 def demo_network(batch: int):
     cfg = config_lib.get_config()
     image_shape = (cfg.data.image_size, cfg.data.image_size, 1)
-    module = loop.build_model(cfg, image_shape, 10)
+    module = build.build_model(cfg, image_shape, 10)
     params = module.init(jax.random.PRNGKey(0), jnp.zeros((1,) + image_shape), jnp.zeros((1,)),
                          jnp.zeros((1,), jnp.int32))["params"]
     return cfg, module, params, image_shape
@@ -101,7 +101,7 @@ def run_reference(ref, scheduler_name, extra, cfg, image_shape, batch, steps, re
 
 
 def bench_samplers(cfg, module, params, image_shape, args, ref):
-    schedule = loop.build_schedule(cfg)
+    schedule = build.build_schedule(cfg)
     labels = jnp.arange(args.batch, dtype=jnp.int32) % 10
     model_fn = jax.tree_util.Partial(functools.partial(_apply, module), params, labels)
     key = jax.random.PRNGKey(0)
@@ -133,7 +133,7 @@ def bench_samplers(cfg, module, params, image_shape, args, ref):
 
 def bench_request_mix(cfg, module, params, image_shape, args):
     """Many requests, one program: count the network's traces and the loop's compilations."""
-    schedule = loop.build_schedule(cfg)
+    schedule = build.build_schedule(cfg)
     traces = []
 
     def conditional(module, params, x, t, labels):

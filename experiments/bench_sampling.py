@@ -31,7 +31,7 @@ import numpy as np
 from jaxdiff import config as config_lib
 from jaxdiff import samplers, sampling
 from jaxdiff.samplers import base
-from jaxdiff.train import loop
+from jaxdiff.train import build
 
 
 def demo_model(checkpoint: str | None):
@@ -42,10 +42,10 @@ def demo_model(checkpoint: str | None):
         return m.module, m.ema_params, m.schedule, m.image_shape
     cfg = config_lib.get_config()
     image_shape, num_classes = (28, 28, 1), 10
-    module = loop.build_model(cfg, image_shape, num_classes)
+    module = build.build_model(cfg, image_shape, num_classes)
     x = jnp.zeros((1,) + image_shape)
     params = module.init(jax.random.PRNGKey(0), x, jnp.zeros((1,)), jnp.zeros((1,), jnp.int32))["params"]
-    return module, params, loop.build_schedule(cfg), image_shape
+    return module, params, build.build_schedule(cfg), image_shape
 
 
 def _apply(module, params, labels, x, t):

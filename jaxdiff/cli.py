@@ -47,11 +47,12 @@ def _train(argv: list[str]) -> int:
     args = parser.parse_args(rest)
     _maybe_init_distributed(args)
 
+    from jaxdiff.pipelines import write_run_samples
     from jaxdiff.train import loop
 
     name = os.path.splitext(os.path.basename(config_path))[0] if config_path else "digits"
     workdir = args.workdir or os.path.join("runs", name)
-    state = loop.train(cfg, workdir, progress=not args.no_progress)
+    state = loop.train(cfg, workdir, progress=not args.no_progress, write_samples=write_run_samples)
     if int(state.step) < cfg.train.steps:  # preempted: saved, message printed, resume later
         return 0
     print(f"done: samples in {os.path.join(workdir, 'samples.png')}, "
@@ -199,27 +200,19 @@ def _generate(argv: list[str]) -> int:
     _maybe_init_distributed(args)
 
     import jax.numpy as jnp
-    import numpy as np
-    from PIL import Image
-    from tqdm.auto import tqdm
 
     from jaxdiff import images
-    from jaxdiff.pipelines.stable_diffusion import StableDiffusion, to_uint8
+    from jaxdiff.pipelines.stable_diffusion import StableDiffusion
 
     quiet = args.no_progress or not _is_main_process()
     pipe = StableDiffusion.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), progress=not quiet,
                                            rules=args.rules)
-    with tqdm(total=1, desc="generate", unit="batch", disable=quiet) as bar:
-        out = pipe(args.prompt, negative_prompt=args.negative_prompt, num_steps=args.steps, sampler=args.sampler,
-                   guidance_scale=args.guidance_scale, seed=args.seed, num_images=args.num, height=args.height,
-                   width=args.width, eta=args.eta, clip_skip=args.clip_skip, output_type="np")
-        bar.update()
+    pixels = pipe(args.prompt, negative_prompt=args.negative_prompt, num_steps=args.steps, sampler=args.sampler,
+                  guidance_scale=args.guidance_scale, seed=args.seed, num_images=args.num, height=args.height,
+                  width=args.width, eta=args.eta, clip_skip=args.clip_skip, output_type="uint8", progress=not quiet)
     if not _is_main_process():
         return 0
-    pixels = to_uint8(out)
-    picture = pixels[0] if args.num == 1 else images.make_grid(pixels)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(picture)).save(args.out)
+    images.save_grid(pixels, args.out, upscale=1)
     print(f"wrote {args.num} image(s) to {args.out}{_devices_note(pipe.mesh)}")
     return 0
 

@@ -30,6 +30,7 @@ network returns.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from typing import Callable
 
@@ -40,7 +41,8 @@ from jaxdiff.samplers import base
 
 
 def sample(sampler: base.Sampler, model_fn: Callable, noise: jax.Array, key: jax.Array, *,
-           x0: jax.Array | None = None, return_trajectory: bool = False):
+           x0: jax.Array | None = None, return_trajectory: bool = False,
+           progress: Callable[[int, int], None] | None = None):
     """Integrate from noise to data.
 
     noise: [B, ...] ~ N(0, I); the sampler's `init_sigma` scales it to the initial latent.
@@ -52,8 +54,16 @@ def sample(sampler: base.Sampler, model_fn: Callable, noise: jax.Array, key: jax
     Returns x0 [B, ...] float32, and with `return_trajectory=True` also the sample after each
     iteration, [num_model_calls, B, ...] float32: one entry per planned call (entries past the
     last real call of a padded plan repeat the result), the last entry the result.
+    progress: `progress(done, total)` called on the host after each model call as the compiled
+        loop runs (done = calls made, total = calls this run makes); the call returns once the
+        result is ready. A loop with progress is compiled once more than one without (a static
+        option), and reports cost a host callback per call, negligible beside a network.
     """
-    return _run(*_arguments(sampler, model_fn, noise, key, x0), return_trajectory=return_trajectory)
+    args = _arguments(sampler, model_fn, noise, key, x0)
+    if progress is None:
+        return _run(*args, return_trajectory=return_trajectory)
+    with _listening(progress):
+        return jax.block_until_ready(_run(*args, return_trajectory=return_trajectory, progress=True))
 
 
 def lower(sampler: base.Sampler, model_fn: Callable, noise: jax.Array, key: jax.Array, *,
@@ -98,9 +108,30 @@ def _as_partial(model_fn: Callable) -> jax.tree_util.Partial:
     return jax.tree_util.Partial(model_fn)
 
 
-@functools.partial(jax.jit, static_argnames=("return_trajectory",))
+# Progress: the compiled loop calls `_report` on the host after each model call; it hands the
+# count to the innermost active listener (a stack, so nested runs report to their own bar).
+_LISTENERS: list[Callable[[int, int], None]] = []
+
+
+@contextlib.contextmanager
+def _listening(listener: Callable[[int, int], None]):
+    _LISTENERS.append(listener)
+    try:
+        yield
+    finally:
+        _LISTENERS.remove(listener)
+
+
+def _report(done, total) -> None:
+    # Called once per device holding the (replicated) counters, in any order: listeners take
+    # the largest count they have seen.
+    if _LISTENERS:
+        _LISTENERS[-1](int(done), int(total))
+
+
+@functools.partial(jax.jit, static_argnames=("return_trajectory", "progress"))
 def _run(sampler: base.Sampler, model_fn: jax.tree_util.Partial, noise: jax.Array, key: jax.Array,
-         x0: jax.Array, from_image: jax.Array, return_trajectory: bool):
+         x0: jax.Array, from_image: jax.Array, return_trajectory: bool, progress: bool = False):
     # from_image is traced, so text-to-image and image-to-image requests share one program.
     noise = noise.astype(jnp.float32)
     state = sampler.init(noise)
@@ -109,11 +140,15 @@ def _run(sampler: base.Sampler, model_fn: jax.tree_util.Partial, noise: jax.Arra
         noised = state.signal_scales[state.index] * x0.astype(jnp.float32) + state.noise_scales[state.index] * noise
         x = jnp.where(from_image, noised, x)
     batch = noise.shape[0]
+    first = state.index                                                        # a late start skips calls
 
     def call(x, state):
         t, scale = base.next_call(state)                                      # [], []
         out = model_fn(scale * x, jnp.full((batch,), t, jnp.float32))         # [B, ...]
-        return sampler.step(state, x, out.astype(jnp.float32), key)
+        x, state = sampler.step(state, x, out.astype(jnp.float32), key)
+        if progress:
+            jax.debug.callback(_report, state.index - first, state.num_calls - first)
+        return x, state
 
     def body(carry, _):
         # Once `index` reaches `num_calls` (after a late start, or over padding) iterations do nothing.

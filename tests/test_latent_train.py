@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from jaxdiff import config as config_lib
+from jaxdiff import sharding
 from jaxdiff import data as data_lib
 from jaxdiff.models.vae import vae_latents
-from jaxdiff.train import frozen, latent, loop
+from jaxdiff.train import build, frozen, latent, loop
 from jaxdiff.train.step import context_condition, make_loss_fn, make_train_step
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "digits_text.py")
@@ -179,17 +180,17 @@ def test_latents_and_caption_states_are_computed_once(tiny_config, prepared, tmp
 def test_train_steps_lower_the_loss(tiny_config, prepared, tmp_path):
     cfg = tiny_config
     cfg.optim.learning_rate = 3e-3
-    mesh = loop.sharding_lib.make_mesh()
-    ds = loop.build_data(cfg, mesh, workdir=_workdir_from(prepared, tmp_path / "run"))
+    mesh = sharding.make_mesh()
+    ds = build.build_task(cfg, mesh, workdir=_workdir_from(prepared, tmp_path / "run"))
     batch = jax.tree.map(jnp.asarray, next(ds.iterator()))
-    model = loop.build_model(cfg, ds.image_shape, ds.num_classes, ds.context_dim)
+    model = build.build_model(cfg, ds.image_shape, ds.num_classes, ds.context_dim)
     assert model.context_dim == 16 and model.num_classes is None
-    tx = loop.build_optimizer(cfg)
-    state = jax.jit(loop.init_state_fn(model, tx, ds.image_shape, 0))()
-    schedule = loop.build_schedule(cfg)
+    tx = build.build_optimizer(cfg)
+    state = jax.jit(build.init_state_fn(model, tx, ds.image_shape, 0))()
+    schedule = build.build_schedule(cfg)
     loss_fn = make_loss_fn(model.apply, schedule.alphas_cumprod,
                            prediction_type=cfg.diffusion.prediction_type,
-                           condition=loop.build_condition(cfg, model, ds))
+                           condition=ds.condition(cfg, model))
     step = jax.jit(make_train_step(loss_fn, tx))
     keys = jax.random.split(jax.random.PRNGKey(7), 4)
     eval_loss = jax.jit(lambda p: jnp.mean(jax.vmap(lambda k: loss_fn(p, batch, k))(keys)))

@@ -20,10 +20,10 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+from jaxdiff import images as images_lib  # noqa: E402
 from jaxdiff import sampling  # noqa: E402
 from jaxdiff.errors import CheckpointError  # noqa: E402
 from jaxdiff.convert import scheduler as scheduler_convert  # noqa: E402
-from jaxdiff.pipelines import stable_diffusion as sd_lib  # noqa: E402
 from jaxdiff.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -238,7 +238,7 @@ def test_pil_output_seed_and_defaults(pipe):
     pictures = pipe(PROMPT, num_steps=STEPS, num_images=N, seed=1)                 # default size: 8 * 2
     assert len(pictures) == N and pictures[0].size == (SIZE, SIZE) and pictures[0].mode == "RGB"
     again = pipe(PROMPT, num_steps=STEPS, num_images=N, seed=1, output_type="np")
-    np.testing.assert_array_equal(np.asarray(pictures[1]), sd_lib.to_uint8(again)[1])
+    np.testing.assert_array_equal(np.asarray(pictures[1]), images_lib.to_uint8(again)[1])
     other = pipe(PROMPT, num_steps=STEPS, num_images=N, seed=2, output_type="np")
     assert np.abs(other - again).max() > 0.05
     assert pipe.default_sampler == "ddim"
@@ -471,7 +471,7 @@ def test_cli_generate_writes_a_png_with_the_batch_split_over_two_devices(tiny, p
     grid = np.asarray(Image.open(out))
     assert grid.shape == (2 + SIZE + 2, 2 + 2 * (SIZE + 2), 3)                  # a 1 x 2 grid with 2px gaps
     # the same pictures as one device makes (up to a rounding step of uint8)
-    ours = sd_lib.to_uint8(pipe(PROMPT, num_steps=2, num_images=2, seed=1, guidance_scale=1.0, output_type="np"))
+    ours = images_lib.to_uint8(pipe(PROMPT, num_steps=2, num_images=2, seed=1, guidance_scale=1.0, output_type="np"))
     for i in range(2):
         tile = grid[2:2 + SIZE, 2 + i * (SIZE + 2):2 + i * (SIZE + 2) + SIZE].astype(int)
         assert np.abs(tile - ours[i]).max() <= 1

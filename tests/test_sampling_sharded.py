@@ -24,7 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # 5 and 3 images on 8 devices: both runs are padded. A: guided DDIM; B: stochastic DDPM through
 # the null class (its in-loop noise must not depend on the layout either).
 CASES = {
-    "guided_ddim": dict(num=5, num_steps=3, seed=1, labels=[0, 1, 2, 3, 4], guidance_scale=2.0),
+    "guided_ddim": dict(num=5, sampler="ddim", num_steps=3, seed=1, labels=[0, 1, 2, 3, 4], guidance_scale=2.0),
     "ddpm": dict(num=3, sampler="ddpm", num_steps=3, seed=2),
 }
 
@@ -47,7 +47,7 @@ def checkpoint(tmp_path_factory):
 def one_device(checkpoint):
     """Each case's float images on a single device."""
     model = jaxdiff.load(str(checkpoint), mesh=sharding.make_mesh(jax.devices()[:1]))
-    return {name: model.sample(**kw, output_type="float") for name, kw in CASES.items()}
+    return {name: model.sample(**kw, output_type="latent") for name, kw in CASES.items()}
 
 
 _PIXEL_8 = """
@@ -65,7 +65,7 @@ sampling.sample = spy
 report = {{}}
 for rules in ("dp", "fsdp"):
     model = jaxdiff.load("{work}", rules=rules)
-    out = {{name: model.sample(**kw, output_type="float") for name, kw in CASES.items()}}
+    out = {{name: model.sample(**kw, output_type="latent") for name, kw in CASES.items()}}
     np.savez("{tmp}/pixel_" + rules + ".npz", **out)
     # The parameters the jitted loop was handed are the model's, laid out by the rules.
     params = jax.tree.leaves(model.ema_params)
@@ -219,7 +219,8 @@ def test_two_processes_write_the_images_of_one(checkpoint, tmp_path):
 
 @pytest.mark.slow
 def test_two_processes_generate_the_images_of_one(tiny, tmp_path):
-    from jaxdiff.pipelines.stable_diffusion import StableDiffusion, to_uint8
+    from jaxdiff.images import to_uint8
+    from jaxdiff.pipelines.stable_diffusion import StableDiffusion
 
     folder, _ = tiny
     args = ["generate", "--model", str(folder), "--prompt", PROMPT, "--steps", "2", "--num", "3", "--seed", "4",

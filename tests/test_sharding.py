@@ -19,7 +19,9 @@ from conftest import run_python
 from jaxdiff import sharding
 from jaxdiff.checkpoint import Checkpointer
 from jaxdiff.models import unet
-from jaxdiff.train import loop
+from jaxdiff import config as config_lib
+from jaxdiff.train import build, loop
+from jaxdiff.train import state as state_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -115,10 +117,10 @@ def test_rule_tables_shard_what_they_promise():
 
 
 def test_state_shardings_cover_optimizer_state():
-    cfg = loop.config_lib.get_config()
+    cfg = config_lib.get_config()
     params = _tiny_params()
-    tx = loop.build_optimizer(cfg)
-    state = jax.eval_shape(lambda: loop.state_lib.create(
+    tx = build.build_optimizer(cfg)
+    state = jax.eval_shape(lambda: state_lib.create(
         jax.tree.map(jnp.zeros_like, params), tx, jax.random.PRNGKey(0)))
     mesh, rules = _mesh(fsdp=8), sharding.RULES["fsdp"]
     # The AdamW moments mirror the parameters' paths and shapes, hence their layout.
@@ -165,20 +167,22 @@ _EQUIVALENCE = """
 import json, jax, numpy as np
 from jaxdiff import config as config_lib, sharding
 from jaxdiff.checkpoint import Checkpointer
-from jaxdiff.train import loop
+from jaxdiff import config as config_lib
+from jaxdiff.train import build, loop
+from jaxdiff.train import state as state_lib
 assert len(jax.devices()) == 8
 c = config_lib.get_config()
 c.data.image_size = 16; c.data.batch_size = 16; c.optim.warmup_steps = 1
 STEPS = {steps}
-ds = loop.build_data(c, sharding.make_mesh(jax.devices()[:1]))
+ds = build.build_task(c, sharding.make_mesh(jax.devices()[:1]))
 it = ds.iterator()
 batches = [next(it) for _ in range(STEPS)]
-model = loop.build_model(c, ds.image_shape, ds.num_classes)
+model = build.build_model(c, ds.image_shape, ds.num_classes)
 
 def run(rules, devices, **shape):
     c.mesh.rules = rules
     mesh = sharding.make_mesh(devices, **shape)
-    tr = loop.build_trainer(c, mesh, model, loop.build_schedule(c), loop.build_optimizer(c), ds.image_shape)
+    tr = build.build_trainer(c, mesh, model, build.build_schedule(c), build.build_optimizer(c), ds.image_shape)
     state = tr.init()
     init = jax.tree.map(np.asarray, state.params)
     losses = []
@@ -214,7 +218,7 @@ for rules, shape in {layouts}:
         ck.save(STEPS, state, it, "{{}}"); ck.wait()
         c.mesh.rules = "dp"
         mesh4 = sharding.make_mesh(jax.devices()[:4])
-        tr4 = loop.build_trainer(c, mesh4, model, loop.build_schedule(c), loop.build_optimizer(c), ds.image_shape)
+        tr4 = build.build_trainer(c, mesh4, model, build.build_schedule(c), build.build_optimizer(c), ds.image_shape)
         back, step = ck.restore(tr4.abstract)
         out["restore"] = {{
             "step": step,
@@ -341,7 +345,9 @@ jax.distributed.initialize("127.0.0.1:{port}", 2, int(sys.argv[1]))
 from jax.experimental import multihost_utils
 STEPS, RULES = {steps}, "dp"
 """ + _CONFIG + """
-from jaxdiff.train import loop
+from jaxdiff import config as config_lib
+from jaxdiff.train import build, loop
+from jaxdiff.train import state as state_lib
 assert jax.process_count() == 2 and len(jax.devices()) == 8 and len(jax.local_devices()) == 4
 state = loop.train(c, "{workdir}", progress=False, write_samples=False)
 params = multihost_utils.process_allgather(state.params, tiled=True)
@@ -355,15 +361,17 @@ import jax, numpy as np
 STEPS, RULES = {steps}, "dp"
 """ + _CONFIG + """
 from jaxdiff import data as data_lib, sharding
-from jaxdiff.train import loop
+from jaxdiff import config as config_lib
+from jaxdiff.train import build, loop
+from jaxdiff.train import state as state_lib
 assert jax.process_count() == 1 and len(jax.devices()) == 8
 mesh = sharding.make_mesh()
 # The global batch of the 2-process run: process 0's rows, then process 1's.
 its = [data_lib.build("digits", batch_size=8, seed=c.seed, image_size=16, process_index=i,
                       process_count=2).iterator() for i in range(2)]
-ds = loop.build_data(c, mesh)
-model = loop.build_model(c, ds.image_shape, ds.num_classes)
-tr = loop.build_trainer(c, mesh, model, loop.build_schedule(c), loop.build_optimizer(c), ds.image_shape)
+ds = build.build_task(c, mesh)
+model = build.build_model(c, ds.image_shape, ds.num_classes)
+tr = build.build_trainer(c, mesh, model, build.build_schedule(c), build.build_optimizer(c), ds.image_shape)
 state = tr.init()
 np.savez("{tmp}/init.npz", *[np.asarray(x) for x in jax.tree.leaves(state.params)])
 for _ in range(STEPS):
@@ -379,14 +387,16 @@ STEPS, RULES = {steps2}, "fsdp"
 """ + _CONFIG + """
 from jaxdiff import sharding
 from jaxdiff.checkpoint import Checkpointer, checkpoint_dir
-from jaxdiff.train import loop
+from jaxdiff import config as config_lib
+from jaxdiff.train import build, loop
+from jaxdiff.train import state as state_lib
 c.mesh.data = 1; c.mesh.fsdp = -1
 assert jax.process_count() == 1 and len(jax.devices()) == 4
 # Restore the 2-process, 8-device dp checkpoint onto 4 devices with FSDP.
 mesh = sharding.mesh_from_config(c.mesh)
-ds = loop.build_data(c, mesh)
-model = loop.build_model(c, ds.image_shape, ds.num_classes)
-tr = loop.build_trainer(c, mesh, model, loop.build_schedule(c), loop.build_optimizer(c), ds.image_shape)
+ds = build.build_task(c, mesh)
+model = build.build_model(c, ds.image_shape, ds.num_classes)
+tr = build.build_trainer(c, mesh, model, build.build_schedule(c), build.build_optimizer(c), ds.image_shape)
 ck = Checkpointer(checkpoint_dir("{workdir}"), read_only=True)
 state, step = ck.restore(tr.abstract)
 ck.close()

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import run_python
-from jaxdiff.train import loop
-from jaxdiff.train import state as state_lib
+from jaxdiff import sharding
+from jaxdiff.train import build, loop
 from jaxdiff.train.step import make_loss_fn, make_train_step, min_snr_weight
 
 
@@ -35,13 +35,13 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch(small_config, prediction_ty
     cfg = small_config
     cfg.diffusion.prediction_type = prediction_type
     cfg.optim.learning_rate = 3e-3
-    mesh = loop.sharding_lib.make_mesh()
-    ds = loop.build_data(cfg, mesh)
+    mesh = sharding.make_mesh()
+    ds = build.build_task(cfg, mesh)
     batch = jax.tree.map(jnp.asarray, next(ds.iterator()))
-    model = loop.build_model(cfg, ds.image_shape, ds.num_classes)
-    schedule = loop.build_schedule(cfg)
-    tx = loop.build_optimizer(cfg)
-    state = jax.jit(loop.init_state_fn(model, tx, ds.image_shape, 0))()
+    model = build.build_model(cfg, ds.image_shape, ds.num_classes)
+    schedule = build.build_schedule(cfg)
+    tx = build.build_optimizer(cfg)
+    state = jax.jit(build.init_state_fn(model, tx, ds.image_shape, 0))()
     loss_fn = make_loss_fn(model.apply, schedule.alphas_cumprod, prediction_type=prediction_type,
                            null_label=model.num_classes)
     step = jax.jit(make_train_step(loss_fn, tx))
@@ -103,7 +103,7 @@ def test_one_device_and_eight_devices_agree(tmp_path):
     code = textwrap.dedent(f"""
         import json, jax, numpy as np
         from jaxdiff import config as config_lib
-        from jaxdiff.train import loop
+        from jaxdiff.train import build, loop
         assert len(jax.devices()) == 8
         c = config_lib.get_config()
         c.data.image_size = 16; c.data.batch_size = 16; c.train.steps = 4
@@ -112,8 +112,8 @@ def test_one_device_and_eight_devices_agree(tmp_path):
         eight = loop.train(c, "{tmp_path}/eight", devices=jax.devices(), progress=False, write_samples=False)
         a, b = jax.tree.leaves(one.params), jax.tree.leaves(eight.params)
         shard_counts = sorted({{len(x.sharding.device_set) for x in b}})
-        model = loop.build_model(c, (16, 16, 1), 10)
-        init = jax.tree.leaves(jax.jit(loop.init_state_fn(model, loop.build_optimizer(c), (16, 16, 1), c.seed))().params)
+        model = build.build_model(c, (16, 16, 1), 10)
+        init = jax.tree.leaves(jax.jit(build.init_state_fn(model, build.build_optimizer(c), (16, 16, 1), c.seed))().params)
         norm = lambda leaves: float(np.sqrt(sum(np.sum(np.square(np.asarray(x, np.float64))) for x in leaves)))
         # How far the two runs drift apart, relative to how far training moved the parameters.
         drift = norm([np.asarray(x) - np.asarray(y) for x, y in zip(a, b)])

@@ -11,12 +11,20 @@ writes: `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and
 `scheduler/scheduler_config.json`. Weights are read from safetensors only (pickles are refused);
 a missing part is named in the error.
 
-The flow of one call, for N = len(prompts) * num_images images of H x W pixels:
+A thin front end of the sampling core (`pipelines/core.py`). For N = len(prompts) * num_images
+images of H x W pixels it makes
 
     ids [P, 77]  -> text encoder -> cond [N, 77, D]  (and the negative / empty prompt: uncond)
-    noise [N, H/f, W/f, C] ~ N(0, I)    (f = the VAE's downsampling factor, C = latent channels)
-    latents = sampling.sample(sampler, cfg(unet, guidance_scale, cond, uncond), noise, key)
-    images = VAE.decode(latents / scaling_factor)  -> [N, H, W, 3] in [0, 1]
+    the sampler plan (the folder's scheduler, or `sampler=`), the latent shape [H/f, W/f, C]
+    (f = the VAE's downsampling factor, C = latent channels), for img2img the image latents, for
+    inpainting the mask (9-channel U-Nets) or the region to keep (mask blending)
+
+and the core draws noise [N, H/f, W/f, C], pads the batch over the mesh, samples (guided when
+guidance_scale > 1) and decodes: images = VAE.decode(latents / scaling_factor) in [0, 1].
+
+Every call takes the same keyword arguments, `GenerateOptions` (num_steps, sampler,
+guidance_scale, seed, num_images, height, width, latents, output_type, ...); diffusers' names
+(num_inference_steps, num_images_per_prompt) are understood.
 
 Scheduler: the folder's `scheduler_config.json` becomes a jaxdiff noise schedule (beta_schedule,
 beta_start / beta_end, num_train_timesteps, trained_betas, rescale_betas_zero_snr) and default
@@ -26,8 +34,9 @@ to it, as diffusers' `OtherScheduler.from_config(pipe.scheduler.config)` carries
 SD 1.5's "leading" spacing and steps_offset=1 stay with `sampler="euler"`). The
 config's `_class_name` picks the default sampler (`SCHEDULER_SAMPLERS`); `sampler=` picks another.
 
-Guidance follows the diffusers pipelines: classifier-free guidance (`sampling.cfg`, one batched
-network call on [uncond; cond]) when guidance_scale > 1, plain conditional sampling otherwise;
+Guidance follows the diffusers pipelines and the core's one rule: classifier-free guidance
+(`sampling.cfg`, one batched network call on [uncond; cond]) when guidance_scale > 1, plain
+conditional sampling otherwise;
 the unconditional text is the negative prompt, or the empty prompt. `clip_skip=k` takes the
 prompt's hidden states k layers before the last (the negative prompt's are taken at full depth,
 as diffusers does).
@@ -56,6 +65,7 @@ calls the pipeline (it is a collective) and every process gets all N images.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from typing import Any, Sequence
@@ -64,13 +74,79 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import samplers, sampling
+from jaxdiff import images as images_lib
+from jaxdiff import samplers
 from jaxdiff import sharding as sharding_lib
-from jaxdiff.models import vae as vae_lib
-from jaxdiff.samplers import masked as masked_lib
 from jaxdiff.convert import scheduler as scheduler_convert
+from jaxdiff.models import vae as vae_lib
+from jaxdiff.pipelines import core, options as options_lib
 
 DEFAULT_MAX_STEPS = 50
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOptions:
+    """The keyword arguments of `__call__`, `img2img` and `inpaint`, checked once (`parse`).
+
+    num_steps: sampler steps (a positive integer). sampler: a `jaxdiff.samplers` name (default:
+        the folder's scheduler, `default_sampler`); its options default to the scheduler
+        config's, and `sampler_options` (any other keyword argument) override them.
+    guidance_scale: classifier-free guidance scale; <= 1 runs the conditional model alone.
+    guidance_rescale: Lin et al. 2023's rescale phi in [0, 1]. clip_skip: diffusers' clip_skip.
+    seed: the run's seed (noise, VAE posterior samples, stochastic samplers).
+    num_images: images per prompt; N = len(prompts) * num_images, each prompt's consecutive.
+    height, width: pixels (default: the U-Net's sample_size x the VAE factor; for img2img and
+        inpainting the image's size), multiples of `size_multiple`.
+    latents: standard-normal noise [N, H/f, W/f, C] (NHWC) instead of noise drawn from `seed`;
+        the pipeline scales it by the sampler's initial sigma.
+    output_type: "pil" (list of PIL images), "np" (float32 [N, H, W, 3] in [0, 1]), "uint8", or
+        "latent" (the final latents [N, H/f, W/f, C]).
+    eta: DDIM's eta (only for samplers with that option). progress: a per-step progress bar.
+    """
+
+    num_steps: int = 30
+    sampler: str | None = None
+    guidance_scale: float = 7.5
+    guidance_rescale: float = 0.0
+    seed: int = 0
+    num_images: int = 1
+    height: int | None = None
+    width: int | None = None
+    latents: Any = None
+    output_type: str = "pil"
+    clip_skip: int | None = None
+    eta: float | None = None
+    progress: bool = False
+    sampler_options: dict = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, kwargs: dict) -> "GenerateOptions":
+        """Options from keyword arguments: diffusers' names renamed, unknown names kept as sampler
+        options (checked against the sampler later), every value checked (one-line ValueErrors)."""
+        kwargs, renamed = options_lib.take_aliases(kwargs)
+        kwargs.update(renamed)
+        names = {f.name for f in dataclasses.fields(cls)} - {"sampler_options"}
+        extra = {k: v for k, v in kwargs.items() if k not in names}
+        opts = cls(**{k: v for k, v in kwargs.items() if k in names}, sampler_options=extra)
+        opts.check()
+        return opts
+
+    def check(self) -> None:
+        options_lib.check_steps(self.num_steps)
+        core.check_scale("guidance_scale", self.guidance_scale, optional=True)
+        core.check_scale("guidance_rescale", self.guidance_rescale, lo=0.0, hi=1.0)
+        core.check_scale("eta", self.eta, lo=0.0, hi=1.0, optional=True)
+        if isinstance(self.num_images, bool) or not isinstance(self.num_images, (int, np.integer)) \
+                or self.num_images < 1:
+            raise ValueError(f"num_images must be a positive integer, got {self.num_images!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0):
+                raise ValueError(f"{name} must be a positive integer number of pixels, got {v!r}")
+        images_lib.check_output_type(self.output_type)
+
 
 # --------------------------------------------------------------------------------------------
 # Network calls (module-level so that each pipeline's partials are stable jit cache keys).
@@ -82,10 +158,6 @@ def _unet(module, params, x, t, cond):
     if "extra" in cond:
         x = jnp.concatenate([x, cond["extra"].astype(x.dtype)], axis=-1)           # [B, h, w, 9]
     return module.apply({"params": params}, x, t, context=cond["context"])
-
-
-def _unet_conditional(module, params, cond, x, t):
-    return _unet(module, params, x, t, cond)
 
 
 def _encode_text(module, params, ids, neg_ids, skip_layers):
@@ -102,9 +174,8 @@ def _encode_images(vae, params, images):
 
 
 def _decode(vae, params, latents):
-    """Scaled latents [B, h, w, C] -> images [B, H, W, 3] in [0, 1] (float32), diffusers' postprocess."""
-    images = vae_lib.decode_latents(vae, params, latents, float32=False)
-    return jnp.clip(images / 2 + 0.5, 0.0, 1.0)
+    """Scaled latents [B, h, w, C] -> images [B, H, W, 3] in [-1, 1] (float32, unclipped)."""
+    return vae_lib.decode_latents(vae, params, latents, float32=False).astype(jnp.float32)
 
 
 class StableDiffusion:
@@ -135,13 +206,9 @@ class StableDiffusion:
         coder = vae.clone(dtype=jnp.float32) if vae_float32 else vae
         # One function object each per pipeline, so repeated calls hit jit's caches.
         self._unet_fn = functools.partial(_unet, unet)
-        self._unet_cond_fn = functools.partial(_unet_conditional, unet)
         self._text_fn = jax.jit(functools.partial(_encode_text, text_encoder), static_argnames="skip_layers")
         self._encode_fn = jax.jit(functools.partial(_encode_images, coder))
         self._decode_fn = jax.jit(functools.partial(_decode, coder))
-
-    # ----------------------------------------------------------------------------------------
-    # Loading.
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=jnp.float32, *, max_steps: int = DEFAULT_MAX_STEPS,
@@ -164,11 +231,11 @@ class StableDiffusion:
         scheduler_convert.warn_unsupported(config)
         return cls(unet=unet, vae=vae, text_encoder=text, tokenizer=parts["tokenizer"],
                    params={"unet": unet_params, "vae": vae_params, "text_encoder": text_params},
-                   schedule=scheduler_convert.schedule_from_config(config), scheduler_config=config, max_steps=max_steps,
-                   vae_float32=vae_float32, devices=devices, mesh=mesh, rules=rules)
+                   schedule=scheduler_convert.schedule_from_config(config), scheduler_config=config,
+                   max_steps=max_steps, vae_float32=vae_float32, devices=devices, mesh=mesh, rules=rules)
 
     # ----------------------------------------------------------------------------------------
-    # Sizes and sharding.
+    # Sizes.
 
     @property
     def vae_scale_factor(self) -> int:
@@ -195,24 +262,14 @@ class StableDiffusion:
                              f"got {height}x{width}; try {max(m, round(height / m) * m)}x{max(m, round(width / m) * m)}")
         return int(height), int(width)
 
-    def _rows(self, n: int) -> int:
-        """The batch N images are computed at (N padded to a multiple of the batch shards)."""
-        return sharding_lib.padded_batch(n, self.mesh)
-
-    def _batch(self, x, rows: int) -> jax.Array:
-        """Host rows [N, ...] -> a global array [rows, ...] split over the mesh's batch axes."""
-        return sharding_lib.put_batch(np.asarray(x), self.mesh, rows)
-
     # ----------------------------------------------------------------------------------------
-    # Text.
+    # Text and images in.
 
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
                       num_images: int = 1, clip_skip: int | None = None, guidance: bool = True):
         """Text embeddings (cond [N, S, D], uncond [N, S, D] or None without guidance), float32
         numpy, N = len(prompts) * num_images, each prompt's rows consecutive. One text-encoder call."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt must be a string or a non-empty list of strings")
+        prompts = _prompts(prompt)
         if num_images < 1 or int(num_images) != num_images:
             raise ValueError(f"num_images must be a positive integer, got {num_images}")
         skip = int(clip_skip or 0)
@@ -227,9 +284,9 @@ class StableDiffusion:
                 negatives = [negative_prompt] * len(prompts)
             else:
                 negatives = list(negative_prompt)
-                if len(negatives) != len(prompts):
+                if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
                     raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one "
-                                     "per prompt, or a single string")
+                                     "string per prompt, or a single string")
             neg_ids = jnp.asarray(self.tokenizer(negatives))
         ids = jnp.asarray(self.tokenizer(prompts))
         cond, uncond = sharding_lib.gather(self._text_fn(self.params["text_encoder"], ids, neg_ids, skip_layers=skip))
@@ -237,10 +294,27 @@ class StableDiffusion:
         uncond = None if uncond is None else np.repeat(uncond, int(num_images), axis=0)
         return cond, uncond
 
+    def encode_images(self, images, *, key=None) -> np.ndarray:
+        """Images [B, H, W, 3] in [-1, 1] -> scaled latents [B, H/f, W/f, C] float32 (host): a
+        posterior sample with `key` (what diffusers' pipelines use), its mean with key=None. The
+        encoder runs over the mesh; the posterior noise is drawn for the B images only."""
+        images = np.asarray(images, np.float32)
+        b = images.shape[0]
+        rows = sharding_lib.padded_batch(b, self.mesh)
+        mean, std = sharding_lib.gather(self._encode_fn(self.params["vae"],
+                                                        sharding_lib.put_batch(images, self.mesh, rows)))
+        z = mean[:b]
+        if key is not None:
+            z = z + std[:b] * np.asarray(jax.random.normal(key, z.shape, jnp.float32))
+        return np.asarray(vae_lib.scale_latents(self.vae, z), np.float32)
+
     # ----------------------------------------------------------------------------------------
     # Sampling.
 
-    def _sampler(self, name, num_steps, start_step, eta, options):
+    def plan(self, name: str | None, num_steps: int, start_step: int = 0, eta: float | None = None,
+             options: dict | None = None):
+        """The sampler of a call: `name` (default: the folder's) with the scheduler config's
+        options, `eta`, the img2img `start_step` and `options` over them; padded to `max_steps`."""
         name = name or self.default_sampler
         if name not in samplers.names():
             raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(samplers.names())}")
@@ -256,115 +330,50 @@ class StableDiffusion:
                 raise ValueError(f"sampler {name!r} cannot start part-way (img2img / inpaint strength < 1); "
                                  f"use one of {', '.join(n for n in samplers.names() if 'start_step' in samplers.options(n))}")
             opts["start_step"] = start_step
-        opts.update(options)
-        if int(num_steps) != num_steps or num_steps < 1:
-            raise ValueError(f"num_steps must be a positive integer, got {num_steps}")
-        return samplers.get(name, self.schedule, int(num_steps), max_steps=max(self.max_steps, int(num_steps)), **opts)
+        opts.update(options or {})
+        num_steps = options_lib.check_steps(num_steps)
+        return samplers.get(name, self.schedule, num_steps, max_steps=max(self.max_steps, num_steps), **opts)
 
-    def _model_fn(self, cond, uncond, guidance_scale, guidance_rescale):
-        params = self.params["unet"]
-        if uncond is None:
-            return jax.tree_util.Partial(self._unet_cond_fn, params, cond)
-        return sampling.cfg(jax.tree_util.Partial(self._unet_fn, params), guidance_scale, cond, uncond,
-                            guidance_rescale)
-
-    def _noise(self, key, latents, shape) -> np.ndarray:
-        """The start noise [N, h, w, C] on the host: `latents`, or drawn from `key` for exactly N rows."""
-        if latents is None:
-            return np.asarray(jax.random.normal(key, shape, jnp.float32))
-        latents = np.asarray(latents, np.float32)
-        if latents.shape != shape:
-            raise ValueError(f"latents must be standard-normal noise of shape {list(shape)} ([N, H/{self.vae_scale_factor}, "
-                             f"W/{self.vae_scale_factor}, {self.latent_channels}], NHWC), got {list(latents.shape)}")
-        return latents
-
-    def _run(self, *, plan, prompt, negative_prompt, guidance_scale, guidance_rescale, seed, num_images, height,
-             width, latents, output_type, clip_skip, x0=None, extra=None, blend=None):
-        guided = guidance_scale is not None and guidance_scale > 1.0
-        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=num_images, clip_skip=clip_skip,
-                                          guidance=guided)
-        # x0, extra and blend's image latents come from `_encode`: global arrays of `rows` rows.
-        n = cond.shape[0]
-        rows = self._rows(n)
-        shape = (n, height // self.vae_scale_factor, width // self.vae_scale_factor, self.latent_channels)
-        key = jax.random.PRNGKey(seed)
-        k_noise, k_sample = jax.random.split(key)
-        noise = self._batch(self._noise(k_noise, latents, shape), rows)              # [rows, h, w, C]
-        cond = {"context": self._batch(cond, rows)}
+    def _run(self, opts: GenerateOptions, prompt, negative_prompt, height: int, width: int, *, start_step: int = 0,
+             x0=None, extra=None, keep=None):
+        """Encode the prompts and hand the core the job (see the module docstring)."""
+        plan = self.plan(opts.sampler, opts.num_steps, start_step, opts.eta, opts.sampler_options)
+        guided = core.guided(opts.guidance_scale)
+        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=opts.num_images,
+                                          clip_skip=opts.clip_skip, guidance=guided)
+        cond = {"context": cond}
         if uncond is not None:
-            uncond = {"context": self._batch(uncond, rows)}
+            uncond = {"context": uncond}
         if extra is not None:
             cond["extra"] = extra
             if uncond is not None:
-                uncond["extra"] = cond["extra"]
-        if blend is not None:
-            mask, known = blend
-            plan = masked_lib.masked(plan, self._batch(mask, rows), known, noise)
-        model_fn = self._model_fn(cond, uncond, guidance_scale, guidance_rescale)
-        out = sampling.sample(plan, model_fn, noise, k_sample, x0=x0)
-        if output_type == "latent":
-            return sharding_lib.gather(out)[:n]
-        images = sharding_lib.gather(self._decode_fn(self.params["vae"], out))[:n].astype(np.float32)  # [N, H, W, 3]
-        return images if output_type == "np" else _to_pil(images)
+                uncond["extra"] = extra
+        f = self.vae_scale_factor
+        shape = (height // f, width // f, self.latent_channels)
+        job = core.Job(network=self._unet_fn, params=self.params["unet"], sampler=plan, shape=shape,
+                       num=cond["context"].shape[0], seed=opts.seed, cond=cond, uncond=uncond,
+                       guidance_scale=opts.guidance_scale, guidance_rescale=opts.guidance_rescale,
+                       noise=None if opts.latents is None else np.asarray(opts.latents, np.float32),
+                       x0=x0, keep=keep, decode=functools.partial(self._decode_fn, self.params["vae"]),
+                       peak_bytes=core.unet_peak_bytes(self.unet, shape[0], shape[1], guided))
+        return core.run(job, self.mesh, output_type=opts.output_type, progress=opts.progress)
 
-    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-                 num_steps: int = 30, sampler: str | None = None, guidance_scale: float = 7.5, seed: int = 0,
-                 num_images: int = 1, height: int | None = None, width: int | None = None, latents=None,
-                 output_type: str = "pil", guidance_rescale: float = 0.0, clip_skip: int | None = None,
-                 eta: float | None = None, **sampler_options: Any):
-        """Text to image.
-
-        prompt: one string or a list; N = len(prompts) * num_images images, each prompt's images
-            consecutive. negative_prompt: the unconditional text of guidance (default: empty).
-        sampler: a `jaxdiff.samplers` name (default: the folder's scheduler, `default_sampler`);
-            its options default to the scheduler config's and `**sampler_options` override them.
-        guidance_scale: classifier-free guidance scale; <= 1 runs the conditional model alone.
-        guidance_rescale: Lin et al. 2023's rescale phi. clip_skip: diffusers' clip_skip.
-        eta: DDIM's eta (only for samplers with that option).
-        height, width: pixels (default: the U-Net's sample_size x the VAE factor); multiples of
-            `size_multiple`.
-        latents: optional standard-normal noise [N, H/f, W/f, C] (NHWC) to start from instead of
-            noise drawn from `seed`; the pipeline scales it by the sampler's initial sigma.
-        output_type: "pil" (list of PIL images), "np" (float32 [N, H, W, 3] in [0, 1]) or "latent"
-            (the final latents [N, H/f, W/f, C]).
-        """
-        _check_output_type(output_type)
-        height, width = self._size(height, width)
-        plan = self._sampler(sampler, num_steps, 0, eta, sampler_options)
-        return self._run(plan=plan, prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
-                         guidance_rescale=guidance_rescale, seed=seed, num_images=num_images, height=height,
-                         width=width, latents=latents, output_type=output_type, clip_skip=clip_skip)
+    def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
+                 **options: Any):
+        """Text to image. prompt: one string or a list; negative_prompt: the unconditional text of
+        guidance (default: empty). options: `GenerateOptions` (num_steps=30, sampler, guidance_scale=7.5,
+        seed, num_images, height, width, latents, output_type="pil", ...) and sampler options."""
+        opts = GenerateOptions.parse(options)
+        height, width = self._size(opts.height, opts.width)
+        return self._run(opts, prompt, negative_prompt, height, width)
 
     generate = __call__
 
     # ----------------------------------------------------------------------------------------
     # Image to image, inpainting.
 
-    def encode_images(self, images, *, key=None) -> jax.Array:
-        """Images [B, H, W, 3] in [-1, 1] -> scaled latents [B, H/f, W/f, C] float32: a posterior
-        sample with `key` (what diffusers' pipelines use), its mean with key=None."""
-        b = np.shape(images)[0]
-        return jnp.asarray(sharding_lib.gather(self._encode(images, self._rows(b), key))[:b])
-
-    def _encode(self, images, rows: int, key=None) -> jax.Array:
-        """`encode_images` on the mesh: host images [B, H, W, 3] -> global latents [rows, h, w, C]
-        (rows >= B, padded; the posterior noise is drawn for the B real rows only)."""
-        mean, std = self._encode_fn(self.params["vae"], self._batch(images, rows))
-        if key is None:
-            z = mean
-        else:
-            eps = np.asarray(jax.random.normal(key, (np.shape(images)[0],) + mean.shape[1:], jnp.float32))
-            z = mean + std * self._batch(eps, rows)
-        return self._as_batch(vae_lib.scale_latents(self.vae, z))
-
-    def _as_batch(self, x: jax.Array) -> jax.Array:
-        """A global array [rows, ...] in the batch layout, whatever layout the op that made it
-        chose: the sampling loop then sees the same input layouts every call."""
-        return sharding_lib.place(x, sharding_lib.batch_sharding(self.mesh))
-
-    def _start_step(self, num_steps, strength):
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must lie in [0, 1], got {strength}")
+    def _start_step(self, num_steps, strength) -> int:
+        strength = core.check_scale("strength", strength, lo=0.0, hi=1.0)
         run = min(int(num_steps * strength), num_steps)        # diffusers' get_timesteps
         if run < 1:
             raise ValueError(f"strength={strength} with num_steps={num_steps} leaves no step to run "
@@ -372,11 +381,8 @@ class StableDiffusion:
         return num_steps - run
 
     def img2img(self, image, prompt: str | Sequence[str], strength: float = 0.8,
-                negative_prompt: str | Sequence[str] | None = None, *, num_steps: int = 30,
-                sampler: str | None = None, guidance_scale: float = 7.5, seed: int = 0, num_images: int = 1,
-                latents=None, output_type: str = "pil", guidance_rescale: float = 0.0,
-                clip_skip: int | None = None, eta: float | None = None, sample_posterior: bool = True,
-                height: int | None = None, width: int | None = None, **sampler_options: Any):
+                negative_prompt: str | Sequence[str] | None = None, *, sample_posterior: bool = True,
+                **options: Any):
         """Image to image (SDEdit, Meng et al. 2022), as diffusers' `StableDiffusionImg2ImgPipeline`.
 
         image: a PIL image, a list of them, or floats [B, H, W, 3] / [H, W, 3] in [0, 1] (uint8
@@ -387,26 +393,19 @@ class StableDiffusion:
             image latents noised to that level (the forward process, with `latents` or seeded
             noise [N, h, w, C]).
         sample_posterior: encode with a VAE posterior sample, as diffusers does (True), or with
-            the posterior mean (False). Other arguments as `__call__`.
+            the posterior mean (False). options: as `__call__`.
         """
-        _check_output_type(output_type)
-        start = self._start_step(num_steps, strength)
-        plan = self._sampler(sampler, num_steps, start, eta, sampler_options)
-        n = _num_outputs(prompt, num_images)
-        pixels = _images_in(image, n, height, width, self.size_multiple)
-        k_post = jax.random.fold_in(jax.random.PRNGKey(seed), 1)
-        x0 = self._encode(pixels, self._rows(n), key=k_post if sample_posterior else None)
+        opts = GenerateOptions.parse(options)
+        start = self._start_step(opts.num_steps, strength)
+        n = len(_prompts(prompt)) * opts.num_images
+        pixels = images_lib.read_images(image, n, opts.height, opts.width, self.size_multiple)
+        x0 = self.encode_images(pixels, key=core.image_key(opts.seed, 1) if sample_posterior else None)
         h, w = pixels.shape[1:3]
-        return self._run(plan=plan, prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
-                         guidance_rescale=guidance_rescale, seed=seed, num_images=num_images, height=h, width=w,
-                         latents=latents, output_type=output_type, clip_skip=clip_skip, x0=x0)
+        return self._run(opts, prompt, negative_prompt, h, w, start_step=start, x0=x0)
 
     def inpaint(self, image, mask, prompt: str | Sequence[str], strength: float = 1.0,
-                negative_prompt: str | Sequence[str] | None = None, *, num_steps: int = 30,
-                sampler: str | None = None, guidance_scale: float = 7.5, seed: int = 0, num_images: int = 1,
-                latents=None, output_type: str = "pil", guidance_rescale: float = 0.0,
-                clip_skip: int | None = None, eta: float | None = None, sample_posterior: bool = True,
-                height: int | None = None, width: int | None = None, **sampler_options: Any):
+                negative_prompt: str | Sequence[str] | None = None, *, sample_posterior: bool = True,
+                **options: Any):
         """Inpainting, as diffusers' `StableDiffusionInpaintPipeline`.
 
         image: as `img2img`. mask: PIL image(s) or floats [B, H, W] / [B, H, W, 1] / [H, W] in
@@ -425,137 +424,32 @@ class StableDiffusion:
         if in_channels not in (self.latent_channels, 2 * self.latent_channels + 1):
             raise ValueError(f"inpainting needs a U-Net with {self.latent_channels} or "
                              f"{2 * self.latent_channels + 1} input channels, this one has {in_channels}")
-        _check_output_type(output_type)
-        start = self._start_step(num_steps, strength) if strength < 1.0 else 0
-        plan = self._sampler(sampler, num_steps, start, eta, sampler_options)
-        n = _num_outputs(prompt, num_images)
-        pixels = _images_in(image, n, height, width, self.size_multiple)
+        opts = GenerateOptions.parse(options)
+        strength = core.check_scale("strength", strength, lo=0.0, hi=1.0)
+        start = self._start_step(opts.num_steps, strength) if strength < 1.0 else 0
+        n = len(_prompts(prompt)) * opts.num_images
+        pixels = images_lib.read_images(image, n, opts.height, opts.width, self.size_multiple)
         h, w = pixels.shape[1:3]
-        full_mask = _masks_in(mask, n, h, w)                                      # [N, H, W, 1] in {0, 1}
+        full_mask = images_lib.read_masks(mask, n, h, w)                                 # [N, H, W, 1] in {0, 1}
         f = self.vae_scale_factor
-        small_mask = full_mask[:, ::f, ::f]                                      # [N, h, w, 1], nearest
-        rows = self._rows(n)
-        key = jax.random.PRNGKey(seed)
-        k_image, k_masked = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
+        small_mask = full_mask[:, ::f, ::f]                                              # [N, h, w, 1], nearest
         nine = in_channels != self.latent_channels
         image_latents = None
         if start or not nine:
-            image_latents = self._encode(pixels, rows, key=k_image if sample_posterior else None)
-        extra = blend = None
+            image_latents = self.encode_images(pixels, key=core.image_key(opts.seed, 1) if sample_posterior else None)
+        extra = keep = None
         if nine:
-            masked_pixels = pixels * (full_mask < 0.5)
-            masked_latents = self._encode(masked_pixels, rows, key=k_masked if sample_posterior else None)
-            extra = self._as_batch(jnp.concatenate([self._batch(small_mask, rows), masked_latents], axis=-1))  # [rows, h, w, 1 + C]
+            masked_latents = self.encode_images(pixels * (full_mask < 0.5),
+                                                key=core.image_key(opts.seed, 2) if sample_posterior else None)
+            extra = np.concatenate([small_mask, masked_latents], axis=-1)                # [N, h, w, 1 + C]
         else:
-            blend = (small_mask, image_latents)
-        return self._run(plan=plan, prompt=prompt, negative_prompt=negative_prompt, guidance_scale=guidance_scale,
-                         guidance_rescale=guidance_rescale, seed=seed, num_images=num_images, height=h, width=w,
-                         latents=latents, output_type=output_type, clip_skip=clip_skip,
-                         x0=image_latents if start else None, extra=extra, blend=blend)
+            keep = (small_mask, image_latents)
+        return self._run(opts, prompt, negative_prompt, h, w, start_step=start,
+                         x0=image_latents if start else None, extra=extra, keep=keep)
 
 
-# --------------------------------------------------------------------------------------------
-# Folders, images in and out.
-# --------------------------------------------------------------------------------------------
-
-def _check_output_type(output_type) -> None:
-    if output_type not in ("pil", "np", "latent"):
-        raise ValueError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
-
-
-def _num_outputs(prompt, num_images) -> int:
-    return (1 if isinstance(prompt, str) else len(prompt)) * int(num_images)
-
-
-def _batch(arrays: np.ndarray, n: int, what: str) -> np.ndarray:
-    if arrays.shape[0] == n:
-        return arrays
-    if arrays.shape[0] == 1:
-        return np.repeat(arrays, n, axis=0)
-    raise ValueError(f"{arrays.shape[0]} {what}s for {n} outputs (len(prompts) * num_images); give 1 or {n}")
-
-
-def _pil_list(x):
-    try:
-        from PIL import Image
-    except ImportError:          # pragma: no cover
-        return None
-    if isinstance(x, Image.Image):
-        return [x]
-    if isinstance(x, (list, tuple)) and x and all(isinstance(i, Image.Image) for i in x):
-        return list(x)
-    return None
-
-
-def _as_unit_floats(x: np.ndarray, what: str) -> np.ndarray:
-    if x.dtype == np.uint8:
-        return x.astype(np.float32) / 255.0
-    x = x.astype(np.float32)
-    if x.size and (x.min() < -1e-3 or x.max() > 1 + 1e-3):
-        raise ValueError(f"{what} values must lie in [0, 1] (float) or 0..255 (uint8), got {x.min():.3g}..{x.max():.3g}")
-    return np.clip(x, 0.0, 1.0)
-
-
-def _images_in(image, n, height, width, multiple) -> np.ndarray:
-    """PIL image(s) or floats in [0, 1] -> float32 [n, H, W, 3] in [-1, 1]."""
-    pil = _pil_list(image)
-    if pil is not None:
-        from PIL import Image
-        size = None if height is None or width is None else (int(width), int(height))
-        pil = [p.convert("RGB") for p in pil]
-        pil = [p if size is None or p.size == size else p.resize(size, Image.LANCZOS) for p in pil]
-        if len({p.size for p in pil}) > 1:
-            raise ValueError("all images must have the same size")
-        x = np.stack([np.asarray(p, np.float32) / 255.0 for p in pil])
-    else:
-        x = np.asarray(image)
-        if x.ndim == 3:
-            x = x[None]
-        if x.ndim != 4 or x.shape[-1] != 3:
-            raise ValueError(f"image must be a PIL image or an array [B, H, W, 3] / [H, W, 3] (NHWC, RGB), "
-                             f"got shape {list(np.shape(image))}")
-        x = _as_unit_floats(x, "image")
-        if (height and x.shape[1] != height) or (width and x.shape[2] != width):
-            raise ValueError(f"image arrays are not resized: got {x.shape[1]}x{x.shape[2]}, asked for "
-                             f"{height}x{width}; resize it or pass a PIL image")
-    h, w = x.shape[1:3]
-    if h % multiple or w % multiple:
-        raise ValueError(f"image height and width must be multiples of {multiple}, got {h}x{w}; resize or crop it "
-                         f"(e.g. to {max(multiple, h // multiple * multiple)}x{max(multiple, w // multiple * multiple)}, "
-                         "or pass height= and width= with a PIL image)")
-    return _batch(x * 2.0 - 1.0, n, "image")
-
-
-def _masks_in(mask, n, height, width) -> np.ndarray:
-    """PIL mask(s) or floats in [0, 1] -> float32 [n, H, W, 1] in {0, 1} (binarised at 0.5)."""
-    pil = _pil_list(mask)
-    if pil is not None:
-        from PIL import Image
-        pil = [p.convert("L") for p in pil]
-        pil = [p if p.size == (width, height) else p.resize((width, height), Image.LANCZOS) for p in pil]
-        m = np.stack([np.asarray(p, np.float32) / 255.0 for p in pil])[..., None]
-    else:
-        m = np.asarray(mask)
-        if m.ndim == 2:
-            m = m[None, ..., None]
-        elif m.ndim == 3:
-            m = m[..., None]
-        if m.ndim != 4 or m.shape[-1] != 1:
-            raise ValueError(f"mask must be a PIL image or an array [B, H, W] / [B, H, W, 1] / [H, W], got shape "
-                             f"{list(np.shape(mask))}")
-        m = _as_unit_floats(m, "mask")
-    if m.shape[1:3] != (height, width):
-        raise ValueError(f"mask is {m.shape[1]}x{m.shape[2]} but the image is {height}x{width}; they must match")
-    return _batch((m >= 0.5).astype(np.float32), n, "mask")
-
-
-def _to_pil(images: np.ndarray):
-    """float [N, H, W, 3] in [0, 1] -> list of PIL images (rounded as diffusers' numpy_to_pil)."""
-    from PIL import Image
-
-    return [Image.fromarray(im) for im in np.round(images * 255).astype(np.uint8)]
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """float [N, H, W, 3] in [0, 1] -> uint8, rounded as the "pil" output is."""
-    return np.round(np.asarray(images) * 255).astype(np.uint8)
+def _prompts(prompt) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
+    return prompts
