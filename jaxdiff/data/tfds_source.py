@@ -11,7 +11,11 @@ that prepares it. Examples are decoded per batch:
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import re
+import threading
 from typing import Any
 
 import numpy as np
@@ -32,52 +36,109 @@ def _parse_tfds(spec: str) -> tuple[str, str | None]:
     return m.group("name").strip(), m.group("split")
 
 
-def _not_available(
-    name: str, split: str, data_dir_root: Any, variant_dir: Any, why: str
-) -> DatasetNotAvailableError:
+def _not_available(name: str, split: str, data_dir: Any, variant_dir: Any, why: str,
+                   fix: str | None = None) -> DatasetNotAvailableError:
+    base = name.split(":")[0]
+    fix = fix or (
+        f"on a machine with network run `tfds build {base} --file_format=array_record "
+        "--data_dir DIR` (or copy an already prepared dataset folder into DIR)"
+    )
     return DatasetNotAvailableError(
         f"TFDS dataset '{name}' (split '{split}') is not available offline: {why} "
-        f"Looked in data_dir={str(data_dir_root)!r} (expected {str(variant_dir)!r}). "
-        "jaxdiff never downloads. Fix: on a machine with network run "
-        f"`tfds build {name.split(':')[0]} --file_format=array_record --data_dir DIR` "
-        "(or copy an already prepared dataset folder), then pass data_dir=DIR "
-        "(or set TFDS_DATA_DIR)."
+        f"Looked in data_dir={str(data_dir)!r} (expected {str(variant_dir)!r}). "
+        f"jaxdiff never downloads. Fix: {fix}, then pass --config.data.data_dir=DIR "
+        "(data_dir=DIR in Python, or set TFDS_DATA_DIR)."
     )
 
 
+# TFDS logs through absl.logging, i.e. the Python logger "absl", and repeats itself: for an
+# unprepared dataset `builder.is_prepared()` warns "Variant folder X has no dataset_info.json" on
+# every call (tfds.data_source calls it even with download=False, and explaining the failure
+# calls it again), and every open of a prepared one logs "Load dataset info from X" anew.
+# _open_tfds looks a dataset up once and asks is_prepared() only to explain a failure, and
+# _tfds_logs_once holds TFDS's lines back while a dataset is opened: when the open fails, the
+# one-line DataError says what they said and they are dropped; when it succeeds, each line is
+# passed on once per process.
+_ABSL_LOGGER = "absl"
+_tfds_lines_shown: set[tuple[int, str]] = set()
+_tfds_open_lock = threading.Lock()
+
+
+class _HoldTfdsRecords(logging.Filter):
+    """Keeps back (in ``held``) the records TFDS's own code logs; passes every other record."""
+
+    def __init__(self):
+        super().__init__()
+        self.held: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if f"{os.sep}tensorflow_datasets{os.sep}" in record.pathname:
+            self.held.append(record)
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _tfds_logs_once():
+    """Holds back TFDS's log records while the block runs. If it raises (jaxdiff's one-line
+    error, which says what they said) they are dropped; otherwise each line not yet shown in
+    this process is passed on."""
+    logger = logging.getLogger(_ABSL_LOGGER)
+    with _tfds_open_lock:
+        hold = _HoldTfdsRecords()
+        logger.addFilter(hold)
+        try:
+            yield
+        finally:
+            logger.removeFilter(hold)
+        for record in hold.held:
+            key = (record.levelno, record.getMessage())
+            if key not in _tfds_lines_shown:
+                _tfds_lines_shown.add(key)
+                logger.handle(record)
+
+
 def _open_tfds(name: str, split: str, data_dir: str | None):
-    """tfds.data_source without any network access; clear errors otherwise."""
+    """What ``tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+    try_gcs=False)`` returns, looking the dataset up once, with no network access and one
+    clear error when it cannot be read."""
     import tensorflow_datasets as tfds  # imported lazily: ~0.4 s, only when asked for
 
-    try:
-        # download=False: never prepare; try_gcs=False: never read gs://tfds-data.
-        # (tfds 4.9.x also ships with gcs_utils._is_gcs_disabled = True.)
-        return tfds.data_source(name, split=split, download=False, data_dir=data_dir, try_gcs=False)
-    except tfds.core.registered.DatasetNotFoundError as e:
-        first = str(e).splitlines()[0] if str(e) else repr(e)
-        raise DataError(
-            f"unknown TFDS dataset '{name}': {first} (community namespaces such as "
-            "'huggingface:' are not supported: they need network access)."
-        ) from None
-    except Exception as e:  # diagnose below
-        error = e
-    try:
-        builder = tfds.builder(name, data_dir=data_dir, try_gcs=False)
-    except Exception as e2:
-        raise DataError(f"cannot open TFDS dataset '{name}': {type(e2).__name__}: {e2}") from None
-    if not builder.is_prepared():
-        raise _not_available(
-            name, split, builder.data_dir_root, builder.data_dir, "it has not been prepared there."
-        ) from None
-    text = f"{type(error).__name__}: {error}"
-    if "file format" in text.lower():
-        raise _not_available(
-            name, split, builder.data_dir_root, builder.data_dir,
-            "it is prepared as tfrecord, which has no random access; tfds.data_source "
-            "needs array_record (`tfds convert_format --dataset_version_dir=... "
-            "--out_file_format=array_record` converts it).",
-        ) from None
-    raise DataError(f"cannot open TFDS dataset '{name}' split '{split}': {text}") from None
+    with _tfds_logs_once():
+        try:
+            # try_gcs=False: never read gs://tfds-data (tfds 4.9.x also ships with
+            # gcs_utils._is_gcs_disabled = True). Without a data_dir, tfds.data_source asks the
+            # builder for array_record; so does this.
+            kwargs = {} if data_dir else {"file_format": "array_record"}
+            builder = tfds.builder(name, data_dir=data_dir, try_gcs=False, **kwargs)
+        except tfds.core.registered.DatasetNotFoundError as e:
+            first = str(e).splitlines()[0] if str(e) else repr(e)
+            raise DataError(
+                f"unknown TFDS dataset '{name}': {first} (community namespaces such as "
+                "'huggingface:' are not supported: they need network access)."
+            ) from None
+        except Exception as e:
+            raise DataError(f"cannot open TFDS dataset '{name}': {type(e).__name__}: {e}") from None
+        try:
+            # Reads what is prepared; never prepares or downloads.
+            return builder.as_data_source(split=split)
+        except Exception as e:  # diagnose below
+            error = e
+        root = data_dir or builder.data_dir_root
+        if not builder.is_prepared():
+            raise _not_available(
+                name, split, root, builder.data_dir, "it has not been prepared there."
+            ) from None
+        text = f"{type(error).__name__}: {error}"
+        if "file format" in text.lower():
+            raise _not_available(
+                name, split, root, builder.data_dir,
+                "it is prepared as tfrecord, which has no random access; tfds.data_source "
+                "needs array_record.",
+                fix=("convert it in place with `tfds convert_format --dataset_version_dir="
+                     f"{builder.data_dir} --out_file_format=array_record`"),
+            ) from None
+        raise DataError(f"cannot open TFDS dataset '{name}' split '{split}': {text}") from None
 
 
 def tfds_source(spec, image_size, channels, split, data_dir, image_key, label_key) -> Source:
