@@ -365,6 +365,24 @@ def test_tfds_not_prepared_fails_fast_and_offline(tmp_path):
     assert elapsed < 60
 
 
+def test_tfds_prepared_as_tfrecord_names_the_conversion(tiny_tfds_dir, tmp_path):
+    """A set prepared as tfrecord (no random access) is one error naming convert_format."""
+    import shutil
+
+    root = tmp_path / "tfrecord"
+    shutil.copytree(tiny_tfds_dir, root)
+    info_path = root / TINY_NAME / "1.0.0" / "dataset_info.json"
+    info = json.loads(info_path.read_text())
+    assert info["fileFormat"] == "array_record"
+    info["fileFormat"] = "tfrecord"
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(data.DatasetNotAvailableError) as e:
+        data.build(f"tfds:{TINY_NAME}", batch_size=2, data_dir=str(root))
+    msg = str(e.value)
+    assert "tfrecord" in msg and f"data_dir={str(root)!r}" in msg
+    assert f"--dataset_version_dir={info_path.parent} --out_file_format=array_record" in msg
+
+
 def test_tfds_log_lines_are_not_repeated_in_process(tiny_tfds_dir, caplog):
     """Opening a prepared dataset again logs nothing TFDS already said in this process."""
     caplog.set_level(logging.INFO)
