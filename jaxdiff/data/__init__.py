@@ -15,6 +15,11 @@ shuffled per epoch and resumable from a JSON state (``pipeline.py``). ``from_arr
 same pipeline over arrays in memory; ``load_examples`` / ``load_images`` read a whole set in
 source order.
 
+Image size: ``native_shape(name)`` gives a dataset's (H, W, C) as stored without decoding it;
+``resolve_image_size(name, cfg.data.image_size)`` maps a config's size (-1: by dataset, 0:
+native, N: N x N) to ``build``'s ``image_size``; the built ``ImageDataset`` reports
+``native_shape``, ``resized`` and a one-line ``summary`` of what it did.
+
 Every error a user can act on raises :class:`DataError` (a ``ValueError``), so a
 command line can catch that one class and print one line.
 
@@ -25,6 +30,7 @@ Usage::
     batch = next(ds.iterator())        # {"image": [64, 16, 16, 1], "label": [64]}
 """
 
+from jaxdiff.data.catalog import AUTO_IMAGE_SIZE, native_shape, resolve_image_size
 from jaxdiff.data.digits import (
     CAPTION_TEMPLATES,
     DIGIT_WORDS,
@@ -44,6 +50,7 @@ from jaxdiff.data.pipeline import (
 from jaxdiff.errors import DataError, DatasetNotAvailableError
 
 __all__ = [
+    "AUTO_IMAGE_SIZE",
     "CAPTION_TEMPLATES",
     "DIGIT_WORDS",
     "IMAGE_EXTENSIONS",
@@ -58,4 +65,6 @@ __all__ = [
     "from_arrays",
     "load_examples",
     "load_images",
+    "native_shape",
+    "resolve_image_size",
 ]

@@ -33,13 +33,8 @@ def _list_images(root: str) -> list[str]:
     return sorted(found)
 
 
-def folder_source(root: str, image_size: int | None, channels: int | None, split) -> Source:
-    """The images below `root` as a source of [S, S, C] images (image_size None: the files'
-    own size, which must then be uniform; channels None: 1 when every file is gray, else 3)."""
-    if split is not None:
-        raise DataError(
-            f"an image folder has no splits (got split={split!r}); point at the split's folder."
-        )
+def _image_paths(root: str) -> tuple[list[str], list[str]]:
+    """(relative, full) paths of the images below root; a clear error when there are none."""
     if not os.path.isdir(root):
         raise DataError(f"image folder {root!r} does not exist or is not a directory.")
     rel = _list_images(root)
@@ -48,7 +43,42 @@ def folder_source(root: str, image_size: int | None, channels: int | None, split
             f"image folder {root!r} contains no images (looked recursively for "
             f"{', '.join(IMAGE_EXTENSIONS)})."
         )
-    paths = [os.path.join(root, r) for r in rel]
+    return rel, [os.path.join(root, r) for r in rel]
+
+
+def _native_shape(sizes: set[tuple[int, int]], modes: set[str]) -> tuple[int, int, int] | None:
+    """(H, W, C) from the files' (W, H) sizes and PIL modes; None when the sizes differ."""
+    if len(sizes) != 1:
+        return None
+    (w, h), = sizes
+    return (h, w, 1 if modes <= _GRAY_MODES else 3)
+
+
+def native_shape(root: str) -> tuple[int, int, int] | None:
+    """(H, W, C) of the images below `root` as they are stored (C: 1 when every file is gray,
+    else 3), or None when their sizes differ. Reads each file's header only."""
+    _, paths = _image_paths(root)
+    sizes, modes = set(), set()
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                sizes.add(im.size)
+                modes.add(im.mode)
+        except Exception as e:  # PIL raises many types for broken files
+            raise DataError(f"unreadable image file {p}: {type(e).__name__}: {e}") from None
+        if len(sizes) > 1:
+            return None
+    return _native_shape(sizes, modes)
+
+
+def folder_source(root: str, image_size: int | None, channels: int | None, split) -> Source:
+    """The images below `root` as a source of [S, S, C] images (image_size None: the files'
+    own size, which must then be uniform; channels None: 1 when every file is gray, else 3)."""
+    if split is not None:
+        raise DataError(
+            f"an image folder has no splits (got split={split!r}); point at the split's folder."
+        )
+    rel, paths = _image_paths(root)
 
     # Verify every header once, here, so a bad file is one clear message rather than
     # an exception from a prefetch thread mid-training.
@@ -67,21 +97,17 @@ def folder_source(root: str, image_size: int | None, channels: int | None, split
             f"unreadable or corrupt image file(s) in folder {root!r}: "
             + "; ".join(bad[:3]) + more + ". Remove or replace them."
         )
-    if image_size is None and len(sizes) > 1:
+    native = _native_shape(sizes, modes)
+    if image_size is None and native is None:
         raise DataError(
             f"images in folder {root!r} have {len(sizes)} different sizes "
-            f"(e.g. {sorted(sizes)[:3]}); pass image_size to resize them to one square size."
+            f"(e.g. {sorted(sizes)[:3]}); pass image_size (--config.data.image_size=N) to "
+            "resize them to one square size."
         )
     if channels is None:
         channels = 1 if modes <= _GRAY_MODES else 3
-    if image_size is None:
-        w, h = next(iter(sizes))
-        if w != h:  # non-square but uniform: keep it as is
-            height, width = h, w
-        else:
-            height = width = w
-    else:
-        height = width = image_size
+    # image_size None keeps the files' uniform size, square or not.
+    height, width = native[:2] if image_size is None else (image_size, image_size)
 
     # Labels: the first path component, when every image lives in a class subfolder.
     top = [r.split(os.sep, 1) for r in rel]
@@ -106,5 +132,6 @@ def folder_source(root: str, image_size: int | None, channels: int | None, split
         return to_unit_range(pixels), labels[indices]
 
     shape = (height, width, channels)
-    return Source(f"folder {root}", len(paths), shape, num_classes, class_names, load, False)
+    return Source(f"folder {root}", len(paths), shape, num_classes, class_names, load, False,
+                  native_shape=native)
 

@@ -30,6 +30,7 @@ file per ``jax.process_index()``, at ``save()`` time.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import sys
 import threading
@@ -41,6 +42,8 @@ import numpy as np
 from jaxdiff.data.catalog import open_source
 from jaxdiff.data.source import Source, array_source
 from jaxdiff.errors import DataError
+
+_log = logging.getLogger("jaxdiff.data")
 
 
 def _derive_seed(*parts: int) -> int:
@@ -98,11 +101,34 @@ class _ShuffledBatches:
         return np.concatenate(pieces)  # [B]
 
 
+def _hwc(shape) -> str:
+    return "x".join(str(int(d)) for d in shape)
+
+
+def _summary(description: str, n: int, shape, native) -> str:
+    """'NAME: N images HxWxC, native size' or '..., resized from native HxWxC (how)'."""
+    how = "center crop to square, bicubic"
+    if native is None:
+        size = f"resized from native sizes that vary ({how})"
+    elif tuple(native[:2]) != tuple(shape[:2]):
+        size = f"resized from native {_hwc(native)} ({how})"
+    else:
+        size = "native size"
+    if native is not None and native[2] != shape[2]:
+        size += f", {native[2]} -> {shape[2]} channel(s)"
+    return f"{description}: {n:,} images {_hwc(shape)}, {size}"
+
+
 class ImageDataset:
     """One process's view of an image dataset, batched, shuffled, repeated forever.
 
     Attributes:
       image_shape: (H, W, C) of every image after preprocessing.
+      native_shape: (H, W, C) of the images as stored, or None when it varies by image.
+      resized: whether the images are resized (image_shape differs from the native H, W).
+      summary: one line naming the set, its size and any resize, for the trainer to print:
+        "folder /photos: 1,200 images 16x16x3, resized from native 512x512x3 (center crop,
+        bicubic)".
       num_classes: number of classes, or None when unlabeled (then labels are -1).
       class_names: tuple of class names, or None.
       captions: the distinct caption strings batch["caption"] indexes (captioned sets), or None.
@@ -126,6 +152,9 @@ class ImageDataset:
         self._source = source
         self.description = source.description
         self.image_shape = source.image_shape
+        self.native_shape = source.native_shape
+        self.resized = (source.native_shape is None
+                        or tuple(source.native_shape[:2]) != tuple(source.image_shape[:2]))
         self.num_classes = source.num_classes
         self.class_names = source.class_names
         self.captions = source.captions
@@ -180,9 +209,15 @@ class ImageDataset:
             num_threads=num_threads, prefetch_buffer_size=2 * num_threads if num_threads else 0
         )
 
+    @property
+    def summary(self) -> str:
+        return _summary(self.description, self.total_examples, self.image_shape,
+                        self.native_shape)
+
     def __repr__(self) -> str:
         return (
             f"ImageDataset({self.description}, image_shape={self.image_shape}, "
+            f"native_shape={self.native_shape}, "
             f"num_classes={self.num_classes}, num_examples={self.num_examples}/"
             f"{self.total_examples}, batch_size={self.batch_size}, process="
             f"{self.process_index}/{self.process_count})"
@@ -224,7 +259,8 @@ def build(
       batch_size: per-process batch size B (the global batch is B * process_count).
       seed: shuffling and flip seed, in [0, 2**32).
       image_size: resize to [image_size, image_size] (center crop to square, bicubic);
-        None keeps the source size (must be uniform).
+        None keeps the source size (must be uniform). ``native_shape(name)`` tells the size
+        beforehand; ``resolve_image_size`` turns a config's ``data.image_size`` into this.
       channels: 1 or 3 (gray <-> RGB conversion); None keeps the source's (folders:
         1 when every file is grayscale, else 3).
       random_flip: random horizontal flips, deterministic given seed. Leave it off for
@@ -240,6 +276,8 @@ def build(
     Returns:
       An ImageDataset; ``ds.iterator()`` yields
       ``{"image": float32 [B, H, W, C] in [-1, 1], "label": int32 [B]}`` forever.
+      ``ds.native_shape``, ``ds.resized`` and ``ds.summary`` say whether (and from what) the
+      images are resized; the summary is also logged at INFO on the "jaxdiff.data" logger.
 
     Raises:
       DataError: any problem the user can fix (DatasetNotAvailableError for an
@@ -258,10 +296,12 @@ def build(
         name, image_size=image_size, channels=channels, split=split, data_dir=data_dir,
         image_key=image_key, label_key=label_key,
     )
-    return ImageDataset(
+    ds = ImageDataset(
         source, batch_size=int(batch_size), seed=int(seed), random_flip=bool(random_flip),
         process_index=int(process_index), process_count=int(process_count), num_threads=num_threads,
     )
+    _log.info("%s", ds.summary)
+    return ds
 
 
 def from_arrays(

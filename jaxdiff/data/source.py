@@ -70,7 +70,10 @@ def fit_array(x: np.ndarray, channels: int, image_size: int | None, what: str) -
 class Source:
     """A random-access image source after preprocessing.
 
-    ``load(indices)`` returns ``(images float32 [B, H, W, C] in [-1, 1], labels int32 [B])``.
+    ``load(indices)`` returns ``(images float32 [B, H, W, C] in [-1, 1], labels int32 [B])``
+    with ``(H, W, C) = image_shape``. ``native_shape`` is the (H, W, C) the images have before
+    any resize (what ``image_size=None, channels=None`` gives), or None when it varies from
+    image to image.
     """
 
     description: str
@@ -84,16 +87,18 @@ class Source:
     extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     # Distinct caption strings of a captioned source; batch["caption"] indexes them.
     captions: tuple[str, ...] | None = None
+    native_shape: tuple[int, int, int] | None = None
 
 
 def array_source(description, images, labels, num_classes, class_names, extras=None,
-                 captions=None) -> Source:
-    """A source over float32 images [N, H, W, C] and int32 labels [N] held in memory."""
+                 captions=None, native_shape=None) -> Source:
+    """A source over float32 images [N, H, W, C] and int32 labels [N] held in memory
+    (``native_shape`` None: the arrays are native)."""
 
     def load(indices):
         return images[indices], labels[indices]
 
     return Source(
         description, len(images), tuple(images.shape[1:]), num_classes, class_names, load, True,
-        dict(extras or {}), captions,
+        dict(extras or {}), captions, native_shape or tuple(images.shape[1:]),
     )

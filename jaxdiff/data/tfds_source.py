@@ -141,9 +141,13 @@ def _open_tfds(name: str, split: str, data_dir: str | None):
         raise DataError(f"cannot open TFDS dataset '{name}' split '{split}': {text}") from None
 
 
-def tfds_source(spec, image_size, channels, split, data_dir, image_key, label_key) -> Source:
-    """The TFDS dataset `spec` ('NAME[:VERSION][:SPLIT]', without 'tfds:') as a source of
-    [S, S, C] images from feature `image_key`, labels from the ClassLabel `label_key`."""
+# Stored channels -> the channels kept by default (alpha dropped).
+_DEFAULT_CHANNELS = {1: 1, 2: 1, 3: 3, 4: 3}
+
+
+def _open_images(spec: str, split: str | None, data_dir: str | None, image_key: str):
+    """Opens `spec` and checks its image feature: (name, split, data source, features,
+    stored shape [H, W] or [H, W, C] with None/-1 for a size that varies)."""
     name, name_split = _parse_tfds(spec)
     if name_split is not None and split is not None and name_split != split:
         raise DataError(f"split given twice: {spec!r} and split={split!r}.")
@@ -160,14 +164,37 @@ def tfds_source(spec, image_size, channels, split, data_dir, image_key, label_ke
         raise DataError(
             f"TFDS feature {name}/{image_key} has shape {shape}; expected [H, W] or [H, W, C]."
         )
-    if image_size is None and (None in shape[:2] or -1 in shape[:2]):
+    return name, split, source, features, shape
+
+
+def _native_shape(shape: tuple) -> tuple[int, int, int] | None:
+    """The (H, W, C) a stored feature shape gives without resizing; None when H or W varies."""
+    if None in shape[:2] or -1 in shape[:2]:
+        return None
+    stored_c = shape[2] if len(shape) == 3 else 1
+    return (int(shape[0]), int(shape[1]), _DEFAULT_CHANNELS.get(stored_c, 3))
+
+
+def native_shape(spec: str, split: str | None, data_dir: str | None,
+                 image_key: str = "image") -> tuple[int, int, int] | None:
+    """(H, W, C) of the TFDS dataset `spec`'s images as stored (C as ``channels=None`` keeps
+    it), or None when their size varies. Reads the dataset's metadata only."""
+    return _native_shape(_open_images(spec, split, data_dir, image_key)[-1])
+
+
+def tfds_source(spec, image_size, channels, split, data_dir, image_key, label_key) -> Source:
+    """The TFDS dataset `spec` ('NAME[:VERSION][:SPLIT]', without 'tfds:') as a source of
+    [S, S, C] images from feature `image_key`, labels from the ClassLabel `label_key`."""
+    name, split, source, features, shape = _open_images(spec, split, data_dir, image_key)
+    native = _native_shape(shape)
+    if image_size is None and native is None:
         raise DataError(
-            f"TFDS dataset '{name}' has images of varying size {shape}; pass image_size."
+            f"TFDS dataset '{name}' has images of varying size {shape}; pass image_size "
+            "(--config.data.image_size=N)."
         )
-    native_c = shape[2] if len(shape) == 3 else 1
     if channels is None:
-        channels = {1: 1, 2: 1, 3: 3, 4: 3}.get(native_c, 3)
-    height, width = (image_size, image_size) if image_size is not None else shape[:2]
+        channels = _DEFAULT_CHANNELS.get(shape[2] if len(shape) == 3 else 1, 3)
+    height, width = native[:2] if image_size is None else (image_size, image_size)
 
     num_classes, class_names = None, None
     if label_key is not None and label_key in features:
@@ -202,6 +229,6 @@ def tfds_source(spec, image_size, channels, split, data_dir, image_key, label_ke
 
     return Source(
         f"tfds {name} ({split})", len(source), (int(height), int(width), channels),
-        num_classes, class_names, load, False,
+        num_classes, class_names, load, False, native_shape=native,
     )
 
