@@ -6,6 +6,7 @@ subprocess with a timeout and with sockets disabled).
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -362,6 +363,84 @@ def test_tfds_not_prepared_fails_fast_and_offline(tmp_path):
     assert "split 'test'" in cifar["message"]
     assert unknown["error"] == "DataError" and "surely_not_a_dataset" in unknown["message"]
     assert elapsed < 60
+
+
+def test_tfds_prepared_as_tfrecord_names_the_conversion(tiny_tfds_dir, tmp_path):
+    """A set prepared as tfrecord (no random access) is one error naming convert_format."""
+    import shutil
+
+    root = tmp_path / "tfrecord"
+    shutil.copytree(tiny_tfds_dir, root)
+    info_path = root / TINY_NAME / "1.0.0" / "dataset_info.json"
+    info = json.loads(info_path.read_text())
+    assert info["fileFormat"] == "array_record"
+    info["fileFormat"] = "tfrecord"
+    info_path.write_text(json.dumps(info))
+    with pytest.raises(data.DatasetNotAvailableError) as e:
+        data.build(f"tfds:{TINY_NAME}", batch_size=2, data_dir=str(root))
+    msg = str(e.value)
+    assert "tfrecord" in msg and f"data_dir={str(root)!r}" in msg
+    assert f"--dataset_version_dir={info_path.parent} --out_file_format=array_record" in msg
+
+
+def test_tfds_log_lines_are_not_repeated_in_process(tiny_tfds_dir, caplog, monkeypatch):
+    """Opening a prepared dataset again logs nothing TFDS already said in this process."""
+    from jaxdiff.data import tfds_source
+
+    monkeypatch.setattr(tfds_source, "_tfds_lines_shown", set())  # as in a fresh process
+    caplog.set_level(logging.INFO)
+    for split in ["train", "test", "train"]:
+        data.build(f"tfds:{TINY_NAME}:{split}", batch_size=2, data_dir=tiny_tfds_dir)
+    # (jaxdiff's own one-line summary comes once per build, by design)
+    lines = [r.getMessage() for r in caplog.records if r.name != "jaxdiff.data"]
+    assert sum("Load dataset info" in ln for ln in lines) == 1, lines
+    repeated = {ln for ln in lines if lines.count(ln) > 1}
+    assert not repeated, repeated
+
+
+# Opens a mock-prepared dataset twice and an unprepared one twice, with every log line shown.
+_LOG_SCRIPT = textwrap.dedent(
+    """
+    import logging, sys
+    logging.basicConfig(level=logging.INFO)
+    logging.getLogger("jaxdiff.data").setLevel(logging.WARNING)  # a summary per build
+    import tensorflow_datasets as tfds
+    from jaxdiff import data
+    empty, mock_dir = sys.argv[1], sys.argv[2]
+    with tfds.testing.mock_data(num_examples=4):
+        for name in ["tfds:mnist", "tfds:mnist:test", "tfds:mnist"]:
+            data.build(name, batch_size=2, data_dir=mock_dir)
+    for name in ["tfds:mnist", "tfds:mnist", "tfds:mnist:3.0.1"]:
+        try:
+            data.build(name, batch_size=2, data_dir=empty)
+        except data.DatasetNotAvailableError as e:
+            print(f"{type(e).__name__}: {e}", file=sys.stderr)
+    """
+)
+
+
+def test_tfds_open_prints_each_line_once(tmp_path):
+    """What a user sees: each line once; for an unprepared set only jaxdiff's one line."""
+    pytest.importorskip("tensorflow_datasets")
+    empty, mock_dir = tmp_path / "empty", tmp_path / "mock"
+    empty.mkdir()
+    mock_dir.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOG_SCRIPT, str(empty), str(mock_dir)],
+        capture_output=True, text=True, timeout=120, env=dict(os.environ, HOME=str(tmp_path)),
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("DatasetNotAvailableError: ")]
+    assert len(errors) == 3, proc.stderr
+    # jaxdiff's error names the fix; TFDS's own lookup noise says nothing more.
+    assert "`tfds build mnist --file_format=array_record" in errors[0]
+    assert "--config.data.data_dir=DIR" in errors[0] and str(empty) in errors[0]
+    assert not [ln for ln in lines if "dataset_info.json" in ln or "Failed to load" in ln]
+    others = [ln for ln in lines if ln not in errors]
+    repeated = {ln for ln in others if others.count(ln) > 1}
+    assert not repeated, proc.stderr
 
 
 # ----------------------------------------------------------------------------------
