@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from bench_sampling import median_time as median_seconds, torch_unet
 from jaxdiff import config as config_lib
+from jaxdiff import data as data_lib
 from jaxdiff import samplers, sampling
 from jaxdiff.samplers import base
 from jaxdiff.train import build
@@ -51,7 +52,8 @@ REFERENCES = {
 
 def demo_network(batch: int):
     cfg = config_lib.get_config()
-    image_shape = (cfg.data.image_size, cfg.data.image_size, 1)
+    size = data_lib.resolve_image_size(cfg.data.dataset, cfg.data.image_size)
+    image_shape = (size, size, 1)
     module = build.build_model(cfg, image_shape, 10)
     params = module.init(jax.random.PRNGKey(0), jnp.zeros((1,) + image_shape), jnp.zeros((1,)),
                          jnp.zeros((1,), jnp.int32))["params"]

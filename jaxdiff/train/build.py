@@ -126,7 +126,8 @@ def build_task(cfg: ml_collections.ConfigDict, mesh, *, workdir: str | None = No
                             process_count=process_count)
     return task_lib.PixelTask(data_lib.build(
         cfg.data.dataset, batch_size=local_batch, seed=cfg.seed,
-        image_size=cfg.data.image_size or None, channels=cfg.data.channels or None,
+        image_size=data_lib.resolve_image_size(cfg.data.dataset, cfg.data.image_size),
+        channels=cfg.data.channels or None,
         random_flip=cfg.data.random_flip, process_index=process_index, process_count=process_count,
         data_dir=cfg.data.data_dir or None))
 

@@ -80,7 +80,6 @@ class LatentTextTask:
 
     def __init__(self, dataset, *, null_context, captions, caption_states, parts, images, labels):
         self.dataset = dataset
-        self.description = dataset.description
         self.image_shape = dataset.image_shape
         self.num_classes = None
         self.context_dim = int(null_context.shape[-1])
@@ -91,6 +90,8 @@ class LatentTextTask:
         self.images = images
         self.labels = labels
         self.pixel_shape = tuple(images.shape[1:])
+        self.summary = ("{:,} images {}x{}x{} with {} distinct captions, trained on as autoencoder latents "
+                        "{}x{}x{}".format(len(images), *self.pixel_shape, len(captions), *self.image_shape))
 
     def iterator(self, state: dict | None = None):
         return self.dataset.iterator(state)
@@ -105,7 +106,7 @@ def build(cfg: ml_collections.ConfigDict, workdir: str, *, batch_size: int, proc
     """Frozen parts, caches and the pipeline for a latent run (see the module docstring);
     `batch_size` is the per-process batch."""
     examples, captions = data_lib.load_examples(
-        cfg.data.dataset, image_size=cfg.data.image_size or None,
+        cfg.data.dataset, image_size=data_lib.resolve_image_size(cfg.data.dataset, cfg.data.image_size),
         channels=cfg.data.channels or None, data_dir=cfg.data.data_dir or None)
     if captions is None or "caption" not in examples:
         raise DataError(

@@ -172,7 +172,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
     config_json = build.run_config_json(cfg, task.image_shape, model.num_classes, task.context_dim)
     trainer = build.build_trainer(cfg, mesh, model, schedule, tx, task.image_shape, task.condition(cfg, model))
     run = build.Run(cfg=cfg, workdir=workdir, task=task, model=model, schedule=schedule)
-    _say(f"data: {getattr(task, 'description', task.kind)}")
+    _say(f"data: {task.summary}")
 
     ckpt = Checkpointer(checkpoint_dir(workdir), max_to_keep=cfg.train.keep_checkpoints,
                         save_every=cfg.train.checkpoint_every)

@@ -45,7 +45,7 @@ def class_condition(cfg: ml_collections.ConfigDict, model) -> Callable:
 
 class PixelTask:
     """Images with (optional) class labels: a `jaxdiff.data.ImageDataset` as the trainer sees it.
-    `description` says what was loaded (name, count, native size and any resize)."""
+    `summary` says what was loaded (name, count, native size and any resize)."""
 
     kind = PIXEL
     context_dim = None
@@ -54,7 +54,7 @@ class PixelTask:
         self.dataset = dataset
         self.image_shape = tuple(dataset.image_shape)
         self.num_classes = dataset.num_classes
-        self.description = getattr(dataset, "description", repr(dataset))
+        self.summary = dataset.summary
 
     def iterator(self, state: dict | None = None):
         return self.dataset.iterator(state)
