@@ -482,7 +482,7 @@ def test_resblock_matches_diffusers(scale_shift):
 
 
 def test_patch_size_folds_pixels_into_channels_and_back():
-    from jaxdiff.models.unet import depth_to_space, space_to_depth
+    from jaxdiff.models.layers import depth_to_space, space_to_depth
 
     x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
     y = space_to_depth(x, 2)

@@ -300,3 +300,21 @@ class Upsample(nn.Module):
     def __call__(self, x: Array) -> Array:
         x = _upsample_nearest(x)  # [B, 2H, 2W, C]
         return conv3x3(self.channels, self.dtype, "conv")(x)
+
+
+def space_to_depth(x: Array, p: int) -> Array:
+    """[B, H, W, C] -> [B, H/p, W/p, p*p*C]: each p x p patch becomes one pixel's channels."""
+    if p == 1:
+        return x
+    B, H, W, C = x.shape
+    x = x.reshape(B, H // p, p, W // p, p, C)                      # [B, H/p, p, W/p, p, C]
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(B, H // p, W // p, p * p * C)
+
+
+def depth_to_space(x: Array, p: int) -> Array:
+    """The inverse of `space_to_depth`: [B, h, w, p*p*C] -> [B, h*p, w*p, C]."""
+    if p == 1:
+        return x
+    B, h, w, D = x.shape
+    x = x.reshape(B, h, w, p, p, D // (p * p))                      # [B, h, w, p, p, C]
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(B, h * p, w * p, D // (p * p))
