@@ -174,7 +174,7 @@ def dpm_solver(schedule: schedules.DiscreteSchedule, num_steps: int, *, stochast
                                                       dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                                                       sample_max_value=sample_max_value),
                          stochastic=stochastic)
-    return base.Sampler(init=jax.tree_util.Partial(base.history_init, state),
+    return base.Sampler(plan=state, prepare=jax.tree_util.Partial(base.history_init),
                         step=jax.tree_util.Partial(dpm_solver_step, options))
 
 
