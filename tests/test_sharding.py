@@ -8,7 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +20,7 @@ from jax.sharding import AbstractMesh
 from conftest import run_python
 from jaxdiff import sharding
 from jaxdiff.checkpoint import Checkpointer
-from jaxdiff.models import unet
+from jaxdiff.models import text, unet, vae
 from jaxdiff.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -86,6 +88,93 @@ def test_logical_axes_of_text_encoder_and_vae_style_names():
     }
     for path, (shape, want) in cases.items():
         assert sharding.logical_axes(path, shape) == want, path
+
+
+def _network_params():
+    """Abstract parameter trees of jaxdiff's networks: every U-Net config (the pixel ones also
+    class-conditional and with ADM's scale-shift norm and ResBlock resampling), the Stable
+    Diffusion VAE and both CLIP text encoders."""
+    def shapes(module, *args, **kwargs):
+        return jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))["params"]
+
+    trees = {}
+    for name, config in unet.CONFIGS.items():
+        variants = {"": {}}
+        if config().context_dim is None:
+            variants.update(classes={"num_classes": 10}, adm={"use_scale_shift_norm": True, "resblock_updown": True})
+        for variant, kwargs in variants.items():
+            module = config(**kwargs)
+            trees[f"unet.{name}.{variant}"] = shapes(module, **module.example_inputs())
+    trees["vae"] = shapes(vae.StableDiffusionVAE(), jnp.zeros((1, 8, 8, 3)))
+    for name, encoder in (("sd1", text.SD1TextEncoder), ("sd2", text.SD2TextEncoder)):
+        trees[f"text.{name}"] = shapes(encoder(), jnp.zeros((1, 1), jnp.int32))
+    return trees
+
+
+def test_a_rule_names_every_parameter_of_every_network():
+    trees = _network_params()
+    assert len(trees) == 12
+    for name, tree in trees.items():
+        assert sharding.unnamed_parameters(tree) == [], name
+    # The rules used, and their layouts on the SD U-Net and the text encoder.
+    sd, clip = trees["unet.sd15."], trees["text.sd1"]
+
+    def rule(tree, *path):
+        return sharding.parameter_rule(path, _leaf(tree, path).shape).name
+
+    assert rule(sd, "down_0", "attn_0", "block_0", "cross_attn", "proj_out", "kernel").startswith("transformer")
+    assert rule(sd, "down_0", "attn_0", "proj_in", "kernel").startswith("transformer")         # 1x1 conv
+    assert rule(sd, "down_0", "attn_0", "block_0", "norm_2", "scale") == "normalisation"
+    assert rule(clip, "layer_0", "attn", "out", "kernel") == "attention output"
+    assert sharding.logical_axes(("layer_0", "attn", "out", "kernel"), (768, 768)) == ("mlp", "embed")
+    assert sharding.logical_axes(("layer_0", "attn", "out", "bias"), (768,)) == ("embed",)
+    assert sharding.logical_axes(("add_embed", "dense_1", "kernel"), (1280, 1280)) == ("mlp", "embed")
+    used = {sharding.parameter_rule(path, leaf.shape).name for tree in trees.values()
+            for path, leaf in _named_leaves(tree)}
+    assert used == {r.name for r in sharding.PARAMETER_RULES}
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def test_a_training_state_has_no_unnamed_parameters():
+    cfg = loop.config_lib.get_config()
+    params = _tiny_params()
+    state = jax.eval_shape(lambda: loop.state_lib.create(jax.tree.map(jnp.zeros_like, params),
+                                                         loop.build_optimizer(cfg), jax.random.PRNGKey(0)))
+    assert sharding.unnamed_parameters(state) == []
+    assert len(jax.tree.leaves(state)) > 3 * len(jax.tree.leaves(params))      # params, EMA, Adam moments, ...
+
+
+class _Unknown(nn.Module):
+    """A block with layer names no rule knows: a Dense "gate", a LayerNorm "ln", a raw parameter."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.LayerNorm(name="ln")(nn.Dense(8, name="gate")(x))
+        return x * self.param("pos_embed", nn.initializers.zeros, (8,))
+
+
+def test_a_layer_no_rule_knows_is_listed_and_warned_about():
+    params = jax.eval_shape(lambda: _Unknown().init(jax.random.key(0), jnp.zeros((1, 8))))["params"]
+    assert sharding.unnamed_parameters(params) == ["gate/bias", "gate/kernel", "ln/bias", "ln/scale", "pos_embed"]
+    assert sharding.logical_axes(("gate", "kernel"), (8, 8)) == (None, None)
+    # A renamed layer of a real network is caught the same way.
+    tiny = _tiny_params()
+    tiny = dict(tiny, mid=dict(tiny["mid"], attn={("out_projection" if k == "proj_out" else k): v
+                                                  for k, v in tiny["mid"]["attn"].items()}))
+    assert sharding.unnamed_parameters(tiny) == ["mid/attn/out_projection/bias", "mid/attn/out_projection/kernel"]
+    # A table that splits by logical axes warns (one device: any table fits); one that does not, stays quiet.
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    with pytest.warns(UserWarning, match=r"2 parameter\(s\) named by no sharding rule .*mid/attn/out_projection"):
+        sharding.tree_shardings(tiny, mesh, "fsdp_tp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sharding.tree_shardings(tiny, mesh, "fsdp")
+        sharding.tree_shardings(_tiny_params(), mesh, "fsdp_tp")
 
 
 def test_rule_tables_shard_what_they_promise():
