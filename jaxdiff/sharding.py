@@ -15,7 +15,8 @@ and any converted checkpoint. Every parameter is named by one rule of `PARAMETER
 name of its layer: "attention output", "convolution", ...); `unnamed_parameters(tree)` lists those
 no rule names, and the tests require that list to be empty for jaxdiff's networks, so a renamed
 layer cannot silently change how it shards. A rule table (`RULES`) maps logical names to mesh
-axes; choosing `dp`, `fsdp` or `fsdp_tp` is a config change, not a code change.
+axes; choosing `dp`, `fsdp` or `fsdp_tp` is a config change, not a code change, and a table that
+does not fit the mesh (`check_rules`) is refused before anything is compiled.
 
 Each process hands in only its local slice of the global batch;
 `jax.make_array_from_process_local_data` assembles the global array without copying it around.
@@ -70,9 +71,14 @@ def make_mesh(devices=None, *, data: int = -1, fsdp: int = 1, tensor: int = 1) -
 
 
 def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
-    """The mesh named by a config's `mesh` section (`data`, `fsdp`, `tensor` sizes)."""
-    return make_mesh(devices, data=int(mesh_cfg.data), fsdp=int(mesh_cfg.fsdp),
+    """The mesh named by a config's `mesh` section (`data`, `fsdp`, `tensor` sizes), checked
+    against its rule table (`mesh_cfg.rules`, see `check_rules`) before anything is built on it."""
+    mesh = make_mesh(devices, data=int(mesh_cfg.data), fsdp=int(mesh_cfg.fsdp),
                      tensor=int(mesh_cfg.tensor))
+    rules = getattr(mesh_cfg, "rules", None)
+    if rules is not None:
+        check_rules(mesh, rules)
+    return mesh
 
 
 def _resolve_shape(sizes: dict, n_devices: int) -> tuple[int, ...]:
@@ -250,6 +256,48 @@ def get_rules(name: str) -> Rules:
             f"unknown sharding rules {name!r}; set --config.mesh.rules to one of {sorted(RULES)}") from None
 
 
+def rule_axes(rules: Rules) -> set[str]:
+    """The mesh axes a rule table splits parameters over."""
+    return ({FSDP_AXIS} if rules.fsdp else set()) | {axis for _, axis in rules.logical}
+
+
+def check_rules(mesh, rules: Rules | str) -> None:
+    """Refuse a rule table that does not fit the mesh, with a one-line ShardingError naming the fix.
+
+    The table must split parameters over exactly the mesh axes other than `data` that have more
+    than one device: an axis it splits over must not have size 1 (`fsdp` rules with fsdp=1 would
+    split nothing; `fsdp_tp` with tensor=1 no tensor parallelism), and an axis of size > 1 must be
+    used (`dp` with fsdp=4 would replicate what the mesh asks to shard; tensor=2 under `fsdp`
+    would have two devices repeat each other's work). A mesh of a single device accepts every
+    table: nothing is split there, and a config written for a pod runs unchanged on one device.
+    mesh: a `Mesh` or `AbstractMesh` with the axes (data, fsdp, tensor).
+    """
+    name = rules if isinstance(rules, str) else next((k for k, v in RULES.items() if v == rules), "custom")
+    rules = get_rules(rules) if isinstance(rules, str) else rules
+    sizes = {axis: int(mesh.shape.get(axis, 1)) for axis in MESH_AXES}
+    if math.prod(sizes.values()) == 1:
+        return
+    described = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    used = rule_axes(rules)
+    if FSDP_AXIS in used and sizes[FSDP_AXIS] == 1:
+        raise ShardingError(
+            f"rules {name!r} split parameters over the fsdp axis, but the mesh ({described}) has fsdp=1, so "
+            f"nothing would be split; set --config.mesh.fsdp (e.g. --config.mesh.data=1 --config.mesh.fsdp=-1)"
+            + (" or --config.mesh.rules=dp" if sizes[TENSOR_AXIS] == 1 else ""))
+    if TENSOR_AXIS in used and sizes[TENSOR_AXIS] == 1:
+        raise ShardingError(
+            f"rules {name!r} split the mlp dimension over the tensor axis, but the mesh ({described}) has "
+            f"tensor=1; set --config.mesh.tensor (e.g. 2) or --config.mesh.rules=fsdp")
+    if FSDP_AXIS not in used and sizes[FSDP_AXIS] > 1:
+        raise ShardingError(
+            f"the mesh ({described}) has fsdp={sizes[FSDP_AXIS]} but rules {name!r} replicate every parameter "
+            f"over it; set --config.mesh.rules=fsdp, or --config.mesh.fsdp=1 to put those devices on data")
+    if TENSOR_AXIS not in used and sizes[TENSOR_AXIS] > 1:
+        raise ShardingError(
+            f"the mesh ({described}) has tensor={sizes[TENSOR_AXIS]} but rules {name!r} split nothing over it, so "
+            f"its devices would repeat each other's work; set --config.mesh.rules=fsdp_tp or --config.mesh.tensor=1")
+
+
 def param_spec(path: Sequence[str], shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
     """The PartitionSpec of one parameter (or optimizer moment of that parameter's shape)."""
     spec: list = [None] * len(shape)
@@ -280,9 +328,10 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules | str) -> Any:
     optax moments (`mu`, `nu`, ...) end in the same path and have the same shape, so they land
     exactly like their parameter. Everything else (scalars, counts, keys) is replicated.
     tree: leaves with `.shape` (arrays or `jax.ShapeDtypeStruct`s).
-    Warns when the table splits by logical axes and some parameters are named by no rule
-    (`unnamed_parameters`).
+    Raises ShardingError if the rule table does not fit the mesh (`check_rules`); warns when the
+    table splits by logical axes and some parameters are named by no rule (`unnamed_parameters`).
     """
+    check_rules(mesh, rules)
     rules = get_rules(rules) if isinstance(rules, str) else rules
     if rules.logical:
         unnamed = unnamed_parameters(tree)
@@ -351,9 +400,17 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 def inference_mesh(rules: Rules | str = "dp", devices=None) -> Mesh:
     """The default mesh of a sampling pipeline: every device (default: all of all processes) on
     one batch axis, `data` for `dp` and `fsdp` for the FSDP tables (so that their parameters are
-    actually split). Build a mesh with `make_mesh` for a `tensor` axis."""
+    actually split); a table with tensor parallelism (`fsdp_tp`) gets tensor=2 and the rest on
+    fsdp. A single device is a one-device mesh whatever the table. Build a mesh with `make_mesh`
+    for other shapes."""
     rules = get_rules(rules) if isinstance(rules, str) else rules
-    return make_mesh(devices, data=1, fsdp=-1) if rules.fsdp else make_mesh(devices, data=-1)
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) == 1:
+        return make_mesh(devices)
+    tensor = 2 if TENSOR_AXIS in rule_axes(rules) else 1
+    if rules.fsdp:
+        return make_mesh(devices, data=1, fsdp=-1, tensor=tensor)
+    return make_mesh(devices, data=-1, tensor=tensor)
 
 
 def padded_batch(n: int, mesh: Mesh) -> int:

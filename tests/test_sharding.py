@@ -177,6 +177,81 @@ def test_a_layer_no_rule_knows_is_listed_and_warned_about():
         sharding.tree_shardings(_tiny_params(), mesh, "fsdp_tp")
 
 
+def test_a_rule_table_that_does_not_fit_the_mesh_is_refused():
+    refused = [
+        # (the whole message once; the ending that names the fix for the others)
+        ("fsdp", dict(data=8), "rules 'fsdp' split parameters over the fsdp axis, but the mesh (data=8, fsdp=1, "
+                               "tensor=1) has fsdp=1, so nothing would be split; set --config.mesh.fsdp (e.g. "
+                               "--config.mesh.data=1 --config.mesh.fsdp=-1) or --config.mesh.rules=dp"),
+        ("fsdp_tp", dict(fsdp=8), "has tensor=1; set --config.mesh.tensor (e.g. 2) or --config.mesh.rules=fsdp"),
+        ("fsdp_tp", dict(tensor=2), "has fsdp=1, so nothing would be split; set --config.mesh.fsdp (e.g. "
+                                    "--config.mesh.data=1 --config.mesh.fsdp=-1)"),
+        ("dp", dict(data=2, fsdp=4), "has fsdp=4 but rules 'dp' replicate every parameter over it; set "
+                                     "--config.mesh.rules=fsdp, or --config.mesh.fsdp=1 to put those devices on data"),
+        ("fsdp", dict(fsdp=4, tensor=2), "has tensor=2 but rules 'fsdp' split nothing over it, so its devices would "
+                                         "repeat each other's work; set --config.mesh.rules=fsdp_tp or "
+                                         "--config.mesh.tensor=1"),
+        ("dp", dict(data=4, tensor=2), "has tensor=2 but rules 'dp' split nothing over it"),
+    ]
+    for rules, shape, message in refused:
+        for table in (rules, sharding.RULES[rules]):                # by name or as a Rules object
+            with pytest.raises(sharding.ShardingError) as err:
+                sharding.check_rules(_mesh(**shape), table)
+            assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    for rules, shape in [("dp", dict(data=8)), ("fsdp", dict(fsdp=8)), ("fsdp", dict(data=2, fsdp=4)),
+                         ("fsdp_tp", dict(fsdp=4, tensor=2)), ("fsdp_tp", dict(data=2, fsdp=2, tensor=2))]:
+        sharding.check_rules(_mesh(**shape), rules)
+    for rules in sharding.RULES:                                    # one device: every table
+        sharding.check_rules(_mesh(), rules)
+
+
+_FIT = """
+import json, jax
+from jaxdiff import cli, config as config_lib, sharding
+from jaxdiff.models import unet
+assert len(jax.devices()) == 8
+out = {}
+c = config_lib.get_config()
+c.mesh.rules = "fsdp"                                  # with the default mesh: data=-1, fsdp=1
+try:
+    sharding.mesh_from_config(c.mesh)
+except sharding.ShardingError as e:
+    out["config"] = str(e)
+c.mesh.data, c.mesh.fsdp = 1, -1
+out["fits"] = list(sharding.mesh_from_config(c.mesh).devices.shape)
+model = unet.tiny()
+params = jax.eval_shape(lambda: model.init(jax.random.key(0), **model.example_inputs()))["params"]
+try:
+    sharding.tree_shardings(params, sharding.make_mesh(data=8), "fsdp")
+except sharding.ShardingError as e:
+    out["tree"] = str(e)
+out["inference"] = {r: list(sharding.inference_mesh(r).devices.shape) for r in sharding.RULES}
+for r in sharding.RULES:
+    sharding.tree_shardings(params, sharding.inference_mesh(r), r)
+out["rc"] = cli.main(["train", "--config.mesh.rules=fsdp_tp", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+                      "--workdir", "{workdir}", "--no-progress"])
+print(json.dumps(out))
+"""
+
+
+def test_the_trainer_refuses_a_rule_table_its_mesh_does_not_fit(tmp_path):
+    """On 8 devices: the config's mesh and rules are checked where the trainer builds them, the
+    command line reports one line naming the fix and trains nothing, and the pipelines' default
+    meshes fit every table."""
+    proc = run_python(_FIT.replace("{workdir}", str(tmp_path / "run")), devices=8, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["config"].startswith("rules 'fsdp' split parameters over the fsdp axis, but the mesh (data=8, fsdp=1")
+    assert out["fits"] == [1, 8, 1]
+    assert "--config.mesh.fsdp" in out["tree"]
+    assert out["inference"] == {"dp": [8, 1, 1], "fsdp": [1, 8, 1], "fsdp_tp": [1, 4, 2]}
+    err = [line for line in proc.stderr.strip().splitlines() if line.startswith("jaxdiff train:")]
+    assert out["rc"] == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert err[0].startswith("jaxdiff train: error: rules 'fsdp_tp' split the mlp dimension over the tensor axis")
+    assert err[0].endswith("set --config.mesh.tensor (e.g. 2) or --config.mesh.rules=fsdp")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_rule_tables_shard_what_they_promise():
     leaves = _named_leaves(_tiny_params())
     total = sum(leaf.size for _, leaf in leaves)
