@@ -113,7 +113,7 @@ def bench_samplers(cfg, module, params, image_shape, args, ref):
         if name == "ddim_inverse":
             continue
         sampler = samplers.get(name, schedule, args.steps)
-        calls = base.num_model_calls(base.host_plan(sampler))
+        calls = base.num_model_calls(sampler.plan)
         t0 = time.perf_counter()
         sampling.lower(sampler, model_fn, noise, key).compile()
         compile_s = time.perf_counter() - t0

@@ -11,8 +11,12 @@ The mesh has three named axes, outermost first:
 
 Parameters get *logical* axis names from their path and shape (`logical_axes`), not from
 annotations inside the modules, so the same table lays out the U-Net, the VAE, the text encoder
-and any converted checkpoint. A rule table (`RULES`) maps logical names to mesh axes; choosing
-`dp`, `fsdp` or `fsdp_tp` is a config change, not a code change.
+and any converted checkpoint. Every parameter is named by one rule of `PARAMETER_RULES` (by the
+name of its layer: "attention output", "convolution", ...); `unnamed_parameters(tree)` lists those
+no rule names, and the tests require that list to be empty for jaxdiff's networks, so a renamed
+layer cannot silently change how it shards. A rule table (`RULES`) maps logical names to mesh
+axes; choosing `dp`, `fsdp` or `fsdp_tp` is a config change, not a code change, and a table that
+does not fit the mesh (`check_rules`) is refused before anything is compiled.
 
 Each process hands in only its local slice of the global batch;
 `jax.make_array_from_process_local_data` assembles the global array without copying it around.
@@ -21,11 +25,13 @@ Each process hands in only its local slice of the global batch;
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
 import re
-from typing import Any, Sequence
+import warnings
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import numpy as np
@@ -39,15 +45,11 @@ TENSOR_AXIS = "tensor"
 MESH_AXES = (DATA_AXIS, FSDP_AXIS, TENSOR_AXIS)
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)
 
-# Leaf names of linen parameters; any other leaf (step counters, keys, ...) is replicated.
+# Leaf names of linen parameters (Dense / Conv / Embed / norm layers).
 PARAM_LEAVES = ("kernel", "bias", "scale", "embedding")
-
-# Modules whose kernel maps the wide (`mlp`) dimension back to the model width: attention
-# output projections and the second layer of feed-forward blocks. Their kernels are laid out
-# [mlp, embed] (row-parallel) so tensor parallelism alternates column / row as in Megatron-LM.
-_ROW_PARALLEL = re.compile(
-    r"^(proj_out|proj_attn|to_out(_\d+)?|out_proj|o_proj|wo|fc2|dense_1|net_2|ff_out|c_proj)$")
-
+# Bookkeeping leaves of a TrainState / optax state that are not parameters (scalars, such as
+# optax's `count`, are bookkeeping whatever their name); they are replicated.
+STATE_LEAVES = ("step", "rng", "count")
 
 # ---------------------------------------------------------------------------------------------
 # Mesh
@@ -69,9 +71,14 @@ def make_mesh(devices=None, *, data: int = -1, fsdp: int = 1, tensor: int = 1) -
 
 
 def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
-    """The mesh named by a config's `mesh` section (`data`, `fsdp`, `tensor` sizes)."""
-    return make_mesh(devices, data=int(mesh_cfg.data), fsdp=int(mesh_cfg.fsdp),
+    """The mesh named by a config's `mesh` section (`data`, `fsdp`, `tensor` sizes), checked
+    against its rule table (`mesh_cfg.rules`, see `check_rules`) before anything is built on it."""
+    mesh = make_mesh(devices, data=int(mesh_cfg.data), fsdp=int(mesh_cfg.fsdp),
                      tensor=int(mesh_cfg.tensor))
+    rules = getattr(mesh_cfg, "rules", None)
+    if rules is not None:
+        check_rules(mesh, rules)
+    return mesh
 
 
 def _resolve_shape(sizes: dict, n_devices: int) -> tuple[int, ...]:
@@ -108,35 +115,115 @@ def _check_tensor_within_process(mesh: Mesh) -> None:
 # Logical axes of parameters
 
 
+# How a parameter of a named layer is laid out, Megatron-style (column-parallel layers split their
+# output features, row-parallel ones their input features, so tensor parallelism alternates):
+#
+#     layout      leaf [shape]            logical axes
+#     column      kernel [..., in, out]   (None.., "embed", "mlp")     dense [in, out], conv [kh, kw, in, out]
+#                 bias [out]              ("mlp",)
+#     row         kernel [..., in, out]   (None.., "mlp", "embed")     maps the wide dimension back
+#                 bias [out]              ("embed",)
+#     norm        scale, bias [C]         ("norm",)                    replicated by every rule table
+#     embedding   embedding [V, D]        ("vocab", "embed")
+COLUMN, ROW, NORM, EMBEDDING = "column", "row", "norm", "embedding"
+
+
+class ParamRule(NamedTuple):
+    """A named rule: the parameters of every layer whose module path ends in `layers` (a regular
+    expression over "/"-joined module names, matched at a name boundary) are laid out as `layout`."""
+
+    name: str
+    layers: str
+    layout: str
+
+
+# One rule per kind of layer of jaxdiff's networks (U-Net incl. the Stable Diffusion topologies,
+# VAE, CLIP text encoder). A few patterns also hold the names diffusers / transformers give the same
+# layers (to_q, out_proj, net_2, layer_norm1, ...), so such a tree shards alike.
+PARAMETER_RULES = (
+    ParamRule("convolution", r"conv|conv_\d+|conv_in|conv_out|skip|quant_conv|post_quant_conv", COLUMN),
+    ParamRule("time embedding into a ResBlock", r"time_proj", COLUMN),
+    ParamRule("time / micro-conditioning MLP, first layer", r"(time_embed|add_embed)/dense_0", COLUMN),
+    ParamRule("time / micro-conditioning MLP, second layer", r"(time_embed|add_embed)/dense_1", ROW),
+    ParamRule("attention query / key / value", r"query|key|value|to_q|to_k|to_v|q_proj|k_proj|v_proj", COLUMN),
+    ParamRule("attention output", r"\w*attn\w*/out|to_out(_\d+)?|out_proj|o_proj", ROW),
+    ParamRule("transformer / feed-forward input projection", r"proj_in|fc1|net_0(_proj)?", COLUMN),
+    ParamRule("transformer / attention / feed-forward output projection", r"proj_out|fc2|net_2", ROW),
+    ParamRule("normalisation", r"norm|norm_\d+|norm_out|final_norm|layer_norm\d*", NORM),
+    ParamRule("token / position / class embedding", r"token_embedding|position_embedding|class_embed", EMBEDDING),
+)
+
+# Which leaves (and their rank) each layout names.
+_LAYOUT_LEAVES = {
+    COLUMN: {"kernel": "matrix", "bias": 1},
+    ROW: {"kernel": "matrix", "bias": 1},
+    NORM: {"scale": 1, "bias": 1},
+    EMBEDDING: {"embedding": 2},
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _pattern(layers: str) -> re.Pattern:
+    return re.compile(rf"(?:^|/)(?:{layers})$")
+
+
+def parameter_rule(path: Sequence[str], shape: Sequence[int]) -> ParamRule | None:
+    """The rule of `PARAMETER_RULES` that names the parameter at `path` (keys from the root, the
+    leaf last, e.g. ("down_2", "attn_0", "proj_out", "kernel")) with `shape`, or None.
+
+    The first rule whose `layers` match the module path and whose layout has this leaf at this
+    rank names it. Optimizer moments and EMA copies end in their parameter's path, so they are
+    named alike."""
+    if len(path) < 2:
+        return None
+    leaf, modules = path[-1], "/".join(path[:-1])
+    for rule in PARAMETER_RULES:
+        rank = _LAYOUT_LEAVES[rule.layout].get(leaf)
+        fits = rank is not None and (len(shape) >= 2 if rank == "matrix" else len(shape) == rank)
+        if fits and _pattern(rule.layers).search(modules):
+            return rule
+    return None
+
+
 def logical_axes(path: Sequence[str], shape: Sequence[int]) -> tuple[str | None, ...]:
-    """Logical axis names of one parameter, from its tree path and shape.
+    """Logical axis names of one parameter, from the rule that names it (`parameter_rule`; the
+    layouts are tabulated above `ParamRule`).
 
-        kernel [..., in, out]   (None.., "embed", "mlp")   dense [in, out], conv [kh, kw, in, out]
-        kernel of an output     (None.., "mlp", "embed")   attention / feed-forward out projections
-          projection                                       (row-parallel)
-        bias [out]              ("mlp",) or ("embed",)     follows its kernel's out axis
-        scale, norm bias [C]    ("norm",)                  replicated by every rule table
-        embedding [V, D]        ("vocab", "embed")
-        anything else           all None                   replicated
-
+    A parameter no rule names gets no logical axes (all None): nothing splits it over `tensor`
+    (the FSDP rule still splits it by size). Such parameters are listed by `unnamed_parameters`,
+    and `tree_shardings` warns about them under a table that uses logical axes.
     path: keys from the root, e.g. ("down_2", "attn_0", "proj_out", "kernel").
     """
     ndim = len(shape)
+    rule = parameter_rule(path, shape)
+    layout = None if rule is None else rule.layout
     leaf = path[-1] if path else ""
-    module = path[-2] if len(path) > 1 else ""
-    row = bool(_ROW_PARALLEL.match(module))
-    if leaf == "embedding" and ndim == 2:
+    if layout == EMBEDDING:
         return ("vocab", "embed")
-    if leaf == "kernel" and ndim >= 2:
-        io = ("mlp", "embed") if row else ("embed", "mlp")
-        return (None,) * (ndim - 2) + io
-    if leaf == "bias" and ndim == 1:
-        if "norm" in module or module.startswith(("ln", "layer_norm", "group_norm")):
-            return ("norm",)
-        return ("embed",) if row else ("mlp",)
-    if leaf == "scale" and ndim == 1:
+    if layout == NORM:
         return ("norm",)
+    if layout in (COLUMN, ROW):
+        out_axes = ("embed", "mlp") if layout == COLUMN else ("mlp", "embed")
+        return (None,) * (ndim - 2) + out_axes if leaf == "kernel" else out_axes[1:]
     return (None,) * ndim
+
+
+def _is_state_leaf(path: Sequence[str], shape: Sequence[int]) -> bool:
+    return len(shape) == 0 or (bool(path) and path[-1] in STATE_LEAVES)
+
+
+def unnamed_parameters(tree: Any) -> list[str]:
+    """The "/"-joined paths of the parameters in `tree` (a parameter tree, a TrainState, an optax
+    state; leaves with `.shape`) that no rule of `PARAMETER_RULES` names: every leaf except the
+    bookkeeping ones (scalars, and leaves named in `STATE_LEAVES`). Empty for jaxdiff's networks;
+    a layer with a name no rule knows shows up here."""
+    found = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        names = tuple(_key_name(k) for k in path)
+        shape = tuple(getattr(leaf, "shape", ()))
+        if not _is_state_leaf(names, shape) and parameter_rule(names, shape) is None:
+            found.append("/".join(names))
+    return found
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +256,48 @@ def get_rules(name: str) -> Rules:
             f"unknown sharding rules {name!r}; set --config.mesh.rules to one of {sorted(RULES)}") from None
 
 
+def rule_axes(rules: Rules) -> set[str]:
+    """The mesh axes a rule table splits parameters over."""
+    return ({FSDP_AXIS} if rules.fsdp else set()) | {axis for _, axis in rules.logical}
+
+
+def check_rules(mesh, rules: Rules | str) -> None:
+    """Refuse a rule table that does not fit the mesh, with a one-line ShardingError naming the fix.
+
+    The table must split parameters over exactly the mesh axes other than `data` that have more
+    than one device: an axis it splits over must not have size 1 (`fsdp` rules with fsdp=1 would
+    split nothing; `fsdp_tp` with tensor=1 no tensor parallelism), and an axis of size > 1 must be
+    used (`dp` with fsdp=4 would replicate what the mesh asks to shard; tensor=2 under `fsdp`
+    would have two devices repeat each other's work). A mesh of a single device accepts every
+    table: nothing is split there, and a config written for a pod runs unchanged on one device.
+    mesh: a `Mesh` or `AbstractMesh` with the axes (data, fsdp, tensor).
+    """
+    name = rules if isinstance(rules, str) else next((k for k, v in RULES.items() if v == rules), "custom")
+    rules = get_rules(rules) if isinstance(rules, str) else rules
+    sizes = {axis: int(mesh.shape.get(axis, 1)) for axis in MESH_AXES}
+    if math.prod(sizes.values()) == 1:
+        return
+    described = ", ".join(f"{k}={v}" for k, v in sizes.items())
+    used = rule_axes(rules)
+    if FSDP_AXIS in used and sizes[FSDP_AXIS] == 1:
+        raise ShardingError(
+            f"rules {name!r} split parameters over the fsdp axis, but the mesh ({described}) has fsdp=1, so "
+            f"nothing would be split; set --config.mesh.fsdp (e.g. --config.mesh.data=1 --config.mesh.fsdp=-1)"
+            + (" or --config.mesh.rules=dp" if sizes[TENSOR_AXIS] == 1 else ""))
+    if TENSOR_AXIS in used and sizes[TENSOR_AXIS] == 1:
+        raise ShardingError(
+            f"rules {name!r} split the mlp dimension over the tensor axis, but the mesh ({described}) has "
+            f"tensor=1; set --config.mesh.tensor (e.g. 2) or --config.mesh.rules=fsdp")
+    if FSDP_AXIS not in used and sizes[FSDP_AXIS] > 1:
+        raise ShardingError(
+            f"the mesh ({described}) has fsdp={sizes[FSDP_AXIS]} but rules {name!r} replicate every parameter "
+            f"over it; set --config.mesh.rules=fsdp, or --config.mesh.fsdp=1 to put those devices on data")
+    if TENSOR_AXIS not in used and sizes[TENSOR_AXIS] > 1:
+        raise ShardingError(
+            f"the mesh ({described}) has tensor={sizes[TENSOR_AXIS]} but rules {name!r} split nothing over it, so "
+            f"its devices would repeat each other's work; set --config.mesh.rules=fsdp_tp or --config.mesh.tensor=1")
+
+
 def param_spec(path: Sequence[str], shape: Sequence[int], mesh: Mesh, rules: Rules) -> P:
     """The PartitionSpec of one parameter (or optimizer moment of that parameter's shape)."""
     spec: list = [None] * len(shape)
@@ -199,8 +328,17 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules | str) -> Any:
     optax moments (`mu`, `nu`, ...) end in the same path and have the same shape, so they land
     exactly like their parameter. Everything else (scalars, counts, keys) is replicated.
     tree: leaves with `.shape` (arrays or `jax.ShapeDtypeStruct`s).
+    Raises ShardingError if the rule table does not fit the mesh (`check_rules`); warns when the
+    table splits by logical axes and some parameters are named by no rule (`unnamed_parameters`).
     """
+    check_rules(mesh, rules)
     rules = get_rules(rules) if isinstance(rules, str) else rules
+    if rules.logical:
+        unnamed = unnamed_parameters(tree)
+        if unnamed:
+            warnings.warn(f"{len(unnamed)} parameter(s) named by no sharding rule get no logical axes (not split "
+                          f"over tensor): {', '.join(unnamed[:3])}{', ...' if len(unnamed) > 3 else ''}; add a "
+                          f"rule for their layers to jaxdiff.sharding.PARAMETER_RULES", stacklevel=2)
 
     def one(path, leaf):
         names = tuple(_key_name(k) for k in path)
@@ -262,9 +400,17 @@ def shard_batch(batch: dict, mesh: Mesh) -> dict:
 def inference_mesh(rules: Rules | str = "dp", devices=None) -> Mesh:
     """The default mesh of a sampling pipeline: every device (default: all of all processes) on
     one batch axis, `data` for `dp` and `fsdp` for the FSDP tables (so that their parameters are
-    actually split). Build a mesh with `make_mesh` for a `tensor` axis."""
+    actually split); a table with tensor parallelism (`fsdp_tp`) gets tensor=2 and the rest on
+    fsdp. A single device is a one-device mesh whatever the table. Build a mesh with `make_mesh`
+    for other shapes."""
     rules = get_rules(rules) if isinstance(rules, str) else rules
-    return make_mesh(devices, data=1, fsdp=-1) if rules.fsdp else make_mesh(devices, data=-1)
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) == 1:
+        return make_mesh(devices)
+    tensor = 2 if TENSOR_AXIS in rule_axes(rules) else 1
+    if rules.fsdp:
+        return make_mesh(devices, data=1, fsdp=-1, tensor=tensor)
+    return make_mesh(devices, data=-1, tensor=tensor)
 
 
 def padded_batch(n: int, mesh: Mesh) -> int:

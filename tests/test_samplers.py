@@ -270,10 +270,11 @@ def test_driver_contract_for_multi_call_samplers():
 
     ts, scales = np.array([10.0, 10.0, 20.0, 20.0]), np.array([1.0, 0.5, 0.25, 2.0])
 
-    def init(noise):
-        return base.new_state(ts, plan=(), init_sigma=3.0, input_scales=scales, memory=jnp.zeros_like(noise))
+    def prepare(plan, noise):
+        return plan._replace(memory=jnp.zeros_like(noise))
 
-    toy = samplers.Sampler(init=jax.tree_util.Partial(init), step=jax.tree_util.Partial(_toy_step))
+    plan = base.new_state(ts, plan=(), init_sigma=3.0, input_scales=scales)
+    toy = samplers.Sampler(plan=plan, prepare=jax.tree_util.Partial(prepare), step=jax.tree_util.Partial(_toy_step))
     model = jax.tree_util.Partial(lambda x, t: x + t[:, None, None, None])
     _, traj = sampling.sample(toy, model, _noise(), KEY, return_trajectory=True)
     x, expect = 3.0 * np.asarray(_noise()), []

@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from jaxdiff import samplers, sampling, schedules
-from jaxdiff.samplers import base
 from test_samplers import KEY, MODEL, SCHED_CFG, SHAPE, _model_torch, _noise, _rel_err
 from test_samplers_sigma import _Float64Torch, _float64
 
@@ -52,6 +51,43 @@ def test_padded_plan_gives_the_same_run(name, opts):
     np.testing.assert_allclose(x_pad, x, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(traj_pad[:n_calls], traj, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(traj_pad[n_calls:], np.broadcast_to(x_pad, (n_max - n_calls,) + SHAPE))
+
+
+@pytest.mark.parametrize("name,opts", PADDABLE + [("ddim_inverse", {})])
+@pytest.mark.parametrize("num_steps", [4, 9])
+def test_model_calls_is_the_plan_length(name, opts, num_steps):
+    """The per-family count `get(..., max_steps=)` pads to is the length of the plan it builds."""
+    sampler = samplers.get(name, SCHED, num_steps, **opts)
+    assert samplers.model_calls(name, num_steps, **opts) == sampler.plan.timesteps.shape[0]
+    assert sampler.init(_noise()).timesteps.shape[0] == sampler.plan.timesteps.shape[0]
+
+
+def test_padding_builds_the_plan_once_and_pads_the_registered_length():
+    """`max_steps` pads to the registered `model_calls` of the longest plan; the factory runs once."""
+    built = []
+
+    def two_calls_per_step(schedule, num_steps, *, eta=0.0):
+        built.append(num_steps)
+        plan = samplers.get("ddim", schedule, num_steps, eta=eta).plan
+        twice = jax.tree.map(lambda a: jnp.repeat(a, 2, axis=0), (plan.timesteps, plan.input_scales, plan.plan))
+        plan = plan._replace(timesteps=twice[0], input_scales=twice[1], plan=twice[2], num_calls=2 * plan.num_calls,
+                             signal_scales=None, noise_scales=None)
+        return samplers.get("ddim", schedule, num_steps)._replace(plan=plan)
+
+    try:
+        samplers.register("two_calls", two_calls_per_step, model_calls=lambda n, **_: 2 * n)
+        sampler = samplers.get("two_calls", SCHED, 3, max_steps=5, eta=0.5)
+        assert built == [3]
+        assert sampler.plan.timesteps.shape == (10,) and int(sampler.plan.num_calls) == 6
+        np.testing.assert_array_equal(sampler.plan.timesteps[6:], sampler.plan.timesteps[5])
+        assert samplers.model_calls("two_calls", 7) == 14
+        # Registered without a count, the family is taken to call once per step: an undercount is refused.
+        samplers.register("two_calls", two_calls_per_step)
+        with pytest.raises(ValueError, match="planned 6 model calls for 3 steps, more than the 5"):
+            samplers.get("two_calls", SCHED, 3, max_steps=5)
+    finally:
+        samplers._REGISTRY.pop("two_calls", None)
+        samplers._MODEL_CALLS.pop("two_calls", None)
 
 
 def test_steps_start_guidance_and_eta_share_one_compile():
@@ -134,8 +170,7 @@ def test_img2img_start_matches_diffusers(name, opts, make_ref, order, start_step
     ref_traj = _img2img_reference(make_ref(), start_step, order)
     sampler = samplers.get(name, SCHED, N, max_steps=MAX, start_step=start_step, **opts)
     x, traj = _run(sampler, x0=X0)
-    state = base.host_plan(sampler)
-    first = int(state.index)
+    first = int(sampler.plan.index)
     assert first == start_step * order
     remaining = np.asarray(traj)[:len(ref_traj)]
     err = _rel_err(remaining, ref_traj)

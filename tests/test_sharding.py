@@ -8,7 +8,9 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,8 +20,8 @@ from jax.sharding import AbstractMesh
 from conftest import run_python
 from jaxdiff import sharding
 from jaxdiff.checkpoint import Checkpointer
-from jaxdiff.models import unet
 from jaxdiff import config as config_lib
+from jaxdiff.models import text, unet, vae
 from jaxdiff.train import build, loop
 from jaxdiff.train import state as state_lib
 
@@ -88,6 +90,168 @@ def test_logical_axes_of_text_encoder_and_vae_style_names():
     }
     for path, (shape, want) in cases.items():
         assert sharding.logical_axes(path, shape) == want, path
+
+
+def _network_params():
+    """Abstract parameter trees of jaxdiff's networks: every U-Net config (the pixel ones also
+    class-conditional and with ADM's scale-shift norm and ResBlock resampling), the Stable
+    Diffusion VAE and both CLIP text encoders."""
+    def shapes(module, *args, **kwargs):
+        return jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))["params"]
+
+    trees = {}
+    for name, config in unet.CONFIGS.items():
+        variants = {"": {}}
+        if config().context_dim is None:
+            variants.update(classes={"num_classes": 10}, adm={"use_scale_shift_norm": True, "resblock_updown": True})
+        for variant, kwargs in variants.items():
+            module = config(**kwargs)
+            trees[f"unet.{name}.{variant}"] = shapes(module, **module.example_inputs())
+    trees["vae"] = shapes(vae.StableDiffusionVAE(), jnp.zeros((1, 8, 8, 3)))
+    for name, encoder in (("sd1", text.SD1TextEncoder), ("sd2", text.SD2TextEncoder)):
+        trees[f"text.{name}"] = shapes(encoder(), jnp.zeros((1, 1), jnp.int32))
+    return trees
+
+
+def test_a_rule_names_every_parameter_of_every_network():
+    trees = _network_params()
+    assert len(trees) == 12
+    for name, tree in trees.items():
+        assert sharding.unnamed_parameters(tree) == [], name
+    # The rules used, and their layouts on the SD U-Net and the text encoder.
+    sd, clip = trees["unet.sd15."], trees["text.sd1"]
+
+    def rule(tree, *path):
+        return sharding.parameter_rule(path, _leaf(tree, path).shape).name
+
+    assert rule(sd, "down_0", "attn_0", "block_0", "cross_attn", "proj_out", "kernel").startswith("transformer")
+    assert rule(sd, "down_0", "attn_0", "proj_in", "kernel").startswith("transformer")         # 1x1 conv
+    assert rule(sd, "down_0", "attn_0", "block_0", "norm_2", "scale") == "normalisation"
+    assert rule(clip, "layer_0", "attn", "out", "kernel") == "attention output"
+    assert sharding.logical_axes(("layer_0", "attn", "out", "kernel"), (768, 768)) == ("mlp", "embed")
+    assert sharding.logical_axes(("layer_0", "attn", "out", "bias"), (768,)) == ("embed",)
+    assert sharding.logical_axes(("add_embed", "dense_1", "kernel"), (1280, 1280)) == ("mlp", "embed")
+    used = {sharding.parameter_rule(path, leaf.shape).name for tree in trees.values()
+            for path, leaf in _named_leaves(tree)}
+    assert used == {r.name for r in sharding.PARAMETER_RULES}
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def test_a_training_state_has_no_unnamed_parameters():
+    cfg = config_lib.get_config()
+    params = _tiny_params()
+    state = jax.eval_shape(lambda: state_lib.create(jax.tree.map(jnp.zeros_like, params),
+                                                         build.build_optimizer(cfg), jax.random.PRNGKey(0)))
+    assert sharding.unnamed_parameters(state) == []
+    assert len(jax.tree.leaves(state)) > 3 * len(jax.tree.leaves(params))      # params, EMA, Adam moments, ...
+
+
+class _Unknown(nn.Module):
+    """A block with layer names no rule knows: a Dense "gate", a LayerNorm "ln", a raw parameter."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.LayerNorm(name="ln")(nn.Dense(8, name="gate")(x))
+        return x * self.param("pos_embed", nn.initializers.zeros, (8,))
+
+
+def test_a_layer_no_rule_knows_is_listed_and_warned_about():
+    params = jax.eval_shape(lambda: _Unknown().init(jax.random.key(0), jnp.zeros((1, 8))))["params"]
+    assert sharding.unnamed_parameters(params) == ["gate/bias", "gate/kernel", "ln/bias", "ln/scale", "pos_embed"]
+    assert sharding.logical_axes(("gate", "kernel"), (8, 8)) == (None, None)
+    # A renamed layer of a real network is caught the same way.
+    tiny = _tiny_params()
+    tiny = dict(tiny, mid=dict(tiny["mid"], attn={("out_projection" if k == "proj_out" else k): v
+                                                  for k, v in tiny["mid"]["attn"].items()}))
+    assert sharding.unnamed_parameters(tiny) == ["mid/attn/out_projection/bias", "mid/attn/out_projection/kernel"]
+    # A table that splits by logical axes warns (one device: any table fits); one that does not, stays quiet.
+    mesh = sharding.make_mesh(jax.devices()[:1])
+    with pytest.warns(UserWarning, match=r"2 parameter\(s\) named by no sharding rule .*mid/attn/out_projection"):
+        sharding.tree_shardings(tiny, mesh, "fsdp_tp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sharding.tree_shardings(tiny, mesh, "fsdp")
+        sharding.tree_shardings(_tiny_params(), mesh, "fsdp_tp")
+
+
+def test_a_rule_table_that_does_not_fit_the_mesh_is_refused():
+    refused = [
+        # (the whole message once; the ending that names the fix for the others)
+        ("fsdp", dict(data=8), "rules 'fsdp' split parameters over the fsdp axis, but the mesh (data=8, fsdp=1, "
+                               "tensor=1) has fsdp=1, so nothing would be split; set --config.mesh.fsdp (e.g. "
+                               "--config.mesh.data=1 --config.mesh.fsdp=-1) or --config.mesh.rules=dp"),
+        ("fsdp_tp", dict(fsdp=8), "has tensor=1; set --config.mesh.tensor (e.g. 2) or --config.mesh.rules=fsdp"),
+        ("fsdp_tp", dict(tensor=2), "has fsdp=1, so nothing would be split; set --config.mesh.fsdp (e.g. "
+                                    "--config.mesh.data=1 --config.mesh.fsdp=-1)"),
+        ("dp", dict(data=2, fsdp=4), "has fsdp=4 but rules 'dp' replicate every parameter over it; set "
+                                     "--config.mesh.rules=fsdp, or --config.mesh.fsdp=1 to put those devices on data"),
+        ("fsdp", dict(fsdp=4, tensor=2), "has tensor=2 but rules 'fsdp' split nothing over it, so its devices would "
+                                         "repeat each other's work; set --config.mesh.rules=fsdp_tp or "
+                                         "--config.mesh.tensor=1"),
+        ("dp", dict(data=4, tensor=2), "has tensor=2 but rules 'dp' split nothing over it"),
+    ]
+    for rules, shape, message in refused:
+        for table in (rules, sharding.RULES[rules]):                # by name or as a Rules object
+            with pytest.raises(sharding.ShardingError) as err:
+                sharding.check_rules(_mesh(**shape), table)
+            assert message in str(err.value) and "\n" not in str(err.value), str(err.value)
+    for rules, shape in [("dp", dict(data=8)), ("fsdp", dict(fsdp=8)), ("fsdp", dict(data=2, fsdp=4)),
+                         ("fsdp_tp", dict(fsdp=4, tensor=2)), ("fsdp_tp", dict(data=2, fsdp=2, tensor=2))]:
+        sharding.check_rules(_mesh(**shape), rules)
+    for rules in sharding.RULES:                                    # one device: every table
+        sharding.check_rules(_mesh(), rules)
+
+
+_FIT = """
+import json, jax
+from jaxdiff import cli, config as config_lib, sharding
+from jaxdiff.models import unet
+assert len(jax.devices()) == 8
+out = {}
+c = config_lib.get_config()
+c.mesh.rules = "fsdp"                                  # with the default mesh: data=-1, fsdp=1
+try:
+    sharding.mesh_from_config(c.mesh)
+except sharding.ShardingError as e:
+    out["config"] = str(e)
+c.mesh.data, c.mesh.fsdp = 1, -1
+out["fits"] = list(sharding.mesh_from_config(c.mesh).devices.shape)
+model = unet.tiny()
+params = jax.eval_shape(lambda: model.init(jax.random.key(0), **model.example_inputs()))["params"]
+try:
+    sharding.tree_shardings(params, sharding.make_mesh(data=8), "fsdp")
+except sharding.ShardingError as e:
+    out["tree"] = str(e)
+out["inference"] = {r: list(sharding.inference_mesh(r).devices.shape) for r in sharding.RULES}
+for r in sharding.RULES:
+    sharding.tree_shardings(params, sharding.inference_mesh(r), r)
+out["rc"] = cli.main(["train", "--config.mesh.rules=fsdp_tp", "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+                      "--workdir", "{workdir}", "--no-progress"])
+print(json.dumps(out))
+"""
+
+
+def test_the_trainer_refuses_a_rule_table_its_mesh_does_not_fit(tmp_path):
+    """On 8 devices: the config's mesh and rules are checked where the trainer builds them, the
+    command line reports one line naming the fix and trains nothing, and the pipelines' default
+    meshes fit every table."""
+    proc = run_python(_FIT.replace("{workdir}", str(tmp_path / "run")), devices=8, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["config"].startswith("rules 'fsdp' split parameters over the fsdp axis, but the mesh (data=8, fsdp=1")
+    assert out["fits"] == [1, 8, 1]
+    assert "--config.mesh.fsdp" in out["tree"]
+    assert out["inference"] == {"dp": [8, 1, 1], "fsdp": [1, 8, 1], "fsdp_tp": [1, 4, 2]}
+    err = [line for line in proc.stderr.strip().splitlines() if line.startswith("jaxdiff train:")]
+    assert out["rc"] == 2 and len(err) == 1, proc.stderr[-2000:]
+    assert err[0].startswith("jaxdiff train: error: rules 'fsdp_tp' split the mlp dimension over the tensor axis")
+    assert err[0].endswith("set --config.mesh.tensor (e.g. 2) or --config.mesh.rules=fsdp")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_rule_tables_shard_what_they_promise():

@@ -1,11 +1,14 @@
-"""Samplers: pairs of pure functions `Sampler(init, step)` run by `jaxdiff.sampling.sample`.
+"""Samplers: a precomputed plan and two pure functions, `Sampler(plan, prepare, step)`, run by
+`jaxdiff.sampling.sample`.
 
     sampler = samplers.get("ddim", schedule, num_steps=50, eta=0.0, timestep_spacing="leading")
 
 The contract is in `samplers/base.py`; each family has its own file and registers its factory
 below. A factory is `factory(schedule, num_steps, *, option=default, ...) -> Sampler`; its
 keyword-only parameters are the options `get` accepts (names and defaults as the diffusers
-scheduler of the same method).
+scheduler of the same method). A family that does not call the network once per step also
+registers `model_calls(num_steps, **options) -> int`, the length of its plan (the table below),
+so that `get(..., max_steps=M)` knows the length to pad to without building an M-step plan.
 
     name                      file           latent integrated     model calls   memory
     ddpm, ddim, ddim_inverse  ddpm, ddim     x_t                   N             -
@@ -45,10 +48,19 @@ _REGISTRY: dict[str, Callable[..., Sampler]] = {
     "edm": heun.edm,
 }
 
+# The plan length of families that do not call the network once per step.
+_MODEL_CALLS: dict[str, Callable[..., int]] = {"heun": heun.model_calls, "edm": heun.model_calls,
+                                                "pndm": pndm.model_calls}
 
-def register(name: str, factory: Callable[..., Sampler]) -> None:
-    """Make `get(name, ...)` build samplers with `factory(schedule, num_steps, **options)`."""
+
+def register(name: str, factory: Callable[..., Sampler], model_calls: Callable[..., int] | None = None) -> None:
+    """Make `get(name, ...)` build samplers with `factory(schedule, num_steps, **options)`.
+
+    model_calls: `model_calls(num_steps, **options) -> int`, the number of model calls (the plan
+        length) of a `num_steps`-step plan with those options; default one call per step.
+    """
     _REGISTRY[name] = factory
+    _MODEL_CALLS[name] = model_calls or base.one_call_per_step
 
 
 def names() -> list[str]:
@@ -81,8 +93,20 @@ def get(name: str, schedule, num_steps: int, *, max_steps: int | None = None, **
         return sampler
     if int(max_steps) != max_steps or max_steps < num_steps:
         raise ValueError(f"max_steps must be an integer >= num_steps={num_steps}, got {max_steps}")
-    longest = factory(schedule, int(max_steps), **{k: v for k, v in opts.items() if k != "start_step"})
-    return base.padded(sampler, base.num_model_calls(base.host_plan(longest)))
+    length = model_calls(name, int(max_steps), **opts)
+    planned = base.num_model_calls(sampler.plan)
+    if planned > length:
+        raise ValueError(f"sampler {name!r} planned {planned} model calls for {num_steps} steps, more than the "
+                         f"{length} its model_calls gives for max_steps={max_steps}; register it with a "
+                         f"model_calls function that counts its calls")
+    return sampler._replace(plan=base.pad(sampler.plan, length))
+
+
+def model_calls(name: str, num_steps: int, **opts) -> int:
+    """The number of model calls (the plan length) of sampler `name` over `num_steps` steps with
+    options `opts`, computed without building the plan (e.g. heun: 2 num_steps - 1)."""
+    _factory(name)
+    return _MODEL_CALLS.get(name, base.one_call_per_step)(num_steps, **opts)
 
 
 def _factory(name: str) -> Callable[..., Sampler]:
@@ -91,5 +115,5 @@ def _factory(name: str) -> Callable[..., Sampler]:
     return _REGISTRY[name]
 
 
-__all__ = ["Sampler", "SamplerState", "base", "ddim", "ddpm", "dpm_solver", "euler", "get", "heun", "lms", "names",
-           "options", "pndm", "register", "sigma", "unipc"]
+__all__ = ["Sampler", "SamplerState", "base", "ddim", "ddpm", "dpm_solver", "euler", "get", "heun", "lms",
+           "model_calls", "names", "options", "pndm", "register", "sigma", "unipc"]

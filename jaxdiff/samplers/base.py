@@ -1,8 +1,10 @@
 """The sampler contract, and the math that several samplers share.
 
-A sampler is a pair of pure functions (in the spirit of optax's `GradientTransformation`):
+A sampler is a precomputed plan and a pair of pure functions (in the spirit of optax's
+`GradientTransformation`):
 
-    state = sampler.init(noise)                          # noise: [B, ...]; sizes history buffers
+    sampler.plan                                         # SamplerState at the first call (host-computed)
+    state = sampler.init(noise)                          # = sampler.prepare(sampler.plan, noise [B, ...])
     x = state.init_sigma * noise                         # the driver scales the initial latent
     for i in range(num_model_calls(state)):              # one lax.scan in jaxdiff.sampling
         t, scale = next_call(state)                      # [] training-scale t, [] input scale
@@ -11,11 +13,12 @@ A sampler is a pair of pure functions (in the spirit of optax's `GradientTransfo
 
 The loop runs over *model calls*, not solver steps: a two-evaluation solver (Heun) plans two
 calls per step and tells them apart from the index; a multistep solver (DPM-Solver++(2M),
-UniPC) keeps fixed-size history buffers in `state.memory`. Everything the driver needs is an
-array in the state, so the length of the plan is static (`state.timesteps.shape[0]`) and one
-compiled loop serves every plan of the same length. The driver calls the network while
-`index < num_calls`: a run may start late (`start_call`, img2img) and a plan may be padded to a
-fixed length (`pad`, `samplers.get(..., max_steps=M)`), so many step counts share one program.
+UniPC) keeps fixed-size history buffers in `state.memory`, which `prepare` sizes like the noise.
+Everything the driver needs is an array in the state, so the length of the plan is static
+(`state.timesteps.shape[0]`) and one compiled loop serves every plan of the same length. The
+driver calls the network while `index < num_calls`: a run may start late (`start_call`, img2img)
+and a plan may be padded to a fixed length, `sampler._replace(plan=pad(sampler.plan, length))`
+(what `samplers.get(..., max_steps=M)` does), so many step counts share one program.
 
 Rules for samplers: no Python `if` on traced values (use `jnp.where` / `lax.select` /
 `lax.switch`), never find a timestep by equality (index the plan with `state.index`), and
@@ -23,10 +26,10 @@ stochastic steps draw from `jax.random.fold_in(key, state.index)`.
 
 Construction (`samplers.get`) happens on the host: the plan is computed in float64 from the
 schedule and stored as float32 arrays, options that change the traced program (prediction type,
-dynamic thresholding) are static fields, numeric options (eta, clip range) are arrays, and `init` /
-`step` are `jax.tree_util.Partial`s of module-level functions. Two samplers built with the same
-static options and plan length therefore have the same pytree structure, and a jitted driver
-does not recompile for them.
+dynamic thresholding) are static fields, numeric options (eta, clip range) are arrays, and
+`prepare` / `step` are `jax.tree_util.Partial`s of module-level functions. Two samplers built with
+the same static options and plan length therefore have the same pytree structure, and a jitted
+driver does not recompile for them.
 """
 
 from __future__ import annotations
@@ -74,11 +77,25 @@ class SamplerState(NamedTuple):
 
 
 class Sampler(NamedTuple):
-    """init(noise [B, ...]) -> SamplerState;
-    step(state, x [B, ...], model_output [B, ...], key) -> (x_next [B, ...], state)."""
+    """A sampler: its precomputed plan and two pure functions.
 
-    init: Callable[[jax.Array], SamplerState]
+    plan: the `SamplerState` a run starts from, computed on the host (timesteps, scales, the
+        family's per-call arrays in `plan.plan`, `index` at the first call). History buffers are
+        placeholders there (`memory` = zeros [K] for K slots) until `prepare` sizes them.
+    prepare(plan, noise [B, ...]) -> SamplerState: the run's initial state (`constant_init`,
+        `history_init`, or a family's own, e.g. EDM's churn applied to the plan).
+    step(state, x [B, ...], model_output [B, ...], key) -> (x_next [B, ...], state).
+
+    `sampler.init(noise)` is `prepare(plan, noise)`.
+    """
+
+    plan: SamplerState
+    prepare: Callable[[SamplerState, jax.Array], SamplerState]
     step: Callable[[SamplerState, jax.Array, jax.Array, jax.Array], tuple[jax.Array, SamplerState]]
+
+    def init(self, noise: jax.Array) -> SamplerState:
+        """The initial state of a run from `noise` [B, ...]: `prepare(plan, noise)`."""
+        return self.prepare(self.plan, noise)
 
 
 def num_model_calls(state: SamplerState) -> int:
@@ -103,13 +120,13 @@ def step_key(key: jax.Array, state: SamplerState) -> jax.Array:
 
 
 def constant_init(state: SamplerState, noise: jax.Array) -> SamplerState:
-    """`init` of samplers without history: the precomputed state whatever the noise."""
+    """`prepare` of samplers without history: the precomputed plan whatever the noise."""
     del noise
     return state
 
 
 def history_init(state: SamplerState, noise: jax.Array) -> SamplerState:
-    """`init` of samplers with history. The precomputed state carries `memory` = zeros [K] as a
+    """`prepare` of samplers with history. The precomputed plan carries `memory` = zeros [K] as a
     placeholder (its static length K is the number of slots); it becomes a fixed-size buffer of
     zeros [K, B, ...] float32 shaped like the noise (slot 0: the newest entry)."""
     num_slots = state.memory.shape[0]
@@ -169,6 +186,13 @@ def check_start_step(start_step: int, num_steps: int) -> int:
     return int(start_step)
 
 
+def one_call_per_step(num_steps: int, **options) -> int:
+    """The model calls of a `num_steps`-step plan of a sampler that calls the network once per
+    step (the default `model_calls` of a registered family; see `samplers.register`)."""
+    del options
+    return int(num_steps)
+
+
 # --------------------------------------------------------------------------------------------
 # Fixed-length plans: many step counts, one compiled loop.
 # --------------------------------------------------------------------------------------------
@@ -189,24 +213,6 @@ def pad(state: SamplerState, length: int) -> SamplerState:
     timesteps, input_scales, plan, signal, noise = jax.tree.map(grow, per_call)
     return state._replace(timesteps=timesteps, input_scales=input_scales, plan=plan, signal_scales=signal,
                           noise_scales=noise)
-
-
-def host_plan(sampler: Sampler) -> SamplerState:
-    """The precomputed state a sampler built by `samplers.get` holds: its `init` is a
-    `jax.tree_util.Partial` with that `SamplerState` among its arguments."""
-    init = sampler.init
-    states = [a for a in getattr(init, "args", ()) if isinstance(a, SamplerState)]
-    if not isinstance(init, jax.tree_util.Partial) or len(states) != 1:
-        raise ValueError("this sampler's init holds no precomputed plan (build it with samplers.get)")
-    return states[0]
-
-
-def padded(sampler: Sampler, length: int) -> Sampler:
-    """`sampler` with its precomputed plan padded to `length` model calls (see `pad`)."""
-    host_plan(sampler)                                             # checks there is one
-    init = sampler.init
-    args = [pad(a, length) if isinstance(a, SamplerState) else a for a in init.args]
-    return sampler._replace(init=jax.tree_util.Partial(init.func, *args, **init.keywords))
 
 
 def f32(x) -> jax.Array:

@@ -127,7 +127,7 @@ def ddim(schedule: schedules.DiscreteSchedule, num_steps: int, *, eta: float = 0
                        sample_max_value=sample_max_value)
     state = base.new_state(ts, _plan(ab, ab_prev), levels=base.vp_levels(np.sqrt(ab)),
                            start_call=base.check_start_step(start_step, num_steps))
-    return base.Sampler(init=jax.tree_util.Partial(base.constant_init, state),
+    return base.Sampler(plan=state, prepare=jax.tree_util.Partial(base.constant_init),
                         step=jax.tree_util.Partial(ddim_step, options))
 
 
@@ -155,5 +155,5 @@ def ddim_inverse(schedule: schedules.DiscreteSchedule, num_steps: int, *,
                        sample_max_value=sample_max_value)
     call_t = np.maximum(prev, 0)[::-1]
     state = base.new_state(call_t, _plan(ab_prev[::-1], ab[::-1]), levels=base.vp_levels(np.sqrt(ab_prev[::-1])))
-    return base.Sampler(init=jax.tree_util.Partial(base.constant_init, state),
+    return base.Sampler(plan=state, prepare=jax.tree_util.Partial(base.constant_init),
                         step=jax.tree_util.Partial(ddim_step, options))

@@ -96,5 +96,5 @@ def ddpm(schedule: schedules.DiscreteSchedule, num_steps: int | None = None, *,
                                    sample_max_value=sample_max_value)
     state = base.new_state(ts, plan, levels=base.vp_levels(np.sqrt(ab)),
                            start_call=base.check_start_step(start_step, num_steps))
-    return base.Sampler(init=jax.tree_util.Partial(base.constant_init, state),
+    return base.Sampler(plan=state, prepare=jax.tree_util.Partial(base.constant_init),
                         step=jax.tree_util.Partial(ddpm_step, options))

@@ -1,29 +1,54 @@
-"""DPM-Solver++ multistep samplers (Lu et al. 2022, "DPM-Solver++"), ODE and SDE variants.
+"""DPM-Solver++ multistep samplers (Lu et al. 2022, "DPM-Solver++", arXiv 2211.01095), ODE and SDE.
 
-Work in the variance-preserving latent x_t with alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t)
-and the half log-SNR lambda_t = log(alpha_t / sigma_t). The network's data prediction
-x0_theta(x_t, t) is integrated exactly in lambda except for a polynomial (in lambda) through
-the last k predictions. For step i from level s = s_0 (earlier levels s_1, s_2) to level t:
+The latent is the variance-preserving x_t = alpha_t x0 + sigma_t eps (alpha_t = sqrt(abar_t),
+sigma_t = sqrt(1 - abar_t)), the clock is the half log-SNR lambda_t = log(alpha_t / sigma_t), and
+the network is read as a data predictor x_theta(x_t, t) (DPM-Solver++ integrates the data
+prediction, which keeps guided sampling stable). From level s to level t, h = lambda_t - lambda_s, the
+exact solutions with the data prediction are
 
-    paper                                   here
-    h_i = lambda_t - lambda_s0               h
-    r_0 = h_{i-1} / h_i, r_1 = h_{i-2} / h_i  r0, r1 (ratios of earlier step sizes)
-    x0_theta(x_s0), (..s1), (..s2)          m0, m1, m2 = memory[0], memory[1], memory[2]
-    D0, D1, D2                              the backward differences below
+    ODE:             x_t = (sigma_t / sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} e^l x_theta(l) dl
+    SDE:             x_t = (sigma_t / sigma_s) e^{-h} x_s + 2 alpha_t int_{lambda_s}^{lambda_t} e^{-2 (lambda_t - l)}
+                           x_theta(l) dl + sigma_t sqrt(1 - e^{-2h}) z,        z ~ N(0, I)
 
-    first order (DDIM written with the data prediction; DPM-Solver++ sec. 4):
-        x_t = (sigma_t / sigma_s) x_s + alpha_t (1 - e^{-h}) m0
-    second order multistep (DPM-Solver++(2M), Alg. 2), D1 = (m0 - m1) / r0:
-        x_t += alpha_t (1 - e^{-h}) / 2 D1                             ("midpoint")
-        x_t += alpha_t (1 - (1 - e^{-h}) / h) D1                         ("heun")
-    third order multistep: D1, D2 from the divided differences of m0, m1, m2, and
-        x_t += alpha_t (1 - (1 - e^{-h}) / h) D1 - alpha_t ((h - 1 + e^{-h}) / h^2 - 1/2) D2.
+(the SDE is the diffusion SDE in the same variables; its solver is SDE-DPM-Solver++). Put x_theta's
+Taylor polynomial in lambda around lambda_s into either integral and integrate exactly:
 
-The SDE variant (SDE-DPM-Solver++, the same paper's solver for the diffusion SDE) has
-    x_t = (sigma_t / sigma_s) e^{-h} x_s + alpha_t (1 - e^{-2h}) m0 + (order terms)
-          + sigma_t sqrt(1 - e^{-2h}) z,   z ~ N(0, I) from fold_in(key, i),
-with D1 weighted by alpha_t (1 - e^{-2h}) / 2 (midpoint) or alpha_t (1 - (1 - e^{-2h}) / (2h))
-(heun), and D2 by alpha_t ((1 - e^{-2h} - 2h) / (2h)^2 - 1/2).
+    alpha_t [ w0 x_theta + H phi_2(-H) h x_theta' + 2 H phi_3(-H) (h^2 / 2) x_theta'' + ... ],
+    H = h (ODE) or 2 h (SDE),   w0 = H phi_1(-H) = 1 - e^{-H},
+    phi_1(z) = (e^z - 1) / z,   phi_{k+1}(z) = (phi_k(z) - 1 / k!) / z      (exponential-integrator functions)
+
+A multistep solver estimates the derivatives from the predictions of the previous steps.
+
+    paper                                here
+    alpha_t, sigma_t, lambda_t           alpha, sigma, lam (host float64, one entry per level)
+    t_{i-1} -> t_i (one step)            level i -> i + 1
+    h_i = lambda_{t_i} - lambda_{t_{i-1}}  h;  H = h (ODE) or 2 h (SDE)
+    r_i = h_{i-1} / h_i (Alg. 2)         r0;  r1 = h_{i-2} / h_i (third order)
+    x_theta(x~_{t_{i-1-j}}, t_{i-1-j})   m_j = state.memory[j], newest first (m0: this call's)
+    D_i of Alg. 2                        D0 + D1 / 2 (see "midpoint" below)
+    -(e^{-h_i} - 1) = 1 - e^{-h_i}       w0
+    phi_k(-H) (scaled: H phi_k(-H))      `exponential_weights(H)`
+
+Backward differences (`differences`), all linear in m0, m1, m2:
+
+    D0 = m0
+    D1 = (m0 - m1) / r0                                        ~ h x_theta'     (second order)
+    D1_0 = (m0 - m1) / r0,  D1_1 = (m1 - m2) / r1              (third order)
+    D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1)                   ~ h x_theta'     (extrapolated to lambda_s)
+    D2 = (D1_0 - D1_1) / (r0 + r1)                             ~ h^2 x_theta'' / 2
+
+The update (`step_coefficients`), with decay = sigma_t / sigma_s (ODE) or (sigma_t / sigma_s) e^{-h} (SDE):
+
+    order 1:  x_t = decay x_s + alpha_t w0 D0 [+ sigma_t sqrt(1 - e^{-2h}) z]        (the ODE's is DDIM)
+    order 2:  ... + alpha_t w1 D1,  w1 = w0 / 2 ("midpoint": Alg. 2, whose D_i = (1 + 1/(2 r_i)) m0
+              - 1/(2 r_i) m1 = D0 + D1 / 2), or w1 = H phi_2(-H) ("heun": the Taylor weight)
+    order 3:  ... + alpha_t H phi_2(-H) D1 + alpha_t w2 D2
+
+w2 is the reference implementation's (diffusers' `DPMSolverMultistepScheduler`, which the parity
+tests pin): H phi_3(-H) for the ODE, as in the DPM-Solver code it follows, and H phi_3(-H) - 1 for
+the SDE. Neither is the Taylor weight 2 H phi_3(-H) above, so the third-order update integrates a
+data prediction exactly only up to linear in lambda: the local error of its drift is O(h^3) for the
+ODE (the second-order methods' order, with a smaller constant) and O(h^2) for the SDE.
 
 Every update is linear in (x_s, m0, m1, m2, z), so the host computes per step, in float64, the
 coefficients A, B [K], C of  x_t = A x_s + sum_j B_j m_j + C z  (the order used at each step, the
@@ -102,42 +127,55 @@ def _orders(num_steps, solver_order, lower_order_final, euler_at_final, final_ze
     return orders
 
 
-def _coefficients(lam, alpha, s_vp, i, order, K, stochastic, solver_type):
-    """(A, B [K], C) of step i (from level i to i + 1) at the given order, float64."""
+def exponential_weights(H):
+    """(H phi_1(-H), H phi_2(-H), H phi_3(-H)) float64, relative to alpha_t: the weights of D0 and
+    of D1 ~ h x_theta' in the exactly integrated Taylor polynomial, and half that of D2 ~ h^2
+    x_theta'' / 2 (module docstring). Written from 1 - e^{-H} by the phi recurrence, so H = inf (a
+    step onto sigma = 0) gives 1, 1, 1/2."""
+    w0 = -np.expm1(-H)                          # H phi_1(-H) = 1 - e^{-H}
+    h_phi_2 = 1.0 - w0 / H                      # H phi_2(-H) = H (phi_1(-H) - 1) / (-H)
+    h_phi_3 = 0.5 - h_phi_2 / H                 # H phi_3(-H) = H (phi_2(-H) - 1/2) / (-H)
+    return w0, h_phi_2, h_phi_3
+
+
+def differences(lam, i: int, order: int, num_slots: int):
+    """D0, D1, D2 of the step from level i to i + 1, each as weights [K] over the stored
+    predictions m_0 .. m_{K-1} (newest first); zeros where `order` does not use them. lam: the
+    levels' lambda, float64 [N + 1]."""
+    m = np.eye(num_slots)                                                # m[j] picks m_j
+    zero = np.zeros(num_slots)
     h = lam[i + 1] - lam[i]
-    a_t, s_t = alpha[i + 1], s_vp[i + 1]
-    B = np.zeros(K)
-    if stochastic:
-        A = s_t / s_vp[i] * np.exp(-h)
-        phi = -np.expm1(-2.0 * h)                                  # 1 - e^{-2h}
-        C = s_t * np.sqrt(phi)
-        w0 = a_t * phi
-        w1 = 0.5 * w0 if solver_type == "midpoint" else a_t * (1.0 - phi / (2.0 * h))
-        w1_3 = a_t * (1.0 - phi / (2.0 * h))
-        w2 = a_t * ((phi - 2.0 * h) / (2.0 * h) ** 2 - 0.5)
+    if order == 1:
+        return m[0], zero, zero
+    r0 = (lam[i] - lam[i - 1]) / h                                       # h_{i-1} / h_i
+    d1_0 = (m[0] - m[1]) / r0
+    if order == 2:
+        return m[0], d1_0, zero
+    r1 = (lam[i - 1] - lam[i - 2]) / h                                   # h_{i-2} / h_i
+    d1_1 = (m[1] - m[2]) / r1
+    return m[0], d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1), (d1_0 - d1_1) / (r0 + r1)
+
+
+def step_coefficients(lam, alpha, sigma, i: int, order: int, num_slots: int, *, stochastic: bool,
+                      solver_type: str):
+    """(A, B [K], C) float64 of the step from level i to level i + 1 at `order`:
+    x_{i+1} = A x_i + sum_j B_j m_j + C z (module docstring). lam, alpha, sigma: float64 [N + 1]."""
+    h = lam[i + 1] - lam[i]
+    H = 2.0 * h if stochastic else h
+    w0, h_phi_2, h_phi_3 = exponential_weights(H)
+    if order == 1:
+        w1, w2 = 0.0, 0.0
+    elif order == 2:
+        w1, w2 = (0.5 * w0 if solver_type == "midpoint" else h_phi_2), 0.0
     else:
-        A = s_t / s_vp[i]
-        phi = -np.expm1(-h)                                        # 1 - e^{-h}
-        C = 0.0
-        w0 = a_t * phi
-        w1 = 0.5 * w0 if solver_type == "midpoint" else a_t * (1.0 - phi / h)
-        w1_3 = a_t * (1.0 - phi / h)
-        w2 = -a_t * ((h - phi) / h ** 2 - 0.5)
-    B[0] = w0                                                      # D0 = m0
-    if order >= 2:
-        r0 = (lam[i] - lam[i - 1]) / h
-        d1_0 = np.zeros(K)
-        d1_0[:2] = [1.0 / r0, -1.0 / r0]                           # (m0 - m1) / r0
-        if order == 2:
-            B += w1 * d1_0
-        else:
-            r1 = (lam[i - 1] - lam[i - 2]) / h
-            d1_1 = np.zeros(K)
-            d1_1[1:3] = [1.0 / r1, -1.0 / r1]                      # (m1 - m2) / r1
-            d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
-            d2 = (d1_0 - d1_1) / (r0 + r1)
-            B += w1_3 * d1 + w2 * d2
-    return A, B, C
+        w1, w2 = h_phi_2, h_phi_3 - (1.0 if stochastic else 0.0)
+    d0, d1, d2 = differences(lam, i, order, num_slots)
+    if stochastic:
+        A = sigma[i + 1] / sigma[i] * np.exp(-h)
+        C = sigma[i + 1] * np.sqrt(-np.expm1(-2.0 * h))                      # sigma_t sqrt(1 - e^{-2h})
+    else:
+        A, C = sigma[i + 1] / sigma[i], 0.0
+    return A, alpha[i + 1] * (w0 * d0 + w1 * d1 + w2 * d2), C
 
 
 def dpm_solver(schedule: schedules.DiscreteSchedule, num_steps: int, *, stochastic: bool, solver_order: int,
@@ -159,8 +197,8 @@ def dpm_solver(schedule: schedules.DiscreteSchedule, num_steps: int, *, stochast
     start = base.check_start_step(start_step, num_steps)
     orders = _orders(num_steps, K, lower_order_final, euler_at_final, final_sigmas_type == "zero", start)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        coefs = [_coefficients(lam, alpha, s_vp, i, int(orders[i]), K, stochastic, solver_type)
-                 for i in range(num_steps)]
+        coefs = [step_coefficients(lam, alpha, s_vp, i, int(orders[i]), K, stochastic=stochastic,
+                                   solver_type=solver_type) for i in range(num_steps)]
     A, B, C = (np.array(v, np.float64) for v in zip(*coefs))
     plan = DPMPlan(a=base.f32(alpha[:-1]), s=base.f32(s_vp[:-1]), coef_x=base.f32(A), coef_hist=base.f32(B),
                    coef_noise=base.f32(C))
@@ -174,7 +212,7 @@ def dpm_solver(schedule: schedules.DiscreteSchedule, num_steps: int, *, stochast
                                                       dynamic_thresholding_ratio=dynamic_thresholding_ratio,
                                                       sample_max_value=sample_max_value),
                          stochastic=stochastic)
-    return base.Sampler(init=jax.tree_util.Partial(base.history_init, state),
+    return base.Sampler(plan=state, prepare=jax.tree_util.Partial(base.history_init),
                         step=jax.tree_util.Partial(dpm_solver_step, options))
 
 

@@ -83,7 +83,7 @@ def _build(schedule, num_steps, *, ancestral, timestep_spacing, steps_offset, pr
                            input_scales=sig.input_scale(now), levels=base.ve_levels(now),
                            start_call=base.check_start_step(start_step, num_steps))
     options = EulerOptions(denoiser=sig.denoiser_options(prediction_type), ancestral=ancestral)
-    return base.Sampler(init=jax.tree_util.Partial(base.constant_init, state),
+    return base.Sampler(plan=state, prepare=jax.tree_util.Partial(base.constant_init),
                         step=jax.tree_util.Partial(euler_step, options))
 
 

@@ -85,6 +85,13 @@ def heun_step(options: HeunOptions, state: base.SamplerState, x, model_output, k
     return x_next, state._replace(index=state.index + 1, memory=memory)
 
 
+def model_calls(num_steps: int, **options) -> int:
+    """The model calls of a `num_steps`-step Heun or EDM plan: 2 num_steps - 1 (the last step
+    is the Euler predictor alone)."""
+    del options
+    return 2 * int(num_steps) - 1
+
+
 def _calls(num_steps):
     """Per call (2 num_steps - 1): the step it belongs to and whether it is the corrector.
     Order: predictor of step 0, then (corrector of step i - 1, predictor of step i) for i >= 1."""
@@ -117,7 +124,7 @@ def heun(schedule: schedules.DiscreteSchedule, num_steps: int, *, timestep_spaci
     state = _host_state(ts, sigmas, num_steps, sig.init_sigma(sigmas, timestep_spacing), start_step)
     options = HeunOptions(denoiser=sig.denoiser_options(prediction_type, clip_sample, clip_sample_range),
                           stochastic=False)
-    return base.Sampler(init=jax.tree_util.Partial(base.history_init, state),
+    return base.Sampler(plan=state, prepare=jax.tree_util.Partial(base.history_init),
                         step=jax.tree_util.Partial(heun_step, options))
 
 
@@ -190,5 +197,5 @@ def edm(schedule: schedules.DiscreteSchedule, num_steps: int, *, s_churn: float 
                   s_noise=base.f32(s_noise), schedule=schedule, num_steps=base.f32(num_steps))
     options = HeunOptions(denoiser=sig.denoiser_options(prediction_type, clip_sample, clip_sample_range),
                           stochastic=True)
-    return base.Sampler(init=jax.tree_util.Partial(edm_init, churn, state),
+    return base.Sampler(plan=state, prepare=jax.tree_util.Partial(edm_init, churn),
                         step=jax.tree_util.Partial(heun_step, options))

@@ -84,5 +84,5 @@ def lms(schedule: schedules.DiscreteSchedule, num_steps: int, *, order: int = 4,
     state = base.new_state(ts, plan, init_sigma=sig.init_sigma(sigmas, timestep_spacing),
                            input_scales=sig.input_scale(sigmas[:-1]), memory=jnp.zeros((int(order),), jnp.float32),
                            levels=base.ve_levels(sigmas[:-1]), start_call=start)
-    return base.Sampler(init=jax.tree_util.Partial(base.history_init, state),
+    return base.Sampler(plan=state, prepare=jax.tree_util.Partial(base.history_init),
                         step=jax.tree_util.Partial(lms_step, sig.denoiser_options(prediction_type)))

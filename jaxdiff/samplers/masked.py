@@ -41,7 +41,7 @@ def masked(sampler: base.Sampler, mask, known, noise) -> base.Sampler:
         jnp.broadcast_shapes(mask.shape, known.shape)
     except ValueError:
         raise ValueError(f"mask {tuple(mask.shape)} does not broadcast to the latents {tuple(known.shape)}") from None
-    if jax.eval_shape(sampler.init, noise).signal_scales is None:
+    if sampler.plan.signal_scales is None:
         raise ValueError("this sampler's plan has no noise levels (signal_scales / noise_scales), so it cannot "
                          "blend a known region")
     return sampler._replace(step=jax.tree_util.Partial(_masked_step, sampler.step, mask, known, noise))

@@ -93,6 +93,14 @@ def pndm_step(options: PNDMOptions, state: base.SamplerState, x, model_output, k
     return x_next, state._replace(index=state.index + 1, memory=memory)
 
 
+def model_calls(num_steps: int, *, skip_prk_steps: bool = False, **options) -> int:
+    """The model calls of a `num_steps`-step PNDM plan: num_steps + 9 (three Runge-Kutta steps of
+    four calls replace three PLMS calls), or num_steps + 1 with `skip_prk_steps` (the first step
+    is repeated for its Heun-like average)."""
+    del options
+    return int(num_steps) + (1 if skip_prk_steps else 9)
+
+
 def _ascending_timesteps(T, n, timestep_spacing, steps_offset):
     """The reference's PNDM timesteps, ascending [n] (note: "linspace" is rounded here)."""
     if timestep_spacing == "linspace":
@@ -173,5 +181,5 @@ def pndm(schedule: schedules.DiscreteSchedule, num_steps: int, *, skip_prk_steps
                     set_start=column("set_start"))
     state = base.new_state([c["t_model"] for c in calls], plan, memory=jnp.zeros((HISTORY + 2,), jnp.float32),
                            levels=base.vp_levels(np.sqrt(ab)))
-    return base.Sampler(init=jax.tree_util.Partial(base.history_init, state),
+    return base.Sampler(plan=state, prepare=jax.tree_util.Partial(base.history_init),
                         step=jax.tree_util.Partial(pndm_step, PNDMOptions(prediction_type=prediction_type)))

@@ -166,5 +166,5 @@ def unipc(schedule: schedules.DiscreteSchedule, num_steps: int, *, solver_order:
                                    sample_max_value=sample_max_value)
     state = base.new_state(ts, plan, memory=jnp.zeros((K + 1,), jnp.float32), levels=(alpha[:-1], s_vp[:-1]),
                            start_call=start)
-    return base.Sampler(init=jax.tree_util.Partial(base.history_init, state),
+    return base.Sampler(plan=state, prepare=jax.tree_util.Partial(base.history_init),
                         step=jax.tree_util.Partial(unipc_step, options))
