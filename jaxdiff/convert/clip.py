@@ -199,10 +199,8 @@ def load(folder: str, dtype=jnp.float32) -> tuple[CLIPTextEncoder, dict]:
 def save(folder: str, module: CLIPTextEncoder, params: Mapping) -> None:
     """Write `config.json` + `model.safetensors` that transformers' `CLIPTextModel` loads."""
     folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
     state_dict = params_to_torch(params, module)
+    os.makedirs(folder, exist_ok=True)
     tensors.write_safetensors(state_dict, os.path.join(folder, WEIGHTS_NAME),
                               metadata={"format": "pt"})
-    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-        json.dump(config_to_transformers(module), f, indent=2, sort_keys=True)
-        f.write("\n")
+    tensors.write_json(config_to_transformers(module), os.path.join(folder, CONFIG_NAME))

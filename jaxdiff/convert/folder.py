@@ -28,6 +28,7 @@ import warnings
 from typing import Any, Mapping
 
 from jaxdiff.convert import clip as clip_convert
+from jaxdiff.convert import tensors
 from jaxdiff.convert import unet as unet_convert
 from jaxdiff.convert import vae as vae_convert
 from jaxdiff.errors import CheckpointError
@@ -39,14 +40,6 @@ INPAINT_IN_CHANNELS = 9
 # The diffusers folder-format version model_index.json declares (diffusers reads it to decide
 # on compatibility paths, e.g. for inpainting folders from before 0.6).
 DIFFUSERS_FORMAT_VERSION = "0.30.0"
-
-
-def _write_json(obj: Mapping, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def tokenizer_source(tokenizer_dir: str | os.PathLike) -> str:
@@ -85,7 +78,7 @@ def save_pretrained(out_dir: str | os.PathLike, components: Mapping[str, Any], *
     scheduler = dict(components["scheduler"])
     scheduler.setdefault("_class_name", "PNDMScheduler")
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
-    _write_json(scheduler, os.path.join(out_dir, "scheduler", SCHEDULER_CONFIG))
+    tensors.write_json(scheduler, os.path.join(out_dir, "scheduler", SCHEDULER_CONFIG))
 
     notes = []
     tok_dst = os.path.join(out_dir, "tokenizer")
@@ -103,7 +96,7 @@ def save_pretrained(out_dir: str | os.PathLike, components: Mapping[str, Any], *
     pipeline = ("StableDiffusionInpaintPipeline" if in_channels == INPAINT_IN_CHANNELS
                 else "StableDiffusionPipeline")
     has_tokenizer = os.path.isdir(tok_dst)
-    _write_json({
+    tensors.write_json({
         "_class_name": pipeline,
         "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
         "feature_extractor": [None, None],

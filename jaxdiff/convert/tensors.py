@@ -1,27 +1,23 @@
-"""Layout rules and file I/O shared by every checkpoint mapping.
+"""Checkpoint files: reading safetensors, writing them and their configs atomically.
 
-PyTorch and Flax store the same layers with different layouts:
-
-    torch Conv2d.weight  [O, I, kh, kw]   <->  flax Conv.kernel   [kh, kw, I, O]
-    torch Linear.weight  [O, I]           <->  flax Dense.kernel  [I, O]
-    torch *Norm.weight   [C]              <->  flax *Norm.scale   [C]
-    torch Embedding.weight [N, D]         <->  flax Embed.embedding [N, D]
-
-A mapping in this package turns a flat `{"a.b.weight": array}` state dict into a flat
-`{("a", "b", "kernel"): array}` dict; `unflatten` nests it for `module.apply`.
+    read_safetensors(path) -> {name: array}           one .safetensors file
+    read_weights_folder(folder, stem, variant=None)  a model folder's weights (maybe sharded)
+    write_safetensors(tensors, path, metadata)       atomic: temp file, fsync, rename
+    write_json(obj, path)                            atomic, the one way configs are written
 
 Only safetensors files are read: a pickle (`.bin`, `.ckpt`, `.pt`, `.pth`) can run arbitrary code
-when loaded, so it is refused with a message saying how to convert it.
+when loaded, so it is refused with a message saying how to convert it. The layouts and key
+checks every mapping shares live in `names.py`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+import secrets
+from typing import Any, Callable, Mapping
 
 import numpy as np
-from flax import traverse_util
 
 from jaxdiff.errors import CheckpointError
 
@@ -29,98 +25,7 @@ PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 # ------------------------------------------------------------------------------------------
-# layouts
-
-
-def conv_to_flax(w: np.ndarray) -> np.ndarray:
-    """[O, I, kh, kw] -> [kh, kw, I, O]."""
-    return np.transpose(w, (2, 3, 1, 0))
-
-
-def conv_to_torch(k: np.ndarray) -> np.ndarray:
-    """[kh, kw, I, O] -> [O, I, kh, kw]."""
-    return np.transpose(k, (3, 2, 0, 1))
-
-
-def linear_to_flax(w: np.ndarray) -> np.ndarray:
-    """[O, I] -> [I, O]; a 1x1 conv weight [O, I, 1, 1] is accepted as a linear one."""
-    if w.ndim == 4:
-        w = w[:, :, 0, 0]
-    return np.transpose(w)
-
-
-def linear_to_torch(k: np.ndarray) -> np.ndarray:
-    """[I, O] -> [O, I]."""
-    return np.transpose(k)
-
-
-def weight_to_flax(torch_name: str, w: np.ndarray) -> tuple[str, np.ndarray]:
-    """Map a torch leaf (`weight`/`bias`) to its flax leaf name and layout, judged by rank.
-
-    rank 4 -> conv `kernel`; rank 2 -> dense `kernel`; rank 1 `weight` -> norm `scale`;
-    `bias` unchanged. Embedding tables are not rank-judged: map them explicitly.
-    """
-    if torch_name == "bias":
-        return "bias", w
-    if torch_name != "weight":
-        raise CheckpointError(f"unexpected parameter leaf {torch_name!r}")
-    if w.ndim == 4:
-        return "kernel", conv_to_flax(w)
-    if w.ndim == 2:
-        return "kernel", linear_to_flax(w)
-    if w.ndim == 1:
-        return "scale", w
-    raise CheckpointError(f"cannot map a rank-{w.ndim} weight")
-
-
-# ------------------------------------------------------------------------------------------
-# trees
-
-
-def unflatten(flat: Mapping[tuple[str, ...], np.ndarray]) -> dict:
-    """{("a", "b"): x} -> {"a": {"b": x}}."""
-    return traverse_util.unflatten_dict(dict(flat))
-
-
-def flatten(tree: Mapping) -> dict[tuple[str, ...], np.ndarray]:
-    """{"a": {"b": x}} -> {("a", "b"): x}."""
-    return traverse_util.flatten_dict(tree)
-
-
-def check_same_keys(got, expected, *, what: str) -> None:
-    """Raise a CheckpointError naming missing and unexpected keys (at most 10 of each)."""
-    got, expected = set(got), set(expected)
-    missing, unexpected = sorted(expected - got, key=str), sorted(got - expected, key=str)
-    if not (missing or unexpected):
-        return
-    parts = []
-    if missing:
-        parts.append(f"missing {len(missing)} key(s): {_names(missing)}")
-    if unexpected:
-        parts.append(f"unexpected {len(unexpected)} key(s): {_names(unexpected)}")
-    raise CheckpointError(f"{what}: " + "; ".join(parts))
-
-
-def check_same_shapes(got: Mapping, expected: Mapping, *, what: str) -> None:
-    """Raise a CheckpointError naming the first keys whose shapes differ."""
-    bad = [(k, np.shape(got[k]), np.shape(expected[k])) for k in expected
-           if k in got and np.shape(got[k]) != np.shape(expected[k])]
-    if bad:
-        lines = ", ".join(f"{_key(k)} has {g}, expected {e}" for k, g, e in bad[:5])
-        raise CheckpointError(f"{what}: {len(bad)} shape mismatch(es): {lines}")
-
-
-def _key(k) -> str:
-    return "/".join(k) if isinstance(k, tuple) else str(k)
-
-
-def _names(keys) -> str:
-    shown = ", ".join(_key(k) for k in keys[:10])
-    return shown + (", ..." if len(keys) > 10 else "")
-
-
-# ------------------------------------------------------------------------------------------
-# files
+# reading
 
 
 def refuse_pickle(path: str) -> None:
@@ -177,12 +82,48 @@ def read_weights_folder(folder: str, stem: str, *, variant: str | None = None) -
     raise CheckpointError(f"{folder} has no {name}{hint}")
 
 
+# ------------------------------------------------------------------------------------------
+# writing
+
+
+def _atomic(path: str, write: Callable[[str], None]) -> None:
+    """Run `write(tmp)` on a fresh temporary file next to `path`, fsync it, and rename it onto
+    `path`: readers see the old file or the whole new one, never a part."""
+    folder, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str,
                       metadata: Mapping[str, str] | None = None) -> None:
     """Write `tensors` (contiguous numpy copies) to `path` atomically."""
     from safetensors.numpy import save_file
 
-    tmp = f"{path}.tmp"
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
-              metadata=dict(metadata) if metadata else None)
-    os.replace(tmp, path)
+    path = os.fspath(path)
+    _atomic(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                        tmp, metadata=dict(metadata) if metadata else None))
+
+
+def write_json(obj: Any, path: str) -> None:
+    """Write `obj` as indented, key-sorted JSON (plus a newline) to `path` atomically: the one
+    way every config / index file in jaxdiff's folders is written."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+
+    _atomic(os.fspath(path), write)

@@ -496,12 +496,7 @@ def save(folder: str | os.PathLike, module: UNet, params: Mapping) -> None:
     """Write `module` and `params` as a diffusers U-Net folder (config.json + safetensors)."""
     folder = os.fspath(folder)
     state = params_to_torch(params, module)
-    in_channels = state["conv_in.weight"].shape[1]
-    config = config_to_diffusers(module, in_channels=in_channels)
+    config = config_to_diffusers(module, in_channels=state["conv_in.weight"].shape[1])
     os.makedirs(folder, exist_ok=True)
     tensors.write_safetensors(state, os.path.join(folder, WEIGHTS_NAME), {"format": "pt"})
-    tmp = os.path.join(folder, CONFIG_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, os.path.join(folder, CONFIG_NAME))
+    tensors.write_json(config, os.path.join(folder, CONFIG_NAME))

@@ -222,9 +222,8 @@ def load(folder: str, dtype=jnp.float32) -> tuple[AutoencoderKL, dict]:
 def save(folder: str, module: AutoencoderKL, params: Mapping) -> None:
     """Write `module` and `params` as a diffusers AutoencoderKL folder (config.json +
     safetensors) that `diffusers.AutoencoderKL.from_pretrained(folder)` loads."""
+    folder = os.fspath(folder)
+    state = params_to_torch(params, module)
     os.makedirs(folder, exist_ok=True)
-    tensors.write_safetensors(params_to_torch(params, module), os.path.join(folder, WEIGHTS_NAME),
-                              metadata={"format": "pt"})
-    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-        json.dump(config_to_diffusers(module), f, indent=2)
-        f.write("\n")
+    tensors.write_safetensors(state, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+    tensors.write_json(config_to_diffusers(module), os.path.join(folder, CONFIG_NAME))
