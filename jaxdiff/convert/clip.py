@@ -28,7 +28,6 @@ is ignored.
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Mapping
 
@@ -182,17 +181,9 @@ def params_to_torch(params: Mapping, module: CLIPTextEncoder) -> dict[str, np.nd
 def load(folder: str, dtype=jnp.float32) -> tuple[CLIPTextEncoder, dict]:
     """(module, params) from a transformers CLIPTextModel folder, e.g. `<pipeline>/text_encoder`."""
     folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"text encoder folder not found: {folder} (jaxdiff reads local "
-                              "folders only; download the checkpoint first)")
-    config_path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        hint = (f"; it has a text_encoder/ subfolder, pass {os.path.join(folder, 'text_encoder')}"
-                if os.path.isdir(os.path.join(folder, "text_encoder")) else "")
-        raise CheckpointError(f"{folder} has no {CONFIG_NAME}{hint}")
-    with open(config_path) as f:
-        config = json.load(f)
-    module = module_from_config(config, dtype=dtype)
+    module = tensors.read_config(folder, lambda c: module_from_config(c, dtype=dtype),
+                                 what="a transformers CLIPTextModel folder",
+                                 subfolder="text_encoder")
     return module, params_from_torch(tensors.read_weights_folder(folder, "model"), module)
 
 

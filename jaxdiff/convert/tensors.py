@@ -1,13 +1,19 @@
-"""Checkpoint files: reading safetensors, writing them and their configs atomically.
+"""Checkpoint files: reading them safely, writing them atomically.
 
     read_safetensors(path) -> {name: array}           one .safetensors file
     read_weights_folder(folder, stem, variant=None)  a model folder's weights (maybe sharded)
+    read_config(folder, build) -> (config, module)   a model folder's config.json, built
+    read_json(path) -> dict                          any JSON object file (config, index)
     write_safetensors(tensors, path, metadata)       atomic: temp file, fsync, rename
     write_json(obj, path)                            atomic, the one way configs are written
+    inside(folder, name) -> path                     `folder/name`, refused if it leads outside
 
 Only safetensors files are read: a pickle (`.bin`, `.ckpt`, `.pt`, `.pth`) can run arbitrary code
-when loaded, so it is refused with a message saying how to convert it. The layouts and key
-checks every mapping shares live in `names.py`.
+when loaded, so it is refused with a message saying how to convert it. A model folder cannot
+reach outside itself: every file read from it (config, weights, the shards an index lists) must
+resolve, symlinks followed, to a path inside the folder. The one exception is the Hugging Face
+hub cache, whose `<repo>/snapshots/<revision>/` folders hold symlinks into `<repo>/blobs/`.
+Every malformed file is a one-line CheckpointError naming it.
 """
 
 from __future__ import annotations
@@ -22,6 +28,45 @@ import numpy as np
 from jaxdiff.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+CONFIG_NAME = "config.json"
+
+
+# ------------------------------------------------------------------------------------------
+# a folder's own files
+
+
+def _within(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def _hub_blob(real: str, root: str) -> bool:
+    """Whether `real` is a blob of the hub-cache repository whose snapshot holds `root`
+    (`.../models--org--name/snapshots/<rev>/...` links files to `.../models--org--name/blobs/`)."""
+    parts = root.split(os.sep)
+    if "snapshots" not in parts:
+        return False
+    i = len(parts) - 1 - parts[::-1].index("snapshots")
+    repo = os.sep.join(parts[:i])
+    return (i + 1 < len(parts) and os.path.basename(repo).startswith("models--")
+            and os.path.dirname(real) == os.path.join(repo, "blobs"))
+
+
+def inside(folder: str, name: str, *, listed_in: str | None = None) -> str:
+    """`folder/name`, after checking that it resolves (symlinks followed) inside `folder`.
+
+    listed_in: the file that named `name` (an index), for the message.
+    Raises CheckpointError naming the entry and the folder for an absolute name, a `..` that
+    climbs out, or a symlink pointing out of the folder.
+    """
+    folder = os.fspath(folder)
+    root = os.path.realpath(folder)
+    path = os.path.join(folder, name)
+    real = os.path.realpath(path)
+    if _within(real, root) or _hub_blob(real, root):
+        return path
+    what = f"{listed_in} lists {name!r}, which" if listed_in else path
+    raise CheckpointError(f"{what} resolves to {real}, outside the model folder {folder}; "
+                          "refusing to read it")
 
 
 # ------------------------------------------------------------------------------------------
@@ -42,7 +87,11 @@ def refuse_pickle(path: str) -> None:
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a `.safetensors` file as numpy arrays (bf16 as ml_dtypes.bfloat16)."""
+    """All tensors of a `.safetensors` file as numpy arrays (bf16 as ml_dtypes.bfloat16).
+
+    Raises a one-line CheckpointError for a pickle, a missing file, and a file that is not
+    safetensors, is truncated, or whose header lies about its offsets, shapes or dtypes.
+    """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -51,8 +100,44 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
         return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable safetensors file ({reason})") from None
+    except AttributeError as e:  # a dtype numpy has no name for (e.g. float8)
+        raise CheckpointError(f"{path} holds a tensor dtype jaxdiff cannot read ({e})") from None
+
+
+def read_json(path: str, *, what: str = "a JSON object") -> dict:
+    """The JSON object in `path`. Raises a one-line CheckpointError naming the file when it is
+    missing, unreadable, not JSON (e.g. truncated), or JSON of another type (a list, a string)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found") from None
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not {what}")
+    return data
+
+
+def _index_shards(folder: str, index_name: str) -> list[str]:
+    """The shard paths a `*.safetensors.index.json` maps weights to, each checked to lie inside
+    `folder`."""
+    index = os.path.join(folder, index_name)
+    weight_map = read_json(inside(folder, index_name), what="a safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index} is not a safetensors index: it needs a \"weight_map\" "
+                              "object mapping tensor names to shard file names")
+    shards = []
+    for shard in sorted(set(weight_map.values())):
+        if not shard or os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
+            raise CheckpointError(f"{index} lists the shard {shard!r}, which is not a file name "
+                                  f"inside the model folder {folder}; refusing to read it")
+        shards.append(inside(folder, shard, listed_in=index))
+    return shards
 
 
 def read_weights_folder(folder: str, stem: str, *, variant: str | None = None) -> dict[str, np.ndarray]:
@@ -60,18 +145,17 @@ def read_weights_folder(folder: str, stem: str, *, variant: str | None = None) -
     or the shards its `.safetensors.index.json` lists (e.g. stem "diffusion_pytorch_model" for a
     U-Net or VAE, "model" for a text encoder). A pickled weights file there (`<stem>.bin`,
     `pytorch_model.bin`, ...) is refused with the conversion instructions; otherwise a missing
-    file is a CheckpointError naming what the folder holds.
+    file is a CheckpointError naming what the folder holds. Files (and shards) must lie inside
+    the folder (see `inside`).
     """
+    folder = os.fspath(folder)
     name = stem + (f".{variant}" if variant else "") + ".safetensors"
-    path, index = os.path.join(folder, name), os.path.join(folder, name + ".index.json")
-    if os.path.isfile(path):
-        return read_safetensors(path)
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+    if os.path.isfile(os.path.join(folder, name)):
+        return read_safetensors(inside(folder, name))
+    if os.path.isfile(os.path.join(folder, name + ".index.json")):
         weights: dict[str, np.ndarray] = {}
-        for shard in shards:
-            weights.update(read_safetensors(os.path.join(folder, shard)))
+        for shard in _index_shards(folder, name + ".index.json"):
+            weights.update(read_safetensors(shard))
         return weights
     held = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     for held_name in held:
@@ -80,6 +164,37 @@ def read_weights_folder(folder: str, stem: str, *, variant: str | None = None) -
     others = [n for n in held if n.endswith(".safetensors")]
     hint = f" (it holds {', '.join(others)}: another variant?)" if others else ""
     raise CheckpointError(f"{folder} has no {name}{hint}")
+
+
+def read_config(folder: str, build: Callable[[dict], Any], *, what: str,
+                subfolder: str | None = None) -> Any:
+    """`build(config)` for the `config.json` of a model folder.
+
+    what: the kind of folder, for the message (e.g. "a diffusers U-Net folder").
+    subfolder: the pipeline part holding such a folder (e.g. "unet"), named in the message when
+      `folder` has it instead of a config.
+    Raises a one-line CheckpointError naming the file when the folder or its config is missing or
+    malformed, including values of the wrong type (`build`'s TypeError / ValueError / KeyError).
+    """
+    folder = os.fspath(folder)
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"{folder} not found: expected {what} holding {CONFIG_NAME} "
+                                  "(jaxdiff reads local folders only)")
+        hint = ""
+        if subfolder and os.path.isdir(os.path.join(folder, subfolder)):
+            hint = (f"; it has a {subfolder}/ subfolder (a pipeline folder?), pass "
+                    f"{os.path.join(folder, subfolder)}")
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}: expected {what}{hint}")
+    config = read_json(inside(folder, CONFIG_NAME), what="a config object")
+    try:
+        return build(config)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{path} has a value of the wrong type or form ({type(e).__name__}: "
+                              f"{e})") from None
 
 
 # ------------------------------------------------------------------------------------------

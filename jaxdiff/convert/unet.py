@@ -34,7 +34,6 @@ classifier-free guidance): it is added as zeros on import and dropped on export 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -476,18 +475,13 @@ def load(folder: str | os.PathLike, dtype=jnp.float32, *, variant: str | None = 
 
     dtype: compute dtype of the returned module; params are float32 whatever the file holds.
     variant: e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`.
-    Pickled weights (`.bin`) are refused with instructions to convert them.
+    Pickled weights (`.bin`) are refused with instructions to convert them; files reaching
+    outside the folder and malformed files are one-line CheckpointErrors (see `tensors`).
     """
     folder = os.fspath(folder)
-    config_path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        hint = (f"; this looks like a pipeline folder, pass {os.path.join(folder, 'unet')}"
-                if os.path.isdir(os.path.join(folder, "unet")) else "")
-        raise CheckpointError(f"no {CONFIG_NAME} in {folder}: a diffusers U-Net folder holds "
-                              f"{CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
-    with open(config_path) as f:
-        config = json.load(f)
-    module = module_from_config(config, dtype)
+    module = tensors.read_config(folder, lambda c: module_from_config(c, dtype),
+                                 what=f"a diffusers U-Net folder ({CONFIG_NAME} and "
+                                      f"{WEIGHTS_NAME})", subfolder="unet")
     weights = tensors.read_weights_folder(folder, "diffusion_pytorch_model", variant=variant)
     return module, params_from_torch(weights, module)
 

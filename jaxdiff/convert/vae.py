@@ -27,7 +27,6 @@ which keys exist (skip convolutions, quant convs, mid attention) never has to be
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Mapping
@@ -207,14 +206,10 @@ def params_to_torch(params: Mapping, module: AutoencoderKL) -> dict[str, np.ndar
 
 def load(folder: str, dtype=jnp.float32) -> tuple[AutoencoderKL, dict]:
     """Read a diffusers AutoencoderKL folder -> (module with compute `dtype`, float32 params)."""
-    config_path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        raise CheckpointError(
-            f"{config_path} not found; expected a diffusers AutoencoderKL folder (the `vae` "
-            "subfolder of a Stable Diffusion pipeline)")
-    with open(config_path) as f:
-        config = json.load(f)
-    module = module_from_config(config, dtype)
+    folder = os.fspath(folder)
+    module = tensors.read_config(
+        folder, lambda c: module_from_config(c, dtype), subfolder="vae",
+        what="a diffusers AutoencoderKL folder (a Stable Diffusion pipeline's `vae` subfolder)")
     return module, params_from_torch(tensors.read_weights_folder(folder, "diffusion_pytorch_model"),
                                      module)
 
