@@ -20,6 +20,7 @@ sfu = pytest.importorskip("diffusers.loaders.single_file_utils")
 
 from jaxdiff import cli  # noqa: E402
 from jaxdiff.convert import clip as clip_convert  # noqa: E402
+from jaxdiff.convert import names  # noqa: E402
 from jaxdiff.convert import single_file  # noqa: E402
 from jaxdiff.convert import unet as unet_convert  # noqa: E402
 from jaxdiff.convert import vae as vae_convert  # noqa: E402
@@ -425,9 +426,10 @@ FULL_SIZE = {
 
 @pytest.mark.parametrize("model_type", list(FULL_SIZE))
 def test_full_size_layout_matches_diffusers(model_type):
-    """Real SD 1.5 / 2.x / inpainting sizes: the LDM file our tables describe is recognised by
-    diffusers as that model type, diffusers' converters map it onto the full-size diffusers
-    networks (names and shapes), and the configs read back from its shapes are the real ones."""
+    """Real SD 1.5 / 2.x / inpainting sizes: the LDM file our table describes (built from the
+    jaxdiff modules alone) is recognised by diffusers as that model type, diffusers' converters
+    map it onto the full-size diffusers networks (names and shapes), and the configs read back
+    from its shapes are the real ones."""
     unet_opts, text_opts = FULL_SIZE[model_type]
     with torch.device("meta"):
         unet = diffusers.UNet2DConditionModel(**unet_opts)
@@ -441,21 +443,13 @@ def test_full_size_layout_matches_diffusers(model_type):
     text_sd = {(k if k.startswith("text_model.") else "text_model." + k): v
                for k, v in text.state_dict().items() if not k.endswith("position_ids")}
 
-    ckpt = {}
-    for table, state in ((single_file._unet_table(um), unet_sd),
-                         (single_file._vae_table(vm), vae_sd),
-                         (single_file._openclip_table(tm) if layout == "openclip"
-                          else single_file._clip_table(tm), text_sd)):
-        for ldm, dif in table.items():
-            if isinstance(dif, tuple):
-                ckpt[ldm] = torch.cat([state[d] for d in dif])
-            elif single_file._VAE_CONV1X1.fullmatch(dif) and ldm.startswith("first_stage"):
-                ckpt[ldm] = state[dif][:, :, None, None]
-            else:
-                ckpt[ldm] = state[dif]
+    # the file our table describes, as shapes only (meta tensors)
+    table = single_file.ldm_table(um, vm, tm, text_layout=layout)
+    shapes = names.torch_shapes(table)
     if layout == "openclip":  # the unused 24th ViT-H block
-        for k in single_file._openclip_block_keys(tm.num_layers):
-            ckpt[k] = ckpt[k.replace(".resblocks.23.", ".resblocks.0.")]
+        shapes.update(single_file.openclip_last_block(table, tm.num_layers))
+    with torch.device("meta"):
+        ckpt = {k: torch.empty(s) for k, s in shapes.items()}
 
     assert sfu.infer_diffusers_model_type(ckpt) == model_type
 

@@ -13,11 +13,12 @@ format. Public API:
 `params` is the nested dict of float32 numpy arrays that goes into
 `module.apply({"params": params}, input_ids)`.
 
-Names (see jaxdiff/models/text.py for the whole table): `embeddings.{token,position}_embedding`
--> `{token,position}_embedding`, `encoder.layers.{i}.{layer_norm1, self_attn.{q,k,v,out}_proj,
-layer_norm2, mlp.fc1, mlp.fc2}` -> `layer_{i}/{norm_1, attn/{query,key,value,out}, norm_2,
-mlp/fc1, mlp/fc2}`, `final_layer_norm` -> `final_norm`. Linear weights are transposed
-([out, in] -> [in, out]), LayerNorm `weight` becomes `scale`, embedding tables are kept as they are.
+Names (the `NAMES` table below; jaxdiff/models/text.py has the module side):
+`embeddings.{token,position}_embedding` -> `{token,position}_embedding`,
+`encoder.layers.{i}.{layer_norm1, self_attn.{q,k,v,out}_proj, layer_norm2, mlp.fc1, mlp.fc2}` ->
+`layer_{i}/{norm_1, attn/{query,key,value,out}, norm_2, mlp/fc1, mlp/fc2}`, `final_layer_norm`
+-> `final_norm`. Linear weights are transposed ([out, in] -> [in, out]), LayerNorm `weight`
+becomes `scale`, embedding tables are kept as they are.
 
 Checkpoints written by transformers 4.x (every released Stable Diffusion folder) prefix each name
 with `text_model.`; transformers 5 writes them without. Both are read; `save` writes the prefixed
@@ -27,15 +28,14 @@ is ignored.
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.convert import tensors
+from jaxdiff.convert import names, tensors
 from jaxdiff.errors import CheckpointError
 from jaxdiff.models.text import ACTIVATIONS, CLIPTextEncoder
 
@@ -129,56 +129,27 @@ def config_to_transformers(module: CLIPTextEncoder) -> dict:
 
 
 # ------------------------------------------------------------------------------------------
-# the name table
+# the name table (flax module path, "/"-joined -> transformers module name, unprefixed)
+
+_LAYER = names.Rules([
+    ("norm_1", "layer_norm1"), ("norm_2", "layer_norm2"),
+    ("attn/query", "self_attn.q_proj"), ("attn/key", "self_attn.k_proj"),
+    ("attn/value", "self_attn.v_proj"), ("attn/out", "self_attn.out_proj"),
+    (r"mlp/(fc1|fc2)", r"mlp.\1"),
+])
+NAMES = names.Rules([
+    ("token_embedding", "embeddings.token_embedding"),
+    ("position_embedding", "embeddings.position_embedding"),
+    (r"layer_(\d+)/(.+)", lambda i, m: f"encoder.layers.{i}.{_LAYER(m)}"),
+    ("final_norm", "final_layer_norm"),
+])
 
 
-def _modules(num_layers: int) -> Iterator[tuple[str, tuple[str, ...], str]]:
-    """(transformers module name without prefix, jaxdiff path, kind in {embed, dense, norm})."""
-    yield "embeddings.token_embedding", ("token_embedding",), "embed"
-    yield "embeddings.position_embedding", ("position_embedding",), "embed"
-    for i in range(num_layers):
-        t, f = f"encoder.layers.{i}", f"layer_{i}"
-        yield f"{t}.layer_norm1", (f, "norm_1"), "norm"
-        for tp, fp in (("q_proj", "query"), ("k_proj", "key"), ("v_proj", "value"),
-                       ("out_proj", "out")):
-            yield f"{t}.self_attn.{tp}", (f, "attn", fp), "dense"
-        yield f"{t}.layer_norm2", (f, "norm_2"), "norm"
-        yield f"{t}.mlp.fc1", (f, "mlp", "fc1"), "dense"
-        yield f"{t}.mlp.fc2", (f, "mlp", "fc2"), "dense"
-    yield "final_layer_norm", ("final_norm",), "norm"
-
-
-# torch leaf -> jaxdiff leaf, per kind
-_LEAVES = {"embed": {"weight": "embedding"},
-           "dense": {"weight": "kernel", "bias": "bias"},
-           "norm": {"weight": "scale", "bias": "bias"}}
-
-
-def _leaves(num_layers: int) -> Iterator[tuple[str, tuple[str, ...], str]]:
-    """(transformers parameter name without prefix, jaxdiff key tuple, kind)."""
-    for tname, fpath, kind in _modules(num_layers):
-        for tleaf, fleaf in _LEAVES[kind].items():
-            yield f"{tname}.{tleaf}", (*fpath, fleaf), kind
-
-
-def _to_flax(kind: str, w: np.ndarray) -> np.ndarray:
-    return tensors.linear_to_flax(w) if kind == "dense" and w.ndim == 2 else w
-
-
-def _to_torch(kind: str, w: np.ndarray) -> np.ndarray:
-    return tensors.linear_to_torch(w) if kind == "dense" and w.ndim == 2 else w
-
-
-def _param_shapes(module: CLIPTextEncoder) -> dict:
-    """Flat {jaxdiff key: shape} of the module's parameters (no FLOPs: jax.eval_shape)."""
-    tree = jax.eval_shape(
+def table(module: CLIPTextEncoder, prefix: str = PREFIX) -> names.Table:
+    """flax path <-> transformers key (`prefix` + name) <-> layout for every parameter."""
+    shapes = jax.eval_shape(
         lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    return {k: tuple(v.shape) for k, v in tensors.flatten(tree).items()}
-
-
-def _shaped(shape) -> np.ndarray:
-    """A zero-byte array of `shape`, for the shape checks."""
-    return np.broadcast_to(np.uint8(0), shape)
+    return names.from_tree(shapes, lambda path: prefix + NAMES(path))
 
 
 # ------------------------------------------------------------------------------------------
@@ -195,30 +166,12 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], module: CLIPTextEnco
     prefix = PREFIX if any(k.startswith(PREFIX) for k in state_dict) else ""
     sd = {k: v for k, v in state_dict.items()
           if not (k.startswith(prefix) and k[len(prefix):] in _IGNORED)}
-    flax_shapes = _param_shapes(module)
-    table = {prefix + t: (f, kind) for t, f, kind in _leaves(module.num_layers)}
-    if set(flax_shapes) != {f for f, _ in table.values()}:  # the table must cover the module
-        raise AssertionError("convert/clip.py name table is out of date with CLIPTextEncoder")
-    # expected torch shapes: the flax shapes in torch layout
-    expected = {t: (flax_shapes[f][::-1] if kind == "dense" and len(flax_shapes[f]) == 2
-                    else flax_shapes[f]) for t, (f, kind) in table.items()}
-    what = "CLIP text encoder checkpoint"
-    tensors.check_same_keys(sd, expected, what=what)
-    tensors.check_same_shapes(sd, {t: _shaped(s) for t, s in expected.items()}, what=what)
-    flat = {f: np.asarray(_to_flax(kind, np.asarray(sd[t])), np.float32)
-            for t, (f, kind) in table.items()}
-    return tensors.unflatten(flat)
+    return names.to_flax(sd, table(module, prefix), what="CLIP text encoder checkpoint")
 
 
 def params_to_torch(params: Mapping, module: CLIPTextEncoder) -> dict[str, np.ndarray]:
     """`module`'s params -> transformers state dict (`text_model.`-prefixed, float32 numpy)."""
-    flat = tensors.flatten(jax.device_get(params))
-    table = {f: (t, kind) for t, f, kind in _leaves(module.num_layers)}
-    tensors.check_same_keys(flat, table, what="CLIP text encoder params")
-    tensors.check_same_shapes(flat, {k: _shaped(s) for k, s in _param_shapes(module).items()},
-                              what="CLIP text encoder params")
-    return {PREFIX + t: np.ascontiguousarray(_to_torch(kind, np.asarray(flat[f], np.float32)))
-            for f, (t, kind) in table.items()}
+    return names.to_torch(jax.device_get(params), table(module), what="CLIP text encoder params")
 
 
 # ------------------------------------------------------------------------------------------
@@ -228,27 +181,17 @@ def params_to_torch(params: Mapping, module: CLIPTextEncoder) -> dict[str, np.nd
 def load(folder: str, dtype=jnp.float32) -> tuple[CLIPTextEncoder, dict]:
     """(module, params) from a transformers CLIPTextModel folder, e.g. `<pipeline>/text_encoder`."""
     folder = os.fspath(folder)
-    if not os.path.isdir(folder):
-        raise CheckpointError(f"text encoder folder not found: {folder} (jaxdiff reads local "
-                              "folders only; download the checkpoint first)")
-    config_path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        hint = (f"; it has a text_encoder/ subfolder, pass {os.path.join(folder, 'text_encoder')}"
-                if os.path.isdir(os.path.join(folder, "text_encoder")) else "")
-        raise CheckpointError(f"{folder} has no {CONFIG_NAME}{hint}")
-    with open(config_path) as f:
-        config = json.load(f)
-    module = module_from_config(config, dtype=dtype)
+    module = tensors.read_config(folder, lambda c: module_from_config(c, dtype=dtype),
+                                 what="a transformers CLIPTextModel folder",
+                                 subfolder="text_encoder")
     return module, params_from_torch(tensors.read_weights_folder(folder, "model"), module)
 
 
 def save(folder: str, module: CLIPTextEncoder, params: Mapping) -> None:
     """Write `config.json` + `model.safetensors` that transformers' `CLIPTextModel` loads."""
     folder = os.fspath(folder)
-    os.makedirs(folder, exist_ok=True)
     state_dict = params_to_torch(params, module)
+    os.makedirs(folder, exist_ok=True)
     tensors.write_safetensors(state_dict, os.path.join(folder, WEIGHTS_NAME),
                               metadata={"format": "pt"})
-    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-        json.dump(config_to_transformers(module), f, indent=2, sort_keys=True)
-        f.write("\n")
+    tensors.write_json(config_to_transformers(module), os.path.join(folder, CONFIG_NAME))

@@ -14,20 +14,20 @@ The folder written is the one `diffusers.StableDiffusionPipeline.from_pretrained
     vae/         config.json + diffusion_pytorch_model.safetensors   (convert/vae.py)
     text_encoder/ config.json + model.safetensors                    (convert/clip.py)
     scheduler/scheduler_config.json
-    tokenizer/   copied from `tokenizer_dir` (jaxdiff networks hold no tokenizer)
+    tokenizer/   the tokenizer files of `tokenizer_dir` (jaxdiff networks hold no tokenizer)
 
 No safety checker or feature extractor is written (`requires_safety_checker: false`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import warnings
 from typing import Any, Mapping
 
 from jaxdiff.convert import clip as clip_convert
+from jaxdiff.convert import tensors
 from jaxdiff.convert import unet as unet_convert
 from jaxdiff.convert import vae as vae_convert
 from jaxdiff.errors import CheckpointError
@@ -41,14 +41,6 @@ INPAINT_IN_CHANNELS = 9
 DIFFUSERS_FORMAT_VERSION = "0.30.0"
 
 
-def _write_json(obj: Mapping, path: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def tokenizer_source(tokenizer_dir: str | os.PathLike) -> str:
     """The folder holding the tokenizer files (a pipeline root's tokenizer/ is accepted);
     raises CheckpointError when it holds no readable CLIP tokenizer."""
@@ -60,6 +52,17 @@ def tokenizer_source(tokenizer_dir: str | os.PathLike) -> str:
         tokenizer_dir = sub
     CLIPTokenizer.from_dir(tokenizer_dir)  # raises a CheckpointError naming what is missing
     return tokenizer_dir
+
+
+def _copy_tokenizer(src: str, dst: str) -> None:
+    """Copy the tokenizer files of `src` (each checked to lie inside it) into `dst`."""
+    from jaxdiff.models import tokenizer as tok_lib
+
+    os.makedirs(dst, exist_ok=True)
+    for name in (tok_lib.TOKENIZER_FILE, tok_lib.VOCAB_FILE, tok_lib.MERGES_FILE,
+                 tok_lib.SPECIAL_TOKENS_FILE, tok_lib.CONFIG_FILE, "added_tokens.json"):
+        if os.path.isfile(os.path.join(src, name)):
+            shutil.copyfile(tensors.inside(src, name), os.path.join(dst, name))
 
 
 def save_pretrained(out_dir: str | os.PathLike, components: Mapping[str, Any], *,
@@ -85,25 +88,25 @@ def save_pretrained(out_dir: str | os.PathLike, components: Mapping[str, Any], *
     scheduler = dict(components["scheduler"])
     scheduler.setdefault("_class_name", "PNDMScheduler")
     os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
-    _write_json(scheduler, os.path.join(out_dir, "scheduler", SCHEDULER_CONFIG))
+    tensors.write_json(scheduler, os.path.join(out_dir, "scheduler", SCHEDULER_CONFIG))
 
     notes = []
     tok_dst = os.path.join(out_dir, "tokenizer")
     if tok_src is not None:
         if os.path.abspath(tok_src) != os.path.abspath(tok_dst):
-            shutil.copytree(tok_src, tok_dst, dirs_exist_ok=True)
+            _copy_tokenizer(tok_src, tok_dst)
     elif not os.path.isdir(tok_dst):
         notes.append(
             f"no tokenizer: single files and jaxdiff networks carry none, so {out_dir} has no "
             "tokenizer/ folder; copy the tokenizer/ folder of a diffusers Stable Diffusion "
             "pipeline of the same family (SD 1.x: CLIP ViT-L/14's, SD 2.x: its own) into it, "
             "or pass tokenizer_dir (--tokenizer on the command line)")
-    with open(os.path.join(out_dir, "unet", "config.json")) as f:
-        in_channels = json.load(f)["in_channels"]
+    unet_config = tensors.read_json(os.path.join(out_dir, "unet", unet_convert.CONFIG_NAME))
+    in_channels = unet_config["in_channels"]
     pipeline = ("StableDiffusionInpaintPipeline" if in_channels == INPAINT_IN_CHANNELS
                 else "StableDiffusionPipeline")
     has_tokenizer = os.path.isdir(tok_dst)
-    _write_json({
+    tensors.write_json({
         "_class_name": pipeline,
         "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
         "feature_extractor": [None, None],
@@ -143,7 +146,7 @@ def load_pretrained(path: str | os.PathLike, dtype=None, *, progress: bool = Fal
     bar = tqdm(PIPELINE_PARTS, desc="load", unit="part", disable=not progress)
     for part in bar:
         bar.set_postfix_str(part)
-        folder = os.path.join(path, part)
+        folder = tensors.inside(path, part)
         if part == "unet":
             parts[part] = unet_convert.load(folder, dtype)
         elif part == "vae":
@@ -153,8 +156,7 @@ def load_pretrained(path: str | os.PathLike, dtype=None, *, progress: bool = Fal
         elif part == "tokenizer":
             parts[part] = CLIPTokenizer.from_dir(folder)
         else:
-            with open(os.path.join(folder, SCHEDULER_CONFIG)) as f:
-                parts[part] = json.load(f)
+            parts[part] = tensors.read_json(tensors.inside(folder, SCHEDULER_CONFIG))
     bar.close()
     unet, text = parts["unet"][0], parts["text_encoder"][0]
     if unet.context_dim is None:
@@ -176,14 +178,13 @@ def check_pipeline_folder(path: str) -> None:
         raise CheckpointError(f"{path} has no {MODEL_INDEX}: expected a diffusers pipeline folder with "
                               f"{', '.join(p + '/' for p in PIPELINE_PARTS)} (save one with "
                               "StableDiffusionPipeline.save_pretrained(folder, safe_serialization=True))")
-    with open(index_path) as f:
-        index = json.load(f)
+    index = tensors.read_json(tensors.inside(path, MODEL_INDEX), what="a pipeline index object")
     if "text_encoder_2" in index or "unet" not in index and "transformer" in index:
         raise CheckpointError(f"{path} is a {index.get('_class_name', 'different')} folder; jaxdiff's "
                               "StableDiffusion reads Stable Diffusion 1.x / 2.x pipelines (one CLIP text encoder "
                               "and a U-Net)")
     for part in PIPELINE_PARTS:
-        folder = os.path.join(path, part)
+        folder = tensors.inside(path, part)
         if not os.path.isdir(folder):
             listed = index.get(part)
             what = f" (model_index.json lists {part}: {listed[1]})" if isinstance(listed, list) and listed[1:] else ""

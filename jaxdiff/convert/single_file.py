@@ -17,98 +17,53 @@ Public API:
     save_single_file(out_path, unet, vae, text_encoder, *, text_layout=None,
                      dtype=np.float32) -> None
 
-Loading maps each LDM name to its diffusers name with the tables below and hands the renamed
-state dicts to the per-network converters (`unet.py`, `vae.py`, `clip.py`), which own the
-diffusers -> jaxdiff step. Saving runs the same tables backwards. Every key of the file must be
-in a table or in the explicit ignore list; anything else, and anything a table expects that the
-file lacks, is a CheckpointError naming the keys.
+Each network's single-file table is its own name table (`unet.table`, `vae.table`,
+`clip.table`: flax path <-> diffusers / transformers key <-> layout) with every torch key renamed
+by the LDM rules below; `ldm_table` joins the three under "unet" / "vae" / "text_encoder", and
+`names.to_flax` / `names.to_torch` run it both ways. Every key of the file must be in the table
+or in the explicit ignore list; anything else, and anything the table expects that the file
+lacks, is one CheckpointError naming the keys. The genuinely special cases:
 
-LDM -> diffusers names (U-Net; `n` counts input/output blocks in file order):
+  - U-Net: LDM numbers its blocks in file order (`input_blocks.{n}`, `output_blocks.{n}`, an
+    upsampler after the transformer when there is one) and names ResBlock layers by position
+    (`in_layers.0` = norm1, `emb_layers.1` = time_emb_proj, `skip_connection`, ...).
+  - VAE: LDM counts decoder levels from the top (`up.{i}` is diffusers' `up_blocks.{L-1-i}`) and
+    stores the mid attention's q/k/v/proj_out as 1x1 convolutions [C, C, 1, 1] (`CONV1X1`).
+  - SD 1.x text encoder: `cond_stage_model.transformer.` + transformers' own names.
+  - SD 2.x OpenCLIP text encoder (`cond_stage_model.model.`): `token_embedding`,
+    `positional_embedding`, `ln_final`, `transformer.resblocks.{i}.{ln_1, ln_2, attn.out_proj,
+    mlp.c_fc, mlp.c_proj}`, and q/k/v fused along axis 0 in `attn.in_proj_{weight,bias}`
+    (`part=(i, 3)` entries). SD 2.x conditions on the *penultimate* layer: a file with N
+    resblocks is a text encoder of N-1 layers (23 for ViT-H, as diffusers ships it); resblock N-1
+    is ignored, with `text_projection` and `logit_scale` (the contrastive head).
+    `save_single_file` writes that last resblock as zeros: an all-zero pre-LayerNorm residual
+    block is the identity, so the written tower gives the same penultimate *and* last states.
 
-    time_embed.{0,2}                      time_embedding.linear_{1,2}
-    input_blocks.0.0                      conv_in
-    input_blocks.{n}.0   (ResBlock)       down_blocks.{i}.resnets.{j}
-    input_blocks.{n}.1   (transformer)    down_blocks.{i}.attentions.{j}
-    input_blocks.{n}.0.op                 down_blocks.{i}.downsamplers.0.conv
-    middle_block.{0,1,2}                  mid_block.resnets.0, .attentions.0, .resnets.1
-    output_blocks.{n}.0                   up_blocks.{k}.resnets.{j}
-    output_blocks.{n}.1                   up_blocks.{k}.attentions.{j}
-    output_blocks.{n}.{1|2}.conv          up_blocks.{k}.upsamplers.0.conv (2 after an attention)
-    out.0, out.2                          conv_norm_out, conv_out
-  inside a ResBlock
-    in_layers.0 in_layers.2 emb_layers.1 out_layers.0 out_layers.3 skip_connection
-    norm1       conv1       time_emb_proj norm2       conv2        conv_shortcut
-  inside a transformer: the same names on both sides.
-
-Autoencoder (`up.{i}` counts levels from the top; diffusers' `up_blocks.{k}` from the bottom,
-k = L-1-i):
-
-    {encoder,decoder}.norm_out            {encoder,decoder}.conv_norm_out
-    encoder.down.{i}.block.{j}            encoder.down_blocks.{i}.resnets.{j}
-    encoder.down.{i}.downsample.conv      encoder.down_blocks.{i}.downsamplers.0.conv
-    decoder.up.{i}.block.{j}              decoder.up_blocks.{k}.resnets.{j}
-    decoder.up.{i}.upsample.conv          decoder.up_blocks.{k}.upsamplers.0.conv
-    *.mid.block_{1,2}, *.mid.attn_1       *.mid_block.resnets.{0,1}, *.mid_block.attentions.0
-    nin_shortcut                          conv_shortcut
-    attn_1.{norm,q,k,v,proj_out}          group_norm, to_q, to_k, to_v, to_out.0
-                                          (1x1 convolutions [C, C, 1, 1] <-> linears [C, C])
-
-SD 1.x text encoder: `cond_stage_model.transformer.X` <-> `X` (already transformers names).
-
-SD 2.x OpenCLIP text encoder (`cond_stage_model.model.` prefix):
-
-    token_embedding.weight                text_model.embeddings.token_embedding.weight
-    positional_embedding                  text_model.embeddings.position_embedding.weight
-    ln_final                              text_model.final_layer_norm
-    transformer.resblocks.{i}.ln_1, ln_2  text_model.encoder.layers.{i}.layer_norm1, layer_norm2
-      .attn.in_proj_{weight,bias}           .self_attn.{q,k,v}_proj.{weight,bias} (split in 3)
-      .attn.out_proj                        .self_attn.out_proj
-      .mlp.c_fc, .mlp.c_proj                .mlp.fc1, .mlp.fc2
-
-SD 2.x conditions on the *penultimate* OpenCLIP layer, so a file with N resblocks becomes a text
-encoder of N-1 layers (23 for ViT-H, as diffusers ships it) and resblock N-1 is ignored, with
-`text_projection` and `logit_scale` (the contrastive head). `save_single_file` writes that last
-resblock as zeros: an all-zero pre-LayerNorm residual block is the identity, so the written tower
-gives the same penultimate *and* last hidden states.
-
-Ignored on load (listed in IGNORED_KEYS / IGNORED_PREFIXES): the EMA copy `model_ema.*` (the
-U-Net under `model.diffusion_model.` is the one loaded, unless `use_ema=True`), the training schedule buffers
+Ignored on load (IGNORED_KEYS / IGNORED_PREFIXES): the EMA copy `model_ema.*` (the U-Net under
+`model.diffusion_model.` is the one loaded, unless `use_ema=True`), the training schedule buffers
 (`betas`, `alphas_cumprod`, ...), `logvar`, and the text encoder's `position_ids` buffer. The
-scheduler config is SD's schedule (scaled_linear betas 0.00085..0.012, 1000 steps); a file whose
-`betas` buffer holds another schedule gets it as `trained_betas`, with a warning.
-
-What a file does not say, and the rule used:
-  - SD 1.x vs 2.x: 2.x uses linear `proj_in`/`proj_out` in its transformers (and a 1024-wide
-    context from OpenCLIP; 1.x has conv projections and CLIP's 768).
-  - attention heads: 1.x has 8 heads per transformer; 2.x 64-channel heads; CLIP and OpenCLIP
-    text towers 64-channel heads. Heads change no weight, only how attention splits them.
-  - the prediction type: v-prediction (SD 2.x 768-v) cannot be told from the weights; pass
-    `prediction_type="v_prediction"` for those. The default is "epsilon" (SD 1.x, 2.x base,
-    inpainting).
-  - GroupNorm groups (32), norm eps (1e-5), the VAE scaling factor (0.18215): SD's values.
-  - in_channels 9 (4 latent + 4 masked-image latent + 1 mask) is an inpainting U-Net.
+configs and the scheduler are read from the tensors' shapes (`ldm_config.py`).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import warnings
 from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.convert import clip as clip_convert
-from jaxdiff.convert import tensors
+from jaxdiff.convert import names, tensors
 from jaxdiff.convert import unet as unet_convert
 from jaxdiff.convert import vae as vae_convert
 from jaxdiff.errors import CheckpointError
 
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer."
-OPENCLIP_PREFIX = "cond_stage_model.model."
+# the key prefixes and the configs read from shapes (re-exported: single_file.unet_config, ...)
+from jaxdiff.convert.ldm_config import (  # noqa: F401
+    CLIP_PREFIX, OPENCLIP_PREFIX, SCHEDULER_CONFIG, UNET_PREFIX, VAE_PREFIX, clip_inner,
+    scheduler_config, sd_betas, text_encoder_config, unet_config, vae_config)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -126,389 +81,140 @@ IGNORED_KEYS = frozenset({
     OPENCLIP_PREFIX + "text_projection", OPENCLIP_PREFIX + "logit_scale",
 })
 
-# Stable Diffusion's training schedule (every 1.x and 2.x checkpoint), as a diffusers
-# scheduler_config.json.
-SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "PNDMScheduler",
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "trained_betas": None,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "timestep_spacing": "leading",
-    "prediction_type": "epsilon",
-}
-
-SD_VAE_SCALING_FACTOR = 0.18215
-_HEAD_WIDTH = 64  # SD 2.x U-Net heads and CLIP / OpenCLIP text heads
-_SD1_HEADS = 8
-
-
 # ------------------------------------------------------------------------------------------
-# name tables: {LDM key (with its prefix): diffusers key, or three diffusers keys for a fused
-# q/k/v tensor}
+# name tables: each network's own table (convert/unet.py, vae.py, clip.py) with every torch
+# key renamed to its LDM key by the rules below (module names; the leaf is kept), and the flax
+# paths put under "unet" / "vae" / "text_encoder", so that one table covers the whole file.
+
+_RES = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+        "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 
 
-class _Table(dict):
-    def module(self, ldm: str, diffusers: str, bias: bool = True) -> None:
-        self[f"{ldm}.weight"] = f"{diffusers}.weight"
-        if bias:
-            self[f"{ldm}.bias"] = f"{diffusers}.bias"
+def _unet_names(m) -> names.Rules:
+    """diffusers U-Net module name -> LDM name, for `m`'s depth and attention levels."""
+    R, L = m.num_res_blocks, len(m.channel_mult)
+
+    def inp(i, j) -> int:  # input block of level i, ResBlock j (its downsampler: j = R)
+        return 1 + int(i) * (R + 1) + int(j)
+
+    def out(k, j) -> int:  # output block of up block k, ResBlock j
+        return int(k) * (R + 1) + int(j)
+
+    def up_conv(k) -> str:  # the upsampler follows the ResBlock, and the transformer if any
+        return "2" if L - 1 - int(k) in m.attention_levels else "1"
+
+    return names.Rules([
+        ("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
+        ("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2"),
+        (r"down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)",
+         lambda i, j, r: f"input_blocks.{inp(i, j)}.0.{_RES[r]}"),
+        (r"down_blocks\.(\d+)\.attentions\.(\d+)\.(.+)",
+         lambda i, j, x: f"input_blocks.{inp(i, j)}.1.{x}"),
+        (r"down_blocks\.(\d+)\.downsamplers\.0\.conv", lambda i: f"input_blocks.{inp(i, R)}.0.op"),
+        (r"mid_block\.resnets\.(\d)\.(\w+)", lambda j, r: f"middle_block.{2 * int(j)}.{_RES[r]}"),
+        (r"mid_block\.attentions\.0\.(.+)", r"middle_block.1.\1"),
+        (r"up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)",
+         lambda k, j, r: f"output_blocks.{out(k, j)}.0.{_RES[r]}"),
+        (r"up_blocks\.(\d+)\.attentions\.(\d+)\.(.+)",
+         lambda k, j, x: f"output_blocks.{out(k, j)}.1.{x}"),
+        (r"up_blocks\.(\d+)\.upsamplers\.0\.conv",
+         lambda k: f"output_blocks.{out(k, R)}.{up_conv(k)}.conv"),
+    ])
 
 
-_UNET_TOP = {"time_embed.0": "time_embedding.linear_1", "time_embed.2": "time_embedding.linear_2",
-             "input_blocks.0.0": "conv_in", "out.0": "conv_norm_out", "out.2": "conv_out"}
-_UNET_RES = {"in_layers.0": "norm1", "in_layers.2": "conv1", "emb_layers.1": "time_emb_proj",
-             "out_layers.0": "norm2", "out_layers.3": "conv2"}
-_TRANSFORMER_BLOCK = [("norm1", True), ("attn1.to_q", False), ("attn1.to_k", False),
-                      ("attn1.to_v", False), ("attn1.to_out.0", True), ("norm2", True),
-                      ("attn2.to_q", False), ("attn2.to_k", False), ("attn2.to_v", False),
-                      ("attn2.to_out.0", True), ("norm3", True), ("ff.net.0.proj", True),
-                      ("ff.net.2", True)]
+_VAE_RES = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2",
+            "conv_shortcut": "nin_shortcut"}
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
-def _unet_table(m) -> _Table:
-    """LDM -> diffusers names of every U-Net parameter of `m` (a jaxdiff UNet)."""
-    p, t = UNET_PREFIX, _Table()
-    L, R = len(m.channel_mult), m.num_res_blocks
-    widths = [m.base_channels * k for k in m.channel_mult]
-    depth = m.per_level("transformer_depth")
-
-    def res(ldm, dif, skip):
-        for a, b in _UNET_RES.items():
-            t.module(f"{p}{ldm}.{a}", f"{dif}.{b}")
-        if skip:
-            t.module(f"{p}{ldm}.skip_connection", f"{dif}.conv_shortcut")
-
-    def transformer(ldm, dif, n_blocks):
-        for name in ("norm", "proj_in", "proj_out"):
-            t.module(f"{p}{ldm}.{name}", f"{dif}.{name}")
-        for k in range(n_blocks):
-            for name, bias in _TRANSFORMER_BLOCK:
-                inner = f"transformer_blocks.{k}.{name}"
-                t.module(f"{p}{ldm}.{inner}", f"{dif}.{inner}", bias)
-
-    for a, b in _UNET_TOP.items():
-        t.module(p + a, b)
-    n, ch = 1, widths[0]
-    for i in range(L):
-        for j in range(R):
-            res(f"input_blocks.{n}.0", f"down_blocks.{i}.resnets.{j}", ch != widths[i])
-            ch = widths[i]
-            if i in m.attention_levels:
-                transformer(f"input_blocks.{n}.1", f"down_blocks.{i}.attentions.{j}", depth[i])
-            n += 1
-        if i < L - 1:
-            t.module(f"{p}input_blocks.{n}.0.op", f"down_blocks.{i}.downsamplers.0.conv")
-            n += 1
-    res("middle_block.0", "mid_block.resnets.0", False)
-    transformer("middle_block.1", "mid_block.attentions.0", depth[-1])
-    res("middle_block.2", "mid_block.resnets.1", False)
-    n = 0
-    for k in range(L):  # diffusers' up block k is level L-1-k
-        i = L - 1 - k
-        attn = i in m.attention_levels
-        for j in range(R + 1):
-            # the skip concatenation always widens the input, so every up ResBlock has a shortcut
-            res(f"output_blocks.{n}.0", f"up_blocks.{k}.resnets.{j}", True)
-            if attn:
-                transformer(f"output_blocks.{n}.1", f"up_blocks.{k}.attentions.{j}", depth[i])
-            if j == R and k < L - 1:
-                t.module(f"{p}output_blocks.{n}.{2 if attn else 1}.conv",
-                         f"up_blocks.{k}.upsamplers.0.conv")
-            n += 1
-    return t
+def _vae_names(m) -> names.Rules:
+    """diffusers AutoencoderKL module name -> LDM name (LDM counts up levels from the top)."""
+    L = len(m.block_out_channels)
+    return names.Rules([
+        ("(quant_conv|post_quant_conv)", r"\1"),
+        (r"(encoder|decoder)\.(conv_in|conv_out)", r"\1.\2"),
+        (r"(encoder|decoder)\.conv_norm_out", r"\1.norm_out"),
+        (r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(\w+)",
+         lambda p, j, r: f"{p}.mid.block_{int(j) + 1}.{_VAE_RES[r]}"),
+        (r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)",
+         lambda p, a: f"{p}.mid.attn_1.{_VAE_ATTN[a]}"),
+        (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)",
+         lambda i, j, r: f"encoder.down.{i}.block.{j}.{_VAE_RES[r]}"),
+        (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv", r"encoder.down.\1.downsample.conv"),
+        (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)",
+         lambda k, j, r: f"decoder.up.{L - 1 - int(k)}.block.{j}.{_VAE_RES[r]}"),
+        (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv",
+         lambda k: f"decoder.up.{L - 1 - int(k)}.upsample.conv"),
+    ])
 
 
-_VAE_TOP = {"conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out"}
-_VAE_RES = {"norm1": "norm1", "conv1": "conv1", "norm2": "norm2", "conv2": "conv2"}
-_VAE_ATTN = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
-# diffusers keys stored as linears [C, C] whose LDM twins are 1x1 convolutions [C, C, 1, 1]
-_VAE_CONV1X1 = re.compile(r".*mid_block\.attentions\.0\.(to_q|to_k|to_v|to_out\.0)\.weight")
+# transformers CLIP key (unprefixed) -> OpenCLIP key; q/k/v are fused, see _openclip_entry
+_OPENCLIP = names.Rules([
+    (r"embeddings\.token_embedding\.weight", "token_embedding.weight"),
+    (r"embeddings\.position_embedding\.weight", "positional_embedding"),
+    (r"final_layer_norm\.(weight|bias)", r"ln_final.\1"),
+    (r"encoder\.layers\.(\d+)\.layer_norm([12])\.(weight|bias)",
+     r"transformer.resblocks.\1.ln_\2.\3"),
+    (r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)",
+     r"transformer.resblocks.\1.attn.out_proj.\2"),
+    (r"encoder\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)", r"transformer.resblocks.\1.mlp.c_fc.\2"),
+    (r"encoder\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)", r"transformer.resblocks.\1.mlp.c_proj.\2"),
+])
+_FUSED_QKV = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
 
 
-def _vae_table(m) -> _Table:
-    """LDM -> diffusers names of every parameter of `m` (a jaxdiff AutoencoderKL)."""
-    p, t = VAE_PREFIX, _Table()
-    widths, R = list(m.block_out_channels), m.layers_per_block
-    L = len(widths)
-
-    def res(ldm, dif, skip):
-        for a, b in _VAE_RES.items():
-            t.module(f"{p}{ldm}.{a}", f"{dif}.{b}")
-        if skip:
-            t.module(f"{p}{ldm}.nin_shortcut", f"{dif}.conv_shortcut")
-
-    for part in ("encoder", "decoder"):
-        for a, b in _VAE_TOP.items():
-            t.module(f"{p}{part}.{a}", f"{part}.{b}")
-        res(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0", False)
-        res(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1", False)
-        if m.mid_attention:
-            for a, b in _VAE_ATTN.items():
-                t.module(f"{p}{part}.mid.attn_1.{a}", f"{part}.mid_block.attentions.0.{b}")
-    ch = widths[0]
-    for i in range(L):
-        for j in range(R):
-            res(f"encoder.down.{i}.block.{j}", f"encoder.down_blocks.{i}.resnets.{j}",
-                ch != widths[i])
-            ch = widths[i]
-        if i < L - 1:
-            t.module(f"{p}encoder.down.{i}.downsample.conv",
-                     f"encoder.down_blocks.{i}.downsamplers.0.conv")
-    ch = widths[-1]
-    for k in range(L):
-        i = L - 1 - k
-        for j in range(R + 1):
-            res(f"decoder.up.{i}.block.{j}", f"decoder.up_blocks.{k}.resnets.{j}",
-                ch != widths[i])
-            ch = widths[i]
-        if i > 0:
-            t.module(f"{p}decoder.up.{i}.upsample.conv",
-                     f"decoder.up_blocks.{k}.upsamplers.0.conv")
-    if m.use_quant_conv:
-        t.module(f"{p}quant_conv", "quant_conv")
-    if m.use_post_quant_conv:
-        t.module(f"{p}post_quant_conv", "post_quant_conv")
-    return t
+def _openclip_entry(e: names.Entry) -> names.Entry:
+    """SD 2.x: OpenCLIP names; `attn.in_proj_{weight,bias}` stacks q, k, v along axis 0."""
+    m = _FUSED_QKV.fullmatch(e.torch)
+    if m:
+        fused = f"{OPENCLIP_PREFIX}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}"
+        return e._replace(torch=fused, part=("qkv".index(m[2]), 3))
+    return e._replace(torch=OPENCLIP_PREFIX + _OPENCLIP(e.torch))
 
 
-_CLIP_LAYER = ["layer_norm1", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
-               "self_attn.out_proj", "layer_norm2", "mlp.fc1", "mlp.fc2"]
+def _renamed(table: names.Table, rules: names.Rules, prefix: str, what: str) -> names.Table:
+    """`table` with each torch key `module.leaf` renamed to `prefix + rules(module) + .leaf`."""
+    out = []
+    for e in table:
+        module, leaf = e.torch.rsplit(".", 1)
+        try:
+            out.append(e._replace(torch=f"{prefix}{rules(module)}.{leaf}"))
+        except KeyError:
+            raise CheckpointError(f"the {what} parameter {e.torch} has no name in an SD 1.x/2.x "
+                                  "single file") from None
+    return tuple(out)
 
 
-def _clip_table(m, inner: str = "text_model.") -> _Table:
-    """SD 1.x: `cond_stage_model.transformer.` + transformers names (as `clip.py` writes them)."""
-    t, d = _Table(), "text_model."
-    for name in ("embeddings.token_embedding", "embeddings.position_embedding"):
-        t.module(f"{CLIP_PREFIX}{inner}{name}", d + name, bias=False)
-    for i in range(m.num_layers):
-        for name in _CLIP_LAYER:
-            t.module(f"{CLIP_PREFIX}{inner}encoder.layers.{i}.{name}",
-                     f"{d}encoder.layers.{i}.{name}")
-    t.module(f"{CLIP_PREFIX}{inner}final_layer_norm", d + "final_layer_norm")
-    return t
+def ldm_table(unet, vae, text_encoder, *, text_layout: str = "clip",
+              clip_inner: str = "text_model.", unet_in_channels: int | None = None
+              ) -> names.Table:
+    """The name table of a whole single file: flax paths ("unet" | "vae" | "text_encoder", ...)
+    <-> LDM keys <-> layouts, for the three modules.
 
-
-_OPENCLIP_LAYER = {"ln_1": "layer_norm1", "attn.out_proj": "self_attn.out_proj",
-                   "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
-
-
-def _openclip_block_keys(i: int) -> list[str]:
-    """The LDM keys of OpenCLIP resblock `i`."""
-    names = [f"{a}.{leaf}" for a in _OPENCLIP_LAYER for leaf in ("weight", "bias")]
-    names += ["attn.in_proj_weight", "attn.in_proj_bias"]
-    return [f"{OPENCLIP_PREFIX}transformer.resblocks.{i}.{n}" for n in names]
-
-
-def _openclip_table(m) -> _Table:
-    """SD 2.x: OpenCLIP names; `attn.in_proj_*` stacks q, k, v along its first axis."""
-    p, d, t = OPENCLIP_PREFIX, "text_model.", _Table()
-    t[p + "token_embedding.weight"] = d + "embeddings.token_embedding.weight"
-    t[p + "positional_embedding"] = d + "embeddings.position_embedding.weight"
-    t.module(p + "ln_final", d + "final_layer_norm")
-    for i in range(m.num_layers):
-        lp, ld = f"{p}transformer.resblocks.{i}", f"{d}encoder.layers.{i}"
-        for a, b in _OPENCLIP_LAYER.items():
-            t.module(f"{lp}.{a}", f"{ld}.{b}")
-        for leaf in ("weight", "bias"):
-            t[f"{lp}.attn.in_proj_{leaf}"] = tuple(
-                f"{ld}.self_attn.{q}_proj.{leaf}" for q in ("q", "k", "v"))
-    return t
-
-
-def _to_diffusers(sd: Mapping[str, np.ndarray], table: Mapping) -> dict[str, np.ndarray]:
-    out = {}
-    for ldm, dif in table.items():
-        w = sd[ldm]
-        if isinstance(dif, tuple):
-            if w.shape[0] % 3:
-                raise CheckpointError(f"{ldm} has shape {w.shape}; a fused q/k/v tensor needs a "
-                                      "first axis divisible by 3")
-            out.update(zip(dif, np.split(np.asarray(w), 3, axis=0)))
-        else:
-            out[dif] = w
-    return out
-
-
-def _to_ldm(sd: Mapping[str, np.ndarray], table: Mapping) -> dict[str, np.ndarray]:
-    return {ldm: np.concatenate([sd[d] for d in dif]) if isinstance(dif, tuple) else sd[dif]
-            for ldm, dif in table.items()}
-
-
-# ------------------------------------------------------------------------------------------
-# configs inferred from shapes
-
-
-def _need(sd: Mapping, key: str, what: str) -> np.ndarray:
-    if key not in sd:
-        raise CheckpointError(f"single-file checkpoint: missing key {key} (needed to read the "
-                              f"{what} layout)")
-    return sd[key]
-
-
-def _indices(keys, pattern: str) -> list[int]:
-    """Sorted distinct integers captured by `pattern` (one group) over `keys`."""
-    rx = re.compile(pattern)
-    return sorted({int(m.group(1)) for k in keys if (m := rx.match(k))})
-
-
-def _heads(width: int, what: str) -> int:
-    if width % _HEAD_WIDTH:
-        raise CheckpointError(
-            f"{what}: width {width} is not a multiple of the {_HEAD_WIDTH}-channel heads Stable "
-            "Diffusion uses; this is not an SD 1.x/2.x checkpoint")
-    return width // _HEAD_WIDTH
-
-
-def unet_config(sd: Mapping[str, np.ndarray], prediction_type: str = "epsilon") -> dict:
-    """The diffusers UNet2DConditionModel config of the U-Net in `sd` (full LDM keys)."""
-    p = UNET_PREFIX
-    conv_in = _need(sd, p + "input_blocks.0.0.weight", "U-Net")  # [C, in, 3, 3]
-    in_channels = int(conv_in.shape[1])
-    out_channels = int(_need(sd, p + "out.2.weight", "U-Net").shape[0])
-    levels: list[list[tuple[int, int]]] = [[]]  # per level: (width, transformer depth) per block
-    for n in _indices(sd, re.escape(p) + r"input_blocks\.(\d+)\.")[1:]:
-        if f"{p}input_blocks.{n}.0.op.weight" in sd:
-            levels.append([])
-            continue
-        width = int(_need(sd, f"{p}input_blocks.{n}.0.in_layers.2.weight", "U-Net").shape[0])
-        blocks = re.escape(f"{p}input_blocks.{n}.1.transformer_blocks.") + r"(\d+)\."
-        depth = len(_indices(sd, blocks))
-        levels[-1].append((width, depth))
-    R = len(levels[0])
-    if R == 0 or any(len(lv) != R for lv in levels) or any(len(set(lv)) != 1 for lv in levels):
-        raise CheckpointError(
-            "single-file U-Net: the input blocks do not form levels of equal ResBlock counts with "
-            f"one width and attention setting per level (found {levels}); not an SD 1.x/2.x U-Net")
-    widths = [lv[0][0] for lv in levels]
-    depths = [lv[0][1] for lv in levels]
-    attn = [i for i, d in enumerate(depths) if d]
-    ctx_key = next((k for k in sorted(sd) if k.startswith(p) and k.endswith("attn2.to_k.weight")),
-                   None)
-    proj_key = next((k for k in sorted(sd) if k.startswith(p) and k.endswith(".proj_in.weight")),
-                    None)
-    if not attn or ctx_key is None or proj_key is None:
-        raise CheckpointError("single-file U-Net has no cross-attention transformers; not a "
-                              "Stable Diffusion 1.x/2.x U-Net")
-    linear = sd[proj_key].ndim == 2
-    sd2 = linear  # SD 2.x: linear projections (and a 1024-wide OpenCLIP context)
-    used = set(depths[i] for i in attn)
-    depth = used.pop() if len(used) == 1 else [d or 1 for d in depths]
-    down = ["CrossAttnDownBlock2D" if i in attn else "DownBlock2D" for i in range(len(widths))]
-    return {
-        "_class_name": "UNet2DConditionModel",
-        "sample_size": 96 if sd2 and prediction_type == "v_prediction" else 64,
-        "in_channels": in_channels,
-        "out_channels": out_channels,
-        "down_block_types": down,
-        "up_block_types": [b.replace("Down", "Up") for b in reversed(down)],
-        "block_out_channels": widths,
-        "layers_per_block": R,
-        "cross_attention_dim": int(sd[ctx_key].shape[1]),
-        # diffusers' name for the number of heads
-        "attention_head_dim": ([_heads(w, "single-file U-Net") for w in widths] if sd2
-                               else _SD1_HEADS),
-        "transformer_layers_per_block": depth,
-        "use_linear_projection": linear,
-        # as in SD 2.1's released folder; in float32 it changes nothing
-        "upcast_attention": sd2,
-    }
-
-
-def vae_config(sd: Mapping[str, np.ndarray]) -> dict:
-    """The diffusers AutoencoderKL config of the autoencoder in `sd` (full LDM keys)."""
-    p = VAE_PREFIX
-    in_channels = int(_need(sd, p + "encoder.conv_in.weight", "VAE").shape[1])
-    levels = _indices(sd, re.escape(p) + r"encoder\.down\.(\d+)\.")
-    if not levels:
-        raise CheckpointError(f"single-file VAE: no {p}encoder.down.* keys")
-    widths = [int(_need(sd, f"{p}encoder.down.{i}.block.0.conv1.weight", "VAE").shape[0])
-              for i in levels]
-    R = len(_indices(sd, re.escape(p) + r"encoder\.down\.0\.block\.(\d+)\."))
-    L = len(widths)
-    return {
-        "_class_name": "AutoencoderKL",
-        "in_channels": in_channels,
-        "out_channels": int(_need(sd, p + "decoder.conv_out.weight", "VAE").shape[0]),
-        "down_block_types": ["DownEncoderBlock2D"] * L,
-        "up_block_types": ["UpDecoderBlock2D"] * L,
-        "block_out_channels": widths,
-        "layers_per_block": R,
-        "latent_channels": int(_need(sd, p + "decoder.conv_in.weight", "VAE").shape[1]),
-        "scaling_factor": SD_VAE_SCALING_FACTOR,
-        "use_quant_conv": p + "quant_conv.weight" in sd,
-        "use_post_quant_conv": p + "post_quant_conv.weight" in sd,
-        "mid_block_add_attention": p + "encoder.mid.attn_1.q.weight" in sd,
-    }
-
-
-def _clip_inner(sd: Mapping) -> str:
-    """'text_model.' (transformers >= 4.22 names) or '' (older files)."""
-    return "text_model." if any(k.startswith(CLIP_PREFIX + "text_model.") for k in sd) else ""
-
-
-def text_encoder_config(sd: Mapping[str, np.ndarray]) -> tuple[str, dict]:
-    """("clip" | "openclip", transformers CLIPTextConfig dict) of the text encoder in `sd`."""
-    if any(k.startswith(OPENCLIP_PREFIX) for k in sd):
-        p, layout = OPENCLIP_PREFIX, "openclip"
-        token = _need(sd, p + "token_embedding.weight", "OpenCLIP text encoder")
-        position = _need(sd, p + "positional_embedding", "OpenCLIP text encoder")
-        blocks = _indices(sd, re.escape(p) + r"transformer\.resblocks\.(\d+)\.")
-        if len(blocks) < 2:
-            raise CheckpointError(
-                f"single-file OpenCLIP text encoder has {len(blocks)} resblocks; Stable "
-                "Diffusion 2.x uses all but the last, so at least 2 are needed")
-        fc1 = _need(sd, f"{p}transformer.resblocks.0.mlp.c_fc.weight", "OpenCLIP text encoder")
-        layers, act = len(blocks) - 1, "gelu"
-    elif any(k.startswith(CLIP_PREFIX) for k in sd):
-        p, layout = CLIP_PREFIX + _clip_inner(sd), "clip"
-        token = _need(sd, p + "embeddings.token_embedding.weight", "CLIP text encoder")
-        position = _need(sd, p + "embeddings.position_embedding.weight", "CLIP text encoder")
-        layers = len(_indices(sd, re.escape(p) + r"encoder\.layers\.(\d+)\."))
-        fc1 = _need(sd, f"{p}encoder.layers.0.mlp.fc1.weight", "CLIP text encoder")
-        act = "quick_gelu"
+    text_layout: "clip" (SD 1.x, `cond_stage_model.transformer.` + `clip_inner` + transformers
+      names) or "openclip" (SD 2.x, fused q/k/v).
+    unet_in_channels: the U-Net's input channels when `unet.in_channels` is None.
+    """
+    unet_t = _renamed(unet_convert.table(unet, unet_in_channels), _unet_names(unet),
+                      UNET_PREFIX, "U-Net")
+    # LDM keeps the VAE attention projections as 1x1 convolutions [C, C, 1, 1]
+    vae_t = tuple(e._replace(layout=names.CONV1X1) if e.layout is names.LINEAR else e
+                  for e in _renamed(vae_convert.table(vae), _vae_names(vae), VAE_PREFIX, "VAE"))
+    if text_layout == "openclip":
+        text_t = tuple(_openclip_entry(e) for e in clip_convert.table(text_encoder, prefix=""))
     else:
-        raise CheckpointError(
-            f"single-file checkpoint has no text encoder ({CLIP_PREFIX}* for SD 1.x or "
-            f"{OPENCLIP_PREFIX}* for SD 2.x)")
-    hidden = int(token.shape[1])
-    return layout, {
-        "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
-        "vocab_size": int(token.shape[0]), "hidden_size": hidden,
-        "intermediate_size": int(fc1.shape[0]), "num_hidden_layers": layers,
-        "num_attention_heads": _heads(hidden, "single-file text encoder"),
-        "max_position_embeddings": int(position.shape[0]), "hidden_act": act,
-        "layer_norm_eps": 1e-5, "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2,
-    }
+        text_t = clip_convert.table(text_encoder, prefix=CLIP_PREFIX + clip_inner)
+    return tuple(e._replace(flax=(part, *e.flax))
+                 for part, t in (("unet", unet_t), ("vae", vae_t), ("text_encoder", text_t))
+                 for e in t)
 
 
-def sd_betas(num_steps: int = 1000) -> np.ndarray:
-    """Stable Diffusion's `scaled_linear` betas: linear in sqrt(beta) from 0.00085 to 0.012."""
-    return np.linspace(SCHEDULER_CONFIG["beta_start"] ** 0.5, SCHEDULER_CONFIG["beta_end"] ** 0.5,
-                       num_steps, dtype=np.float64) ** 2
-
-
-def scheduler_config(sd: Mapping[str, np.ndarray], prediction_type: str = "epsilon") -> dict:
-    """The diffusers scheduler config for a single file: SD's schedule, or the file's own
-    `betas` buffer as `trained_betas` (with a warning) when it holds a different one."""
-    config = {**SCHEDULER_CONFIG, "prediction_type": prediction_type}
-    betas = sd.get("betas")
-    if betas is None:
-        return config
-    betas = np.asarray(betas, np.float64).reshape(-1)
-    # stored in half precision in many files: compare at its resolution
-    if betas.size == 1000 and np.allclose(betas, sd_betas(), rtol=2e-3, atol=0):
-        return config
-    warnings.warn(
-        f"this checkpoint was trained with {betas.size} betas from {betas[0]:.6g} to "
-        f"{betas[-1]:.6g}, not Stable Diffusion's scaled_linear 0.00085..0.012; its scheduler "
-        "config uses them as trained_betas", stacklevel=3)
-    config.update(num_train_timesteps=int(betas.size), trained_betas=betas.tolist())
-    return config
+def openclip_last_block(table: names.Table, num_layers: int) -> dict[str, tuple[int, ...]]:
+    """{LDM key: shape} of OpenCLIP resblock `num_layers`, the one SD 2.x does not use (shaped
+    like resblock 0 of `table`)."""
+    first = f"{OPENCLIP_PREFIX}transformer.resblocks.0."
+    return {k.replace(".resblocks.0.", f".resblocks.{num_layers}.", 1): s
+            for k, s in names.torch_shapes(table).items() if k.startswith(first)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -573,32 +279,23 @@ def load_single_file(path: str | os.PathLike, *, prediction_type: str = "epsilon
     sd = {k: v for k, v in raw.items() if not _ignored(k)}
     del raw
     _check_kind(sd)
-    unet_module = unet_convert.module_from_config(unet_config(sd, prediction_type), dtype)
-    vae_module = vae_convert.module_from_config(vae_config(sd), dtype)
-    layout, text_cfg = text_encoder_config(sd)
-    text_module = clip_convert.module_from_config(text_cfg, dtype)
-
-    unet_t, vae_t = _unet_table(unet_module), _vae_table(vae_module)
-    if layout == "openclip":
-        text_t = _openclip_table(text_module)
-        last = set(_openclip_block_keys(text_module.num_layers))  # SD 2.x uses the one before
+    try:  # the configs are read from tensor shapes, which a damaged file may not have
+        unet = unet_convert.module_from_config(unet_config(sd, prediction_type), dtype)
+        vae = vae_convert.module_from_config(vae_config(sd), dtype)
+        layout, text_cfg = text_encoder_config(sd)
+        text = clip_convert.module_from_config(text_cfg, dtype)
+    except CheckpointError:
+        raise
+    except (IndexError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: a tensor does not have the shape of an SD 1.x/2.x "
+                              f"checkpoint's ({e})") from None
+    table = ldm_table(unet, vae, text, text_layout=layout, clip_inner=clip_inner(sd))
+    if layout == "openclip":  # SD 2.x uses the penultimate block: the last one is dropped
+        last = openclip_last_block(table, text.num_layers)
         sd = {k: v for k, v in sd.items() if k not in last}
-    else:
-        text_t = _clip_table(text_module, _clip_inner(sd))
-    tensors.check_same_keys(sd, [*unet_t, *vae_t, *text_t], what=f"single-file checkpoint {path}")
-
-    vae_sd = _to_diffusers(sd, vae_t)
-    for k, w in vae_sd.items():
-        if _VAE_CONV1X1.fullmatch(k) and w.ndim == 4:
-            vae_sd[k] = w[:, :, 0, 0]
-    return {
-        "unet": (unet_module, unet_convert.params_from_torch(_to_diffusers(sd, unet_t),
-                                                             unet_module)),
-        "vae": (vae_module, vae_convert.params_from_torch(vae_sd, vae_module)),
-        "text_encoder": (text_module, clip_convert.params_from_torch(_to_diffusers(sd, text_t),
-                                                                     text_module)),
-        "scheduler": scheduler,
-    }
+    params = names.to_flax(sd, table, what=f"single-file checkpoint {path}")
+    return {"unet": (unet, params["unet"]), "vae": (vae, params["vae"]),
+            "text_encoder": (text, params["text_encoder"]), "scheduler": scheduler}
 
 
 def to_diffusers_folder(path: str | os.PathLike, out_dir: str | os.PathLike, *,
@@ -641,24 +338,16 @@ def save_single_file(out_path: str | os.PathLike, unet: tuple, vae: tuple, text_
         text_layout = "openclip" if tm.hidden_act == "gelu" else "clip"
     if text_layout not in ("clip", "openclip"):
         raise CheckpointError(f"text_layout={text_layout!r}; use 'clip' or 'openclip'")
-
-    out: dict[str, np.ndarray] = {}
-    for table, state, what in (
-            (_unet_table(um), unet_convert.params_to_torch(up, um), "U-Net"),
-            (_vae_table(vm), vae_convert.params_to_torch(vp, vm), "VAE")):
-        if what == "VAE":
-            state = {k: (w[:, :, None, None] if _VAE_CONV1X1.fullmatch(k) else w)
-                     for k, w in state.items()}
-        used = {d for v in table.values() for d in (v if isinstance(v, tuple) else (v,))}
-        tensors.check_same_keys(state, used, what=f"{what} names for the single file")
-        out.update(_to_ldm(state, table))
-    text_state = clip_convert.params_to_torch(tp, tm)
-    text_t = _openclip_table(tm) if text_layout == "openclip" else _clip_table(tm)
-    out.update(_to_ldm(text_state, text_t))
-    if text_layout == "openclip":
-        for k in _openclip_block_keys(tm.num_layers):  # the identity block (see module doc)
-            like = out[k.replace(f"resblocks.{tm.num_layers}.", "resblocks.0.")]
-            out[k] = np.zeros_like(like)
+    params = {"unet": _unwrap(up), "vae": _unwrap(vp), "text_encoder": _unwrap(tp)}
+    in_channels = np.shape(params["unet"]["conv_in"]["kernel"])[2]  # [3, 3, C, O]
+    table = ldm_table(um, vm, tm, text_layout=text_layout, unet_in_channels=in_channels)
+    out = names.to_torch(params, table, what="jaxdiff networks for the single file")
+    if text_layout == "openclip":  # the identity block (see the module docstring)
+        out.update({k: np.zeros(s, np.float32)
+                    for k, s in openclip_last_block(table, tm.num_layers).items()})
     out = {k: np.asarray(v, dtype) for k, v in out.items()}
     tensors.write_safetensors(out, out_path, metadata={"format": "pt"})
 
+
+def _unwrap(params: Mapping) -> Mapping:
+    return params["params"] if set(params) == {"params"} else params

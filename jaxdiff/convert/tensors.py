@@ -1,126 +1,76 @@
-"""Layout rules and file I/O shared by every checkpoint mapping.
+"""Checkpoint files: reading them safely, writing them atomically.
 
-PyTorch and Flax store the same layers with different layouts:
-
-    torch Conv2d.weight  [O, I, kh, kw]   <->  flax Conv.kernel   [kh, kw, I, O]
-    torch Linear.weight  [O, I]           <->  flax Dense.kernel  [I, O]
-    torch *Norm.weight   [C]              <->  flax *Norm.scale   [C]
-    torch Embedding.weight [N, D]         <->  flax Embed.embedding [N, D]
-
-A mapping in this package turns a flat `{"a.b.weight": array}` state dict into a flat
-`{("a", "b", "kernel"): array}` dict; `unflatten` nests it for `module.apply`.
+    read_safetensors(path) -> {name: array}           one .safetensors file
+    read_weights_folder(folder, stem, variant=None)  a model folder's weights (maybe sharded)
+    read_config(folder, build) -> (config, module)   a model folder's config.json, built
+    read_json(path) -> dict                          any JSON object file (config, index)
+    write_safetensors(tensors, path, metadata)       atomic: temp file, fsync, rename
+    write_json(obj, path)                            atomic, the one way configs are written
+    inside(folder, name) -> path                     `folder/name`, refused if it leads outside
 
 Only safetensors files are read: a pickle (`.bin`, `.ckpt`, `.pt`, `.pth`) can run arbitrary code
-when loaded, so it is refused with a message saying how to convert it.
+when loaded, so it is refused with a message saying how to convert it. A model folder cannot
+reach outside itself: every file read from it (config, weights, the shards an index lists) must
+resolve, symlinks followed, to a path inside the folder. The one exception is the Hugging Face
+hub cache, whose `<repo>/snapshots/<revision>/` folders hold symlinks into `<repo>/blobs/`.
+Every malformed file is a one-line CheckpointError naming it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Mapping
+import secrets
+from typing import Any, Callable, Mapping
 
 import numpy as np
-from flax import traverse_util
 
 from jaxdiff.errors import CheckpointError
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
+CONFIG_NAME = "config.json"
 
 
 # ------------------------------------------------------------------------------------------
-# layouts
+# a folder's own files
 
 
-def conv_to_flax(w: np.ndarray) -> np.ndarray:
-    """[O, I, kh, kw] -> [kh, kw, I, O]."""
-    return np.transpose(w, (2, 3, 1, 0))
+def _within(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
 
 
-def conv_to_torch(k: np.ndarray) -> np.ndarray:
-    """[kh, kw, I, O] -> [O, I, kh, kw]."""
-    return np.transpose(k, (3, 2, 0, 1))
+def _hub_blob(real: str, root: str) -> bool:
+    """Whether `real` is a blob of the hub-cache repository whose snapshot holds `root`
+    (`.../models--org--name/snapshots/<rev>/...` links files to `.../models--org--name/blobs/`)."""
+    parts = root.split(os.sep)
+    if "snapshots" not in parts:
+        return False
+    i = len(parts) - 1 - parts[::-1].index("snapshots")
+    repo = os.sep.join(parts[:i])
+    return (i + 1 < len(parts) and os.path.basename(repo).startswith("models--")
+            and os.path.dirname(real) == os.path.join(repo, "blobs"))
 
 
-def linear_to_flax(w: np.ndarray) -> np.ndarray:
-    """[O, I] -> [I, O]; a 1x1 conv weight [O, I, 1, 1] is accepted as a linear one."""
-    if w.ndim == 4:
-        w = w[:, :, 0, 0]
-    return np.transpose(w)
+def inside(folder: str, name: str, *, listed_in: str | None = None) -> str:
+    """`folder/name`, after checking that it resolves (symlinks followed) inside `folder`.
 
-
-def linear_to_torch(k: np.ndarray) -> np.ndarray:
-    """[I, O] -> [O, I]."""
-    return np.transpose(k)
-
-
-def weight_to_flax(torch_name: str, w: np.ndarray) -> tuple[str, np.ndarray]:
-    """Map a torch leaf (`weight`/`bias`) to its flax leaf name and layout, judged by rank.
-
-    rank 4 -> conv `kernel`; rank 2 -> dense `kernel`; rank 1 `weight` -> norm `scale`;
-    `bias` unchanged. Embedding tables are not rank-judged: map them explicitly.
+    listed_in: the file that named `name` (an index), for the message.
+    Raises CheckpointError naming the entry and the folder for an absolute name, a `..` that
+    climbs out, or a symlink pointing out of the folder.
     """
-    if torch_name == "bias":
-        return "bias", w
-    if torch_name != "weight":
-        raise CheckpointError(f"unexpected parameter leaf {torch_name!r}")
-    if w.ndim == 4:
-        return "kernel", conv_to_flax(w)
-    if w.ndim == 2:
-        return "kernel", linear_to_flax(w)
-    if w.ndim == 1:
-        return "scale", w
-    raise CheckpointError(f"cannot map a rank-{w.ndim} weight")
+    folder = os.fspath(folder)
+    root = os.path.realpath(folder)
+    path = os.path.join(folder, name)
+    real = os.path.realpath(path)
+    if _within(real, root) or _hub_blob(real, root):
+        return path
+    what = f"{listed_in} lists {name!r}, which" if listed_in else path
+    raise CheckpointError(f"{what} resolves to {real}, outside the model folder {folder}; "
+                          "refusing to read it")
 
 
 # ------------------------------------------------------------------------------------------
-# trees
-
-
-def unflatten(flat: Mapping[tuple[str, ...], np.ndarray]) -> dict:
-    """{("a", "b"): x} -> {"a": {"b": x}}."""
-    return traverse_util.unflatten_dict(dict(flat))
-
-
-def flatten(tree: Mapping) -> dict[tuple[str, ...], np.ndarray]:
-    """{"a": {"b": x}} -> {("a", "b"): x}."""
-    return traverse_util.flatten_dict(tree)
-
-
-def check_same_keys(got, expected, *, what: str) -> None:
-    """Raise a CheckpointError naming missing and unexpected keys (at most 10 of each)."""
-    got, expected = set(got), set(expected)
-    missing, unexpected = sorted(expected - got, key=str), sorted(got - expected, key=str)
-    if not (missing or unexpected):
-        return
-    parts = []
-    if missing:
-        parts.append(f"missing {len(missing)} key(s): {_names(missing)}")
-    if unexpected:
-        parts.append(f"unexpected {len(unexpected)} key(s): {_names(unexpected)}")
-    raise CheckpointError(f"{what}: " + "; ".join(parts))
-
-
-def check_same_shapes(got: Mapping, expected: Mapping, *, what: str) -> None:
-    """Raise a CheckpointError naming the first keys whose shapes differ."""
-    bad = [(k, np.shape(got[k]), np.shape(expected[k])) for k in expected
-           if k in got and np.shape(got[k]) != np.shape(expected[k])]
-    if bad:
-        lines = ", ".join(f"{_key(k)} has {g}, expected {e}" for k, g, e in bad[:5])
-        raise CheckpointError(f"{what}: {len(bad)} shape mismatch(es): {lines}")
-
-
-def _key(k) -> str:
-    return "/".join(k) if isinstance(k, tuple) else str(k)
-
-
-def _names(keys) -> str:
-    shown = ", ".join(_key(k) for k in keys[:10])
-    return shown + (", ..." if len(keys) > 10 else "")
-
-
-# ------------------------------------------------------------------------------------------
-# files
+# reading
 
 
 def refuse_pickle(path: str) -> None:
@@ -137,7 +87,11 @@ def refuse_pickle(path: str) -> None:
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a `.safetensors` file as numpy arrays (bf16 as ml_dtypes.bfloat16)."""
+    """All tensors of a `.safetensors` file as numpy arrays (bf16 as ml_dtypes.bfloat16).
+
+    Raises a one-line CheckpointError for a pickle, a missing file, and a file that is not
+    safetensors, is truncated, or whose header lies about its offsets, shapes or dtypes.
+    """
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
@@ -146,8 +100,44 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
         return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+    except (SafetensorError, OSError, ValueError, TypeError, KeyError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable safetensors file ({reason})") from None
+    except AttributeError as e:  # a dtype numpy has no name for (e.g. float8)
+        raise CheckpointError(f"{path} holds a tensor dtype jaxdiff cannot read ({e})") from None
+
+
+def read_json(path: str, *, what: str = "a JSON object") -> dict:
+    """The JSON object in `path`. Raises a one-line CheckpointError naming the file when it is
+    missing, unreadable, not JSON (e.g. truncated), or JSON of another type (a list, a string)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} not found") from None
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise CheckpointError(f"{path} is not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not {what}")
+    return data
+
+
+def _index_shards(folder: str, index_name: str) -> list[str]:
+    """The shard paths a `*.safetensors.index.json` maps weights to, each checked to lie inside
+    `folder`."""
+    index = os.path.join(folder, index_name)
+    weight_map = read_json(inside(folder, index_name), what="a safetensors index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointError(f"{index} is not a safetensors index: it needs a \"weight_map\" "
+                              "object mapping tensor names to shard file names")
+    shards = []
+    for shard in sorted(set(weight_map.values())):
+        if not shard or os.path.isabs(shard) or ".." in shard.replace("\\", "/").split("/"):
+            raise CheckpointError(f"{index} lists the shard {shard!r}, which is not a file name "
+                                  f"inside the model folder {folder}; refusing to read it")
+        shards.append(inside(folder, shard, listed_in=index))
+    return shards
 
 
 def read_weights_folder(folder: str, stem: str, *, variant: str | None = None) -> dict[str, np.ndarray]:
@@ -155,18 +145,17 @@ def read_weights_folder(folder: str, stem: str, *, variant: str | None = None) -
     or the shards its `.safetensors.index.json` lists (e.g. stem "diffusion_pytorch_model" for a
     U-Net or VAE, "model" for a text encoder). A pickled weights file there (`<stem>.bin`,
     `pytorch_model.bin`, ...) is refused with the conversion instructions; otherwise a missing
-    file is a CheckpointError naming what the folder holds.
+    file is a CheckpointError naming what the folder holds. Files (and shards) must lie inside
+    the folder (see `inside`).
     """
+    folder = os.fspath(folder)
     name = stem + (f".{variant}" if variant else "") + ".safetensors"
-    path, index = os.path.join(folder, name), os.path.join(folder, name + ".index.json")
-    if os.path.isfile(path):
-        return read_safetensors(path)
-    if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+    if os.path.isfile(os.path.join(folder, name)):
+        return read_safetensors(inside(folder, name))
+    if os.path.isfile(os.path.join(folder, name + ".index.json")):
         weights: dict[str, np.ndarray] = {}
-        for shard in shards:
-            weights.update(read_safetensors(os.path.join(folder, shard)))
+        for shard in _index_shards(folder, name + ".index.json"):
+            weights.update(read_safetensors(shard))
         return weights
     held = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
     for held_name in held:
@@ -177,12 +166,79 @@ def read_weights_folder(folder: str, stem: str, *, variant: str | None = None) -
     raise CheckpointError(f"{folder} has no {name}{hint}")
 
 
+def read_config(folder: str, build: Callable[[dict], Any], *, what: str,
+                subfolder: str | None = None) -> Any:
+    """`build(config)` for the `config.json` of a model folder.
+
+    what: the kind of folder, for the message (e.g. "a diffusers U-Net folder").
+    subfolder: the pipeline part holding such a folder (e.g. "unet"), named in the message when
+      `folder` has it instead of a config.
+    Raises a one-line CheckpointError naming the file when the folder or its config is missing or
+    malformed, including values of the wrong type (`build`'s TypeError / ValueError / KeyError).
+    """
+    folder = os.fspath(folder)
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        if not os.path.isdir(folder):
+            raise CheckpointError(f"{folder} not found: expected {what} holding {CONFIG_NAME} "
+                                  "(jaxdiff reads local folders only)")
+        hint = ""
+        if subfolder and os.path.isdir(os.path.join(folder, subfolder)):
+            hint = (f"; it has a {subfolder}/ subfolder (a pipeline folder?), pass "
+                    f"{os.path.join(folder, subfolder)}")
+        raise CheckpointError(f"{folder} has no {CONFIG_NAME}: expected {what}{hint}")
+    config = read_json(inside(folder, CONFIG_NAME), what="a config object")
+    try:
+        return build(config)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{path} has a value of the wrong type or form ({type(e).__name__}: "
+                              f"{e})") from None
+
+
+# ------------------------------------------------------------------------------------------
+# writing
+
+
+def _atomic(path: str, write: Callable[[str], None]) -> None:
+    """Run `write(tmp)` on a fresh temporary file next to `path`, fsync it, and rename it onto
+    `path`: readers see the old file or the whole new one, never a part."""
+    folder, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str,
                       metadata: Mapping[str, str] | None = None) -> None:
     """Write `tensors` (contiguous numpy copies) to `path` atomically."""
     from safetensors.numpy import save_file
 
-    tmp = f"{path}.tmp"
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
-              metadata=dict(metadata) if metadata else None)
-    os.replace(tmp, path)
+    path = os.fspath(path)
+    _atomic(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+                                        tmp, metadata=dict(metadata) if metadata else None))
+
+
+def write_json(obj: Any, path: str) -> None:
+    """Write `obj` as indented, key-sorted JSON (plus a newline) to `path` atomically: the one
+    way every config / index file in jaxdiff's folders is written."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+
+    _atomic(os.fspath(path), write)

@@ -27,16 +27,14 @@ Names (jaxdiff module path -> diffusers module path; `up_{i}` is diffusers' `up_
       query key value proj_out                      to_q to_k to_v to_out.0
     block_{k}/ff/proj_in, ff/proj_out             transformer_blocks.{k}.ff.net.0.proj, ff.net.2
 
-Leaves follow `tensors.py` (kernel <-> weight with the layout judged by rank, scale <-> weight).
+Leaves follow `names.from_tree` (kernel <-> weight, conv or linear by rank; scale <-> weight).
 jaxdiff's class table has one more row than diffusers' (row `num_classes` is the null class for
-classifier-free guidance): it is added as zeros on import and dropped on export.
+classifier-free guidance): it is added as zeros on import and dropped on export (`NULL_ROW`).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.convert import tensors
+from jaxdiff.convert import names, tensors
 from jaxdiff.errors import CheckpointError
 from jaxdiff.models.layers import split_heads
 from jaxdiff.models.unet import UNet
@@ -52,81 +50,57 @@ from jaxdiff.models.unet import UNet
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
-_TOP = {
-    ("conv_in",): "conv_in", ("conv_out",): "conv_out", ("norm_out",): "conv_norm_out",
-    ("time_embed", "dense_0"): "time_embedding.linear_1",
-    ("time_embed", "dense_1"): "time_embedding.linear_2",
-    ("add_embed", "dense_0"): "add_embedding.linear_1",
-    ("add_embed", "dense_1"): "add_embedding.linear_2",
-    ("class_embed",): "class_embedding",
-}
-_RES = {"norm_0": "norm1", "conv_0": "conv1", "time_proj": "time_emb_proj", "norm_1": "norm2",
-        "conv_1": "conv2", "skip": "conv_shortcut"}
-_PIXEL_ATTN = {"norm": "group_norm", "query": "to_q", "key": "to_k", "value": "to_v",
-               "proj_out": "to_out.0"}
-_TRANSFORMER = {"norm": "norm", "proj_in": "proj_in", "proj_out": "proj_out"}
-_BLOCK = {"norm_0": "norm1", "self_attn": "attn1", "norm_1": "norm2", "cross_attn": "attn2",
-          "norm_2": "norm3", "ff": "ff"}
-_QKV = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_out": "to_out.0"}
-_FF = {"proj_in": "net.0.proj", "proj_out": "net.2"}
-
-
-def _torch_module(path: tuple[str, ...], num_levels: int, cross: bool) -> str:
-    """diffusers module name of the jaxdiff module at `path` (no leaf)."""
-    if path in _TOP:
-        return _TOP[path]
-    head, sub, *rest = path
-    if head == "mid":
-        block = "mid_block"
-    else:
-        kind, level = re.fullmatch(r"(down|up)_(\d+)", head).groups()
-        idx = int(level) if kind == "down" else num_levels - 1 - int(level)
-        block = f"{kind}_blocks.{idx}"
-    if sub in ("downsample", "upsample"):
-        (conv,) = rest
-        return f"{block}.{sub}rs.0.{conv}"
-    if sub.startswith("res_"):
-        (leaf_module,) = rest
-        return f"{block}.resnets.{sub[4:]}.{_RES[leaf_module]}"
-    attn = f"{block}.attentions.{0 if sub == 'attn' else sub[5:]}"
-    if not cross:
-        (leaf_module,) = rest
-        return f"{attn}.{_PIXEL_ATTN[leaf_module]}"
-    if not rest[0].startswith("block_"):
-        (leaf_module,) = rest
-        return f"{attn}.{_TRANSFORMER[leaf_module]}"
-    blk, part, *inner = rest
-    name = f"{attn}.transformer_blocks.{blk[6:]}.{_BLOCK[part]}"
-    if part in ("self_attn", "cross_attn"):
-        name += "." + _QKV[inner[0]]
-    elif part == "ff":
-        name += "." + _FF[inner[0]]
-    return name
-
-
-def _torch_key(key: tuple[str, ...], num_levels: int, cross: bool) -> str:
-    *path, leaf = key
-    try:
-        module = _torch_module(tuple(path), num_levels, cross)
-    except (KeyError, ValueError, AttributeError):
-        raise CheckpointError(f"no diffusers name for parameter {'/'.join(key)}") from None
-    return f"{module}.{'bias' if leaf == 'bias' else 'weight'}"
-
-
 # ------------------------------------------------------------------------------------------
-# parameters
+# the name table (flax module path, "/"-joined -> diffusers module name)
+
+_QKV = [("query", "to_q"), ("key", "to_k"), ("value", "to_v"), ("proj_out", "to_out.0")]
+# inside a ResBlock and a pixel AttentionBlock (the VAE's too)
+RESNET_NAMES = names.Rules([(r"(norm|conv)_(\d)", lambda m, i: f"{m}{int(i) + 1}"),
+                            ("time_proj", "time_emb_proj"), ("skip", "conv_shortcut")])
+ATTENTION_NAMES = names.Rules([("norm", "group_norm"), *_QKV])
+_ATTN = names.Rules(_QKV)
+_TRANSFORMER = names.Rules([
+    ("(norm|proj_in|proj_out)", r"\1"),
+    (r"block_(\d+)/norm_(\d)", lambda k, i: f"transformer_blocks.{k}.norm{int(i) + 1}"),
+    (r"block_(\d+)/(self|cross)_attn/(\w+)",
+     lambda k, a, m: f"transformer_blocks.{k}.attn{1 if a == 'self' else 2}.{_ATTN(m)}"),
+    (r"block_(\d+)/ff/proj_in", r"transformer_blocks.\1.ff.net.0.proj"),
+    (r"block_(\d+)/ff/proj_out", r"transformer_blocks.\1.ff.net.2"),
+])
 
 
-def _expected(module: UNet, in_channels: int) -> dict[tuple[str, ...], Any]:
-    """Flat {path: ShapeDtypeStruct} of the parameters `module.init` would create."""
+def _names(module: UNet) -> names.Rules:
+    """The table in the module docstring, for `module`'s depth and attention kind."""
+    L = len(module.channel_mult)
+    inner = ATTENTION_NAMES if module.context_dim is None else _TRANSFORMER
+
+    def block(b: str) -> str:  # down_{i} / up_{i} (diffusers counts up from the bottom) / mid
+        kind, _, i = b.partition("_")
+        return "mid_block" if kind == "mid" else (
+            f"down_blocks.{i}" if kind == "down" else f"up_blocks.{L - 1 - int(i)}")
+
+    level = r"(down_\d+|up_\d+|mid)"
+    return names.Rules([
+        ("conv_in", "conv_in"), ("conv_out", "conv_out"), ("norm_out", "conv_norm_out"),
+        (r"time_embed/dense_(\d)", lambda i: f"time_embedding.linear_{int(i) + 1}"),
+        (r"add_embed/dense_(\d)", lambda i: f"add_embedding.linear_{int(i) + 1}"),
+        ("class_embed", "class_embedding"),
+        (level + r"/res_(\d+)/(\w+)", lambda b, j, m: f"{block(b)}.resnets.{j}.{RESNET_NAMES(m)}"),
+        (level + r"/(down|up)sample/conv", lambda b, s: f"{block(b)}.{s}samplers.0.conv"),
+        (level + r"/attn_?(\d*)/(.+)",
+         lambda b, j, m: f"{block(b)}.attentions.{j or 0}.{inner(m)}"),
+    ])
+
+
+def table(module: UNet, in_channels: int | None = None) -> names.Table:
+    """flax path <-> diffusers key <-> layout for every parameter of `module`.
+
+    in_channels: used when module.in_channels is None (read from the weights).
+    """
     inputs = module.example_inputs(in_channels=in_channels)
-    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), **inputs))
-    return tensors.flatten(shapes["params"])
-
-
-def _name_map(module: UNet, expected: Mapping) -> dict[tuple[str, ...], str]:
-    L, cross = len(module.channel_mult), module.context_dim is not None
-    return {k: _torch_key(k, L, cross) for k in expected}
+    shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), **inputs))["params"]
+    return tuple(e._replace(layout=names.NULL_ROW) if e.flax == ("class_embed", "embedding")
+                 else e for e in names.from_tree(shapes, _names(module)))
 
 
 def params_from_torch(state_dict: Mapping[str, np.ndarray], module: UNet) -> dict:
@@ -136,57 +110,24 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], module: UNet) -> dic
       state_dict: {diffusers name: array} (numpy, any float dtype; torch layouts).
       module: the UNet the weights belong to (e.g. from `module_from_config`).
     Returns:
-      the tree for `module.apply({"params": params}, ...)`, float32 jax arrays.
+      the tree for `module.apply({"params": params}, ...)`, float32 numpy arrays.
     Raises:
       CheckpointError naming missing / unexpected diffusers keys or mismatched shapes.
     """
-    p2 = module.patch_size ** 2
-    conv_in = state_dict.get("conv_in.weight")
-    in_channels = module.in_channels or (np.shape(conv_in)[1] // p2 if conv_in is not None
-                                         else None)
-    expected = _expected(module, in_channels)
-    names = _name_map(module, expected)
-    tensors.check_same_keys(state_dict.keys(), names.values(), what="diffusers U-Net weights")
-    flat = {}
-    for key, torch_name in names.items():
-        w = np.asarray(state_dict[torch_name], np.float32)
-        leaf = key[-1]
-        if leaf == "embedding":
-            w = np.concatenate([w, np.zeros_like(w[:1])])  # + null-class row
-        elif leaf == "kernel" and len(expected[key].shape) == 4:
-            if w.ndim != 4:
-                raise CheckpointError(
-                    f"diffusers U-Net weights: {torch_name} has shape {w.shape}, expected a "
-                    f"convolution weight [O, I, kh, kw]")
-            w = tensors.conv_to_flax(w)
-        elif leaf == "kernel":
-            w = tensors.linear_to_flax(w)
-        flat[key] = w
-    tensors.check_same_shapes(flat, expected, what="diffusers U-Net weights")
-    return jax.tree.map(jnp.asarray, tensors.unflatten(flat))
+    conv_in = state_dict.get("conv_in.weight")  # [O, C * p * p, 3, 3]
+    in_channels = module.in_channels or (
+        np.shape(conv_in)[1] // module.patch_size ** 2 if conv_in is not None else None)
+    return names.to_flax(state_dict, table(module, in_channels), what="diffusers U-Net weights")
 
 
 def params_to_torch(params: Mapping, module: UNet) -> dict[str, np.ndarray]:
     """The inverse of `params_from_torch`: {diffusers name: float32 numpy array}."""
     if set(params) == {"params"}:
         params = params["params"]
-    flat = tensors.flatten(params)
-    kernel = flat.get(("conv_in", "kernel"))
+    kernel = params.get("conv_in", {}).get("kernel")  # [3, 3, C * p * p, O]
     in_channels = module.in_channels or (
-        kernel.shape[2] // module.patch_size ** 2 if kernel is not None else None)
-    expected = _expected(module, in_channels)
-    tensors.check_same_keys(flat.keys(), expected.keys(), what="jaxdiff U-Net parameters")
-    tensors.check_same_shapes(flat, expected, what="jaxdiff U-Net parameters")
-    names = _name_map(module, expected)
-    out = {}
-    for key, v in flat.items():
-        v = np.asarray(v, np.float32)
-        if key[-1] == "embedding":
-            v = v[:-1]  # diffusers has no null-class row
-        elif key[-1] == "kernel":
-            v = tensors.conv_to_torch(v) if v.ndim == 4 else tensors.linear_to_torch(v)
-        out[names[key]] = np.ascontiguousarray(v)
-    return out
+        np.shape(kernel)[2] // module.patch_size ** 2 if kernel is not None else None)
+    return names.to_torch(params, table(module, in_channels), what="jaxdiff U-Net parameters")
 
 
 # ------------------------------------------------------------------------------------------
@@ -534,18 +475,13 @@ def load(folder: str | os.PathLike, dtype=jnp.float32, *, variant: str | None = 
 
     dtype: compute dtype of the returned module; params are float32 whatever the file holds.
     variant: e.g. "fp16" for `diffusion_pytorch_model.fp16.safetensors`.
-    Pickled weights (`.bin`) are refused with instructions to convert them.
+    Pickled weights (`.bin`) are refused with instructions to convert them; files reaching
+    outside the folder and malformed files are one-line CheckpointErrors (see `tensors`).
     """
     folder = os.fspath(folder)
-    config_path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        hint = (f"; this looks like a pipeline folder, pass {os.path.join(folder, 'unet')}"
-                if os.path.isdir(os.path.join(folder, "unet")) else "")
-        raise CheckpointError(f"no {CONFIG_NAME} in {folder}: a diffusers U-Net folder holds "
-                              f"{CONFIG_NAME} and {WEIGHTS_NAME}{hint}")
-    with open(config_path) as f:
-        config = json.load(f)
-    module = module_from_config(config, dtype)
+    module = tensors.read_config(folder, lambda c: module_from_config(c, dtype),
+                                 what=f"a diffusers U-Net folder ({CONFIG_NAME} and "
+                                      f"{WEIGHTS_NAME})", subfolder="unet")
     weights = tensors.read_weights_folder(folder, "diffusion_pytorch_model", variant=variant)
     return module, params_from_torch(weights, module)
 
@@ -554,12 +490,7 @@ def save(folder: str | os.PathLike, module: UNet, params: Mapping) -> None:
     """Write `module` and `params` as a diffusers U-Net folder (config.json + safetensors)."""
     folder = os.fspath(folder)
     state = params_to_torch(params, module)
-    in_channels = state["conv_in.weight"].shape[1]
-    config = config_to_diffusers(module, in_channels=in_channels)
+    config = config_to_diffusers(module, in_channels=state["conv_in.weight"].shape[1])
     os.makedirs(folder, exist_ok=True)
     tensors.write_safetensors(state, os.path.join(folder, WEIGHTS_NAME), {"format": "pt"})
-    tmp = os.path.join(folder, CONFIG_NAME + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, os.path.join(folder, CONFIG_NAME))
+    tensors.write_json(config, os.path.join(folder, CONFIG_NAME))

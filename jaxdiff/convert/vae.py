@@ -27,7 +27,6 @@ which keys exist (skip convolutions, quant convs, mid attention) never has to be
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any, Mapping
@@ -36,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.convert import tensors as T
+from jaxdiff.convert import names, tensors
+from jaxdiff.convert.unet import ATTENTION_NAMES, RESNET_NAMES
 from jaxdiff.errors import CheckpointError
 from jaxdiff.models.vae import AutoencoderKL
 
@@ -56,11 +56,6 @@ _DEFAULTS: dict[str, Any] = {
 # Options that do not change the network's function (tiling tile size, a dtype hint).
 _IGNORED = ("sample_size", "force_upcast")
 
-_RES_NAMES = {"norm_0": "norm1", "conv_0": "conv1", "norm_1": "norm2", "conv_1": "conv2",
-              "skip": "conv_shortcut"}
-_ATTN_NAMES = {"norm": "group_norm", "query": "to_q", "key": "to_k", "value": "to_v",
-               "proj_out": "to_out.0"}
-_TOP_NAMES = {"conv_in": "conv_in", "conv_out": "conv_out", "norm_out": "conv_norm_out"}
 _DEPRECATED_ATTN = re.compile(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)")
 _DEPRECATED_TO_CURRENT = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
 
@@ -141,44 +136,36 @@ def config_to_diffusers(module: AutoencoderKL) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------
-# parameter names
+# the name table (flax module path, "/"-joined -> diffusers module name)
 
 
-def _torch_module_name(path: tuple[str, ...], levels: int) -> str:
-    """A flax module path (without the leaf) -> its diffusers module name."""
-    part, rest = path[0], path[1:]
-    if part in ("quant_conv", "post_quant_conv"):
-        return part
-    if len(rest) == 1:
-        return f"{part}.{_TOP_NAMES[rest[0]]}"
-    block, sub, *inner = rest
-    if block == "mid":
-        if sub == "attn":
-            return f"{part}.mid_block.attentions.0.{_ATTN_NAMES[inner[0]]}"
-        return f"{part}.mid_block.resnets.{sub[4:]}.{_RES_NAMES[inner[0]]}"
-    kind, level = block.split("_")
-    index = int(level) if kind == "down" else levels - 1 - int(level)
-    prefix = f"{part}.{kind}_blocks.{index}"
-    if sub in ("downsample", "upsample"):
-        return f"{prefix}.{sub}rs.0.conv"
-    return f"{prefix}.resnets.{sub[4:]}.{_RES_NAMES[inner[0]]}"
+def _names(module: AutoencoderKL) -> names.Rules:
+    """The table in the module docstring, for `module`'s depth."""
+    L = len(module.block_out_channels)
+    return names.Rules([
+        ("(quant_conv|post_quant_conv)", r"\1"),
+        (r"(encoder|decoder)/(conv_in|conv_out)", r"\1.\2"),
+        (r"(encoder|decoder)/norm_out", r"\1.conv_norm_out"),
+        (r"(encoder|decoder)/mid/res_(\d)/(\w+)",
+         lambda p, j, m: f"{p}.mid_block.resnets.{j}.{RESNET_NAMES(m)}"),
+        (r"(encoder|decoder)/mid/attn/(\w+)",
+         lambda p, m: f"{p}.mid_block.attentions.0.{ATTENTION_NAMES(m)}"),
+        (r"encoder/down_(\d+)/res_(\d+)/(\w+)",
+         lambda i, j, m: f"encoder.down_blocks.{i}.resnets.{j}.{RESNET_NAMES(m)}"),
+        (r"encoder/down_(\d+)/downsample/conv", r"encoder.down_blocks.\1.downsamplers.0.conv"),
+        (r"decoder/up_(\d+)/res_(\d+)/(\w+)",
+         lambda i, j, m: f"decoder.up_blocks.{L - 1 - int(i)}.resnets.{j}.{RESNET_NAMES(m)}"),
+        (r"decoder/up_(\d+)/upsample/conv",
+         lambda i: f"decoder.up_blocks.{L - 1 - int(i)}.upsamplers.0.conv"),
+    ])
 
 
-def _expected_shapes(module: AutoencoderKL) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
-    """Flat parameter paths of `module` -> abstract arrays (shape and dtype, nothing computed)."""
+def table(module: AutoencoderKL) -> names.Table:
+    """flax path <-> diffusers key <-> layout for every parameter of `module`."""
     f = module.downsample_factor
-    tree = jax.eval_shape(
+    shapes = jax.eval_shape(
         lambda: module.init(jax.random.key(0), jnp.zeros((1, f, f, module.in_channels))))
-    return T.flatten(tree["params"])
-
-
-def _name_table(expected: Mapping[tuple[str, ...], Any], levels: int) -> dict[str, tuple]:
-    """diffusers state-dict key -> flax parameter path, for every path in `expected`."""
-    table = {}
-    for path in expected:
-        leaf = "bias" if path[-1] == "bias" else "weight"  # kernel / scale -> weight
-        table[f"{_torch_module_name(path[:-1], levels)}.{leaf}"] = path
-    return table
+    return names.from_tree(shapes["params"], _names(module))
 
 
 def _current_name(key: str) -> str:
@@ -205,36 +192,12 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], module: AutoencoderK
         if new in renamed:
             raise CheckpointError(f"VAE checkpoint: both {key} and {new} are present")
         renamed[new] = value
-    expected = _expected_shapes(module)
-    table = _name_table(expected, len(module.block_out_channels))
-    T.check_same_keys(renamed, table, what="VAE checkpoint")
-    flat = {}
-    for key, path in table.items():
-        w = np.asarray(renamed[key], dtype=np.float32)
-        shape = expected[path].shape
-        if path[-1] == "kernel" and len(shape) == 4 and w.ndim == 4:
-            w = T.conv_to_flax(w)
-        elif path[-1] == "kernel" and len(shape) == 2 and w.ndim in (2, 4):
-            w = T.linear_to_flax(w)  # also takes a 1x1 conv weight [O, I, 1, 1]
-        flat[path] = w
-    T.check_same_keys(flat, expected, what="VAE params")
-    T.check_same_shapes(flat, expected, what="VAE checkpoint")
-    return T.unflatten(flat)
+    return names.to_flax(renamed, table(module), what="VAE checkpoint")
 
 
 def params_to_torch(params: Mapping, module: AutoencoderKL) -> dict[str, np.ndarray]:
     """The inverse of `params_from_torch`: a diffusers state dict with current names, float32."""
-    flat = {k: np.asarray(v, np.float32) for k, v in T.flatten(params).items()}
-    expected = _expected_shapes(module)
-    T.check_same_keys(flat, expected, what="VAE params")
-    T.check_same_shapes(flat, expected, what="VAE params")
-    out = {}
-    for key, path in _name_table(expected, len(module.block_out_channels)).items():
-        w = flat[path]
-        if path[-1] == "kernel":
-            w = T.conv_to_torch(w) if w.ndim == 4 else T.linear_to_torch(w)
-        out[key] = np.ascontiguousarray(w)
-    return out
+    return names.to_torch(params, table(module), what="VAE params")
 
 
 # ------------------------------------------------------------------------------------------
@@ -243,23 +206,19 @@ def params_to_torch(params: Mapping, module: AutoencoderKL) -> dict[str, np.ndar
 
 def load(folder: str, dtype=jnp.float32) -> tuple[AutoencoderKL, dict]:
     """Read a diffusers AutoencoderKL folder -> (module with compute `dtype`, float32 params)."""
-    config_path = os.path.join(folder, CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        raise CheckpointError(
-            f"{config_path} not found; expected a diffusers AutoencoderKL folder (the `vae` "
-            "subfolder of a Stable Diffusion pipeline)")
-    with open(config_path) as f:
-        config = json.load(f)
-    module = module_from_config(config, dtype)
-    return module, params_from_torch(T.read_weights_folder(folder, "diffusion_pytorch_model"), module)
+    folder = os.fspath(folder)
+    module = tensors.read_config(
+        folder, lambda c: module_from_config(c, dtype), subfolder="vae",
+        what="a diffusers AutoencoderKL folder (a Stable Diffusion pipeline's `vae` subfolder)")
+    return module, params_from_torch(tensors.read_weights_folder(folder, "diffusion_pytorch_model"),
+                                     module)
 
 
 def save(folder: str, module: AutoencoderKL, params: Mapping) -> None:
     """Write `module` and `params` as a diffusers AutoencoderKL folder (config.json +
     safetensors) that `diffusers.AutoencoderKL.from_pretrained(folder)` loads."""
+    folder = os.fspath(folder)
+    state = params_to_torch(params, module)
     os.makedirs(folder, exist_ok=True)
-    T.write_safetensors(params_to_torch(params, module), os.path.join(folder, WEIGHTS_NAME),
-                        metadata={"format": "pt"})
-    with open(os.path.join(folder, CONFIG_NAME), "w") as f:
-        json.dump(config_to_diffusers(module), f, indent=2)
-        f.write("\n")
+    tensors.write_safetensors(state, os.path.join(folder, WEIGHTS_NAME), metadata={"format": "pt"})
+    tensors.write_json(config_to_diffusers(module), os.path.join(folder, CONFIG_NAME))

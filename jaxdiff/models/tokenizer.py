@@ -27,6 +27,11 @@ transformers without ftfy, this one does not.
 
 Every row is `[bos] + tokens[:max_length - 2] + [eos]`, padded with the pad id to `max_length`
 ("max_length" padding with truncation, as the Stable Diffusion pipelines call the tokenizer).
+
+Every file is read only when it resolves (symlinks followed) inside the folder, or in the
+`blobs/` of the hub-cache repository whose snapshot holds the folder: the rule
+`jaxdiff.convert.tensors.inside` applies to model folders, restated here so that models import
+nothing from convert. A malformed file is a one-line CheckpointError naming it.
 """
 
 from __future__ import annotations
@@ -76,15 +81,37 @@ def _clip_bpe(vocab_path: str, merges_path: str, unk_token: str):
     return tok
 
 
-def _read_json(path: str) -> dict:
+def _inside(folder: str, name: str) -> str:
+    """`folder/name`, refused (CheckpointError) when it resolves outside `folder`."""
+    root, path = os.path.realpath(folder), os.path.join(folder, name)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real, root]) == root:
+        return path
+    # a hub-cache snapshot, <repo>/snapshots/<rev>/..., links its files to <repo>/blobs/
+    parts = root.split(os.sep)
+    if "snapshots" in parts:
+        i = len(parts) - 1 - parts[::-1].index("snapshots")
+        repo = os.sep.join(parts[:i])
+        if (i + 1 < len(parts) and os.path.basename(repo).startswith("models--")
+                and os.path.dirname(real) == os.path.join(repo, "blobs")):
+            return path
+    raise CheckpointError(f"{path} resolves to {real}, outside the tokenizer folder {folder}; "
+                          "refusing to read it")
+
+
+def _read_json(folder: str, name: str) -> dict:
+    """The JSON object in `folder/name`, {} when there is no such file."""
+    path = os.path.join(folder, name)
     if not os.path.isfile(path):
         return {}
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(_inside(folder, name), encoding="utf-8") as f:
             data = json.load(f)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{path} is not readable JSON ({e})") from None
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _token(value) -> str | None:
@@ -149,8 +176,8 @@ class CLIPTokenizer:
                 f"tokenizer folder {what}: {folder}. jaxdiff reads local folders only (it "
                 "never downloads); if this is a hub id, download the repository first and pass "
                 "its tokenizer/ folder")
-        config = _read_json(os.path.join(folder, CONFIG_FILE))
-        special = _read_json(os.path.join(folder, SPECIAL_TOKENS_FILE))
+        config = _read_json(folder, CONFIG_FILE)
+        special = _read_json(folder, SPECIAL_TOKENS_FILE)
 
         def pick(name: str, default: str) -> str:
             return _token(special.get(name)) or _token(config.get(name)) or default
@@ -162,12 +189,13 @@ class CLIPTokenizer:
         if os.path.isfile(tok_file):
             from tokenizers import Tokenizer
 
+            tok_file = _inside(folder, TOKENIZER_FILE)
             try:
                 backend = Tokenizer.from_file(tok_file)
             except Exception as e:  # malformed JSON or an unknown component
                 raise CheckpointError(f"cannot read {tok_file} ({e})") from None
         elif os.path.isfile(vocab) and os.path.isfile(merges):
-            backend = _clip_bpe(vocab, merges, unk)
+            backend = _clip_bpe(_inside(folder, VOCAB_FILE), _inside(folder, MERGES_FILE), unk)
         else:
             raise _missing_files_error(folder, config)
 
