@@ -18,14 +18,14 @@ Every malformed file is a one-line CheckpointError naming it.
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from jaxdiff import files
 from jaxdiff.errors import CheckpointError
+from jaxdiff.files import inside, read_json, write_json  # noqa: F401  (the converters' file API)
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 CONFIG_NAME = "config.json"
@@ -33,40 +33,6 @@ CONFIG_NAME = "config.json"
 
 # ------------------------------------------------------------------------------------------
 # a folder's own files
-
-
-def _within(path: str, root: str) -> bool:
-    return os.path.commonpath([path, root]) == root
-
-
-def _hub_blob(real: str, root: str) -> bool:
-    """Whether `real` is a blob of the hub-cache repository whose snapshot holds `root`
-    (`.../models--org--name/snapshots/<rev>/...` links files to `.../models--org--name/blobs/`)."""
-    parts = root.split(os.sep)
-    if "snapshots" not in parts:
-        return False
-    i = len(parts) - 1 - parts[::-1].index("snapshots")
-    repo = os.sep.join(parts[:i])
-    return (i + 1 < len(parts) and os.path.basename(repo).startswith("models--")
-            and os.path.dirname(real) == os.path.join(repo, "blobs"))
-
-
-def inside(folder: str, name: str, *, listed_in: str | None = None) -> str:
-    """`folder/name`, after checking that it resolves (symlinks followed) inside `folder`.
-
-    listed_in: the file that named `name` (an index), for the message.
-    Raises CheckpointError naming the entry and the folder for an absolute name, a `..` that
-    climbs out, or a symlink pointing out of the folder.
-    """
-    folder = os.fspath(folder)
-    root = os.path.realpath(folder)
-    path = os.path.join(folder, name)
-    real = os.path.realpath(path)
-    if _within(real, root) or _hub_blob(real, root):
-        return path
-    what = f"{listed_in} lists {name!r}, which" if listed_in else path
-    raise CheckpointError(f"{what} resolves to {real}, outside the model folder {folder}; "
-                          "refusing to read it")
 
 
 # ------------------------------------------------------------------------------------------
@@ -105,21 +71,6 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         raise CheckpointError(f"{path} is not a readable safetensors file ({reason})") from None
     except AttributeError as e:  # a dtype numpy has no name for (e.g. float8)
         raise CheckpointError(f"{path} holds a tensor dtype jaxdiff cannot read ({e})") from None
-
-
-def read_json(path: str, *, what: str = "a JSON object") -> dict:
-    """The JSON object in `path`. Raises a one-line CheckpointError naming the file when it is
-    missing, unreadable, not JSON (e.g. truncated), or JSON of another type (a list, a string)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} not found") from None
-    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
-        raise CheckpointError(f"{path} is not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not {what}")
-    return data
 
 
 def _index_shards(folder: str, index_name: str) -> list[str]:
@@ -201,44 +152,11 @@ def read_config(folder: str, build: Callable[[dict], Any], *, what: str,
 # writing
 
 
-def _atomic(path: str, write: Callable[[str], None]) -> None:
-    """Run `write(tmp)` on a fresh temporary file next to `path`, fsync it, and rename it onto
-    `path`: readers see the old file or the whole new one, never a part."""
-    folder, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{base}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))  # umask applies
-    try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_safetensors(tensors: Mapping[str, np.ndarray], path: str,
                       metadata: Mapping[str, str] | None = None) -> None:
     """Write `tensors` (contiguous numpy copies) to `path` atomically."""
     from safetensors.numpy import save_file
 
     path = os.fspath(path)
-    _atomic(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
+    files.atomic_write(path, lambda tmp: save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()},
                                         tmp, metadata=dict(metadata) if metadata else None))
-
-
-def write_json(obj: Any, path: str) -> None:
-    """Write `obj` as indented, key-sorted JSON (plus a newline) to `path` atomically: the one
-    way every config / index file in jaxdiff's folders is written."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-
-    _atomic(os.fspath(path), write)

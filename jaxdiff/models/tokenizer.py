@@ -29,19 +29,18 @@ Every row is `[bos] + tokens[:max_length - 2] + [eos]`, padded with the pad id t
 ("max_length" padding with truncation, as the Stable Diffusion pipelines call the tokenizer).
 
 Every file is read only when it resolves (symlinks followed) inside the folder, or in the
-`blobs/` of the hub-cache repository whose snapshot holds the folder: the rule
-`jaxdiff.convert.tensors.inside` applies to model folders, restated here so that models import
-nothing from convert. A malformed file is a one-line CheckpointError naming it.
+`blobs/` of the hub-cache repository whose snapshot holds the folder (`jaxdiff.files.inside`,
+the rule every model folder follows). A malformed file is a one-line CheckpointError naming it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Sequence
 
 import numpy as np
 
+from jaxdiff import files
 from jaxdiff.errors import CheckpointError
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -81,37 +80,15 @@ def _clip_bpe(vocab_path: str, merges_path: str, unk_token: str):
     return tok
 
 
-def _inside(folder: str, name: str) -> str:
-    """`folder/name`, refused (CheckpointError) when it resolves outside `folder`."""
-    root, path = os.path.realpath(folder), os.path.join(folder, name)
-    real = os.path.realpath(path)
-    if os.path.commonpath([real, root]) == root:
-        return path
-    # a hub-cache snapshot, <repo>/snapshots/<rev>/..., links its files to <repo>/blobs/
-    parts = root.split(os.sep)
-    if "snapshots" in parts:
-        i = len(parts) - 1 - parts[::-1].index("snapshots")
-        repo = os.sep.join(parts[:i])
-        if (i + 1 < len(parts) and os.path.basename(repo).startswith("models--")
-                and os.path.dirname(real) == os.path.join(repo, "blobs")):
-            return path
-    raise CheckpointError(f"{path} resolves to {real}, outside the tokenizer folder {folder}; "
-                          "refusing to read it")
-
-
 def _read_json(folder: str, name: str) -> dict:
     """The JSON object in `folder/name`, {} when there is no such file."""
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(folder, name)):
         return {}
-    try:
-        with open(_inside(folder, name), encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path} is not readable JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"{path} holds a JSON {type(data).__name__}, not an object")
-    return data
+    return files.read_json(_inside(folder, name), what="an object")
+
+
+def _inside(folder: str, name: str) -> str:
+    return files.inside(folder, name, kind="tokenizer folder")
 
 
 def _token(value) -> str | None:

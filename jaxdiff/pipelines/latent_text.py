@@ -18,7 +18,6 @@ the end of a run:
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any
 
@@ -26,6 +25,7 @@ import jax
 import numpy as np
 
 from jaxdiff import data as data_lib
+from jaxdiff import files
 from jaxdiff import images as images_lib
 from jaxdiff import samplers
 from jaxdiff import sharding as sharding_lib
@@ -103,8 +103,5 @@ def write_run_samples(run, params, name: str = "samples.png", final: bool = True
             result["accuracy"][f"{s:g}"] = digits_metric.accuracy(classifier, pictures * 2 - 1, wanted)
             result.setdefault("grids", {})[f"{s:g}"] = path
     if final:
-        tmp = os.path.join(workdir, "text_eval.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2, sort_keys=True)
-        os.replace(tmp, os.path.join(workdir, "text_eval.json"))
+        files.write_json(result, os.path.join(workdir, "text_eval.json"))
     return result

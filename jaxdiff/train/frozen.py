@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxdiff import files
 from jaxdiff.convert import clip as clip_convert
 from jaxdiff.convert import vae as vae_convert
 from jaxdiff.models import tokenizer as tok_lib
@@ -83,16 +84,13 @@ def train_tokenizer(texts, folder: str, *, num_merges: int = 64, max_length: int
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
 
     os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, tok_lib.VOCAB_FILE), "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(folder, tok_lib.MERGES_FILE), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    with open(os.path.join(folder, tok_lib.SPECIAL_TOKENS_FILE), "w") as f:
-        json.dump({"bos_token": tok_lib.BOS, "eos_token": tok_lib.EOS, "pad_token": tok_lib.EOS,
-                   "unk_token": tok_lib.EOS}, f, indent=2)
-    with open(os.path.join(folder, tok_lib.CONFIG_FILE), "w") as f:
-        json.dump({"model_max_length": max_length, "do_lower_case": True,
-                   "tokenizer_class": "CLIPTokenizer"}, f, indent=2)
+    files.write_json(vocab, os.path.join(folder, tok_lib.VOCAB_FILE))
+    files.write_text(os.path.join(folder, tok_lib.MERGES_FILE),
+                     "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    files.write_json({"bos_token": tok_lib.BOS, "eos_token": tok_lib.EOS, "pad_token": tok_lib.EOS,
+                      "unk_token": tok_lib.EOS}, os.path.join(folder, tok_lib.SPECIAL_TOKENS_FILE))
+    files.write_json({"model_max_length": max_length, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"},
+                     os.path.join(folder, tok_lib.CONFIG_FILE))
 
 
 def build_vae(cfg: ml_collections.ConfigDict, channels: int) -> AutoencoderKL:
@@ -150,8 +148,7 @@ def _create_missing(cfg, vae_dir: str, text_dir: str, tok_dir: str, images, capt
                 f"  vae step {s}: recon {m['recon']:.4f}  kl {m['kl']:.3f}"))
         vae = autoencoder.with_unit_scaling(vae, params, images)
         vae_convert.save(vae_dir, vae, params)
-        with open(os.path.join(vae_dir, "fit_history.json"), "w") as f:
-            json.dump(history, f, indent=1)
+        files.write_json(history, os.path.join(vae_dir, "fit_history.json"))
     if not os.path.isfile(os.path.join(tok_dir, tok_lib.VOCAB_FILE)):
         train_tokenizer(captions, tok_dir, num_merges=cfg.text.num_merges,
                         max_length=cfg.text.max_length)

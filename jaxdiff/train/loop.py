@@ -27,6 +27,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxdiff import files
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.checkpoint import Checkpointer, checkpoint_dir
 from jaxdiff.errors import TrainingError
@@ -46,14 +47,6 @@ def _check_resumable(saved: dict, cfg) -> None:
             raise TrainingError(
                 f"the work dir holds a run with a different config ({section}.{k}: "
                 f"{old.get(k)!r} there, {new.get(k)!r} now); use a new --workdir or the same config")
-
-
-def _write_text(path: str, text: str) -> None:
-    """Write `text` to `path` whole or not at all."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class _Logger:
@@ -89,7 +82,7 @@ class _Logger:
                         rows.append(line if line.endswith("\n") else line + "\n")
                 except (ValueError, KeyError, TypeError):
                     continue
-        _write_text(self.path, "".join(rows))
+        files.write_text(self.path, "".join(rows))
 
     def close(self) -> None:
         if self._tb is not None:
@@ -193,7 +186,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
         _say(f"resuming from step {start} of {cfg.train.steps} ({ckpt.directory})")
     logger.truncate_after(start)
     if is_main:
-        _write_text(os.path.join(workdir, "config.json"), config_json)
+        files.write_text(os.path.join(workdir, "config.json"), config_json)
 
     total = cfg.train.steps
     last_saved = start

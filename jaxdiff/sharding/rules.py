@@ -1,13 +1,5 @@
-"""Device mesh, parameter layouts and multi-host start-up: one code path from 1 device to a pod.
-
-The mesh has three named axes, outermost first:
-
-    data    pure data parallelism: parameters replicated, batch split
-    fsdp    data parallelism with ZeRO-3 sharding: the batch is split over it too, and each
-            parameter (and its optimizer moments) is split along one dimension, gathered by XLA
-            just before use and its gradient reduce-scattered back
-    tensor  tensor (model) parallelism: the batch is replicated over it, the `mlp` dimension of
-            weights is split (Megatron-style: column-parallel in, row-parallel out)
+"""Parameter layouts: a logical name for every parameter's axes, and rule tables mapping those
+names onto the mesh axes.
 
 Parameters get *logical* axis names from their path and shape (`logical_axes`), not from
 annotations inside the modules, so the same table lays out the U-Net, the VAE, the text encoder
@@ -17,24 +9,18 @@ no rule names, and the tests require that list to be empty for jaxdiff's network
 layer cannot silently change how it shards. A rule table (`RULES`) maps logical names to mesh
 axes; choosing `dp`, `fsdp` or `fsdp_tp` is a config change, not a code change, and a table that
 does not fit the mesh (`check_rules`) is refused before anything is compiled.
-
-Each process hands in only its local slice of the global batch;
-`jax.make_array_from_process_local_data` assembles the global array without copying it around.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import itertools
 import math
-import os
 import re
 import warnings
 from typing import Any, NamedTuple, Sequence
 
 import jax
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jaxdiff.errors import ShardingError
@@ -50,66 +36,6 @@ PARAM_LEAVES = ("kernel", "bias", "scale", "embedding")
 # Bookkeeping leaves of a TrainState / optax state that are not parameters (scalars, such as
 # optax's `count`, are bookkeeping whatever their name); they are replicated.
 STATE_LEAVES = ("step", "rng", "count")
-
-# ---------------------------------------------------------------------------------------------
-# Mesh
-
-
-def make_mesh(devices=None, *, data: int = -1, fsdp: int = 1, tensor: int = 1) -> Mesh:
-    """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes).
-
-    One size may be -1: it takes the devices the others leave. Devices keep `jax.devices()`
-    order (process-major), so each process owns a contiguous block of the batch and `tensor`,
-    the innermost axis, stays within a process.
-    """
-    devices = list(jax.devices() if devices is None else devices)
-    sizes = {DATA_AXIS: data, FSDP_AXIS: fsdp, TENSOR_AXIS: tensor}
-    shape = _resolve_shape(sizes, len(devices))
-    mesh = Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
-    _check_tensor_within_process(mesh)
-    return mesh
-
-
-def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
-    """The mesh named by a config's `mesh` section (`data`, `fsdp`, `tensor` sizes), checked
-    against its rule table (`mesh_cfg.rules`, see `check_rules`) before anything is built on it."""
-    mesh = make_mesh(devices, data=int(mesh_cfg.data), fsdp=int(mesh_cfg.fsdp),
-                     tensor=int(mesh_cfg.tensor))
-    rules = getattr(mesh_cfg, "rules", None)
-    if rules is not None:
-        check_rules(mesh, rules)
-    return mesh
-
-
-def _resolve_shape(sizes: dict, n_devices: int) -> tuple[int, ...]:
-    described = ", ".join(f"{k}={v}" for k, v in sizes.items())
-    fix = (f"set --config.mesh.data/fsdp/tensor so their product is {n_devices} "
-           f"(one of them may be -1 for 'the rest')")
-    free = [k for k, v in sizes.items() if v == -1]
-    if len(free) > 1 or any(v == 0 or v < -1 for v in sizes.values()):
-        raise ShardingError(f"mesh {described}: sizes must be positive with at most one -1; {fix}")
-    fixed = math.prod(v for v in sizes.values() if v != -1)
-    if free:
-        if n_devices % fixed:
-            raise ShardingError(
-                f"mesh {described} does not fit {n_devices} devices ({n_devices} is not a multiple "
-                f"of {fixed}); {fix}")
-        sizes = dict(sizes, **{free[0]: n_devices // fixed})
-    elif fixed != n_devices:
-        raise ShardingError(f"mesh {described} needs {fixed} devices but {n_devices} are present; {fix}")
-    return tuple(sizes[a] for a in MESH_AXES)
-
-
-def _check_tensor_within_process(mesh: Mesh) -> None:
-    # Tensor-parallel peers see the same batch rows; each process feeds only its own rows, so a
-    # tensor group spanning processes would need identical input on several processes.
-    groups = mesh.devices.reshape(-1, mesh.shape[TENSOR_AXIS])
-    if any(len({d.process_index for d in g}) > 1 for g in groups):
-        raise ShardingError(
-            f"mesh.tensor={mesh.shape[TENSOR_AXIS]} spans more than one process "
-            f"({jax.local_device_count()} devices each); use a tensor size that divides the "
-            f"devices of one process")
-
 
 # ---------------------------------------------------------------------------------------------
 # Logical axes of parameters
@@ -354,169 +280,3 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
     """`jax.ShapeDtypeStruct`s of `abstract` carrying `shardings` (a restore / lowering target)."""
     return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         abstract, shardings)
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches
-
-
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, P())
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) dimension split over `data` x `fsdp`; replicated over `tensor`."""
-    return NamedSharding(mesh, P(BATCH_AXES))
-
-
-def batch_shards(mesh: Mesh) -> int:
-    return mesh.shape[DATA_AXIS] * mesh.shape[FSDP_AXIS]
-
-
-def check_batch_size(global_batch: int, mesh: Mesh) -> int:
-    """The per-process batch size; an error if the global batch does not divide evenly."""
-    n = math.lcm(batch_shards(mesh), jax.process_count())
-    if global_batch % n:
-        raise ShardingError(
-            f"batch size {global_batch} is not divisible by the {batch_shards(mesh)} batch shards "
-            f"(mesh data x fsdp) and {jax.process_count()} processes; use a multiple of {n} "
-            f"(e.g. --config.data.batch_size={n * max(1, global_batch // n)})")
-    return global_batch // jax.process_count()
-
-
-def shard_batch(batch: dict, mesh: Mesh) -> dict:
-    """This process's numpy batch -> global `jax.Array`s split over `data` x `fsdp`.
-
-    batch: dict of arrays `[B_local, ...]`; returns arrays `[B_local * process_count, ...]`.
-    """
-    sharding = batch_sharding(mesh)
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
-
-
-# ---------------------------------------------------------------------------------------------
-# Inference: host values in, images out
-
-
-def inference_mesh(rules: Rules | str = "dp", devices=None) -> Mesh:
-    """The default mesh of a sampling pipeline: every device (default: all of all processes) on
-    one batch axis, `data` for `dp` and `fsdp` for the FSDP tables (so that their parameters are
-    actually split); a table with tensor parallelism (`fsdp_tp`) gets tensor=2 and the rest on
-    fsdp. A single device is a one-device mesh whatever the table. Build a mesh with `make_mesh`
-    for other shapes."""
-    rules = get_rules(rules) if isinstance(rules, str) else rules
-    devices = list(jax.devices() if devices is None else devices)
-    if len(devices) == 1:
-        return make_mesh(devices)
-    tensor = 2 if TENSOR_AXIS in rule_axes(rules) else 1
-    if rules.fsdp:
-        return make_mesh(devices, data=1, fsdp=-1, tensor=tensor)
-    return make_mesh(devices, data=-1, tensor=tensor)
-
-
-def padded_batch(n: int, mesh: Mesh) -> int:
-    """The batch a run of `n` rows is computed at: `n` rounded up to a multiple of the batch
-    shards (data x fsdp), the extra rows being dropped from the result."""
-    k = batch_shards(mesh)
-    return -(-n // k) * k
-
-
-def put(x, sharding: NamedSharding) -> jax.Array:
-    """A host value (the same on every process) -> a global `jax.Array` laid out by `sharding`;
-    each process copies only the pieces its own devices hold."""
-    x = np.asarray(x)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
-
-
-def put_batch(x, mesh: Mesh, rows: int) -> jax.Array:
-    """Host rows `[n, ...]` (the same on every process) -> a global array `[rows, ...]` split
-    over `data` x `fsdp`, padded with copies of the last row (padding never adds zeros or NaNs
-    that a network would not see otherwise)."""
-    x = np.asarray(x)
-    if x.shape[0] < rows:
-        x = np.concatenate([x, np.repeat(x[-1:], rows - x.shape[0], axis=0)])
-    return put(x, batch_sharding(mesh))
-
-
-def place(tree: Any, shardings: Any) -> Any:
-    """Lay the leaves of `tree` (numpy or jax arrays, the same on every process) out as
-    `shardings` (e.g. `tree_shardings(tree, mesh, rules)`); leaves already there are kept, so a
-    jitted function handed the result sees the same input layouts every call (no recompiles)."""
-    def one(x, s):
-        if isinstance(x, jax.Array):
-            if x.sharding == s:  # equal, not merely equivalent: jit's cache tells the two apart
-                return x
-            if x.sharding.device_set == s.device_set or not x.is_fully_addressable:
-                return jax.device_put(x, s)  # reshard on the devices, no trip through the host
-        return put(x, s)
-
-    return jax.tree.map(one, tree, shardings)
-
-
-def gather(x: Any) -> Any:
-    """Global arrays -> numpy arrays holding all their rows, on every process (a collective in a
-    multi-process run: every process must call it)."""
-    def one(a):
-        if isinstance(a, jax.Array) and not a.is_fully_addressable:
-            from jax.experimental import multihost_utils
-            return np.asarray(multihost_utils.process_allgather(a, tiled=True))
-        return np.asarray(a)
-
-    return jax.tree.map(one, x)
-
-
-# ---------------------------------------------------------------------------------------------
-# Multi-host start-up
-
-
-def init_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                     process_id: int | None = None) -> bool:
-    """Start JAX's multi-controller runtime; call before anything touches a device.
-
-    Explicit arguments (`--coordinator_address host:port --num_processes N --process_id i`)
-    are passed through; with none, the runtime is started only on a Cloud TPU VM, where JAX
-    finds the coordinator and process ids itself. Returns whether it was started.
-    """
-    explicit = coordinator_address is not None or num_processes is not None or process_id is not None
-    if explicit:
-        if coordinator_address is None or num_processes is None or process_id is None:
-            raise ShardingError(
-                "multi-host training needs all of --coordinator_address host:port, "
-                "--num_processes N and --process_id i (0 on the coordinator host)")
-        jax.distributed.initialize(coordinator_address, num_processes, process_id)
-        return True
-    if _on_cloud_tpu_vm():
-        jax.distributed.initialize()
-        return True
-    return False
-
-
-_BARRIERS = itertools.count()
-
-
-def barrier(name: str, timeout_s: int = 3600) -> None:
-    """Wait until every process gets here (no-op in a single process). Uses the coordination
-    service rather than a device collective, so it tolerates long skews (one host compiling
-    while another reads a compilation cache)."""
-    if jax.process_count() == 1:
-        return
-    name = f"{name}_{next(_BARRIERS)}"  # a barrier name may be used once; every process counts alike
-    try:
-        from jax._src import distributed
-        client = distributed.global_state.client
-    except Exception:  # a private module: fall back to a device collective
-        client = None
-    if client is None:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-    else:
-        client.wait_at_barrier(name, timeout_in_ms=timeout_s * 1000)
-
-
-def _on_cloud_tpu_vm() -> bool:
-    if os.environ.get("JAXDIFF_NO_DISTRIBUTED"):
-        return False
-    try:
-        from jax._src.clusters import cloud_tpu_cluster
-        return bool(cloud_tpu_cluster.running_in_cloud_tpu_vm)
-    except Exception:  # a private module: treat any change as "not detected"
-        return False
