@@ -10,8 +10,6 @@ in one line, so code written for diffusers fails with a fix rather than a TypeEr
 
 from __future__ import annotations
 
-from typing import Any
-
 # diffusers' keyword -> jaxdiff's.
 ALIASES = {
     "num_inference_steps": "num_steps",
@@ -28,11 +26,6 @@ ANSWERS = {
     "callback_steps": "pass progress=True for a per-step progress bar",
     "return_dict": "jaxdiff returns the images themselves (a list of PIL images, or an array)",
 }
-
-# Sampler options a pipeline passes unless told otherwise (none today: the sampler defaults
-# are diffusers'; a pipeline that needs another, e.g. x0 clipping off, sets it itself).
-DEFAULT_SAMPLER_OPTIONS: dict[str, Any] = {}
-
 
 def take_aliases(kwargs: dict) -> tuple[dict, dict]:
     """Split `kwargs` into (the rest, {jaxdiff name: value} for the diffusers aliases among
