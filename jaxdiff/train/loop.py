@@ -171,13 +171,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
 
     config_lib.validate(cfg, workdir)             # one-line ConfigError before anything is built
     workdir = os.path.abspath(workdir)
-    if os.path.isdir(checkpoint_dir(workdir)):    # a run to resume: refuse another config up front
-        previous = Checkpointer(checkpoint_dir(workdir))  # (read_only=True logs three orbax warnings)
-        try:
-            if previous.latest_step() is not None:
-                _check_resumable(previous.read_config(), cfg)
-        finally:
-            previous.close()
+    # A run to resume: refuse another config before loading data, from the config.json it last
+    # started with (plain files: an orbax manager here would add a barrier to multi-process runs).
+    saved_json, steps_dir = os.path.join(workdir, "config.json"), checkpoint_dir(workdir)
+    if os.path.isfile(saved_json) and os.path.isdir(steps_dir) and any(d.isdigit() for d in os.listdir(steps_dir)):
+        with open(saved_json) as f:
+            _check_resumable(json.load(f), cfg)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding_lib.mesh_from_config(cfg.mesh, devices)
