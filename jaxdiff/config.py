@@ -152,6 +152,12 @@ def _all_keys(cfg, prefix=""):
             yield f"{prefix}{k}"
 
 
+def flat_items(cfg: ml_collections.ConfigDict) -> list[tuple[str, object]]:
+    """Every leaf of `cfg` as (dotted key, value), in the config's order: the keys
+    `--config.KEY=VALUE` can set."""
+    return [(key, _lookup(cfg, key)) for key in _all_keys(cfg)]
+
+
 def override(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> None:
     """Set `cfg.<dotted> = text`, parsed to the existing field's type. Unknown keys are errors."""
     *parents, leaf = dotted.split(".")
@@ -279,8 +285,7 @@ def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None
     work dir or, when it does not exist yet, in its nearest existing parent: nothing is left
     behind).
     """
-    from jaxdiff import sharding
-    from jaxdiff import samplers
+    from jaxdiff import samplers, sharding
     from jaxdiff.models import unet
     from jaxdiff.parameterization import PREDICTION_TYPES
     from jaxdiff.schedules import DISCRETE_SCHEDULES
