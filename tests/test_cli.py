@@ -337,3 +337,16 @@ def test_done_message_names_only_files_that_exist(capsys, tmp_path, monkeypatch)
         assert cli.main(["train", "--workdir", str(tmp_path / "w"), "--no-progress"]) == 0
         out = capsys.readouterr().out
         assert "samples.png" not in out and ("loss.png" in out) == (written == "loss.png"), out
+
+
+def test_out_of_host_memory_is_one_line(capsys, monkeypatch):
+    """A numpy allocation too large for the host (e.g. generate --num 1e8 repeats the text states
+    before the memory check) is one line naming what to lower, not a traceback."""
+    from jaxdiff import cli
+
+    def too_big(argv):
+        raise MemoryError("Unable to allocate 918. GiB for an array with shape (100000000, 77, 32)")
+
+    monkeypatch.setitem(cli.COMMANDS, "generate", too_big)
+    line = _main_error(capsys, "generate", "--num", "100000000")
+    assert "out of host memory" in line and "918. GiB" in line and "--num" in line
