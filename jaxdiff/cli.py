@@ -1,13 +1,16 @@
 """`jaxdiff` on the command line.
 
-    jaxdiff train  [--config experiments/X.py] [--config.a.b=value ...] [--workdir DIR]
-    jaxdiff sample --checkpoint DIR [--num 64] [--sampler ddim] [--steps 50] [--seed 0]
-                   [--labels 0,1,2 | --labels grid] [--guidance_scale 2.0] [--rules fsdp]
-                   [--out grid.png]
-    jaxdiff generate --model SD_FOLDER --prompt "..." [--negative_prompt ...] [--steps 30]
-                   [--sampler NAME] [--guidance_scale 7.5] [--seed 0] [--num 1] [--out out.png]
-    jaxdiff convert --single_file model.safetensors --out SD_FOLDER [--tokenizer DIR]
-                   [--prediction_type v_prediction]
+    jaxdiff train    [--config experiments/X.py] [--config.a.b=value ...] [--workdir DIR]
+    jaxdiff sample   --checkpoint DIR [--num 64] [--sampler ddim] [--steps 50] [--seed 0]
+                     [--labels 0,1,2 | --labels grid] [--guidance_scale 2.0] [--rules fsdp]
+                     [--out grid.png]
+    jaxdiff generate --model SD_FOLDER --prompt "..." [--negative_prompt "..."] [--steps 30]
+                     [--sampler dpmpp_2m] [--guidance_scale 7.5] [--seed 0] [--num 1]
+                     [--height H --width W] [--dtype bfloat16] [--rules fsdp] [--out generated.png]
+    jaxdiff convert  --single_file model.safetensors --out SD_FOLDER [--tokenizer DIR]
+                     [--prediction_type v_prediction]
+    jaxdiff COMMAND --help     every flag of COMMAND (for train: every config key and its value)
+    jaxdiff --version
 
 Multi-host: start the same command on every host with `--coordinator_address host0:port
 --num_processes N --process_id i` (on Cloud TPU VMs JAX finds these itself). For `train` the device
@@ -18,45 +21,174 @@ mesh and parameter layout come from `--config.mesh.{data,fsdp,tensor,rules}`; `s
 Preemption: on SIGTERM `jaxdiff train` finishes the current step, checkpoints it, prints
 "preempted at step N" and exits with status 0; running the same command again resumes.
 
-Errors a user can fix (bad config key, missing dataset, missing or corrupt checkpoint, wrong image
-shape, diverged loss) print one line naming the problem and exit with status 2; set
+Errors a user can fix (bad flag or config value, missing dataset, missing or corrupt checkpoint,
+wrong image shape, diverged loss) print one line naming the problem and exit with status 2; a bad
+flag or config value is refused before any data is loaded or anything compiles. Set
 JAXDIFF_DEBUG=1 to see the full traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
+import math
 import os
 import sys
+
+# diffusers' flag names people try, answered with what jaxdiff takes instead.
+_ANSWERS = {"--generator": "jaxdiff draws its noise from --seed N (a JAX PRNG seed), not from a torch.Generator; "
+                           "pass --seed"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (`jaxdiff CMD: error: ...`, exit status 2) and no silent
+    prefix matching (`--conf` must not stand for `--config`)."""
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _Answer(argparse.Action):
+    """A flag jaxdiff does not take under that name: refused with the jaxdiff flag to use."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs="?", **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} is not a jaxdiff flag: {_ANSWERS[option_string]}")
+
+
+def _add_answers(parser: argparse.ArgumentParser) -> None:
+    for flag in _ANSWERS:
+        parser.add_argument(flag, action=_Answer, metavar="X", help="diffusers' flag, refused: use --seed")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _sampler_name(text: str) -> str:
+    from jaxdiff import samplers
+
+    if text not in samplers.names():
+        close = difflib.get_close_matches(text, samplers.names(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise argparse.ArgumentTypeError(f"unknown sampler {text!r}{hint}; valid: {', '.join(samplers.names())}")
+    return text
+
+
+def _sampler_names() -> str:
+    from jaxdiff import samplers
+
+    return ", ".join(samplers.names())
+
+
+# --------------------------------------------------------------------------------------------
+# train
+# --------------------------------------------------------------------------------------------
+
+_OVERRIDES_HELP = """\
+config overrides:
+  Every config key below can be set on the command line, after the config file is loaded:
+      --config.train.steps=500   or   --config.train.steps 500
+      --config.data.dataset=tfds:mnist --config.optim.learning_rate=1e-3 --config.data.random_flip=true
+  The value is read as the key's type (int, float, true/false, string, a Python tuple); an
+  unknown key is an error naming the nearest ones. Bad values (train.steps=0, a NaN learning
+  rate, an unknown sampler, ...) are refused before any data is loaded.
+"""
+
+
+def _format_value(value) -> str:
+    if isinstance(value, str):
+        return value if value else '""'
+    return repr(value)
+
+
+def _config_keys_help(cfg, config_path: str | None) -> str:
+    from jaxdiff import config as config_lib
+
+    items = config_lib.flat_items(cfg)
+    width = max(len(k) for k, _ in items) + 2
+    source = config_path or "the base config, jaxdiff.config.get_config"
+    lines = [f"config keys and their values (from {source}, with any overrides given):"]
+    lines += [f"  {k.ljust(width)}{_format_value(v)}" for k, v in items]
+    return "\n".join(lines)
+
+
+def _train_parser(cfg, config_path: str | None) -> _Parser:
+    parser = _Parser(
+        prog="jaxdiff train",
+        usage="jaxdiff train [--config FILE] [--config.KEY=VALUE ...] [--workdir DIR] [--no-progress]\n"
+              "                     [--coordinator_address HOST:PORT --num_processes N --process_id I]",
+        description="Train a diffusion model, or resume the run in --workdir. At the end the work dir holds\n"
+                    "checkpoints/, metrics.jsonl, tb/ (TensorBoard), samples.png and loss.png.",
+        epilog=_OVERRIDES_HELP + "\n" + _config_keys_help(cfg, config_path))
+    parser.add_argument("--config", default=None, metavar="FILE",
+                        help="Python file with get_config() (default: the digits demo, jaxdiff.config.get_config); "
+                             "with --help, the keys listed below are that file's")
+    parser.add_argument("--workdir", default=None, metavar="DIR",
+                        help="where checkpoints, metrics and samples go; an existing run there is resumed "
+                             "(default: runs/<config name>)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_distributed_args(parser)
+    return parser
 
 
 def _train(argv: list[str]) -> int:
     from jaxdiff import config as config_lib
 
-    parser = argparse.ArgumentParser(prog="jaxdiff train", description="Train a diffusion model.")
-    parser.add_argument("--config", default=None, help="Python file with get_config() (default: the digits demo)")
-    parser.add_argument("--workdir", default=None,
-                        help="where checkpoints, metrics and samples go; an existing run there is resumed "
-                             "(default: runs/<config name>)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_distributed_args(parser)
     # `--config.a.b=v` cannot be declared up front: strip them before argparse sees the rest.
     config_path = _peek_config_path(argv)
     cfg = config_lib.load(config_path)
     rest = config_lib.apply_overrides(cfg, argv)
-    args = parser.parse_args(rest)
+    args = _train_parser(cfg, config_path).parse_args(rest)
+    name = os.path.splitext(os.path.basename(config_path))[0] if config_path else "digits"
+    workdir = args.workdir or os.path.join("runs", name)
+    config_lib.validate(cfg, workdir)          # before anything is built (train() checks again)
     _maybe_init_distributed(args)
 
     from jaxdiff.pipelines import write_run_samples
     from jaxdiff.train import loop
 
-    name = os.path.splitext(os.path.basename(config_path))[0] if config_path else "digits"
-    workdir = args.workdir or os.path.join("runs", name)
     state = loop.train(cfg, workdir, progress=not args.no_progress, write_samples=write_run_samples)
     if int(state.step) < cfg.train.steps:  # preempted: saved, message printed, resume later
         return 0
-    print(f"done: samples in {os.path.join(workdir, 'samples.png')}, "
-          f"loss curve in {os.path.join(workdir, 'loss.png')}")
+    written = [f"{what} in {path}" for what, path in (("samples", os.path.join(workdir, "samples.png")),
+                                                      ("loss curve", os.path.join(workdir, "loss.png")))
+               if os.path.isfile(path)]
+    print(f"done: step {int(state.step)}, checkpoints in {os.path.join(workdir, 'checkpoints')}"
+          + "".join(f", {w}" for w in written))
     return 0
 
 
@@ -71,14 +203,16 @@ def _peek_config_path(argv: list[str]) -> str | None:
 
 def _add_distributed_args(parser: argparse.ArgumentParser, *, rules: bool = False) -> None:
     """The multi-host flags (and, for the sampling commands, the parameter layout)."""
-    parser.add_argument("--coordinator_address", default=None,
+    parser.add_argument("--coordinator_address", default=None, metavar="HOST:PORT",
                         help="host:port of process 0 (multi-host; automatic on Cloud TPU VMs)")
-    parser.add_argument("--num_processes", type=int, default=None, help="processes in the run (multi-host)")
-    parser.add_argument("--process_id", type=int, default=None, help="this process, 0..num_processes-1")
+    parser.add_argument("--num_processes", type=_positive_int, default=None, metavar="N",
+                        help="processes in the run (multi-host)")
+    parser.add_argument("--process_id", type=_nonnegative_int, default=None, metavar="I",
+                        help="this process, 0..num_processes-1")
     if rules:
         parser.add_argument("--rules", default="dp", choices=("dp", "fsdp", "fsdp_tp"),
                             help="parameter layout over the devices: dp replicates the weights, fsdp splits "
-                                 "them (the batch is split over all devices either way)")
+                                 "them (the batch is split over all devices either way; default: dp)")
 
 
 def _maybe_init_distributed(args) -> None:
@@ -93,41 +227,81 @@ def _is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def _sample(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jaxdiff sample", description="Sample a trained model into a PNG grid.")
-    parser.add_argument("--checkpoint", required=True, help="work dir, its checkpoints/ or checkpoints/<step>")
-    parser.add_argument("--num", type=int, default=64)
-    parser.add_argument("--sampler", default="ddim")
-    parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic)")
+def _check_out(parser: argparse.ArgumentParser, out: str) -> None:
+    """Refuse an --out that cannot be written before any work is done."""
+    from jaxdiff import config as config_lib
+    from jaxdiff.errors import ConfigError
+
+    try:
+        config_lib.check_writable(os.path.dirname(os.path.abspath(out)), what="argument --out: folder",
+                                  fix="choose an --out in a folder you can write to")
+    except ConfigError as e:
+        parser.error(str(e))
+
+
+# --------------------------------------------------------------------------------------------
+# sample
+# --------------------------------------------------------------------------------------------
+
+def _sample_parser() -> _Parser:
+    parser = _Parser(prog="jaxdiff sample",
+                     description="Sample a trained pixel model (a `jaxdiff train` work dir) into a PNG grid.")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="work dir, its checkpoints/ or checkpoints/<step> (default: the latest step)")
+    parser.add_argument("--num", "--num_images_per_prompt", dest="num", type=_positive_int, default=64, metavar="N",
+                        help="number of images (default: 64)")
+    parser.add_argument("--sampler", type=_sampler_name, default="ddim", metavar="NAME",
+                        help=f"one of {_sampler_names()} (default: ddim)")
+    parser.add_argument("--steps", "--num_inference_steps", dest="steps", type=_positive_int, default=50,
+                        metavar="N", help="sampler steps (default: 50)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise: the same seed gives the same "
+                                                            "images on any number of devices (default: 0)")
+    parser.add_argument("--eta", type=_finite_float, default=None, help="DDIM eta (0: deterministic)")
     parser.add_argument("--labels", default=None,
-                        help="comma-separated class ids, or 'grid' for 0..K-1 repeated (one class per column)")
-    parser.add_argument("--guidance_scale", type=float, default=None)
+                        help="comma-separated class ids (one id: all images of that class), or 'grid' for "
+                             "0..K-1 repeated (one class per column); default: the null class")
+    parser.add_argument("--guidance_scale", type=_finite_float, default=None, metavar="S",
+                        help="classifier-free guidance scale, on when > 1 (default: off)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw rather than the EMA parameters")
-    parser.add_argument("--out", default="samples.png")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--out", default="samples.png", metavar="PNG", help="the grid to write (default: samples.png)")
+    _add_answers(parser)
     _add_distributed_args(parser, rules=True)
+    return parser
+
+
+def _parse_labels(parser: argparse.ArgumentParser, text: str | None, num: int):
+    if text is None or text == "grid":
+        return None
+    try:
+        labels = [int(v) for v in text.split(",")]
+    except ValueError:
+        parser.error(f"argument --labels: must be comma-separated integers or 'grid', got {text!r}")
+    if len(labels) == 1:
+        import numpy as np
+        return np.full((num,), labels[0], np.int32)
+    if len(labels) != num:
+        parser.error(f"argument --labels: {len(labels)} labels for --num {num}; give {num}, one, or 'grid'")
+    return labels
+
+
+def _sample(argv: list[str]) -> int:
+    parser = _sample_parser()
     args = parser.parse_args(argv)
+    labels = _parse_labels(parser, args.labels, args.num)
+    _check_out(parser, args.out)
     _maybe_init_distributed(args)
 
     import jaxdiff
     from jaxdiff import images
 
     model = jaxdiff.load(args.checkpoint, rules=args.rules)
-    labels = None
     if args.labels == "grid":
         labels = model.grid_labels(args.num)
-    elif args.labels:
-        try:
-            labels = [int(v) for v in args.labels.split(",")]
-        except ValueError:
-            raise ValueError(f"--labels must be comma-separated integers or 'grid', got {args.labels!r}") from None
-        if len(labels) == 1:
-            labels = labels * args.num
     options = {} if args.eta is None else {"eta": args.eta}
     imgs = model.sample(args.num, sampler=args.sampler, num_steps=args.steps, seed=args.seed,
-                        labels=labels, guidance_scale=args.guidance_scale,
-                        use_ema=not args.no_ema, progress=_is_main_process(), **options)
+                        labels=labels, guidance_scale=args.guidance_scale, use_ema=not args.no_ema,
+                        progress=not args.no_progress and _is_main_process(), **options)
     if _is_main_process():
         ncols = model.num_classes if args.labels == "grid" else None
         images.save_grid(imgs, args.out, ncols=ncols)
@@ -140,20 +314,30 @@ def _devices_note(mesh) -> str:
     return f" (batch over {n} device{'s' if n > 1 else ''})"
 
 
-def _convert(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+# --------------------------------------------------------------------------------------------
+# convert
+# --------------------------------------------------------------------------------------------
+
+def _convert_parser() -> _Parser:
+    parser = _Parser(
         prog="jaxdiff convert",
         description="Convert a Stable Diffusion 1.x/2.x single-file .safetensors checkpoint into a "
                     "diffusers-format pipeline folder.")
-    parser.add_argument("--single_file", required=True, help="the .safetensors checkpoint (LDM layout)")
-    parser.add_argument("--out", required=True, help="the pipeline folder to write")
-    parser.add_argument("--tokenizer", default=None,
+    parser.add_argument("--single_file", required=True, metavar="FILE",
+                        help="the .safetensors checkpoint (LDM layout)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="the pipeline folder to write")
+    parser.add_argument("--tokenizer", default=None, metavar="DIR",
                         help="CLIP tokenizer folder to copy in (single files hold none)")
     parser.add_argument("--prediction_type", default="epsilon", choices=("epsilon", "v_prediction"),
-                        help="v_prediction for SD 2.x 768-v checkpoints (not readable from the weights)")
+                        help="v_prediction for SD 2.x 768-v checkpoints (not readable from the weights; "
+                             "default: epsilon)")
     parser.add_argument("--use_ema", action="store_true",
                         help="take the U-Net from the file's EMA copy (model_ema.*, in full-ema files)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def _convert(argv: list[str]) -> int:
+    args = _convert_parser().parse_args(argv)
 
     import warnings
 
@@ -169,34 +353,49 @@ def _convert(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": _train, "sample": _sample}
-COMMANDS["convert"] = _convert
+# --------------------------------------------------------------------------------------------
+# generate
+# --------------------------------------------------------------------------------------------
+
+def _generate_parser() -> _Parser:
+    parser = _Parser(prog="jaxdiff generate",
+                     description="Text to image with a Stable Diffusion (diffusers-format) folder.")
+    parser.add_argument("--model", required=True, metavar="SD_FOLDER",
+                        help="local diffusers Stable Diffusion folder (model_index.json, unet/, vae/, "
+                             "text_encoder/, tokenizer/, scheduler/)")
+    parser.add_argument("--prompt", required=True, help="the text to draw")
+    parser.add_argument("--negative_prompt", default=None,
+                        help="the text guidance steers away from (default: the empty prompt)")
+    parser.add_argument("--steps", "--num_inference_steps", dest="steps", type=_positive_int, default=30,
+                        metavar="N", help="sampler steps (default: 30)")
+    parser.add_argument("--sampler", type=_sampler_name, default=None, metavar="NAME",
+                        help=f"one of {_sampler_names()} (default: the folder's scheduler)")
+    parser.add_argument("--guidance_scale", type=_finite_float, default=7.5, metavar="S",
+                        help="classifier-free guidance scale, on when > 1 (default: 7.5)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
+    parser.add_argument("--num", "--num_images_per_prompt", dest="num", type=_positive_int, default=1, metavar="N",
+                        help="number of images (several go into one grid; default: 1)")
+    parser.add_argument("--height", type=_positive_int, default=None, metavar="PIXELS",
+                        help="image height (default: the U-Net's sample size x the VAE factor)")
+    parser.add_argument("--width", type=_positive_int, default=None, metavar="PIXELS",
+                        help="image width (default: as --height)")
+    parser.add_argument("--eta", type=_finite_float, default=None, help="DDIM eta (0: deterministic)")
+    parser.add_argument("--clip_skip", type=_nonnegative_int, default=None, metavar="N",
+                        help="take the text states N layers before the last (default: 0, the last)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="compute dtype of the networks (bfloat16 on GPU/TPU; default: float32)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--out", default="generated.png", metavar="PNG",
+                        help="the picture (a grid for several) to write (default: generated.png)")
+    _add_answers(parser)
+    _add_distributed_args(parser, rules=True)
+    return parser
 
 
 def _generate(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jaxdiff generate",
-                                     description="Text to image with a Stable Diffusion (diffusers-format) folder.")
-    parser.add_argument("--model", required=True, help="local diffusers Stable Diffusion folder (model_index.json, "
-                        "unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative_prompt", default=None)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--sampler", default=None, help="a jaxdiff sampler (default: the folder's scheduler)")
-    parser.add_argument("--guidance_scale", type=float, default=7.5)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num", type=int, default=1, help="number of images (several go into one grid)")
-    parser.add_argument("--height", type=int, default=None)
-    parser.add_argument("--width", type=int, default=None)
-    parser.add_argument("--eta", type=float, default=None, help="DDIM eta (0: deterministic)")
-    parser.add_argument("--clip_skip", type=int, default=None)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="compute dtype of the networks (bfloat16 on GPU/TPU)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--out", default="generated.png")
-    _add_distributed_args(parser, rules=True)
+    parser = _generate_parser()
     args = parser.parse_args(argv)
-    if args.num < 1:
-        raise ValueError(f"--num must be >= 1, got {args.num}")
+    _check_out(parser, args.out)
     _maybe_init_distributed(args)
 
     import jax.numpy as jnp
@@ -217,20 +416,40 @@ def _generate(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS["generate"] = _generate
-__doc__ += """
-    jaxdiff generate --model SD_FOLDER --prompt "..." [--negative_prompt "..."] [--steps 30]
-                   [--sampler dpmpp_2m] [--guidance_scale 7.5] [--seed 0] [--num 1]
-                   [--height H --width W] [--dtype bfloat16] [--rules fsdp] [--out generated.png]
-"""
+# --------------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------------
+
+COMMANDS = {"train": _train, "sample": _sample, "generate": _generate, "convert": _convert}
+# What to lower when a command runs out of host memory.
+_LOWER = {"train": "lower --config.data.batch_size or the image size",
+          "sample": "ask for fewer images (--num)",
+          "generate": "ask for fewer (--num) or smaller (--height / --width) images",
+          "convert": "convert on a machine with more memory"}
+
+
+def _synopsis() -> str:
+    """The command lines of the module docstring (its first block)."""
+    return __doc__.strip().split("\n\n")[1]
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] not in COMMANDS:
-        asked = bool(argv) and argv[0] in ("-h", "--help")
+    if not argv or argv[0] in ("-h", "--help"):
+        asked = bool(argv)
         print(__doc__.strip(), file=sys.stdout if asked else sys.stderr)
         return 0 if asked else 2
+    if argv[0] in ("-V", "--version"):
+        from jaxdiff import __version__
+        print(f"jaxdiff {__version__}")
+        return 0
+    if argv[0] not in COMMANDS:
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        print(f"usage:\n{_synopsis()}", file=sys.stderr)
+        print(f"jaxdiff: error: unknown command '{argv[0]}'{hint} (commands: {', '.join(COMMANDS)}; "
+              f"see jaxdiff --help)", file=sys.stderr)
+        return 2
     from jaxdiff.errors import USER_ERRORS
 
     try:
@@ -239,6 +458,12 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("JAXDIFF_DEBUG"):
             raise
         print(f"jaxdiff {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except MemoryError as e:  # numpy refuses an allocation (nothing half-done): say what to lower
+        if os.environ.get("JAXDIFF_DEBUG"):
+            raise
+        what = (str(e).splitlines() or [""])[0] or "MemoryError"
+        print(f"jaxdiff {argv[0]}: error: out of host memory ({what}); {_LOWER[argv[0]]}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"jaxdiff {argv[0]}: interrupted", file=sys.stderr)

@@ -8,6 +8,11 @@ enters a module.
 Overrides look like flax examples / big_vision: `--config.train.steps=2000` or
 `--config.data.dataset tfds:mnist`. A key that does not exist is an error naming the nearest
 valid keys, so a typo never silently trains the wrong thing.
+
+`validate(cfg, workdir)` refuses a config that cannot train (a step count of 0, a NaN learning
+rate, an unknown sampler, a work dir that cannot be written, ...) with one `ConfigError` line
+naming the key and the fix, before any data is loaded or anything compiles; `jaxdiff train` and
+`jaxdiff.train.loop.train` call it first.
 """
 
 from __future__ import annotations
@@ -16,7 +21,10 @@ import ast
 import difflib
 import importlib.util
 import json
+import math
+import numbers
 import os
+import tempfile
 
 import ml_collections
 
@@ -45,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model.name = "tiny"              # a key of jaxdiff.models.unet.CONFIGS
     c.model.dropout = 0.0
     c.model.class_conditional = True   # learn p(x | label) with a null class for guidance
-    c.model.dtype = "float32"          # compute dtype; params always float32
+    c.model.dtype = "float32"          # compute dtype (one of MODEL_DTYPES); params always float32
 
     c.diffusion = ml_collections.ConfigDict()
     c.diffusion.schedule = "linear"
@@ -89,6 +97,10 @@ def get_config() -> ml_collections.ConfigDict:
     return c
 
 
+# The compute dtypes a config may name (`jaxdiff.train.build.DTYPES` maps them to jnp dtypes).
+MODEL_DTYPES = ("bfloat16", "float16", "float32")
+
+
 def load(path: str | None) -> ml_collections.ConfigDict:
     """The config from a Python file exposing `get_config()`, or the default when `path` is None."""
     if path is None:
@@ -116,6 +128,11 @@ def _parse_value(text: str, current):
         raise ConfigError(f"expected a boolean, got {text!r}")
     if isinstance(current, str):
         return text
+    if isinstance(current, float):
+        try:
+            return float(text)  # also "nan" / "inf", which `validate` then refuses by name
+        except ValueError:
+            raise ConfigError(f"expected float, got {text!r}") from None
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
@@ -133,6 +150,12 @@ def _all_keys(cfg, prefix=""):
             yield from _all_keys(v, f"{prefix}{k}.")
         else:
             yield f"{prefix}{k}"
+
+
+def flat_items(cfg: ml_collections.ConfigDict) -> list[tuple[str, object]]:
+    """Every leaf of `cfg` as (dotted key, value), in the config's order: the keys
+    `--config.KEY=VALUE` can set."""
+    return [(key, _lookup(cfg, key)) for key in _all_keys(cfg)]
 
 
 def override(cfg: ml_collections.ConfigDict, dotted: str, text: str) -> None:
@@ -195,3 +218,152 @@ def from_json(text: str) -> ml_collections.ConfigDict:
     with cfg.unlocked():
         merge(cfg, saved)
     return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: every value the trainer would trip over later, refused up front in one line.
+# --------------------------------------------------------------------------------------------
+
+def _lookup(cfg, key: str):
+    node = cfg
+    for part in key.split("."):
+        if not isinstance(node, (ml_collections.ConfigDict, dict)) or part not in node:
+            raise ConfigError(f"config key {key} is missing; start the config from "
+                              f"jaxdiff.config.get_config() and change what you need")
+        node = node[part]
+    return node
+
+
+def _fix(key: str) -> str:
+    """The usual fix of a bad value: the override flag, with the base config's value as example."""
+    try:
+        example = _lookup(get_config(), key)
+    except ConfigError:
+        return f"set --config.{key}=VALUE"
+    return f"set --config.{key}=VALUE (default {example!r})"
+
+
+def _bad(key: str, value, must: str) -> ConfigError:
+    return ConfigError(f"config key {key} must be {must}, got {value!r}; {_fix(key)}")
+
+
+def _check_int(cfg, key: str, lo: int, must: str) -> None:
+    v = _lookup(cfg, key)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < lo:
+        raise _bad(key, v, must)
+
+
+def _check_float(cfg, key: str, lo: float = -math.inf, hi: float = math.inf, *, lo_open: bool = False,
+                 hi_open: bool = False, must: str = "a finite number") -> None:
+    v = _lookup(cfg, key)
+    ok = (not isinstance(v, bool) and isinstance(v, numbers.Real) and math.isfinite(v)
+          and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi))
+    if not ok:
+        raise _bad(key, v, must)
+
+
+def _check_choice(cfg, key: str, choices) -> None:
+    v = _lookup(cfg, key)
+    choices = sorted(choices)
+    if v not in choices:
+        close = difflib.get_close_matches(str(v), [str(c) for c in choices], n=1)
+        fix = f"set --config.{key}={close[0]}" if close else _fix(key)
+        raise ConfigError(f"config key {key} must be one of {', '.join(map(str, choices))}, got {v!r}; {fix}")
+
+
+def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None:
+    """Refuse a config the trainer cannot run, before anything is loaded or compiled.
+
+    Raises `ConfigError` with one line naming the key, the value and the fix for: step counts and
+    intervals below 1 (`train.steps`, `log_every`, `checkpoint_every`, `keep_checkpoints`; a
+    negative `sample_every`), a non-positive batch, a learning rate that is not a positive finite
+    number, probabilities and decays outside their range (`optim.ema_decay`, `optim.b1/b2`,
+    `diffusion.label_dropout`, `model.dropout`, `text.dropout`), NaN or infinite float knobs
+    (`sample.guidance_scale`, betas, min-SNR gamma, ...), and names that are not known (model,
+    dtype, schedule, prediction type, remat policy, sharding rules, the sample sampler). With
+    `workdir`, also a work dir that cannot be written (probed with a temporary file, in the
+    work dir or, when it does not exist yet, in its nearest existing parent: nothing is left
+    behind).
+    """
+    from jaxdiff import samplers, sharding
+    from jaxdiff.models import unet
+    from jaxdiff.parameterization import PREDICTION_TYPES
+    from jaxdiff.schedules import DISCRETE_SCHEDULES
+
+    _check_int(cfg, "seed", -2 ** 63, "an integer")
+
+    _check_int(cfg, "data.batch_size", 1, "a positive integer (the global batch)")
+    _check_int(cfg, "data.image_size", -1, "-1 (by dataset), 0 (native size) or a positive size")
+    _check_choice(cfg, "data.channels", (0, 1, 3))
+
+    _check_choice(cfg, "model.name", unet.CONFIGS)
+    _check_choice(cfg, "model.dtype", MODEL_DTYPES)
+    _check_float(cfg, "model.dropout", 0.0, 1.0, hi_open=True, must="a probability in [0, 1)")
+
+    _check_choice(cfg, "diffusion.schedule", DISCRETE_SCHEDULES)
+    _check_int(cfg, "diffusion.num_train_timesteps", 2, "an integer >= 2")
+    for key in ("diffusion.beta_start", "diffusion.beta_end"):
+        _check_float(cfg, key, 0.0, 1.0, hi_open=True, must="a finite number in [0, 1)")
+    _check_choice(cfg, "diffusion.prediction_type", PREDICTION_TYPES)
+    _check_float(cfg, "diffusion.min_snr_gamma", 0.0, must="a finite number >= 0 (0 disables the weighting)")
+    _check_float(cfg, "diffusion.label_dropout", 0.0, 1.0, must="a probability in [0, 1]")
+
+    _check_float(cfg, "optim.learning_rate", 0.0, lo_open=True, must="a finite number > 0")
+    _check_int(cfg, "optim.warmup_steps", 0, "an integer >= 0")
+    _check_int(cfg, "optim.decay_steps", 0, "an integer >= 0 (0: constant after warmup)")
+    _check_float(cfg, "optim.weight_decay", 0.0, must="a finite number >= 0")
+    for key in ("optim.b1", "optim.b2"):
+        _check_float(cfg, key, 0.0, 1.0, hi_open=True, must="a finite number in [0, 1)")
+    _check_float(cfg, "optim.grad_clip", 0.0, must="a finite number >= 0 (0 disables clipping)")
+    _check_float(cfg, "optim.ema_decay", 0.0, 1.0, must="a finite number in [0, 1]")
+
+    _check_int(cfg, "train.steps", 1, "a positive integer (the number of training steps)")
+    _check_int(cfg, "train.log_every", 1, "a positive integer (log every N steps)")
+    _check_int(cfg, "train.checkpoint_every", 1, "a positive integer (save every N steps)")
+    _check_int(cfg, "train.keep_checkpoints", 1, "a positive integer (checkpoints kept)")
+    _check_int(cfg, "train.sample_every", 0, "an integer >= 0 (0: sample only at the end)")
+    _check_choice(cfg, "train.remat", unet.REMAT_POLICIES)
+
+    _check_choice(cfg, "mesh.rules", sharding.RULES)
+
+    _check_int(cfg, "sample.num", 1, "a positive integer (images in the sample grid)")
+    _check_choice(cfg, "sample.sampler", samplers.names())
+    _check_int(cfg, "sample.steps", 1, "a positive integer (sampler steps)")
+    _check_float(cfg, "sample.guidance_scale", must="a finite number (<= 1: no guidance)")
+    if "eval_guidance_scales" in cfg.sample:
+        for s in _lookup(cfg, "sample.eval_guidance_scales"):
+            if isinstance(s, bool) or not isinstance(s, numbers.Real) or not math.isfinite(s):
+                raise _bad("sample.eval_guidance_scales", s, "a list of finite numbers")
+
+    if "vae" in cfg:
+        _check_int(cfg, "vae.steps", 0, "an integer >= 0 (autoencoder fitting steps)")
+        _check_int(cfg, "vae.batch_size", 1, "a positive integer")
+        _check_float(cfg, "vae.learning_rate", 0.0, lo_open=True, must="a finite number > 0")
+        _check_float(cfg, "vae.kl_weight", 0.0, must="a finite number >= 0")
+    if "text" in cfg:
+        _check_float(cfg, "text.dropout", 0.0, 1.0, must="a probability in [0, 1]")
+
+    if workdir is not None:
+        check_writable(workdir)
+
+
+def check_writable(folder: str, *, what: str = "work dir",
+                   fix: str = "pass --workdir a folder you can write to") -> None:
+    """Raise `ConfigError` unless files can be written in `folder` (or, when it does not exist
+    yet, in the nearest existing folder above it, where it would be created). A temporary probe
+    file is created and removed; nothing else is touched. `what` names the folder in the message,
+    `fix` says what to do."""
+    path = os.path.abspath(folder)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == path else f"lies under the file {existing}"
+        raise ConfigError(f"{what} {folder} {where}; {fix}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".jaxdiff-write-probe-", dir=existing)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ConfigError(f"{what} {folder} cannot be written ({reason} in {existing}); {fix}") from None

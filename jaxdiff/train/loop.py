@@ -39,6 +39,12 @@ _RESUME_SECTIONS = ("model", "diffusion", "data", "vae", "text")
 
 def _check_resumable(saved: dict, cfg) -> None:
     current = json.loads(json.dumps(cfg.to_dict()))  # as saved: tuples read back as lists
+    if "seed" in saved and saved["seed"] != current.get("seed"):
+        # The seed picks the initial weights and the data order: resuming with another would
+        # silently splice two different runs.
+        raise TrainingError(
+            f"the run in the work dir used seed {saved['seed']}, this config has seed {current.get('seed')}; "
+            f"pass --config.seed={saved['seed']} to resume it, or use a new --workdir")
     for section in _RESUME_SECTIONS:
         old, new = saved.get(section, {}), current.get(section, {})
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
@@ -154,7 +160,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
     """
     from tqdm.auto import tqdm
 
+    from jaxdiff import config as config_lib
+
+    config_lib.validate(cfg, workdir)             # one-line ConfigError before anything is built
     workdir = os.path.abspath(workdir)
+    # A run to resume: refuse another config before loading data, from the config.json it last
+    # started with (plain files: an orbax manager here would add a barrier to multi-process runs).
+    saved_json, steps_dir = os.path.join(workdir, "config.json"), checkpoint_dir(workdir)
+    if os.path.isfile(saved_json) and os.path.isdir(steps_dir) and any(d.isdigit() for d in os.listdir(steps_dir)):
+        with open(saved_json) as f:
+            _check_resumable(json.load(f), cfg)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding_lib.mesh_from_config(cfg.mesh, devices)
