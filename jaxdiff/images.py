@@ -62,8 +62,8 @@ def to_output(x, output_type: str):
 # Images handed in by users (img2img, inpainting).
 # --------------------------------------------------------------------------------------------
 
-def _repeat_to(arrays: np.ndarray, n: int, what: str) -> np.ndarray:
-    """[1 or n, ...] -> [n, ...]."""
+def repeat_to(arrays: np.ndarray, n: int, what: str) -> np.ndarray:
+    """[1 or n, ...] -> [n, ...] (a ValueError naming `what` for any other count)."""
     if arrays.shape[0] == n:
         return arrays
     if arrays.shape[0] == 1:
@@ -95,9 +95,9 @@ def _as_unit_floats(x: np.ndarray, what: str) -> np.ndarray:
     return np.clip(x, 0.0, 1.0)
 
 
-def read_images(image, n: int, height: int | None, width: int | None, multiple: int) -> np.ndarray:
+def read_images(image, n: int | None, height: int | None, width: int | None, multiple: int) -> np.ndarray:
     """PIL image(s), or arrays [B, H, W, 3] / [H, W, 3] of uint8 or floats in [0, 1] -> float32
-    [n, H, W, 3] in [-1, 1] (B must be 1 or n). PIL images are resized (Lanczos) to height x width
+    [n, H, W, 3] in [-1, 1] (B must be 1 or n; n=None keeps the B given). PIL images are resized (Lanczos) to height x width
     when both are given; H and W must be multiples of `multiple`."""
     pil = _pil_list(image)
     if pil is not None:
@@ -124,7 +124,8 @@ def read_images(image, n: int, height: int | None, width: int | None, multiple: 
         raise ValueError(f"image height and width must be multiples of {multiple} (and positive), got {h}x{w}; resize "
                          f"or crop it (e.g. to {max(multiple, h // multiple * multiple)}x"
                          f"{max(multiple, w // multiple * multiple)}, or pass height= and width= with a PIL image)")
-    return _repeat_to(x * 2.0 - 1.0, n, "image")
+    x = x * 2.0 - 1.0
+    return x if n is None else repeat_to(x, n, "image")
 
 
 def read_masks(mask, n: int, height: int, width: int) -> np.ndarray:
@@ -148,7 +149,7 @@ def read_masks(mask, n: int, height: int, width: int) -> np.ndarray:
         m = _as_unit_floats(m, "mask")
     if m.shape[1:3] != (height, width):
         raise ValueError(f"mask is {m.shape[1]}x{m.shape[2]} but the image is {height}x{width}; they must match")
-    return _repeat_to((m >= 0.5).astype(np.float32), n, "mask")
+    return repeat_to((m >= 0.5).astype(np.float32), n, "mask")
 
 
 # --------------------------------------------------------------------------------------------

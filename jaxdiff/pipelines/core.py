@@ -106,6 +106,7 @@ class Job:
     keep: (mask [N, ..., 1] with 1 = generate, known latents [N, *shape]): inpainting by blending.
     decode: latents [rows, *shape] (global array) -> images [rows, H, W, C] in [-1, 1]; None when
         the latents are the pixels. Make it one jitted function per pipeline.
+    image_shape: (H, W, C) of one decoded image (default: `shape`), for the memory check.
     batch_size: images per compiled call (None: all N at once).
     peak_bytes: `peak_bytes(rows)` -> a lower bound of the memory one network call on `rows` rows
         needs; with it, a request that cannot fit is refused before anything is compiled.
@@ -125,6 +126,7 @@ class Job:
     x0: np.ndarray | None = None
     keep: tuple | None = None
     decode: Callable | None = None
+    image_shape: tuple[int, ...] | None = None
     batch_size: int | None = None
     peak_bytes: Callable[[int], int] | None = None
 
@@ -188,7 +190,8 @@ def run(job: Job, mesh, *, output_type: str = "np", progress: bool = False, desc
     n = int(job.num)
     size = int(job.batch_size or n)
     starts = list(range(0, n, size))
-    check_memory(job, mesh, min(size, n), output_type)
+    check_memory(mesh, n, job.shape, rows=min(size, n), image_shape=job.image_shape, peak_bytes=job.peak_bytes,
+                 inputs=(job.x0 is not None) + (job.keep is not None))
     noise = job.noise if job.noise is not None else np.asarray(jax.random.normal(noise_key(job.seed), (n,) + tuple(job.shape)))
     noise = np.asarray(noise, np.float32)
     bar = _Progress(desc, len(starts), enabled=progress and jax.process_index() == 0)
@@ -294,35 +297,40 @@ def _gib(n: float) -> str:
     return f"{n / 2 ** 30:.1f} GiB"
 
 
-def check_memory(job: Job, mesh, rows: int, output_type: str) -> None:
-    """Refuse (one ValueError line) a request whose lower-bound memory exceeds what is free: the
-    host arrays of all N images, and one network call on a batch of `rows` images (spread over
-    the mesh's batch shards; on CPU all devices share the host's memory)."""
-    n = int(job.num)
-    latent = math.prod(job.shape) * 4
-    host = n * latent * 2                                                 # noise + results
-    if job.x0 is not None or job.keep is not None:
-        host += n * latent
+def check_memory(mesh, num: int, shape, *, rows: int | None = None, image_shape=None, inputs: int = 0,
+                 peak_bytes: Callable[[int], int] | None = None) -> None:
+    """Refuse (one ValueError line) a request whose lower-bound memory exceeds what is free.
+
+    num images with latents of `shape` and results of `image_shape` (default: `shape`): the host
+    holds their noise, their results and `inputs` more latent arrays (start images, masks); and
+    one network call on `rows` images (default: num) needs `peak_bytes(rows)`, spread over the
+    mesh's batch shards (on CPU every device shares the host's memory). Front ends call this
+    before they build per-image inputs, so an impossible request costs nothing."""
+    num = int(num)
+    latent = math.prod(shape) * 4
+    image = math.prod(image_shape or shape) * 4
+    host = num * (latent * (2 + inputs) + image)
     host_free = _host_available_bytes()
+    size = "x".join(str(d) for d in (image_shape or shape)[:2])
     if host_free is not None and host > host_free:
-        raise ValueError(f"{n} images need at least {_gib(host)} of host memory for their latents alone and "
-                         f"{_gib(host_free)} is free; ask for fewer images")
-    if job.peak_bytes is None:
+        raise ValueError(f"{num} images of {size} need at least {_gib(host)} of host memory for their latents and "
+                         f"results alone and {_gib(host_free)} is free; ask for fewer or smaller images")
+    if peak_bytes is None:
         return
-    padded = sharding_lib.padded_batch(rows, mesh)
+    padded = sharding_lib.padded_batch(num if rows is None else int(rows), mesh)
     devices = list(mesh.devices.flat)
     if devices[0].platform == "cpu":
-        need, free, where = job.peak_bytes(padded), host_free, "host memory"
+        need, free, where = peak_bytes(padded), host_free, "host memory"
     else:
         per_device = padded // sharding_lib.batch_shards(mesh)
-        need = job.peak_bytes(per_device)
+        need = peak_bytes(per_device)
         frees = [f for f in (_device_available_bytes(d) for d in devices if d.process_index == jax.process_index())
                  if f is not None]
         free, where = (min(frees) if frees else None), f"memory per {devices[0].platform} device"
     if free is not None and need > free:
-        h, w = job.shape[:2]
-        raise ValueError(f"one network call on {padded} images of {h}x{w} latents needs at least {_gib(need)} and "
-                         f"{_gib(free)} of {where} is free; lower the batch (batch_size / --num) or the image size")
+        raise ValueError(f"one network call on {padded} images of {size} needs at least {_gib(need)} and "
+                         f"{_gib(free)} of {where} is free; lower the images per call (batch_size, --num) or "
+                         "their size (height, width)")
 
 
 def unet_peak_bytes(unet, height: int, width: int, guided_call: bool) -> Callable[[int], int]:

@@ -96,7 +96,7 @@ def write_run_samples(run, params, name: str = "samples.png", final: bool = True
                                                                                    task.labels[:1000])
         result["accuracy"] = {}
     for s in scales:
-        pictures = sample_images(run, params, ids, s, cfg.seed, progress=final)        # [N, H, W, C] in [0, 1]
+        pictures = sample_images(run, params, ids, s, cfg.seed, progress=final and run.progress)        # [N, H, W, C] in [0, 1]
         path = name if s == scales[0] else f"samples_guidance_{s:g}.png"
         images_lib.save_grid(images_lib.to_uint8(pictures), os.path.join(workdir, path), ncols=10)
         if classifier is not None:

@@ -118,16 +118,19 @@ class DiffusionModel:
         num_steps = renamed.pop("num_steps", num_steps)
         if renamed:
             raise ValueError(f"DiffusionModel.sample has no option {', '.join(renamed)} (num is the number of images)")
+        scale = core.check_scale("guidance_scale", guidance_scale, optional=True)
+        if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
+            raise ValueError(f"the number of images must be a positive integer, got {num!r}")
+        h, w = self.image_shape[:2]
+        peak = core.unet_peak_bytes(self.module, h, w, core.guided(scale))
+        core.check_memory(self.mesh, num, self.image_shape, rows=min(batch_size or num, num), peak_bytes=peak)
         labels = self._check_labels(labels, num)
         plan = self.plan(sampler, num_steps, **sampler_options)
         params = self.ema_params if use_ema else self.params
-        scale = core.check_scale("guidance_scale", guidance_scale, optional=True)
-        h, w = self.image_shape[:2]
         job = core.Job(
             network=self._network, params=params, sampler=plan, shape=self.image_shape, num=num, seed=seed,
             cond=labels, uncond=None if labels is None else np.full((1,), self.num_classes, np.int32),
-            guidance_scale=scale, batch_size=batch_size,
-            peak_bytes=core.unet_peak_bytes(self.module, h, w, core.guided(scale)))
+            guidance_scale=scale, batch_size=batch_size, peak_bytes=peak)
         return core.run(job, self.mesh, output_type=output_type, progress=progress)
 
     def plan(self, sampler: str | None = None, num_steps: int = 50, **options: Any):
@@ -213,6 +216,6 @@ def write_run_samples(run, params, name: str, final: bool = True) -> str:
     pictures = model.sample(cfg.sample.num, sampler=cfg.sample.sampler, num_steps=cfg.sample.steps,
                             seed=cfg.seed, labels=labels,
                             guidance_scale=cfg.sample.guidance_scale if labels is not None else None,
-                            progress=final)
+                            progress=final and run.progress)
     return images_lib.save_grid(pictures, os.path.join(run.workdir, name),
                                 ncols=model.num_classes if labels is not None else None)

@@ -334,6 +334,16 @@ class StableDiffusion:
         num_steps = options_lib.check_steps(num_steps)
         return samplers.get(name, self.schedule, num_steps, max_steps=max(self.max_steps, num_steps), **opts)
 
+    def _check_fits(self, opts: GenerateOptions, prompt, height: int, width: int, inputs: int = 0) -> int:
+        """N = len(prompts) * num_images, after checking that N images of height x width can fit
+        (`core.check_memory`) before any of them is encoded."""
+        n = len(_prompts(prompt)) * opts.num_images
+        f = self.vae_scale_factor
+        shape = (height // f, width // f, self.latent_channels)
+        core.check_memory(self.mesh, n, shape, image_shape=(height, width, 3), inputs=inputs,
+                          peak_bytes=core.unet_peak_bytes(self.unet, shape[0], shape[1], core.guided(opts.guidance_scale)))
+        return n
+
     def _run(self, opts: GenerateOptions, prompt, negative_prompt, height: int, width: int, *, start_step: int = 0,
              x0=None, extra=None, keep=None):
         """Encode the prompts and hand the core the job (see the module docstring)."""
@@ -355,7 +365,7 @@ class StableDiffusion:
                        guidance_scale=opts.guidance_scale, guidance_rescale=opts.guidance_rescale,
                        noise=None if opts.latents is None else np.asarray(opts.latents, np.float32),
                        x0=x0, keep=keep, decode=functools.partial(self._decode_fn, self.params["vae"]),
-                       peak_bytes=core.unet_peak_bytes(self.unet, shape[0], shape[1], guided))
+                       image_shape=(height, width, 3), peak_bytes=core.unet_peak_bytes(self.unet, shape[0], shape[1], guided))
         return core.run(job, self.mesh, output_type=opts.output_type, progress=opts.progress)
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
@@ -365,6 +375,7 @@ class StableDiffusion:
         seed, num_images, height, width, latents, output_type="pil", ...) and sampler options."""
         opts = GenerateOptions.parse(options)
         height, width = self._size(opts.height, opts.width)
+        self._check_fits(opts, prompt, height, width)
         return self._run(opts, prompt, negative_prompt, height, width)
 
     generate = __call__
@@ -397,8 +408,9 @@ class StableDiffusion:
         """
         opts = GenerateOptions.parse(options)
         start = self._start_step(opts.num_steps, strength)
-        n = len(_prompts(prompt)) * opts.num_images
-        pixels = images_lib.read_images(image, n, opts.height, opts.width, self.size_multiple)
+        pixels = images_lib.read_images(image, None, opts.height, opts.width, self.size_multiple)
+        n = self._check_fits(opts, prompt, *pixels.shape[1:3], inputs=1)
+        pixels = images_lib.repeat_to(pixels, n, "image")
         x0 = self.encode_images(pixels, key=core.image_key(opts.seed, 1) if sample_posterior else None)
         h, w = pixels.shape[1:3]
         return self._run(opts, prompt, negative_prompt, h, w, start_step=start, x0=x0)
@@ -427,9 +439,10 @@ class StableDiffusion:
         opts = GenerateOptions.parse(options)
         strength = core.check_scale("strength", strength, lo=0.0, hi=1.0)
         start = self._start_step(opts.num_steps, strength) if strength < 1.0 else 0
-        n = len(_prompts(prompt)) * opts.num_images
-        pixels = images_lib.read_images(image, n, opts.height, opts.width, self.size_multiple)
+        pixels = images_lib.read_images(image, None, opts.height, opts.width, self.size_multiple)
         h, w = pixels.shape[1:3]
+        n = self._check_fits(opts, prompt, h, w, inputs=2)
+        pixels = images_lib.repeat_to(pixels, n, "image")
         full_mask = images_lib.read_masks(mask, n, h, w)                                 # [N, H, W, 1] in {0, 1}
         f = self.vae_scale_factor
         small_mask = full_mask[:, ::f, ::f]                                              # [N, h, w, 1], nearest

@@ -34,13 +34,15 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 
 class Run(NamedTuple):
-    """A run as the sample writers see it: its config, work dir, task, network and schedule."""
+    """A run as the sample writers see it: its config, work dir, task, network and schedule, and
+    whether progress bars are wanted."""
 
     cfg: ml_collections.ConfigDict
     workdir: str
     task: Any
     model: Any
     schedule: Any
+    progress: bool = True
 
 
 def _model_overrides(cfg: ml_collections.ConfigDict) -> dict:

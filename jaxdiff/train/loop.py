@@ -179,7 +179,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
     tx = build.build_optimizer(cfg)
     config_json = build.run_config_json(cfg, task.image_shape, model.num_classes, task.context_dim)
     trainer = build.build_trainer(cfg, mesh, model, schedule, tx, task.image_shape, task.condition(cfg, model))
-    run = build.Run(cfg=cfg, workdir=workdir, task=task, model=model, schedule=schedule)
+    run = build.Run(cfg=cfg, workdir=workdir, task=task, model=model, schedule=schedule, progress=progress)
     _say(f"data: {task.summary}")
 
     ckpt = Checkpointer(checkpoint_dir(workdir), max_to_keep=cfg.train.keep_checkpoints,
