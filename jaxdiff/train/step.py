@@ -1,8 +1,9 @@
 """The denoising loss and the pure training step.
 
 Loss (Ho et al. 2020, eq. 14, generalised to any prediction target): draw t ~ U{0..T-1} and
-eps ~ N(0, I), form x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, and regress the network output
-on the target of the chosen parameterisation (eps, x0 or v), optionally weighted per example by
+eps ~ N(0, I), form x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (`parameterization.diffuse`), and
+regress the network output on the target of the chosen parameterisation (eps, x0 or v,
+`parameterization.target`), optionally weighted per example by
 min-SNR-gamma (Hang et al. 2023). Options are resolved when the step is built, so the traced step
 itself has no flag branching.
 """
@@ -112,12 +113,11 @@ def make_loss_fn(apply_fn: Callable, alphas_cumprod: jax.Array, *, prediction_ty
         t = jax.random.randint(k_t, (x0.shape[0],), 0, num_t)          # [B]
         eps = jax.random.normal(k_eps, x0.shape, jnp.float32)
         abar = alphas_cumprod[t]                                       # [B]
-        ab = abar.reshape((-1,) + (1,) * (x0.ndim - 1))                # [B, 1, 1, 1]
-        x_t = jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * eps
+        x_t = parameterization.diffuse(x0, eps, abar)                  # [B, H, W, C]
         cond = condition(batch, k_lab)
         pred = apply_fn({"params": params}, x_t, t.astype(jnp.float32),
                         train=True, rngs={"dropout": k_drop}, **cond)
-        target = parameterization.target(prediction_type, x0, eps, ab)
+        target = parameterization.target(prediction_type, x0, eps, abar)
         per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target),
                                axis=tuple(range(1, x0.ndim)))          # [B]
         return jnp.mean(weight_fn(abar) * per_example)
