@@ -25,10 +25,10 @@ from jaxdiff.models.text import CLIPTextEncoder
 from jaxdiff.models.tokenizer import CLIPTokenizer
 from jaxdiff.models.unet import UNet
 from jaxdiff.models.vae import AutoencoderKL
+from conftest import write_clip_tokenizer
 
 WEIGHTS = unet_convert.WEIGHTS_NAME
 INDEX = WEIGHTS + ".index.json"
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 
 def _random_params(module, *args, **kwargs):
@@ -262,20 +262,8 @@ def test_truncated_or_lying_safetensors_is_one_line(unet_dir, tamper, says):
 
 def _tokenizer_dir(root):
     """A minimal CLIP tokenizer folder: byte vocabulary, no merges, BOS and EOS."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    extra = [b for b in range(256) if b not in printable]
-    base = [chr(c) for c in printable + [256 + i for i in range(len(extra))]]
-    tokens = base + [c + "</w>" for c in base] + [BOS, EOS]
-    d = root / "tokenizer_src"
-    d.mkdir()
-    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}),
-                                  encoding="utf-8")
-    (d / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    (d / "tokenizer_config.json").write_text(json.dumps(
-        {"model_max_length": 8, "pad_token": EOS, "bos_token": BOS, "eos_token": EOS,
-         "unk_token": EOS}))
-    return d
+    write_clip_tokenizer(root / "tokenizer_src", max_length=8)
+    return root / "tokenizer_src"
 
 
 @pytest.mark.parametrize("name", ["vocab.json", "merges.txt", "tokenizer_config.json",
@@ -328,8 +316,8 @@ def pipeline_dir(tmp_path, unet_params):
     os.symlink(tmp_path / "secret.txt", tok / "notes.txt")  # not a tokenizer file: never copied
     out = tmp_path / "pipe"
     assert folder_convert.save_pretrained(out, components, tokenizer_dir=tok) == []
-    assert sorted(os.listdir(out / "tokenizer")) == ["merges.txt", "tokenizer_config.json",
-                                                     "vocab.json"]
+    assert sorted(os.listdir(out / "tokenizer")) == ["merges.txt", "special_tokens_map.json",
+                                                     "tokenizer_config.json", "vocab.json"]
     return out
 
 

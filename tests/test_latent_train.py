@@ -16,14 +16,9 @@ from jaxdiff import data as data_lib
 from jaxdiff.models.vae import vae_latents
 from jaxdiff.train import build, frozen, latent, loop
 from jaxdiff.train.step import context_condition, make_loss_fn, make_train_step
+from conftest import assert_resumes_bit_exact
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "digits_text.py")
-
-
-def _tree_equal(a, b) -> bool:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(
-        x.shape == y.shape and np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
 
 
 def _tiny_config():
@@ -206,16 +201,7 @@ def test_resume_is_bit_exact(tiny_config, prepared, tmp_path):
     cfg = tiny_config
     _workdir_from(prepared, tmp_path / "full")
     _workdir_from(prepared, tmp_path / "split")
-    full = loop.train(cfg, str(tmp_path / "full"), progress=False, write_samples=False)
-    cfg.train.steps = 3
-    loop.train(cfg, str(tmp_path / "split"), progress=False, write_samples=False)
-    cfg.train.steps = 6
-    resumed = loop.train(cfg, str(tmp_path / "split"), progress=False, write_samples=False)
-    assert int(resumed.step) == int(full.step) == 6
-    for name in ("params", "ema_params", "opt_state", "rng"):
-        assert _tree_equal(getattr(full, name), getattr(resumed, name)), name
-    rows = [json.loads(l) for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert_resumes_bit_exact(cfg, tmp_path / "full", tmp_path / "split")
     cfg.text.dropout = 0.5
     with pytest.raises(loop.TrainingError, match="text.dropout"):
         loop.train(cfg, str(tmp_path / "split"), progress=False, write_samples=False)

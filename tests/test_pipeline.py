@@ -7,20 +7,12 @@ import pytest
 
 import jaxdiff
 from jaxdiff import sampling, samplers
-from jaxdiff.train import loop
+from conftest import train_tiny_run
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    from jaxdiff import config as config_lib
-    c = config_lib.get_config()
-    c.data.batch_size = 16
-    c.train.steps = 4
-    c.train.checkpoint_every = 4
-    c.optim.warmup_steps = 1
-    work = tmp_path_factory.mktemp("run")
-    loop.train(c, str(work), progress=False, write_samples=False)
-    return jaxdiff.load(str(work))
+    return jaxdiff.load(train_tiny_run(tmp_path_factory.mktemp("run"), batch_size=16, steps=4))
 
 
 def test_loaded_model_has_config_params_and_ema(model):

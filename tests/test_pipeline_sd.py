@@ -2,7 +2,6 @@
 from the same tiny random components and loaded from the folder diffusers saves."""
 
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli
+from conftest import randomise_unit_gain, run_cli, write_clip_tokenizer
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -26,7 +25,6 @@ from jaxdiff.errors import CheckpointError  # noqa: E402
 from jaxdiff.convert import scheduler as scheduler_convert  # noqa: E402
 from jaxdiff.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 N, SIZE, STEPS = 2, 16, 4          # images per call, pixels per side (latents 8x8), sampler steps
 LATENT = (N, SIZE // 2, SIZE // 2, 4)
 PROMPT = "a cat"
@@ -36,50 +34,15 @@ PROMPT = "a cat"
 # tiny diffusers components
 
 
-def _bytes_to_unicode():
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    extra = [b for b in range(256) if b not in printable]
-    chars = printable + [256 + i for i in range(len(extra))]
-    return {b: chr(c) for b, c in zip(printable + extra, chars)}
-
-
 def _tokenizer(folder):
     """A CLIP tokenizer folder with the byte vocabulary, a few merges, BOS and EOS (EOS pads)."""
-    folder.mkdir()
-    base = list(_bytes_to_unicode().values())
     merges = [("a", "t</w>"), ("c", "at</w>"), ("o", "g</w>"), ("d", "og</w>")]
-    tokens = base + [c + "</w>" for c in base] + ["".join(m) for m in merges] + [BOS, EOS]
-    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges),
-                                       encoding="utf-8")
-    token = lambda s: {"content": s, "lstrip": False, "normalized": True,  # noqa: E731
-                       "rstrip": False, "single_word": False}
-    (folder / "special_tokens_map.json").write_text(json.dumps(
-        {"bos_token": token(BOS), "eos_token": token(EOS), "pad_token": token(EOS), "unk_token": token(EOS)}))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"model_max_length": 77, "do_lower_case": True, "tokenizer_class": "CLIPTokenizer", "pad_token": EOS}))
-    return transformers.CLIPTokenizer.from_pretrained(str(folder)), len(vocab)
+    vocab_size = write_clip_tokenizer(folder, merges=merges)
+    return transformers.CLIPTokenizer.from_pretrained(str(folder)), vocab_size
 
 
 def _randomise(model, seed):
-    """Unit-gain weights, norms and biases away from 1 and 0, peaked attention: a wrong mapping
-    anywhere changes the images by O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.3 * r)
-            elif name.endswith("bias"):
-                p.copy_(0.3 * r)
-            elif "embedding" in name and "time" not in name:
-                p.copy_(r)
-            else:
-                gain = 2.0 if any(k in name for k in (".to_q.", ".to_k.", "q_proj", "k_proj")) else 1.0
-                p.copy_(gain / math.sqrt(p[0].numel()) * r)
-    return model.eval()
+    return randomise_unit_gain(model, seed).eval()
 
 
 def _components(tmp, in_channels, scheduler):

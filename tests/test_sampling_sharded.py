@@ -4,6 +4,7 @@ the device or process count; batches the mesh does not divide are padded and cut
 
 import json
 import os
+import pathlib
 import socket
 import subprocess
 import sys
@@ -14,10 +15,9 @@ import pytest
 from PIL import Image
 
 import jaxdiff
-from conftest import run_python
+from conftest import run_python, train_tiny_run
 from jaxdiff import images as images_lib
 from jaxdiff import sharding
-from jaxdiff.train import loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,15 +32,8 @@ CASES = {
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """A work dir holding a 2-step tiny class-conditional pixel model."""
-    from jaxdiff import config as config_lib
-    c = config_lib.get_config()
-    c.data.batch_size = 8
-    c.train.steps = 2
-    c.train.checkpoint_every = 2
-    c.optim.warmup_steps = 1
-    work = tmp_path_factory.mktemp("run")
-    loop.train(c, str(work), devices=jax.devices()[:1], progress=False, write_samples=False)
-    return work
+    return pathlib.Path(train_tiny_run(tmp_path_factory.mktemp("run"), batch_size=8, steps=2,
+                                       devices=jax.devices()[:1]))
 
 
 @pytest.fixture(scope="module")

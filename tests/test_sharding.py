@@ -441,7 +441,7 @@ def test_dp_fsdp_and_fsdp_tp_on_8_devices_match_1_device(tmp_path):
 
 
 def _overrides(steps):
-    return [f"--config.data.image_size=16", "--config.data.batch_size=16", f"--config.train.steps={steps}",
+    return ["--config.data.image_size=16", "--config.data.batch_size=16", f"--config.train.steps={steps}",
             "--config.train.log_every=1", "--config.train.checkpoint_every=1000",
             "--config.optim.warmup_steps=2", "--config.sample.num=4", "--config.sample.steps=3"]
 

@@ -26,8 +26,8 @@ from jaxdiff.convert import unet as unet_convert  # noqa: E402
 from jaxdiff.convert import vae as vae_convert  # noqa: E402
 from jaxdiff.convert.folder import save_pretrained  # noqa: E402
 from jaxdiff.errors import CheckpointError  # noqa: E402
+from conftest import write_clip_tokenizer  # noqa: E402
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 VOCAB = 600
 
 # name -> (U-Net width, linear projections, in_channels, text width, text layers, activation)
@@ -329,20 +329,8 @@ def test_half_precision_file(sd1, tmp_path):
 
 def _tokenizer_dir(root):
     """A minimal CLIP tokenizer folder: byte vocabulary, no merges, BOS and EOS."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    extra = [b for b in range(256) if b not in printable]
-    base = [chr(c) for c in printable + [256 + i for i in range(len(extra))]]
-    tokens = base + [c + "</w>" for c in base] + [BOS, EOS]
-    d = root / "tokenizer_src"
-    d.mkdir()
-    (d / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}),
-                                  encoding="utf-8")
-    (d / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
-    (d / "tokenizer_config.json").write_text(json.dumps(
-        {"model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "pad_token": EOS,
-         "bos_token": BOS, "eos_token": EOS, "unk_token": EOS}))
-    return d
+    write_clip_tokenizer(root / "tokenizer_src", max_length=77)
+    return root / "tokenizer_src"
 
 
 def test_pipeline_folder_loads_in_diffusers(case, tmp_path):

@@ -11,10 +11,10 @@ import pytest
 
 from jaxdiff.errors import CheckpointError
 from jaxdiff.models.tokenizer import CLIPTokenizer
+from conftest import BOS, EOS, bytes_to_unicode
 
 regex = pytest.importorskip("regex")
 
-BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 CORPUS = [
     "a photo of a cat sitting on a mat", "an astronaut riding a horse on the moon, 4k, trending",
@@ -45,15 +45,6 @@ TEXTS = [
 ]
 
 
-def _bytes_to_unicode():
-    """GPT-2's reversible byte -> printable character table (OpenAI's CLIP uses the same)."""
-    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-                 + list(range(ord("®"), ord("ÿ") + 1)))
-    extra = [b for b in range(256) if b not in printable]
-    chars = printable + [256 + i for i in range(len(extra))]
-    return {b: chr(c) for b, c in zip(printable + extra, chars)}
-
-
 def _train_merges():
     """BPE merges learnt on CORPUS with CLIP's normaliser and pre-tokeniser."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
@@ -79,7 +70,7 @@ def bpe_files(tmp_path_factory):
     merges.txt, special_tokens_map.json, tokenizer_config.json), same vocabulary, with the
     vocabulary ordered as OpenAI's: 256 bytes, 256 bytes + </w>, merges, then BOS and EOS."""
     merges = _train_merges()
-    base = list(_bytes_to_unicode().values())
+    base = list(bytes_to_unicode().values())
     tokens = base + [c + "</w>" for c in base] + ["".join(m) for m in merges] + [BOS, EOS]
     vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
     root = tmp_path_factory.mktemp("tok")
@@ -107,7 +98,7 @@ def _reference_ids(text, vocab, ranks, specials, max_length=77):
     """OpenAI's CLIP tokenizer in plain Python (without ftfy and HTML unescaping, like
     transformers), with the special tokens split out of the raw text first as transformers
     does. Returns the padded row as transformers' `padding="max_length", truncation=True`."""
-    byte_char = _bytes_to_unicode()
+    byte_char = bytes_to_unicode()
     pattern = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
                             r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)
 

@@ -8,16 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import run_python
+from conftest import assert_resumes_bit_exact, run_python
 from jaxdiff import sharding
 from jaxdiff.train import build, loop
 from jaxdiff.train.step import make_loss_fn, make_train_step, min_snr_weight
-
-
-def _tree_equal(a, b) -> bool:
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    return len(la) == len(lb) and all(
-        x.shape == y.shape and np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
 
 
 def test_min_snr_weights_closed_form():
@@ -56,22 +50,7 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch(small_config, prediction_ty
 
 def test_resume_is_bit_exact(small_config, tmp_path):
     """train N == train k, stop, resume, train N-k: every array of the state, bit for bit."""
-    cfg = small_config
-    full = loop.train(cfg, str(tmp_path / "full"), progress=False, write_samples=False)
-
-    cfg.train.steps = 3
-    loop.train(cfg, str(tmp_path / "split"), progress=False, write_samples=False)
-    cfg.train.steps = 6
-    resumed = loop.train(cfg, str(tmp_path / "split"), progress=False, write_samples=False)
-
-    assert int(resumed.step) == int(full.step) == 6
-    for name in ("params", "ema_params", "opt_state", "rng"):
-        assert _tree_equal(getattr(full, name), getattr(resumed, name)), name
-    # The logs of the resumed run read as one run.
-    rows = [json.loads(l) for l in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
-    full_rows = [json.loads(l) for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert [r["loss"] for r in rows] == [r["loss"] for r in full_rows]
+    assert_resumes_bit_exact(small_config, tmp_path / "full", tmp_path / "split")
 
 
 def test_resume_refuses_a_different_model(small_config, tmp_path):

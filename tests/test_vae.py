@@ -16,6 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 from jaxdiff.convert import tensors as T  # noqa: E402
 from jaxdiff.convert import vae as convert  # noqa: E402
 from jaxdiff.errors import CheckpointError  # noqa: E402
+from conftest import randomise_unit_gain  # noqa: E402
 from jaxdiff.models.vae import (  # noqa: E402
     DiagonalGaussian,
     StableDiffusionVAE,
@@ -41,20 +42,7 @@ SD_CONFIG = {
 
 
 def _randomise(model, seed=0):
-    """Weights of unit gain (std 1/sqrt(fan_in)), norms and biases far from 1 and 0, and a
-    peaked softmax (larger query/key weights), so any wrong mapping changes outputs by O(1)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if "norm" in name and name.endswith("weight"):
-                p.copy_(1.0 + 0.3 * r)
-            elif name.endswith("bias"):
-                p.copy_(0.3 * r)
-            else:
-                gain = 2.0 if (".to_q." in name or ".to_k." in name) else 1.0
-                p.copy_(gain / math.sqrt(p[0].numel()) * r)
-    return model
+    return randomise_unit_gain(model, seed)
 
 
 def _nchw(x):
