@@ -6,7 +6,9 @@ Layout of a work dir:
     WORKDIR/checkpoints/<step>/    state/ (arrays), data/ (iterator state), config/ (JSON)
 
 Saving is asynchronous (the step loop goes on while arrays are written) and atomic (a step
-directory appears only once complete); `max_to_keep` old steps are kept. Arrays are restored onto
+directory appears only once complete); `max_to_keep` old steps are kept. A state with NaN/Inf is
+never saved: `save` first checks every float leaf on its devices (one jitted reduction, a few
+bytes back to the host; its first call per state layout compiles, then is cached like any jit). Arrays are restored onto
 whatever shardings the caller asks for, so a checkpoint written on one mesh (8 devices, `dp`)
 loads onto another (4 devices, `fsdp`), and one written by N processes loads in M.
 """
@@ -19,10 +21,13 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
+import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
-from jaxdiff.errors import CheckpointError
+from jaxdiff.errors import CheckpointError, TrainingError
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -49,12 +54,78 @@ def resolve(path: str) -> tuple[str, int | None]:
         f"or a checkpoints/<step> folder")
 
 
+# ---------------------------------------------------------------------------------------------
+# Finiteness: one on-device reduction per group of co-located leaves.
+
+
+@jax.jit
+def _nonfinite_counts(leaves: list) -> jax.Array:
+    """[n, 2] float32: NaN and Inf counts of each leaf (float32 counts: exact below 2**24, never 0
+    when a value is non-finite)."""
+    return jnp.stack([jnp.stack([jnp.sum(jnp.isnan(x), dtype=jnp.float32),
+                                 jnp.sum(jnp.isinf(x), dtype=jnp.float32)]) for x in leaves])
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _share(n: float, total: int) -> str:
+    if n >= total:
+        return "100% of values are"
+    if n / total >= 0.01:
+        return f"{100 * n / total:.0f}% of values are"
+    return f"{int(n):,} of {total:,} values are" if n != 1 else f"1 of {total:,} values is"
+
+
+def nonfinite_summary(tree: Any) -> str | None:
+    """None when every float leaf of `tree` is finite; else one line per top-level part, e.g.
+    "params: 37% of values are NaN (first in params/dense/kernel); opt_state: 2 of 9,000 values
+    are Inf (first in opt_state/1/0/nu/dense/kernel)".
+
+    Works on sharded global arrays in multi-process runs: the counts are reduced on the devices
+    (jit, one call per set of devices, [leaves, 2] floats back), so every process gets the same
+    answer and no parameter is copied to the host. Integer leaves (step, counters) and PRNG keys
+    are not checked."""
+    flat = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not flat:
+        return None
+    groups: dict[Any, list[int]] = {}
+    for i, (_, x) in enumerate(flat):
+        key = frozenset(d.id for d in x.sharding.device_set) if isinstance(x, jax.Array) else None
+        groups.setdefault(key, []).append(i)
+    counts = np.zeros((len(flat), 2), np.float64)
+    for idx in groups.values():
+        counts[idx] = _to_host(_nonfinite_counts([flat[i][1] for i in idx]))
+    if not counts.any():
+        return None
+    parts: dict[str, list] = {}  # part -> [nan, inf, total, first bad leaf]
+    for (path, x), (nan, inf) in zip(flat, counts):
+        part = jax.tree_util.keystr(path[:1], simple=True, separator="/") or "state"
+        p = parts.setdefault(part, [0.0, 0.0, 0, None])
+        p[0] += nan
+        p[1] += inf
+        p[2] += int(np.prod(x.shape))
+        if (nan or inf) and p[3] is None:
+            p[3] = jax.tree_util.keystr(path, simple=True, separator="/")
+    out = []
+    for part, (nan, inf, total, first) in parts.items():
+        kinds = [f"{_share(n, total)} {name}" for n, name in ((nan, "NaN"), (inf, "Inf")) if n]
+        if kinds:
+            out.append(f"{part}: {' and '.join(kinds)} (first in {first})")
+    return "; ".join(out)
+
+
 class Checkpointer:
     """Save and restore (train state, data-iterator state, config) by step."""
 
     def __init__(self, directory: str, *, max_to_keep: int = 3, async_save: bool = True,
                  read_only: bool = False, save_every: int = 1):
         self.directory = os.path.abspath(directory)
+        self.read_only = read_only
         # `should_save(step)`: every `save_every` steps, and at the step where all processes
         # agree to stop after a preemption notice (JAX's preemption sync point, multi-host).
         policy = ocp.checkpoint_managers.AnySavePolicy([
@@ -81,12 +152,35 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return list(self._manager.all_steps())
 
-    def save(self, step: int, state: Any, data_iterator: Any, config_json: str) -> None:
+    def check_finite(self, state: Any, step: int) -> None:
+        """Raise TrainingError (one line: which parts hold NaN/Inf, that nothing was saved, and the
+        newest intact step) unless every float leaf of `state` is finite. Every process reaches
+        the same decision (see `nonfinite_summary`); call it on every process."""
+        summary = nonfinite_summary(state)
+        if summary is None:
+            return
+        self._manager.wait_until_finished()  # a save in flight completes before it is named
+        latest = self._manager.latest_step()
+        kept = (f"the newest checkpoint, step {latest} in {self.directory}, is intact"
+                if latest is not None else f"{self.directory} holds no checkpoint yet")
+        raise TrainingError(
+            f"refusing to save step {step}, the state is not finite: {summary}; nothing was "
+            f"saved and {kept}. Lower --config.optim.learning_rate or enable "
+            f"--config.optim.grad_clip, then resume")
+
+    def save(self, step: int, state: Any, data_iterator: Any, config_json: str, *,
+             check_finite: bool = True) -> None:
         """Start writing checkpoint `step`; returns before the arrays are on disk (see `wait`).
 
-        The data iterator's position is captured now (one small JSON file per process), so the
-        loop may advance it while the arrays are still being written.
+        First `check_finite(state, step)` (unless check_finite=False): a state with NaN/Inf
+        raises TrainingError and nothing is written. The data iterator's position is captured
+        now (one small JSON file per process), so the loop may advance it while the arrays are
+        still being written.
         """
+        if self.read_only:
+            raise CheckpointError(f"{self.directory} was opened read-only; it cannot save step {step}")
+        if check_finite:
+            self.check_finite(state, step)
         self._manager.save(step, force=True, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             data=grain.checkpoint.CheckpointSave(data_iterator),
