@@ -41,9 +41,15 @@ and `verify=False` (restore) skip it.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import gc
 import hashlib
 import json
+import logging
 import os
+import sys
+import time
+import traceback
 import warnings
 from typing import Any, Callable
 
@@ -249,7 +255,72 @@ def _structure_problem(folder: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# One decision for all processes.
+# Quiet orbax, one decision for all processes.
+
+# orbax log lines that say nothing to a jaxdiff user: read-only option notes, and a missing
+# metadata file of a step that jaxdiff reports itself when it skips it.
+_ORBAX_NOTES = ("CheckpointManagerOptions.read_only=True, setting", "Given directory is read only",
+                "Metadata file does not exist")
+
+
+class _DropOrbaxNotes(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno <= logging.WARNING and str(record.msg).startswith(_ORBAX_NOTES))
+
+
+@contextlib.contextmanager
+def _quiet_orbax():
+    """Drop orbax's notes (above) while inside; every other log record passes."""
+    logger, note_filter = logging.getLogger("absl"), _DropOrbaxNotes()
+    logger.addFilter(note_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note_filter)
+
+
+class _ReadEchoes:
+    """Drops the echoes of a failed orbax read that Python prints as "Exception ignored in: ...".
+
+    When orbax fails to read one array it closes its event loop with the other reads pending.
+    Each pending read then echoes the failure at an arbitrary later moment: its coroutine, when
+    the garbage collector finalises it ("Exception ignored in: <coroutine
+    _read_array_index_and_device_put>"), and tensorstore's completion callback, which finds the
+    loop closed ("Event loop is closed" from `call_soon_threadsafe`). The failure itself was
+    raised to, and reported by, `restore`. Installed at the first failed read, removed by `close`
+    after the pending reads have settled; every other unraisable passes."""
+
+    def __init__(self):
+        self._previous = None
+
+    def install(self) -> None:
+        if self._previous is None:
+            self._previous = sys.unraisablehook
+            sys.unraisablehook = self._hook
+
+    def remove(self) -> None:
+        if self._previous is None:
+            return
+        gc.collect()
+        time.sleep(0.1)  # local reads settle in milliseconds; only after a failed read
+        gc.collect()
+        if sys.unraisablehook == self._hook:
+            sys.unraisablehook = self._previous
+        self._previous = None
+
+    def _hook(self, unraisable) -> None:
+        if not self._is_echo(unraisable):
+            (self._previous or sys.__unraisablehook__)(unraisable)
+
+    @staticmethod
+    def _is_echo(unraisable) -> bool:
+        if "_read_array_index_and_device_put" in repr(unraisable.object):
+            return True
+        tb = unraisable.exc_traceback
+        frames = [f.name for f, _ in traceback.walk_tb(tb)] if tb is not None else []
+        return (isinstance(unraisable.exc_value, RuntimeError) and "call_soon_threadsafe" in frames
+                and str(unraisable.exc_value) == "Event loop is closed")
+
 
 def _agree(text: str) -> str:
     """The first non-empty `text` over processes, in process order (the same on every process;
@@ -284,7 +355,7 @@ class Checkpointer:
 
     directory: the checkpoints folder. max_to_keep: steps kept (older ones are deleted).
     async_save: False makes `save` return only once the step is committed. read_only: never
-    writes (what `jaxdiff.load` and `jaxdiff sample` use).
+    writes (what `jaxdiff.load` and `jaxdiff sample` use); orbax's notes are kept quiet.
     save_every: the interval `should_save` answers for. checksums: write `checksums.json` into
     every saved step (see the module docstring for what it costs)."""
 
@@ -299,8 +370,10 @@ class Checkpointer:
         self._unverified: set[int] = set()       # readable steps without a manifest
         self._reported: set[int] = set()         # skipped steps already warned about
         self._noted: set[int] = set()            # unverified steps already noted
+        self._echoes = _ReadEchoes()
         if read_only:
-            options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=False, read_only=True)
+            options = ocp.CheckpointManagerOptions(
+                read_only=True, create=False, max_to_keep=None, save_interval_steps=0)
         else:
             # `should_save(step)`: every `save_every` steps, and at the step where all processes
             # agree to stop after a preemption notice (JAX's preemption sync point, multi-host).
@@ -314,7 +387,8 @@ class Checkpointer:
                 max_to_keep=max_to_keep, enable_async_checkpointing=True, create=True,
                 cleanup_tmp_directories=True, save_decision_policy=policy,
                 async_options=ocp.AsyncOptions(post_finalization_callback=self._after_write))
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        with _quiet_orbax():
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     # -- steps ------------------------------------------------------------------------------
 
@@ -487,6 +561,7 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+        self._echoes.remove()
 
     # -- internals --------------------------------------------------------------------------
 
@@ -550,10 +625,12 @@ class Checkpointer:
         if data_iterator is not None and self.has_data_state(step):
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         state, error = None, ""
-        try:
-            state = self._manager.restore(step, args=ocp.args.Composite(**items)).state
-        except Exception as e:  # orbax raises many types; the caller gets one line
-            error = _first_line(e)
+        with _quiet_orbax():
+            try:
+                state = self._manager.restore(step, args=ocp.args.Composite(**items)).state
+            except Exception as e:  # orbax raises many types; the caller gets one line
+                error = _first_line(e)
+                self._echoes.install()
         error = _agree(error)
         return (None, error) if error else (state, "")
 
@@ -599,5 +676,6 @@ class Checkpointer:
             self._problems.pop(s, None)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("jaxdiff_checkpoint_set_aside")
-        self._manager.reload()
+        with _quiet_orbax():
+            self._manager.reload()
         return names
