@@ -609,8 +609,9 @@ class Checkpointer:
         if problem:
             others = sorted(s for s in steps if s != step)
             raise CheckpointError(
-                f"checkpoint step {step} in {self.directory} is unreadable: {problem}; "
-                f"restore another step ({others}) or name none for the newest readable one")
+                f"could not restore checkpoint {self._folder(step)}: {problem} -- the checkpoint "
+                f"is corrupt or incomplete; restore another step {others} or name none for the "
+                f"newest readable one")
         self._note_unverified(step)
 
     def _note_unverified(self, step: int) -> None:
