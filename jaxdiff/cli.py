@@ -433,6 +433,23 @@ def _synopsis() -> str:
     return __doc__.strip().split("\n\n")[1]
 
 
+def _warnings_as_lines(command: str) -> None:
+    """Print jaxdiff's own warnings as one `jaxdiff CMD: warning: ...` line each (others as usual)."""
+    import warnings
+
+    from jaxdiff.errors import JaxdiffWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, JaxdiffWarning):
+            print(f"jaxdiff {command}: warning: {message}", file=sys.stderr, flush=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -452,6 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from jaxdiff.errors import USER_ERRORS
 
+    _warnings_as_lines(argv[0])
     try:
         return COMMANDS[argv[0]](argv[1:])
     except USER_ERRORS as e:

@@ -8,6 +8,7 @@ traceback (set JAXDIFF_DEBUG=1 for the traceback).
       CheckpointError           a checkpoint / model folder missing, unsafe or corrupt (ValueError)
       ShardingError             a mesh or batch that does not fit the devices (ValueError)
       TrainingError             training cannot go on (diverged, incompatible run) (RuntimeError)
+    JaxdiffWarning              what a user should know that does not stop the work (UserWarning)
 
 Every module raises these classes (re-exported where they are used, e.g.
 `jaxdiff.checkpoint.CheckpointError is jaxdiff.errors.CheckpointError`), so `except
@@ -43,6 +44,11 @@ class ShardingError(JaxdiffError, ValueError):
 
 class TrainingError(JaxdiffError, RuntimeError):
     """Training cannot go on (diverged, or the work dir holds an incompatible run)."""
+
+
+class JaxdiffWarning(UserWarning):
+    """Something a user should know that does not stop the work (a skipped unreadable checkpoint,
+    a scheduler option that is ignored); the CLI prints each as one `warning:` line."""
 
 
 # What the CLI reports as a one-line message. ValueError covers bad arguments raised by the

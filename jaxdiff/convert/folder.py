@@ -30,7 +30,7 @@ from jaxdiff.convert import clip as clip_convert
 from jaxdiff.convert import tensors
 from jaxdiff.convert import unet as unet_convert
 from jaxdiff.convert import vae as vae_convert
-from jaxdiff.errors import CheckpointError
+from jaxdiff.errors import CheckpointError, JaxdiffWarning
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 MODEL_INDEX = "model_index.json"
@@ -120,7 +120,7 @@ def save_pretrained(out_dir: str | os.PathLike, components: Mapping[str, Any], *
         "vae": ["diffusers", "AutoencoderKL"],
     }, os.path.join(out_dir, MODEL_INDEX))
     for note in notes:
-        warnings.warn(note, stacklevel=2)
+        warnings.warn(JaxdiffWarning(note), stacklevel=2)
     return notes
 
 

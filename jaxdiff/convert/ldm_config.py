@@ -32,7 +32,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jaxdiff.errors import CheckpointError
+from jaxdiff.errors import CheckpointError, JaxdiffWarning
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -221,9 +221,9 @@ def scheduler_config(sd: Mapping[str, np.ndarray], prediction_type: str = "epsil
     # stored in half precision in many files: compare at its resolution
     if betas.size == 1000 and np.allclose(betas, sd_betas(), rtol=2e-3, atol=0):
         return config
-    warnings.warn(
+    warnings.warn(JaxdiffWarning(
         f"this checkpoint was trained with {betas.size} betas from {betas[0]:.6g} to "
         f"{betas[-1]:.6g}, not Stable Diffusion's scaled_linear 0.00085..0.012; its scheduler "
-        "config uses them as trained_betas", stacklevel=3)
+        "config uses them as trained_betas"), stacklevel=3)
     config.update(num_train_timesteps=int(betas.size), trained_betas=betas.tolist())
     return config

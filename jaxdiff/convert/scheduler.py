@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 
 from jaxdiff import samplers, schedules
-from jaxdiff.errors import CheckpointError
+from jaxdiff.errors import CheckpointError, JaxdiffWarning
 
 # diffusers scheduler class -> the jaxdiff sampler of the same method.
 SCHEDULER_SAMPLERS = {
@@ -77,12 +77,12 @@ def default_sampler(config: dict) -> str:
         if algorithm == "sde-dpmsolver++":
             return "dpmpp_3m_sde" if config.get("solver_order", 2) == 3 else "dpmpp_2m_sde"
         if algorithm != "dpmsolver++":
-            warnings.warn(f"DPMSolverMultistepScheduler algorithm_type={algorithm!r} is not implemented; "
-                          "sampling with DPM-Solver++ (dpmpp_2m) instead", stacklevel=3)
+            warnings.warn(JaxdiffWarning(f"DPMSolverMultistepScheduler algorithm_type={algorithm!r} is not implemented; "
+                          "sampling with DPM-Solver++ (dpmpp_2m) instead"), stacklevel=3)
         return "dpmpp_2m"
     if cls not in SCHEDULER_SAMPLERS:
-        warnings.warn(f"scheduler {cls!r} has no jaxdiff counterpart; the default sampler is ddim "
-                      f"(known: {', '.join(sorted(SCHEDULER_SAMPLERS))})", stacklevel=3)
+        warnings.warn(JaxdiffWarning(f"scheduler {cls!r} has no jaxdiff counterpart; the default sampler is ddim "
+                      f"(known: {', '.join(sorted(SCHEDULER_SAMPLERS))})"), stacklevel=3)
         return "ddim"
     return SCHEDULER_SAMPLERS[cls]
 
@@ -111,5 +111,5 @@ def warn_unsupported(config: dict) -> None:
     for key, exact in _UNSUPPORTED.items():
         value = config.get(key, exact)
         if value is not None and value != exact:
-            warnings.warn(f"scheduler option {key}={value!r} is not implemented in jaxdiff and is ignored "
-                          f"(samples follow {key}={exact!r})", stacklevel=3)
+            warnings.warn(JaxdiffWarning(f"scheduler option {key}={value!r} is not implemented in jaxdiff and is ignored "
+                          f"(samples follow {key}={exact!r})"), stacklevel=3)

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from jaxdiff.errors import ShardingError
+from jaxdiff.errors import ShardingError, JaxdiffWarning
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -262,9 +262,9 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules | str) -> Any:
     if rules.logical:
         unnamed = unnamed_parameters(tree)
         if unnamed:
-            warnings.warn(f"{len(unnamed)} parameter(s) named by no sharding rule get no logical axes (not split "
+            warnings.warn(JaxdiffWarning(f"{len(unnamed)} parameter(s) named by no sharding rule get no logical axes (not split "
                           f"over tensor): {', '.join(unnamed[:3])}{', ...' if len(unnamed) > 3 else ''}; add a "
-                          f"rule for their layers to jaxdiff.sharding.PARAMETER_RULES", stacklevel=2)
+                          f"rule for their layers to jaxdiff.sharding.PARAMETER_RULES"), stacklevel=2)
 
     def one(path, leaf):
         names = tuple(_key_name(k) for k in path)

@@ -30,7 +30,7 @@ import numpy as np
 from jaxdiff import files
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.checkpoint import Checkpointer, checkpoint_dir
-from jaxdiff.errors import TrainingError
+from jaxdiff.errors import CheckpointError, TrainingError
 from jaxdiff.train import build
 
 # Config sections that must agree between a run and the checkpoint it resumes from.
@@ -168,8 +168,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
     # started with (plain files: an orbax manager here would add a barrier to multi-process runs).
     saved_json, steps_dir = os.path.join(workdir, "config.json"), checkpoint_dir(workdir)
     if os.path.isfile(saved_json) and os.path.isdir(steps_dir) and any(d.isdigit() for d in os.listdir(steps_dir)):
-        with open(saved_json) as f:
-            _check_resumable(json.load(f), cfg)
+        try:
+            saved = files.read_json(saved_json)
+        except CheckpointError:
+            saved = None                          # unreadable: the restored step's own config is checked below
+        if saved is not None:
+            _check_resumable(saved, cfg)
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding_lib.mesh_from_config(cfg.mesh, devices)
@@ -186,15 +190,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
                         save_every=cfg.train.checkpoint_every)
     iterator = task.iterator()
     logger = _Logger(workdir, is_main)
-    start = ckpt.latest_step()
-    if start is None:
-        state = trainer.init()
-        start = 0
+    if not ckpt.all_steps():
+        state, start = trainer.init(), 0
     else:
-        _check_resumable(ckpt.read_config(start), cfg)
-        with_data = ckpt.has_data_state(start)
-        state, start = ckpt.restore(trainer.abstract, start, data_iterator=iterator)
-        if not with_data:
+        # The newest readable step (an unreadable or corrupt newer one is skipped with a warning
+        # naming it), checked against this config before its arrays are read.
+        state, start = ckpt.restore(trainer.abstract, data_iterator=iterator,
+                                    check_config=lambda saved: _check_resumable(saved, cfg))
+        if not ckpt.has_data_state(start):
             # Written by a different number of processes: this process's data shard differs, so
             # continue at the same batch position of the new shard (same epoch progress).
             iterator.set_state({"next_index": start})
@@ -205,25 +208,27 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
 
     total = cfg.train.steps
     last_saved = start
-    stop = _StopFlag()
     show = progress and is_main
-    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not show, dynamic_ncols=True)
     step = start
     preempted = False
+    batch = step_fn = None
+    if step < total:
+        # Compilation is a phase of its own, before the bar starts timing steps.
+        batch = sharding_lib.shard_batch(next(iterator), mesh)
+        _say("compiling the training step")
+        t0 = time.perf_counter()
+        step_fn = _compile_step(trainer, batch)
+        _say(f"compiled in {time.perf_counter() - t0:.1f} s")
+    bar = tqdm(total=total, initial=start, desc="train", unit="step", disable=not show, dynamic_ncols=True)
+    t_last, step_last = time.perf_counter(), step
+    stop = _StopFlag()
     try:
-        step_fn = None
         pending = None                           # the metrics of the step still running
         while step < total:
-            batch = sharding_lib.shard_batch(next(iterator), mesh)
-            if step_fn is None:
-                bar.set_description("train (compiling the step)")
-                t0 = time.perf_counter()
-                step_fn = _compile_step(trainer, batch)
-                bar.set_description("train")
-                if not show:
-                    _say(f"compiled the training step in {time.perf_counter() - t0:.1f} s")
-                t_last, step_last = time.perf_counter(), step
+            if batch is None:
+                batch = sharding_lib.shard_batch(next(iterator), mesh)
             state, metrics = step_fn(state, batch)
+            batch = None
             step += 1
             # Count a step when it has finished, keeping one step in flight: the bar moves with
             # the computation, not with dispatch.

@@ -1,78 +1,24 @@
-"""Checkpoints: orbax `CheckpointManager` holding the train state, the data-iterator state and the
-config, so that a resumed run continues exactly where the saved one stood.
-
-Layout of a work dir:
-    WORKDIR/config.json            the run's config (also stored inside every checkpoint)
-    WORKDIR/checkpoints/<step>/    state/ (arrays), data/ (iterator state), config/ (JSON),
-                                   checksums.json (size and sha256 of every file above)
-
-What holds:
-  - Saving is asynchronous: `save` returns once the arrays are copied off the devices; files are
-    written, hashed and committed in a background thread. A state with NaN/Inf is never saved.
-  - A step folder appears only once complete. orbax writes `<step>.orbax-checkpoint-tmp/` and
-    renames it to `<step>/`; `checksums.json` is written into the temporary folder by process 0
-    after every process has finished writing and before the rename, so it is committed with the
-    step. A run killed at any moment (kill -9, preemption without grace, also while hashing)
-    leaves every earlier step intact and at most one `<step>.orbax-checkpoint-tmp/`, which is
-    never listed or restored and is removed when a writable Checkpointer next saves there.
-  - Restore verifies the step first (structure, then sizes and sha256 from `checksums.json`) and,
-    when no step is named, falls back past unreadable steps (a truncated, emptied or bit-flipped
-    file, a missing config, an empty folder) to the newest readable one, with one warning line;
-    a resuming (writable) Checkpointer renames them `<step>.unreadable`. A step without
-    `checksums.json` (saved with `checksums=False`, or by an older jaxdiff) is restored
-    unverified, with one note. A named step never falls back. What checksums cannot catch: bytes
-    that were already wrong when written (they hash what orbax wrote).
-  - Arrays are restored onto whatever shardings the caller asks for, so a checkpoint written on
-    one mesh (8 devices, `dp`) loads onto another (4 devices, `fsdp`), and one written by N
-    processes loads in M. Every multi-process decision (refuse a save, skip a step) is the same
-    on every process.
-  - `max_to_keep` old steps are kept.
-
-What it costs: the finiteness check reads every float leaf once on its devices (one jitted
-reduction, a few bytes back to the host); its first call per state layout compiles (seconds on
-a CPU for a ~750-leaf train state, then cached like any jit). Checksums read every file of a step once more, at
-sha256's ~2 GB/s per core on up to 8 threads: well under a second for the small models here,
-seconds for a 10 GB state (paid in the background on save, delaying the commit, and before
-arrays are read on restore; process 0 hashes at save, the processes share the work at restore).
-On remote storage that is one extra full read per save and per restore; `checksums=False` (save)
-and `verify=False` (restore) skip it.
+"""The `Checkpointer`: orbax `CheckpointManager` steps of (train state, data-iterator state,
+config), saved asynchronously and checked, restored verified with fallback past unreadable
+steps. See the package docstring for what holds.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextlib
-import gc
-import hashlib
 import json
-import logging
 import os
-import sys
-import time
-import traceback
-import warnings
 from typing import Any, Callable
 
 import grain
 import jax
-import jax.numpy as jnp
-import numpy as np
 from etils import epath
 from jax.experimental import multihost_utils
 import orbax.checkpoint as ocp
 
+from jaxdiff.checkpoint.integrity import (ASIDE, MANIFEST, TMP_MARK, check_files, nonfinite_summary, read_manifest,
+                                          structure_problem, write_manifest)
+from jaxdiff.checkpoint.messages import ReadEchoes, agree, first_line, quiet_orbax, warn
 from jaxdiff.errors import CheckpointError, TrainingError
-
-MANIFEST = "checksums.json"
-_TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's name for a step folder being written
-_ASIDE = ".unreadable"               # unreadable steps a resuming run moves out of the way
-_HASH_THREADS = min(8, os.cpu_count() or 1)
-_AGREE_BYTES = 1024
-
-
-class CheckpointWarning(UserWarning):
-    """A checkpoint step was skipped as unreadable, or restored without checksums."""
-
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -99,255 +45,6 @@ def resolve(path: str) -> tuple[str, int | None]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Finiteness: one on-device reduction per group of co-located leaves.
-
-
-@jax.jit
-def _nonfinite_counts(leaves: list) -> jax.Array:
-    """[n, 2] float32: NaN and Inf counts of each leaf (float32 counts: exact below 2**24, never 0
-    when a value is non-finite)."""
-    return jnp.stack([jnp.stack([jnp.sum(jnp.isnan(x), dtype=jnp.float32),
-                                 jnp.sum(jnp.isinf(x), dtype=jnp.float32)]) for x in leaves])
-
-
-def _to_host(x: jax.Array) -> np.ndarray:
-    if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(x)
-
-
-def _share(n: float, total: int) -> str:
-    if n >= total:
-        return "100% of values are"
-    if n / total >= 0.01:
-        return f"{100 * n / total:.0f}% of values are"
-    return f"{int(n):,} of {total:,} values are" if n != 1 else f"1 of {total:,} values is"
-
-
-def nonfinite_summary(tree: Any) -> str | None:
-    """None when every float leaf of `tree` is finite; else one line per top-level part, e.g.
-    "params: 37% of values are NaN (first in params/dense/kernel); opt_state: 2 of 9,000 values
-    are Inf (first in opt_state/1/0/nu/dense/kernel)".
-
-    Works on sharded global arrays in multi-process runs: the counts are reduced on the devices
-    (jit, one call per set of devices, [leaves, 2] floats back), so every process gets the same
-    answer and no parameter is copied to the host. Integer leaves (step, counters) and PRNG keys
-    are not checked."""
-    flat = [(path, x) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
-            if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)]
-    if not flat:
-        return None
-    groups: dict[Any, list[int]] = {}
-    for i, (_, x) in enumerate(flat):
-        key = frozenset(d.id for d in x.sharding.device_set) if isinstance(x, jax.Array) else None
-        groups.setdefault(key, []).append(i)
-    counts = np.zeros((len(flat), 2), np.float64)
-    for idx in groups.values():
-        counts[idx] = _to_host(_nonfinite_counts([flat[i][1] for i in idx]))
-    if not counts.any():
-        return None
-    parts: dict[str, list] = {}  # part -> [nan, inf, total, first bad leaf]
-    for (path, x), (nan, inf) in zip(flat, counts):
-        part = jax.tree_util.keystr(path[:1], simple=True, separator="/") or "state"
-        p = parts.setdefault(part, [0.0, 0.0, 0, None])
-        p[0] += nan
-        p[1] += inf
-        p[2] += int(np.prod(x.shape))
-        if (nan or inf) and p[3] is None:
-            p[3] = jax.tree_util.keystr(path, simple=True, separator="/")
-    out = []
-    for part, (nan, inf, total, first) in parts.items():
-        kinds = [f"{_share(n, total)} {name}" for n, name in ((nan, "NaN"), (inf, "Inf")) if n]
-        if kinds:
-            out.append(f"{part}: {' and '.join(kinds)} (first in {first})")
-    return "; ".join(out)
-
-
-# ---------------------------------------------------------------------------------------------
-# Checksums: a manifest of every file under a step's item folders.
-
-
-def _content_files(folder: str) -> list[str]:
-    """Relative paths ('/'-separated, sorted) of the files under `folder`'s item subfolders. The
-    step's own top-level files (`_CHECKPOINT_METADATA`, `commit_success.txt`, the manifest) are
-    left out: orbax rewrites them when it commits the step."""
-    out = []
-    for entry in os.listdir(folder):
-        sub = os.path.join(folder, entry)
-        if os.path.isdir(sub):
-            for root, _, files in os.walk(sub):
-                out += [os.path.relpath(os.path.join(root, f), folder).replace(os.sep, "/") for f in files]
-    return sorted(out)
-
-
-def _sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _hash_all(folder: str, rels: list[str]) -> list[str]:
-    paths = [os.path.join(folder, r) for r in rels]
-    if len(paths) < 2 or sum(os.path.getsize(p) for p in paths) < (64 << 20):
-        return [_sha256(p) for p in paths]
-    with concurrent.futures.ThreadPoolExecutor(_HASH_THREADS) as pool:  # hashlib drops the GIL
-        return list(pool.map(_sha256, paths))
-
-
-def write_manifest(folder: str) -> dict:
-    """Write `folder/checksums.json`: {"algorithm": "sha256", "files": {path: {"bytes", "sha256"}}}
-    for every file under the step's item folders; returns it. Check by hand with `sha256sum`."""
-    rels = _content_files(folder)
-    digests = _hash_all(folder, rels)
-    manifest = {"algorithm": "sha256", "files": {
-        r: {"bytes": os.path.getsize(os.path.join(folder, r)), "sha256": d} for r, d in zip(rels, digests)}}
-    tmp = os.path.join(folder, MANIFEST + ".partial")
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=0)
-    os.replace(tmp, os.path.join(folder, MANIFEST))
-    return manifest
-
-
-def _read_manifest(folder: str) -> tuple[list | None, str]:
-    """(entries [(path, bytes, sha256)] or None when there is no manifest, problem or "")."""
-    path = os.path.join(folder, MANIFEST)
-    if not os.path.exists(path):
-        return None, ""
-    try:
-        with open(path) as f:
-            files = json.load(f)["files"]
-        return sorted((k, int(v["bytes"]), str(v["sha256"])) for k, v in files.items()), ""
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None, f"{MANIFEST} is unreadable"
-
-
-def _check_files(folder: str, entries: list) -> str:
-    """The first problem among `entries` (missing, wrong size, wrong sha256), or ""."""
-    for rel, size, _ in entries:
-        path = os.path.join(folder, rel)
-        if not os.path.isfile(path):
-            return f"{rel} is missing"
-        actual = os.path.getsize(path)
-        if actual != size:
-            return f"{rel} has {actual:,} bytes, {size:,} expected"
-    for (rel, _, digest), actual in zip(entries, _hash_all(folder, [e[0] for e in entries])):
-        if actual != digest:
-            return f"{rel} does not match its checksum"
-    return ""
-
-
-def _structure_problem(folder: str) -> str:
-    """Cheap checks that need no manifest: the folder, the config and the state's metadata."""
-    if not os.path.isdir(folder):
-        return "its folder is missing"
-    if not os.listdir(folder):
-        return "its folder is empty"
-    config = os.path.join(folder, "config", "metadata")
-    if not os.path.isfile(config):
-        return "config/metadata is missing"
-    try:
-        with open(config) as f:
-            json.load(f)
-    except (OSError, ValueError):
-        return "config/metadata is not valid JSON"
-    if not os.path.isfile(os.path.join(folder, "state", "_METADATA")):
-        return "state/_METADATA is missing"
-    return ""
-
-
-# ---------------------------------------------------------------------------------------------
-# Quiet orbax, one decision for all processes.
-
-# orbax log lines that say nothing to a jaxdiff user: read-only option notes, and a missing
-# metadata file of a step that jaxdiff reports itself when it skips it.
-_ORBAX_NOTES = ("CheckpointManagerOptions.read_only=True, setting", "Given directory is read only",
-                "Metadata file does not exist")
-
-
-class _DropOrbaxNotes(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.levelno <= logging.WARNING and str(record.msg).startswith(_ORBAX_NOTES))
-
-
-@contextlib.contextmanager
-def _quiet_orbax():
-    """Drop orbax's notes (above) while inside; every other log record passes."""
-    logger, note_filter = logging.getLogger("absl"), _DropOrbaxNotes()
-    logger.addFilter(note_filter)
-    try:
-        yield
-    finally:
-        logger.removeFilter(note_filter)
-
-
-class _ReadEchoes:
-    """Drops the echoes of a failed orbax read that Python prints as "Exception ignored in: ...".
-
-    When orbax fails to read one array it closes its event loop with the other reads pending.
-    Each pending read then echoes the failure at an arbitrary later moment: its coroutine, when
-    the garbage collector finalises it ("Exception ignored in: <coroutine
-    _read_array_index_and_device_put>"), and tensorstore's completion callback, which finds the
-    loop closed ("Event loop is closed" from `call_soon_threadsafe`). The failure itself was
-    raised to, and reported by, `restore`. Installed at the first failed read, removed by `close`
-    after the pending reads have settled; every other unraisable passes."""
-
-    def __init__(self):
-        self._previous = None
-
-    def install(self) -> None:
-        if self._previous is None:
-            self._previous = sys.unraisablehook
-            sys.unraisablehook = self._hook
-
-    def remove(self) -> None:
-        if self._previous is None:
-            return
-        gc.collect()
-        time.sleep(0.1)  # local reads settle in milliseconds; only after a failed read
-        gc.collect()
-        if sys.unraisablehook == self._hook:
-            sys.unraisablehook = self._previous
-        self._previous = None
-
-    def _hook(self, unraisable) -> None:
-        if not self._is_echo(unraisable):
-            (self._previous or sys.__unraisablehook__)(unraisable)
-
-    @staticmethod
-    def _is_echo(unraisable) -> bool:
-        if "_read_array_index_and_device_put" in repr(unraisable.object):
-            return True
-        tb = unraisable.exc_traceback
-        frames = [f.name for f, _ in traceback.walk_tb(tb)] if tb is not None else []
-        return (isinstance(unraisable.exc_value, RuntimeError) and "call_soon_threadsafe" in frames
-                and str(unraisable.exc_value) == "Event loop is closed")
-
-
-def _agree(text: str) -> str:
-    """The first non-empty `text` over processes, in process order (the same on every process;
-    every process must call this, in the same order). One process: `text`."""
-    if jax.process_count() == 1:
-        return text
-    raw = np.frombuffer(text.encode()[:_AGREE_BYTES], np.uint8)
-    buf = np.zeros(_AGREE_BYTES, np.int32)
-    buf[:raw.size] = raw
-    for row in np.asarray(multihost_utils.process_allgather(buf)):
-        if row.any():
-            return bytes(row.astype(np.uint8)).rstrip(b"\0").decode(errors="replace")
-    return ""
-
-
-def _warn(message: str) -> None:
-    """One line on stderr (no source line), from process 0."""
-    if jax.process_index() == 0:
-        warnings.warn_explicit(message, CheckpointWarning, "jaxdiff.checkpoint", 0)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 class Checkpointer:
@@ -370,7 +67,7 @@ class Checkpointer:
         self._unverified: set[int] = set()       # readable steps without a manifest
         self._reported: set[int] = set()         # skipped steps already warned about
         self._noted: set[int] = set()            # unverified steps already noted
-        self._echoes = _ReadEchoes()
+        self._echoes = ReadEchoes()
         if read_only:
             options = ocp.CheckpointManagerOptions(
                 read_only=True, create=False, max_to_keep=None, save_interval_steps=0)
@@ -387,7 +84,7 @@ class Checkpointer:
                 max_to_keep=max_to_keep, enable_async_checkpointing=True, create=True,
                 cleanup_tmp_directories=True, save_decision_policy=policy,
                 async_options=ocp.AsyncOptions(post_finalization_callback=self._after_write))
-        with _quiet_orbax():
+        with quiet_orbax():
             self._manager = ocp.CheckpointManager(self.directory, options=options)
 
     # -- steps ------------------------------------------------------------------------------
@@ -478,11 +175,11 @@ class Checkpointer:
         try:
             write_manifest(self._folder_being_written(step))
         except Exception as e:  # noqa: BLE001 -- the save itself succeeded
-            _warn(f"no {MANIFEST} for checkpoint step {step} in {self.directory} ({_first_line(e)}); "
+            warn(f"no {MANIFEST} for checkpoint step {step} in {self.directory} ({first_line(e)}); "
                   f"it will restore unverified")
 
     def _folder_being_written(self, step: int) -> str:
-        names = [n for n in os.listdir(self.directory) if n.startswith(f"{step}{_TMP_MARK}")]
+        names = [n for n in os.listdir(self.directory) if n.startswith(f"{step}{TMP_MARK}")]
         if names:  # a rename-on-commit filesystem: the newest temporary folder of this step
             return max((os.path.join(self.directory, n) for n in names), key=os.path.getmtime)
         final = os.path.join(self.directory, str(step))
@@ -531,7 +228,7 @@ class Checkpointer:
             return state, step
         skipped = []
         for s in self._newest_first():
-            problem = self._problem(s) if verify else _agree(_structure_problem(self._folder(s)))
+            problem = self._problem(s) if verify else agree(structure_problem(self._folder(s)))
             if problem:
                 skipped.append((s, problem))
                 continue
@@ -587,12 +284,12 @@ class Checkpointer:
         if step in self._problems:
             return self._problems[step]
         folder = self._folder(step)
-        problem, entries = _structure_problem(folder), None
+        problem, entries = structure_problem(folder), None
         if not problem:
-            entries, problem = _read_manifest(folder)
+            entries, problem = read_manifest(folder)
         if not problem and entries is not None:
-            problem = _check_files(folder, entries[jax.process_index()::jax.process_count()])
-        problem = _agree(problem)
+            problem = check_files(folder, entries[jax.process_index()::jax.process_count()])
+        problem = agree(problem)
         self._problems[step] = problem
         if not problem and entries is None:
             self._unverified.add(step)
@@ -617,7 +314,7 @@ class Checkpointer:
     def _note_unverified(self, step: int) -> None:
         if step in self._unverified and step not in self._noted:
             self._noted.add(step)
-            _warn(f"checkpoint step {step} in {self.directory} has no {MANIFEST} (saved without "
+            warn(f"checkpoint step {step} in {self.directory} has no {MANIFEST} (saved without "
                   f"checksums, or by an older jaxdiff); restoring it unverified")
 
     def _restore_step(self, abstract_state: Any, step: int, data_iterator: Any) -> tuple[Any, str]:
@@ -626,13 +323,13 @@ class Checkpointer:
         if data_iterator is not None and self.has_data_state(step):
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         state, error = None, ""
-        with _quiet_orbax():
+        with quiet_orbax():
             try:
                 state = self._manager.restore(step, args=ocp.args.Composite(**items)).state
             except Exception as e:  # orbax raises many types; the caller gets one line
-                error = _first_line(e)
+                error = first_line(e)
                 self._echoes.install()
-        error = _agree(error)
+        error = agree(error)
         return (None, error) if error else (state, "")
 
     def _load_failure(self, step: int, error: str, *, verified: bool) -> CheckpointError:
@@ -657,7 +354,7 @@ class Checkpointer:
             self._reported.update(s for s, _ in fresh)
             listed = ", ".join(f"{s} ({why})" for s, why in fresh)
             tail = (f"; moved aside as {', '.join(moved)} (inspect or delete them)" if moved else "")
-            _warn(f"skipped unreadable checkpoint step(s) in {self.directory}: {listed}; using step "
+            warn(f"skipped unreadable checkpoint step(s) in {self.directory}: {listed}; using step "
                   f"{used}{tail}")
         self._note_unverified(used)
 
@@ -667,16 +364,16 @@ class Checkpointer:
         names = []
         for s in steps:
             src, n = self._folder(s), 1
-            dst = src + _ASIDE
+            dst = src + ASIDE
             while os.path.exists(dst):
                 n += 1
-                dst = f"{src}{_ASIDE}-{n}"
+                dst = f"{src}{ASIDE}-{n}"
             if jax.process_index() == 0:
                 os.rename(src, dst)
             names.append(os.path.basename(dst))
             self._problems.pop(s, None)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices("jaxdiff_checkpoint_set_aside")
-        with _quiet_orbax():
+        with quiet_orbax():
             self._manager.reload()
         return names

@@ -1,0 +1,127 @@
+"""Faults end to end, through `jaxdiff train` / `jaxdiff sample` as a user meets them: Ctrl-C at
+the default settings, a learning rate that blows the weights up, a corrupt newest checkpoint,
+and the metrics log of a run killed before its first checkpoint.
+
+(The checkpoint layer's own cases - truncated, emptied and bit-flipped files, checksums, steps
+without a manifest - are in test_checkpoint.py; SIGTERM with exact resume in test_sharding.py.)
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import run_cli
+from jaxdiff.train import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--config.data.batch_size=16", "--config.optim.warmup_steps=2", "--config.sample.num=4",
+         "--config.sample.steps=2", "--no-progress"]
+
+
+def _steps(workdir) -> list[int]:
+    folder = workdir / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+def _error_line(proc) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-3000:])
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+def test_ctrl_c_at_the_default_settings_saves_the_current_step(tmp_path):
+    """log_every=50 and checkpoint_every=500 as in the demo: the first SIGINT stops the run at the
+    step it is on, checkpoints it, and the same command resumes from there."""
+    workdir = tmp_path / "run"
+    args = ["train", "--workdir", str(workdir), "--config.train.steps=2000", *SMALL]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "jaxdiff.cli", *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)                                   # the first log row: step 50, the loop is running
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    saved = _steps(workdir)
+    assert len(saved) == 1 and 50 <= saved[0] < 2000, (saved, err[-2000:])
+    assert f"interrupted (Ctrl-C) at step {saved[0]} of 2000" in err
+    assert "KeyboardInterrupt" not in err and "Traceback" not in err
+    resumed = run_cli("train", "--workdir", str(workdir), f"--config.train.steps={saved[0] + 2}", *SMALL)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from step {saved[0]}" in resumed.stderr
+
+
+def test_a_learning_rate_that_blows_up_saves_nothing(tmp_path):
+    """lr=1e39: the first update makes the weights infinite while the loss logged for that step
+    (computed before the update) is still finite. The save is refused, in one line that says so."""
+    workdir = tmp_path / "run"
+    proc = run_cli("train", "--workdir", str(workdir), "--config.optim.learning_rate=1e39",
+                   "--config.optim.warmup_steps=0", "--config.train.steps=1", "--config.train.checkpoint_every=1", *SMALL[:1],
+                   *SMALL[2:])
+    line = _error_line(proc)
+    assert "params" in line and ("NaN" in line or "inf" in line.lower()) and "nothing was saved" in line, line
+    assert _steps(workdir) == []
+    assert not (workdir / "samples.png").exists()
+    sample = run_cli("sample", "--checkpoint", str(workdir), "--num", "2", "--steps", "2", "--no-progress")
+    assert "no checkpoint" in _error_line(sample)
+
+
+@pytest.fixture(scope="module")
+def two_steps(tmp_path_factory):
+    """A run with checkpoints at steps 2 and 4."""
+    workdir = tmp_path_factory.mktemp("faults") / "run"
+    proc = run_cli("train", "--workdir", str(workdir), "--config.train.steps=4", "--config.train.checkpoint_every=2",
+                   "--config.train.keep_checkpoints=5", *SMALL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _steps(workdir) == [2, 4]
+    return workdir
+
+
+def _truncate_an_array_file(step_dir) -> str:
+    files = sorted((f for f in (step_dir / "state").rglob("*") if f.is_file() and f.stat().st_size > 1000),
+                   key=lambda f: -f.stat().st_size)
+    files[0].write_bytes(files[0].read_bytes()[: files[0].stat().st_size // 2])
+    return files[0].name
+
+
+def test_sample_and_resume_fall_back_past_a_corrupt_newest_step(two_steps, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(two_steps, workdir)
+    _truncate_an_array_file(workdir / "checkpoints" / "4")
+    out = tmp_path / "g.png"
+    sample = run_cli("sample", "--checkpoint", str(workdir), "--num", "2", "--steps", "2", "--out", str(out),
+                     "--no-progress")
+    assert sample.returncode == 0, sample.stderr[-3000:]
+    assert out.exists()
+    skipped = [line for line in sample.stderr.splitlines() if "4" in line and ("skip" in line or "unreadable" in line)]
+    assert len(skipped) == 1, sample.stderr[-3000:]
+    train = run_cli("train", "--workdir", str(workdir), "--config.train.steps=6", "--config.train.checkpoint_every=2",
+                    "--config.train.keep_checkpoints=5", *SMALL)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "resuming from step 2" in train.stderr
+    assert 6 in _steps(workdir)
+    rows = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert rows == sorted(set(rows)) and rows[-1] == 6          # steps 3-4 logged once, by the rerun
+
+
+def test_a_run_killed_before_its_first_checkpoint_leaves_no_duplicate_log_rows(small_config, tmp_path):
+    """A killed run's rows (and a row cut short by the kill) are dropped when the next run starts
+    from scratch."""
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2, 3))
+                                            + '{"step": 4, "lo')
+    small_config.train.steps = 2
+    loop.train(small_config, str(tmp_path), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] != 1.0 for r in rows)
