@@ -24,8 +24,10 @@ a fixed length, so every step count up to it, every img2img start (`start_step`,
 eta and guidance scale runs through one compiled program:
 
     sampler = samplers.get("dpmpp_2m", schedule, num_steps=30, max_steps=100, start_step=12)
-    x0 = sampling.sample(sampler, guided, noise, key, x0=image_latents)    # img2img, strength 0.6 The sampler math runs in float32 whatever dtype the
-network returns.
+    x0 = sampling.sample(sampler, guided, noise, key, x0=image_latents)    # img2img, strength 0.6
+
+The sampler math runs in float32 whatever dtype the network returns. Pipelines do not call this
+directly: they hand a job to the one sampling core, `jaxdiff.pipelines.core`.
 """
 
 from __future__ import annotations

@@ -147,6 +147,22 @@ def test_the_checker_sees_a_bad_import(tmp_path, monkeypatch):
         test_no_import_cycles()
 
 
+def test_pipelines_sample_through_the_one_core():
+    """Noise, padding, guidance, the scan and decoding live in pipelines/core.py: no other pipeline
+    (nor the trainer) calls the sampling loop or the guidance wrapper itself."""
+    bad = []
+    for path in sorted((PACKAGE / "pipelines").glob("*.py")) + sorted((PACKAGE / "train").glob("*.py")):
+        if path.name == "core.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in ("sample", "cfg") \
+                    and isinstance(node.value, ast.Name) and node.value.id == "sampling":
+                bad.append(f"{path.relative_to(PACKAGE)}:{node.lineno} calls sampling.{node.attr}")
+    assert not bad, "\n".join(bad)
+    front_ends = [p for p in (PACKAGE / "pipelines").glob("*.py") if p.name not in ("core.py", "options.py", "__init__.py")]
+    assert all("core.run(" in p.read_text() for p in front_ends), [p.name for p in front_ends]
+
+
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_modules_stay_short_or_say_why(path):
     lines = path.read_text().count("\n")
