@@ -14,14 +14,8 @@ The mesh has three named axes, outermost first:
     tensor  tensor (model) parallelism: the batch is replicated over it, the `mlp` dimension of
             weights is split (Megatron-style: column-parallel in, row-parallel out)
 
-Parameters get *logical* axis names from their path and shape (`logical_axes`), not from
-annotations inside the modules, so the same table lays out the U-Net, the VAE, the text encoder
-and any converted checkpoint. Every parameter is named by one rule of `PARAMETER_RULES` (by the
-name of its layer: "attention output", "convolution", ...); `unnamed_parameters(tree)` lists those
-no rule names, and the tests require that list to be empty for jaxdiff's networks, so a renamed
-layer cannot silently change how it shards. A rule table (`RULES`) maps logical names to mesh
-axes; choosing `dp`, `fsdp` or `fsdp_tp` is a config change, not a code change, and a table that
-does not fit the mesh (`check_rules`) is refused before anything is compiled.
+Parameters get *logical* axis names from their path and shape, by one named rule each, and a
+rule table (`dp`, `fsdp`, `fsdp_tp`) maps those onto the mesh axes: see `rules.py`.
 
 Each process hands in only its local slice of the global batch;
 `jax.make_array_from_process_local_data` assembles the global array without copying it around.
