@@ -198,6 +198,9 @@ def main() -> None:
     image_shape = (args.image_size or h, args.image_size or w, args.channels or c)
     rows = []
     for rules in args.rules.split(","):
+        if rules == "fsdp_tp" and args.devices < 4:
+            print(f"skipping fsdp_tp: it needs fsdp >= 2 and tensor = 2, i.e. --devices >= 4 (got {args.devices})")
+            continue
         r = bench(name, rules, args.devices, args.batch, image_shape, args.remat)
         rows.append(r)
         print(json.dumps(r), flush=True)
