@@ -14,7 +14,9 @@ def write_run_samples(run, params, name: str, final: bool = True):
     """Write a training run's sample grid with `params` (see `jaxdiff.train.loop.train`), by the
     writer of its task's kind: a pixel run's class grid, or a latent text run's caption grid and
     score."""
-    if run.task.kind == "latent_text":
+    from jaxdiff.train import task
+
+    if run.task.kind == task.LATENT_TEXT:
         from jaxdiff.pipelines import latent_text
         return latent_text.write_run_samples(run, params, name, final)
     from jaxdiff.pipelines import pixel

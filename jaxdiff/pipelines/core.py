@@ -46,6 +46,7 @@ import numpy as np
 from jaxdiff import images as images_lib
 from jaxdiff import sampling
 from jaxdiff import sharding as sharding_lib
+from jaxdiff.pipelines import options as options_lib
 from jaxdiff.samplers import masked as masked_lib
 
 
@@ -146,10 +147,9 @@ def model_fn(job: Job, cond, uncond) -> jax.tree_util.Partial:
 
 def check(job: Job) -> None:
     """One-line ValueErrors for a job that cannot run, before anything is compiled."""
-    if int(job.num) != job.num or job.num < 1:
-        raise ValueError(f"the number of images must be a positive integer, got {job.num}")
-    if job.batch_size is not None and (int(job.batch_size) != job.batch_size or job.batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer, got {job.batch_size}")
+    options_lib.check_count("the number of images", job.num)
+    if job.batch_size is not None:
+        options_lib.check_count("batch_size", job.batch_size)
     check_scale("guidance_scale", job.guidance_scale, optional=True)
     check_scale("guidance_rescale", job.guidance_rescale, lo=0.0, hi=1.0)
     if guided(job.guidance_scale) and job.uncond is None:

@@ -119,8 +119,7 @@ class DiffusionModel:
         if renamed:
             raise ValueError(f"DiffusionModel.sample has no option {', '.join(renamed)} (num is the number of images)")
         scale = core.check_scale("guidance_scale", guidance_scale, optional=True)
-        if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
-            raise ValueError(f"the number of images must be a positive integer, got {num!r}")
+        num = options_lib.check_count("the number of images", num)
         h, w = self.image_shape[:2]
         peak = core.unet_peak_bytes(self.module, h, w, core.guided(scale))
         core.check_memory(self.mesh, num, self.image_shape, rows=min(batch_size or num, num), peak_bytes=peak)

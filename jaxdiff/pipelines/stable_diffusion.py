@@ -136,15 +136,13 @@ class GenerateOptions:
         core.check_scale("guidance_scale", self.guidance_scale, optional=True)
         core.check_scale("guidance_rescale", self.guidance_rescale, lo=0.0, hi=1.0)
         core.check_scale("eta", self.eta, lo=0.0, hi=1.0, optional=True)
-        if isinstance(self.num_images, bool) or not isinstance(self.num_images, (int, np.integer)) \
-                or self.num_images < 1:
-            raise ValueError(f"num_images must be a positive integer, got {self.num_images!r}")
+        options_lib.check_count("num_images", self.num_images)
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         for name in ("height", "width"):
             v = getattr(self, name)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0):
-                raise ValueError(f"{name} must be a positive integer number of pixels, got {v!r}")
+            if v is not None:
+                options_lib.check_count(name, v, "a positive integer number of pixels")
         images_lib.check_output_type(self.output_type)
 
 
@@ -270,8 +268,7 @@ class StableDiffusion:
         """Text embeddings (cond [N, S, D], uncond [N, S, D] or None without guidance), float32
         numpy, N = len(prompts) * num_images, each prompt's rows consecutive. One text-encoder call."""
         prompts = _prompts(prompt)
-        if num_images < 1 or int(num_images) != num_images:
-            raise ValueError(f"num_images must be a positive integer, got {num_images}")
+        options_lib.check_count("num_images", num_images)
         skip = int(clip_skip or 0)
         if not 0 <= skip < self.text_encoder.num_layers:
             raise ValueError(f"clip_skip must be in [0, {self.text_encoder.num_layers}) for this text encoder "
@@ -334,14 +331,19 @@ class StableDiffusion:
         num_steps = options_lib.check_steps(num_steps)
         return samplers.get(name, self.schedule, num_steps, max_steps=max(self.max_steps, num_steps), **opts)
 
+    def _latents(self, height: int, width: int, guidance_scale):
+        """(the latent shape [H/f, W/f, C] of height x width images, the U-Net call's peak-memory
+        bound `core.Job.peak_bytes` at that size with or without guidance)."""
+        f = self.vae_scale_factor
+        shape = (height // f, width // f, self.latent_channels)
+        return shape, core.unet_peak_bytes(self.unet, shape[0], shape[1], core.guided(guidance_scale))
+
     def _check_fits(self, opts: GenerateOptions, prompt, height: int, width: int, inputs: int = 0) -> int:
         """N = len(prompts) * num_images, after checking that N images of height x width can fit
         (`core.check_memory`) before any of them is encoded."""
         n = len(_prompts(prompt)) * opts.num_images
-        f = self.vae_scale_factor
-        shape = (height // f, width // f, self.latent_channels)
-        core.check_memory(self.mesh, n, shape, image_shape=(height, width, 3), inputs=inputs,
-                          peak_bytes=core.unet_peak_bytes(self.unet, shape[0], shape[1], core.guided(opts.guidance_scale)))
+        shape, peak = self._latents(height, width, opts.guidance_scale)
+        core.check_memory(self.mesh, n, shape, image_shape=(height, width, 3), inputs=inputs, peak_bytes=peak)
         return n
 
     def _run(self, opts: GenerateOptions, prompt, negative_prompt, height: int, width: int, *, start_step: int = 0,
@@ -358,14 +360,13 @@ class StableDiffusion:
             cond["extra"] = extra
             if uncond is not None:
                 uncond["extra"] = extra
-        f = self.vae_scale_factor
-        shape = (height // f, width // f, self.latent_channels)
+        shape, peak = self._latents(height, width, opts.guidance_scale)
         job = core.Job(network=self._unet_fn, params=self.params["unet"], sampler=plan, shape=shape,
                        num=cond["context"].shape[0], seed=opts.seed, cond=cond, uncond=uncond,
                        guidance_scale=opts.guidance_scale, guidance_rescale=opts.guidance_rescale,
                        noise=None if opts.latents is None else np.asarray(opts.latents, np.float32),
                        x0=x0, keep=keep, decode=functools.partial(self._decode_fn, self.params["vae"]),
-                       image_shape=(height, width, 3), peak_bytes=core.unet_peak_bytes(self.unet, shape[0], shape[1], guided))
+                       image_shape=(height, width, 3), peak_bytes=peak)
         return core.run(job, self.mesh, output_type=opts.output_type, progress=opts.progress)
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,

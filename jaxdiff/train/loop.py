@@ -277,7 +277,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
     ckpt.close()
 
     if preempted:
-        _say(f"{stop.name if stop.received else 'preempted'} at step {step} of {total}; checkpoint saved in "
+        _say(f"{stop.name} at step {step} of {total}; checkpoint saved in "
              f"{ckpt.directory}. Run the same command again to resume.")
         return state
     if write_samples:
