@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import run_cli, train_tiny_run
 
+import jaxdiff
 from jaxdiff import config as config_lib
 from jaxdiff import data as data_lib
 from jaxdiff import sharding as sharding_lib
@@ -119,6 +120,8 @@ def test_export_from_the_command_line_and_its_refusals(exported, tmp_path):
         export_run(str(tmp_path / "nowhere"), str(tmp_path / "x"))
     res = run_cli("export", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y"))
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    with pytest.raises(CheckpointError, match="jaxdiff export"):
+        jaxdiff.load(run)                           # the pixel loader points the way
     pixel_run = train_tiny_run(tmp_path / "pixel", batch_size=4, steps=1)
     with pytest.raises(CheckpointError, match="pixel-space run"):
         export_run(pixel_run, str(tmp_path / "z"))
