@@ -20,7 +20,6 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from jaxdiff import images as images_lib  # noqa: E402
-from jaxdiff import sampling  # noqa: E402
 from jaxdiff.errors import CheckpointError  # noqa: E402
 from jaxdiff.convert import scheduler as scheduler_convert  # noqa: E402
 from jaxdiff.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
@@ -220,16 +219,6 @@ def test_prompts_are_encoded_once_per_call_in_prompt_major_order(pipe):
     assert np.abs(cat - dog).max() > 0.1
     with pytest.raises(ValueError, match="1 negative prompts for 2 prompts"):
         pipe.encode_prompt(["a cat", "a dog"], ["ugly"])
-
-
-def test_new_step_counts_and_strengths_reuse_the_compiled_loop(pipe):
-    noise = _noise()
-    pipe(PROMPT, num_steps=STEPS, num_images=N, latents=noise, output_type="latent")
-    before = sampling._run._cache_size()
-    for steps in (3, 7):
-        pipe(PROMPT, num_steps=steps, num_images=N, latents=noise, guidance_scale=3.0, output_type="latent")
-    pipe.img2img(_picture(), PROMPT, strength=0.5, num_steps=6, num_images=N, latents=noise, output_type="latent")
-    assert sampling._run._cache_size() == before
 
 
 # ---------------------------------------------------------------------------------------------
