@@ -212,20 +212,51 @@ def test_pickles_disguised_as_safetensors_are_not_unpickled(pipeline, markers, t
 
 @pytest.mark.parametrize("fmt", HOSTILE_PICKLE_FORMATS)
 def test_run_loaders_and_generate_never_open_a_pickle(markers, tmp_path, capsys, fmt):
-    """`jaxdiff.load` / `jaxdiff sample` read orbax run folders, `jaxdiff generate` diffusers
-    folders: a pickle file, or a folder of them, is not one."""
+    """`jaxdiff.load` / `jaxdiff sample` / `jaxdiff export` read orbax run folders, `jaxdiff
+    generate` diffusers folders: a pickle file, or a folder of them, is not one."""
     import jaxdiff
+    from jaxdiff.pipelines.export import export_run
 
     run = tmp_path / "run"
     for name in ("model.ckpt", "model.pt", "ema.pkl", "pytorch_model.bin"):
         markers.make(run / name, fmt)
     for target in [run, run / "model.ckpt", run / "ema.pkl"]:
         _refused(lambda t=target: jaxdiff.load(str(t)), "no checkpoint at", str(target))
+        _refused(lambda t=target: export_run(t, tmp_path / "exported"), "no checkpoint at", str(target))
         assert cli.main(["sample", "--checkpoint", str(target), "--no-progress",
                          "--out", str(tmp_path / "s.png")]) == 2
         assert cli.main(["generate", "--model", str(target), "--prompt", "a cat", "--no-progress",
                          "--out", str(tmp_path / "g.png")]) == 2
-    for line in capsys.readouterr().err.strip().splitlines():
-        assert line.startswith(("jaxdiff sample: error: no checkpoint at", "jaxdiff generate: error: ")), line
-    assert not (tmp_path / "s.png").exists() and not (tmp_path / "g.png").exists()
+        assert cli.main(["export", str(target), "--out", str(tmp_path / "exported")]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 9, lines
+    for line in lines:
+        assert line.startswith(("jaxdiff sample: error: no checkpoint at", "jaxdiff generate: error: ",
+                                "jaxdiff export: error: no checkpoint at")), line
+    assert not any((tmp_path / name).exists() for name in ("s.png", "g.png", "exported"))
+    assert markers.none_ran()
+
+
+@pytest.mark.parametrize("part, weights, pickled", [
+    ("vae", UNET_WEIGHTS, "diffusion_pytorch_model.bin"),
+    ("text_encoder", TEXT_WEIGHTS, "pytorch_model.bin"),
+])
+def test_a_latent_run_with_a_pickled_frozen_part_is_refused(clean_pipeline, markers, tmp_path, part, weights,
+                                                            pickled):
+    """A latent text run loads its frozen autoencoder and text encoder from folders in the work
+    dir (or `vae.path`): a pickle there is refused before training starts."""
+    from jaxdiff import config as config_lib
+    from jaxdiff.train import frozen
+
+    workdir = tmp_path / "run"
+    for name in (frozen.VAE_DIR, frozen.TEXT_ENCODER_DIR, frozen.TOKENIZER_DIR):
+        shutil.copytree(clean_pipeline / name, workdir / name)
+    _pickle_only(workdir / part, weights, pickled, markers)
+    cfg = config_lib.load(os.path.join(os.path.dirname(__file__), "..", "experiments", "digits_text.py"))
+    images = np.zeros((2, 8, 8, 3), np.float32)
+    _refused(lambda: frozen.build_or_load(cfg, str(workdir), images, ["a"]), str(workdir / part / pickled),
+             "is a pickle")
+    cfg.vae.path = str(workdir / "vae")  # named in the config: the same
+    _refused(lambda: frozen.build_or_load(cfg, str(workdir), images, ["a"]), str(workdir / part / pickled),
+             "is a pickle")
     assert markers.none_ran()
