@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_resumes_bit_exact, run_cli, tree_equal
+from conftest import assert_resumes_bit_exact, run_cli
 from test_export import _tiny_config as _text_config
 
 from jaxdiff import config as config_lib
@@ -175,7 +175,7 @@ def test_exported_file_loads_in_diffusers_and_draws_what_jaxdiff_draws(base, lor
         np.testing.assert_allclose(np.asarray(back[p].up), np.asarray(w.up), rtol=1e-6)
         assert float(back[p].alpha) == 4.0
     noise = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
-    kwargs = dict(num_steps=6, guidance_scale=3.0, latents=noise, output_type="np")
+    kwargs = {"num_steps": 6, "guidance_scale": 3.0, "latents": noise, "output_type": "np"}
     plain = pipe(PROMPTS, **kwargs)
     pipe.load_lora(path)
     ours = pipe(PROMPTS, **kwargs)
