@@ -398,7 +398,7 @@ def _export_lora_parser() -> _Parser:
 def _export_lora(argv: list[str]) -> int:
     args = _export_lora_parser().parse_args(argv)
 
-    from jaxdiff.train.lora import export_lora
+    from jaxdiff.train.lora_export import export_lora
 
     print(f"wrote {export_lora(args.run, args.out, args.step, ema=not args.no_ema)}")
     return 0

@@ -18,6 +18,7 @@ from jaxdiff.models import lora as lora_lib
 from jaxdiff.pipelines.export import export_run
 from jaxdiff.train import build, loop
 from jaxdiff.train import lora as lora_train
+from jaxdiff.train.lora_export import export_lora
 
 EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "digits_lora.py")
 PROMPTS = ["a bold seven", "a handwritten three"]
@@ -164,7 +165,7 @@ def test_exported_file_loads_in_diffusers_and_draws_what_jaxdiff_draws(base, lor
     from jaxdiff.pipelines.stable_diffusion import StableDiffusion
 
     run, state = lora_run
-    path = lora_train.export_lora(run, str(tmp_path / "bold.safetensors"), ema=False)
+    path = export_lora(run, str(tmp_path / "bold.safetensors"), ema=False)
     pipe = StableDiffusion.from_pretrained(base)
     # The file holds the trained adapters exactly.
     back = lora_convert.read(path, lora_pipe.tables(pipe.unet))["unet"]
@@ -198,7 +199,7 @@ def test_export_lora_from_the_command_line_and_its_refusals(base, lora_run, tmp_
     assert os.path.isfile(tmp_path / "out" / "pytorch_lora_weights.safetensors")
     text_run = os.path.join(os.path.dirname(base), "run")
     with pytest.raises(CheckpointError, match="not a LoRA run"):
-        lora_train.export_lora(text_run, str(tmp_path / "x"))
+        export_lora(text_run, str(tmp_path / "x"))
     res = run_cli("export-lora", str(tmp_path / "nowhere"), "--out", str(tmp_path / "y"))
     assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
 

@@ -1,7 +1,7 @@
 """LoRA training (Hu et al. 2021) on a frozen Stable Diffusion base: only the adapters learn.
 
     jaxdiff train --config experiments/digits_lora.py --workdir runs/digits_lora
-    jaxdiff export-lora runs/digits_lora --out digits_bold.safetensors
+    jaxdiff export-lora runs/digits_lora --out digits_bold.safetensors    # train/lora_export.py
 
 `jaxdiff train` takes this path when the config has a `lora` section (`build.is_lora`). The base
 is a diffusers Stable Diffusion folder (`lora.base`, e.g. what `jaxdiff export` writes from a
@@ -178,8 +178,6 @@ def init_state_fn(base, tx, cfg):
 
 def build_trainer(cfg: ml_collections.ConfigDict, mesh, task: LoraTask, schedule, tx):
     """The `build.Trainer` of a LoRA run: state = adapters, `frozen` = (the base on the mesh,)."""
-    from jaxdiff.train.build import Trainer
-
     rules = sharding_lib.get_rules(cfg.mesh.rules)
     base_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.float32), task.base_params)
     base_sharding = sharding_lib.tree_shardings(base_abstract, mesh, rules)
@@ -194,49 +192,8 @@ def build_trainer(cfg: ml_collections.ConfigDict, mesh, task: LoraTask, schedule
     step = jax.jit(make_train_step(adapted_loss(full_loss, cfg.lora.alpha), tx, ema_decay=cfg.optim.ema_decay),
                    donate_argnums=(0,), in_shardings=(state_sharding, batch_sharding, base_sharding),
                    out_shardings=(state_sharding, sharding_lib.replicated(mesh)))
-    return Trainer(init=jax.jit(init, out_shardings=state_sharding), step=step,
+    return state_lib.Trainer(init=jax.jit(init, out_shardings=state_sharding), step=step,
                    abstract=sharding_lib.with_shardings(abstract, state_sharding),
                    state_sharding=state_sharding, batch_sharding=batch_sharding, frozen=(base,))
 
 
-
-def export_lora(path: str | os.PathLike, out: str | os.PathLike, step: int | None = None, *,
-                ema: bool = True) -> str:
-    """Write the adapters of the LoRA run at `path` (a work dir, its checkpoints/ or one step
-    folder) as diffusers' `pytorch_lora_weights.safetensors` (in the folder `out`, or the file
-    `out` when it ends in .safetensors), which `load_lora_weights` and `StableDiffusion.load_lora`
-    read. step: None = the latest readable step; ema: the EMA adapters (else the raw ones).
-    Returns the file written. Raises CheckpointError for a run that is not a LoRA run or whose
-    base folder is gone."""
-    import json
-
-    from jaxdiff import config as config_lib
-    from jaxdiff.checkpoint import Checkpointer, resolve
-    from jaxdiff.convert import lora as lora_convert
-    from jaxdiff.convert import unet as unet_convert
-    from jaxdiff.errors import CheckpointError
-    from jaxdiff.train.build import build_optimizer, is_lora
-
-    directory, found = resolve(os.fspath(path))
-    step = found if step is None else step
-    ckpt = Checkpointer(directory, read_only=True)
-    try:
-        cfg = config_lib.from_json(json.dumps(ckpt.read_config(step)))
-        if not is_lora(cfg):
-            raise CheckpointError(f"{path} is not a LoRA run (its config has no lora section); export a "
-                                  "latent text run with `jaxdiff export` instead")
-        folder = os.path.join(cfg.lora.base, "unet")
-        if not os.path.isdir(folder):
-            raise CheckpointError(f"{path}: the run's base U-Net folder {folder} is missing (the adapters "
-                                  "are saved against it; restore the base folder or point lora.base at it)")
-        unet, base = unet_convert.load(folder)
-        base_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.float32), base)
-        abstract = jax.eval_shape(init_state_fn(base_abstract, build_optimizer(cfg), cfg))
-        mesh = sharding_lib.inference_mesh("dp", jax.local_devices())
-        state, _ = ckpt.restore(sharding_lib.with_shardings(abstract, sharding_lib.tree_shardings(abstract, mesh, "dp")),
-                                step)
-    finally:
-        ckpt.close()
-    adapters = as_loras(sharding_lib.gather(state.ema_params if ema else state.params), cfg.lora.alpha)
-    table = lora_convert.unet_names(unet_convert.table(unet, unet.in_channels or 4), unet)
-    return lora_convert.write(out, {"unet": jax.device_get(adapters)}, {"unet": table})

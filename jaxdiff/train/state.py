@@ -1,8 +1,10 @@
-"""`TrainState`: everything a training step reads and writes, as one pytree of arrays."""
+"""`TrainState`: everything a training step reads and writes, as one pytree of arrays; `Trainer`:
+the compiled pieces of a run that hold it (built by `build.build_trainer` or `lora.build_trainer`)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -22,6 +24,27 @@ class TrainState:
     opt_state: Any
     step: jax.Array
     rng: jax.Array
+
+
+class Trainer(NamedTuple):
+    """The compiled pieces of a run on one mesh.
+
+    init: `() -> TrainState`, the fresh state, already laid out on the mesh.
+    step: `(state, batch) -> (state, metrics)`, jitted with the state's shardings; the input
+      state is donated.
+    abstract: the TrainState as `jax.ShapeDtypeStruct`s carrying their shardings (the target
+      for restoring a checkpoint onto this mesh, or for lowering without data).
+    state_sharding / batch_sharding: NamedSharding pytree of the state; the batch's sharding.
+    frozen: arrays the step reads but never trains, already on the mesh, passed after the batch:
+      `step(state, batch, *frozen)` (a LoRA run's base weights; none for full training).
+    """
+
+    init: Callable
+    step: Callable
+    abstract: Any
+    state_sharding: Any
+    batch_sharding: Any
+    frozen: tuple = ()
 
 
 def create(params, tx: optax.GradientTransformation, rng: jax.Array) -> TrainState:
