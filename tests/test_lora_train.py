@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_resumes_bit_exact, run_cli
+from conftest import assert_resumes_bit_exact, run_cli, run_python
 from test_export import _tiny_config as _text_config
 
 from jaxdiff import config as config_lib
@@ -124,6 +124,37 @@ def test_the_base_is_an_input_of_the_compiled_step(base, lora_run):
     assert not any(x.is_deleted() for x in jax.tree.leaves(frozen))
     assert float(m1["loss"]) != float(m2["loss"]) and float(m1["loss"]) == float(m3["loss"])
     assert trainer.step._cache_size() == 1
+
+
+def test_the_base_shards_by_the_rule_table_of_full_training(base, lora_run):
+    """On two devices under the fsdp table the base's large kernels are split over fsdp (as in
+    full training) and the step's loss is the one-device loss of the same batch."""
+    run, _ = lora_run
+    cfg = _lora_config(base)
+    cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.rules = 1, 2, "fsdp"
+    code = f"""
+import jax
+from jaxdiff import config as config_lib, sharding as sharding_lib
+from jaxdiff.train import build, lora
+cfg = config_lib.from_json({config_lib.to_json(cfg)!r})
+mesh = sharding_lib.mesh_from_config(cfg.mesh)
+task = build.build_task(cfg, mesh, workdir={run!r})
+tr = lora.build_trainer(cfg, mesh, task, build.build_schedule(cfg), build.build_optimizer(cfg))
+(base,) = tr.frozen
+print("SPLIT", sum("fsdp" in tuple(x.sharding.spec) for x in jax.tree.leaves(base)))
+_, m = tr.step(tr.init(), sharding_lib.shard_batch(next(task.iterator()), mesh), base)
+print("LOSS", repr(float(m["loss"])))
+"""
+    res = run_python(code, devices=2)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = dict(line.split(" ", 1) for line in res.stdout.splitlines() if line.startswith(("SPLIT", "LOSS")))
+    assert int(out["SPLIT"]) > 0
+    one = _lora_config(base)
+    mesh = sharding_lib.make_mesh()
+    task = _task(base, run)
+    tr = lora_train.build_trainer(one, mesh, task, build.build_schedule(one), build.build_optimizer(one))
+    _, m = tr.step(tr.init(), sharding_lib.shard_batch(next(task.iterator()), mesh), *tr.frozen)
+    np.testing.assert_allclose(float(out["LOSS"]), float(m["loss"]), rtol=1e-5)
 
 
 def test_the_first_step_is_the_base_networks_loss_and_gradient(base, lora_run):
