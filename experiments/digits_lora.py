@@ -14,6 +14,13 @@ captions stay as they were. Run as a script, this file draws the before / after 
 base + LoRA, on the new and the old captions) and scores them: the digit classifier of
 `jaxdiff.metrics.digits` says whether the digits stay right, and the ink fraction (pixels above
 mid-grey) measures the strokes' thickness against the real digits and their bold versions.
+
+Measured (docs/digits_lora_eval.json; base: digits_text stopped at step 1,553 of 2,000; LoRA:
+600 steps of batch 32: 8 min 14 s in all on a heavily shared 2-core CPU (96 s compile, 4 min 26 s of steps); 40 images per set at
+guidance 4, 25 DDIM steps): "a bold <digit>" went from 12.5% right digits and ink 0.197 (the
+base has never seen "bold") to 47.5% right and ink 0.300 (real digits 0.133, their bold
+versions 0.289, on which the classifier is 88.5% right); the old captions went from 92.5% right,
+ink 0.158, to 85.0%, ink 0.190. Grids: docs/digits_lora_new.png and docs/digits_lora_old.png.
 """
 
 import argparse
