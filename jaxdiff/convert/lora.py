@@ -241,7 +241,9 @@ def to_state_dict(adapters: Mapping[str, Mapping[str, Lora]], tables: Mapping[st
     `target_modules`)."""
     state, meta = {}, {}
     for part, adapter in adapters.items():
-        by_path = {"/".join(e.flax): name for name, e in tables[part].items()}
+        by_path = {}
+        for name, e in tables[part].items():        # the first name: diffusers', not an LDM alias
+            by_path.setdefault("/".join(e.flax), name)
         ranks, alphas = {}, {}
         for path, w in adapter.items():
             if path not in by_path:
