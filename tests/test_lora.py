@@ -75,7 +75,7 @@ def _lora_layers(model, targets, rank, alpha, seed):
         for name, p in model.named_parameters():
             if ".lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=g) / np.sqrt(p[0].numel()))
-    return get_peft_model_state_dict(model), dict(r=rank, lora_alpha=alpha, target_modules=targets)
+    return get_peft_model_state_dict(model), {"r": rank, "lora_alpha": alpha, "target_modules": targets}
 
 
 def _kohya(state, alphas):
