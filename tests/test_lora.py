@@ -118,7 +118,7 @@ def _reference(tiny, loras=(), weights=None, **kwargs):
                                                            requires_safety_checker=False)
     ref.set_progress_bar_config(disable=True)
     names = [f"a{i}" for i in range(len(loras))]
-    for name, folder in zip(names, loras):
+    for name, folder in zip(names, loras, strict=True):
         ref.load_lora_weights(str(folder), adapter_name=name)
     if weights is not None:
         ref.set_adapters(names, weights)
@@ -269,6 +269,15 @@ def test_errors_are_one_line(tiny, pipe, tmp_path):
     with pytest.raises(CheckpointError) as e:
         pipe.load_lora(tmp_path / "missing.safetensors")
     _one_line(e, "not found")
+    two = tmp_path / "two"
+    two.mkdir()
+    for name in ("x.safetensors", "y.safetensors"):
+        (two / name).write_bytes((tiny / "b" / "pytorch_lora_weights.safetensors").read_bytes())
+    with pytest.raises(CheckpointError) as e:
+        pipe.load_lora(two)
+    _one_line(e, "x.safetensors, y.safetensors", "weight_name")
+    assert pipe.load_lora(two, weight_name="y.safetensors", adapter_name="y") == "y"
+    pipe.unload_lora("y")
     pipe.load_lora(tiny / "b", adapter_name="b")
     for call, words in [(lambda: pipe.load_lora(tiny / "b", adapter_name="b"), ["'b'", "already loaded"]),
                         (lambda: pipe.set_lora_scales({"c": 1.0}), ["'c'", "'b'"]),

@@ -92,7 +92,8 @@ def test_kohya_conv_lora_is_torchs_kxk_down_then_1x1_up(nets):
 
 # (diffusers module, the LDM module kohya's SDXL files name; this tiny U-Net has one ResBlock per level)
 LDM = [("down_blocks.0.resnets.0.conv1", "input_blocks.1.0.in_layers.2"),
-       ("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k", "input_blocks.3.1.transformer_blocks.0.attn2.to_k"),
+       ("down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+        "input_blocks.3.1.transformer_blocks.0.attn2.to_k"),
        ("mid_block.attentions.0.proj_in", "middle_block.1.proj_in"),
        ("mid_block.resnets.1.time_emb_proj", "middle_block.2.emb_layers.1"),
        ("up_blocks.0.attentions.1.transformer_blocks.0.ff.net.2", "output_blocks.1.1.transformer_blocks.0.ff.net.2"),

@@ -112,7 +112,7 @@ def lora_file(path: str | os.PathLike) -> str:
         for n in held:
             tensors.refuse_pickle(os.path.join(path, n))
         raise CheckpointError(f"{path} has no {WEIGHTS_NAME}" + (
-            f" and several .safetensors files ({', '.join(safe)}): pass the file itself" if safe else
+            f" and several .safetensors files ({', '.join(safe)}): pass the file itself (or weight_name=)" if safe else
             " (nor any .safetensors file)"))
     if not os.path.isfile(path):
         raise CheckpointError(f"LoRA file not found: {path} (jaxdiff reads local safetensors files only)")

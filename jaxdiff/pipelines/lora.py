@@ -31,6 +31,7 @@ import numpy as np
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.convert import clip as clip_convert
 from jaxdiff.convert import lora as lora_convert
+from jaxdiff.convert import tensors
 from jaxdiff.convert import unet as unet_convert
 from jaxdiff.models import lora as lora_lib
 from jaxdiff.pipelines import core
@@ -104,9 +105,11 @@ class LoraMixin:
         self._lora_state()
         return dict(self._lora_scales)
 
-    def load_lora(self, path: str | os.PathLike, scale: float = 1.0, adapter_name: str | None = None) -> str:
+    def load_lora(self, path: str | os.PathLike, scale: float = 1.0, adapter_name: str | None = None, *,
+                  weight_name: str | None = None) -> str:
         """Load a LoRA file or folder (diffusers/PEFT or kohya safetensors) as adapter
         `adapter_name` (default "default_<k>", as diffusers) at `scale`. Returns the name.
+        weight_name: the file inside the folder `path` (diffusers' name), when it holds several.
         Raises CheckpointError for a file that does not fit this pipeline (see `convert.lora`)."""
         loaded = self._lora_state()
         scale = core.check_scale("scale", scale)
@@ -118,6 +121,8 @@ class LoraMixin:
                              f"unload_lora({name!r}) first")
         if self._lora_fused is not None:
             raise ValueError("the loaded LoRAs are fused into the weights; unfuse_lora() before loading another")
+        if weight_name is not None:
+            path = tensors.inside(os.fspath(path), weight_name)
         adapters = lora_convert.read(path, self._lora_tables)
         for part, adapter in adapters.items():
             lora_lib.check(self.params[part], adapter, what=f"{path} ({part})")
