@@ -152,7 +152,7 @@ def test_peft_lora_matches_diffusers_at_a_scale(tiny, base, pipe):
     plain, theirs = base
     pipe.load_lora(tiny / "a", scale=0.7)
     ours = _ours(pipe)
-    np.testing.assert_allclose(ours, theirs, atol=1e-3)                       # measured ~3e-6
+    np.testing.assert_allclose(ours, theirs, atol=1e-3)                       # measured ~5e-5
     # diffusers' per-call scale, and jaxdiff's: the adapter at 1 times the call's 0.7
     pipe.set_lora_scales({"default_0": 1.0})
     np.testing.assert_allclose(_ours(pipe, cross_attention_kwargs={"scale": 0.7}), theirs, atol=1e-3)
@@ -165,7 +165,9 @@ def test_peft_lora_matches_diffusers_at_a_scale(tiny, base, pipe):
 def test_kohya_file_is_the_same_lora(tiny, base, pipe):
     """The same tensors under kohya names with their alphas: the same pictures as diffusers gives
     with the PEFT file (alpha / rank = 2 for the U-Net, 1.5 for the text encoder, which must be
-    read from the alpha tensors)."""
+    read from the alpha tensors). The reference is the PEFT file: diffusers 0.42's own kohya reader
+    (with transformers 5) applies the U-Net part exactly (max difference 0) but keeps only the text
+    encoder's fc1 LoRAs, silently dropping the q_proj / v_proj ones."""
     _, theirs = base
     pipe.load_lora(tiny / "a_kohya.safetensors", scale=0.7)
     np.testing.assert_allclose(_ours(pipe), theirs, atol=1e-3)
@@ -208,7 +210,7 @@ def test_fuse_equals_unfused_and_unfuse_restores_the_weights(tiny, pipe):
     unfused = _ours(pipe)
     pipe.fuse_lora()
     assert not tree_equal(jax.device_get(pipe.params), before)
-    np.testing.assert_allclose(_ours(pipe), unfused, atol=1e-4)               # measured ~1e-6
+    np.testing.assert_allclose(_ours(pipe), unfused, atol=1e-4)               # measured 0
     with pytest.raises(ValueError, match="fused"):
         pipe.set_lora_scales({"a": 1.0})
     pipe.unfuse_lora()
