@@ -10,7 +10,9 @@
 A LoRA is a transform of the parameter tree (`jaxdiff.models.lora`), never a module change: the
 pipeline keeps its base parameters and the adapters ({name: {part: {kernel path: Lora}}}, parts
 "unet" and "text_encoder"), and each network call gets `lora.Adapted(base, adapters, scales)`,
-merged inside the jitted function (`with_lora`). The scales (the adapter's scale times the call's
+merged inside the jitted function (`with_lora`); the merge does not depend on the step, and XLA
+moves it out of the sampling scan (seen in the compiled CPU program), so it runs once per call
+and the merged kernels live only during that call. The scales (the adapter's scale times the call's
 `lora_scale`, which is diffusers' `cross_attention_kwargs={"scale": s}`) are traced leaves, so a
 new scale reuses the compiled program; loading or unloading an adapter changes the tree and
 compiles once. `fuse_lora` folds the adapters at their current scales into the stored weights

@@ -5,6 +5,7 @@ diffusers-format folder.
     images = pipe("a photo of a cat", num_steps=30, guidance_scale=7.5, seed=0, num_images=4)
     images = pipe.img2img(photo, "an oil painting of a cat", strength=0.6)
     images = pipe.inpaint(photo, mask, "a dog", strength=1.0)        # mask: white = repaint
+    pipe.load_lora("style.safetensors", scale=0.7)   # diffusers/PEFT or kohya LoRA (pipelines/lora.py)
 
 The folder is what `diffusers.StableDiffusionPipeline.save_pretrained(..., safe_serialization=True)`
 writes: `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and
@@ -367,8 +368,8 @@ class StableDiffusion(lora_pipe.LoraMixin):
             if uncond is not None:
                 uncond["extra"] = extra
         shape, peak = self._latents(height, width, opts.guidance_scale)
-        job = core.Job(network=self._unet_fn, params=self._lora_params("unet", opts.lora_scale), sampler=plan, shape=shape,
-                       num=cond["context"].shape[0], seed=opts.seed, cond=cond, uncond=uncond,
+        job = core.Job(network=self._unet_fn, params=self._lora_params("unet", opts.lora_scale), sampler=plan,
+                       shape=shape, num=cond["context"].shape[0], seed=opts.seed, cond=cond, uncond=uncond,
                        guidance_scale=opts.guidance_scale, guidance_rescale=opts.guidance_rescale,
                        noise=None if opts.latents is None else np.asarray(opts.latents, np.float32),
                        x0=x0, keep=keep, decode=functools.partial(self._decode_fn, self.params["vae"]),
