@@ -3,6 +3,7 @@ files, per-call and per-adapter scales, two adapters, fuse / unfuse, saving, and
 errors. Tiny random components (as tests/test_pipeline_sd.py builds them) with random LoRA
 weights (lora_B non-zero), float32, given latents."""
 
+import contextlib
 import copy
 import pickle
 
@@ -178,12 +179,10 @@ def test_two_adapters_and_traced_scales_reuse_one_program(tiny, pipe):
     pipe.load_lora(tiny / "b", adapter_name="b", scale=-0.5)
     first = _ours(pipe)
     np.testing.assert_allclose(first, _reference(tiny, [tiny / "a", tiny / "b"], [0.7, -0.5]), atol=1e-3)
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **kw: compiles.append(event) if event == COMPILE_EVENT else None)
-    pipe.set_lora_scales({"a": 0.2, "b": 1.3})
-    second = _ours(pipe)
-    third = _ours(pipe, lora_scale=0.5)
+    with _compiles() as compiles:
+        pipe.set_lora_scales({"a": 0.2, "b": 1.3})
+        second = _ours(pipe)
+        third = _ours(pipe, lora_scale=0.5)
     assert compiles == [], compiles                         # new scales: the same compiled programs
     np.testing.assert_allclose(second, _reference(tiny, [tiny / "a", tiny / "b"], [0.2, 1.3]), atol=1e-3)
     np.testing.assert_allclose(third, _reference(tiny, [tiny / "a", tiny / "b"], [0.2, 1.3],
@@ -195,12 +194,27 @@ def test_two_adapters_and_traced_scales_reuse_one_program(tiny, pipe):
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
-def test_compile_event_name_is_jaxs():
-    """The event counted above exists in the installed jax (else the count would pass vacuously)."""
+@contextlib.contextmanager
+def _compiles():
+    """The list of XLA compilations that happen inside the block."""
     events = []
-    jax.monitoring.register_event_duration_secs_listener(lambda event, duration, **kw: events.append(event))
-    jax.jit(lambda x: x * 3.0 + 1.0)(np.float32(2.0))
-    assert COMPILE_EVENT in events
+
+    def listen(event, duration, **kwargs):
+        if event == COMPILE_EVENT:
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_compile_counter_sees_a_compilation():
+    """The counter above sees a new program (else its zero would pass vacuously)."""
+    with _compiles() as compiles:
+        jax.jit(lambda x: x * 3.0 + 1.0)(np.float32(2.0))
+    assert len(compiles) == 1
 
 
 def test_fuse_equals_unfused_and_unfuse_restores_the_weights(tiny, pipe):
