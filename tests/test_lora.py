@@ -295,6 +295,8 @@ def test_errors_are_one_line(tiny, pipe, tmp_path):
     assert pipe.load_lora(two, weight_name="y.safetensors", adapter_name="y") == "y"
     pipe.unload_lora("y")
     pipe.load_lora(tiny / "b", adapter_name="b")
+    pipe.set_lora_scales(0.25)                                      # one number: every adapter
+    assert pipe.lora_scales == {"b": 0.25}
     for call, words in [(lambda: pipe.load_lora(tiny / "b", adapter_name="b"), ["'b'", "already loaded"]),
                         (lambda: pipe.set_lora_scales({"c": 1.0}), ["'c'", "'b'"]),
                         (lambda: pipe.set_lora_scales({"b": float("nan")}), ["finite"]),
