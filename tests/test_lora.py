@@ -5,13 +5,12 @@ weights (lora_B non-zero), float32, given latents."""
 
 import contextlib
 import copy
-import pickle
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import randomise_unit_gain, tree_equal, write_clip_tokenizer
+from conftest import make_hostile_pickle, randomise_unit_gain, tree_equal, write_clip_tokenizer
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -312,25 +311,16 @@ def test_errors_are_one_line(tiny, pipe, tmp_path):
     _one_line(e, "'a'", "'b'")
 
 
-class _Marker:
-    """Unpickling this creates the file `path`."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
-
-
 def test_pickled_loras_are_refused_unopened(pipe, tmp_path):
-    marker = tmp_path / "unpickled"
-    for name in ["lora.bin", "lora.pt", "lora.ckpt", "folder/pytorch_lora_weights.bin"]:
-        path = tmp_path / name
-        path.parent.mkdir(exist_ok=True)
-        path.write_bytes(pickle.dumps(_Marker(marker)))
+    """Real pickles whose loading runs code (torch zip for .bin / .pt, the legacy format for
+    .ckpt, a plain pickle in a folder): each refused in one line, and the code never runs."""
+    cases = [("lora.bin", "torch"), ("lora.pt", "torch"), ("lora.ckpt", "torch_legacy"),
+             ("folder/pytorch_lora_weights.bin", "pickle")]
+    for i, (name, fmt) in enumerate(cases):
+        marker = tmp_path / f"ran{i}"
+        path = make_hostile_pickle(tmp_path / name, marker, fmt)
         with pytest.raises(CheckpointError) as e:
             pipe.load_lora(path if "folder" not in name else path.parent)
         _one_line(e, "pickle", path.name)
-    assert not marker.exists()                                    # nothing was unpickled
-    pickle.loads((tmp_path / "lora.bin").read_bytes()).close()  # the files are live: loading one leaves the marker
-    assert marker.exists()
+        assert not marker.exists(), name                            # nothing was unpickled
+    assert pipe.lora_scales == {}
