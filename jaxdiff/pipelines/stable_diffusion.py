@@ -5,6 +5,7 @@ diffusers-format folder.
     images = pipe("a photo of a cat", num_steps=30, guidance_scale=7.5, seed=0, num_images=4)
     images = pipe.img2img(photo, "an oil painting of a cat", strength=0.6)
     images = pipe.inpaint(photo, mask, "a dog", strength=1.0)        # mask: white = repaint
+    pipe.load_lora("style.safetensors", scale=0.7)   # diffusers/PEFT or kohya LoRA (pipelines/lora.py)
 
 The folder is what `diffusers.StableDiffusionPipeline.save_pretrained(..., safe_serialization=True)`
 writes: `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and
@@ -79,7 +80,7 @@ from jaxdiff import samplers
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.convert import scheduler as scheduler_convert
 from jaxdiff.models import vae as vae_lib
-from jaxdiff.pipelines import core, options as options_lib
+from jaxdiff.pipelines import core, lora as lora_pipe, options as options_lib
 
 DEFAULT_MAX_STEPS = 50
 
@@ -102,6 +103,8 @@ class GenerateOptions:
     output_type: "pil" (list of PIL images), "np" (float32 [N, H, W, 3] in [0, 1]), "uint8", or
         "latent" (the final latents [N, H/f, W/f, C]).
     eta: DDIM's eta (only for samplers with that option). progress: a per-step progress bar.
+    lora_scale: multiplies every loaded LoRA's scale for this call (traced; diffusers'
+        cross_attention_kwargs={"scale": s} is read as this), see `pipelines/lora.py`.
     """
 
     num_steps: int = 30
@@ -117,13 +120,14 @@ class GenerateOptions:
     clip_skip: int | None = None
     eta: float | None = None
     progress: bool = False
+    lora_scale: float | None = None
     sampler_options: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def parse(cls, kwargs: dict) -> "GenerateOptions":
         """Options from keyword arguments: diffusers' names renamed, unknown names kept as sampler
         options (checked against the sampler later), every value checked (one-line ValueErrors)."""
-        kwargs, renamed = options_lib.take_aliases(kwargs)
+        kwargs, renamed = options_lib.take_aliases(lora_pipe.take_lora_scale(kwargs))
         kwargs.update(renamed)
         names = {f.name for f in dataclasses.fields(cls)} - {"sampler_options"}
         extra = {k: v for k, v in kwargs.items() if k not in names}
@@ -136,6 +140,7 @@ class GenerateOptions:
         core.check_scale("guidance_scale", self.guidance_scale, optional=True)
         core.check_scale("guidance_rescale", self.guidance_rescale, lo=0.0, hi=1.0)
         core.check_scale("eta", self.eta, lo=0.0, hi=1.0, optional=True)
+        core.check_scale("lora_scale", self.lora_scale, optional=True)
         options_lib.check_count("num_images", self.num_images)
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
@@ -176,7 +181,7 @@ def _decode(vae, params, latents):
     return vae_lib.decode_latents(vae, params, latents, float32=False).astype(jnp.float32)
 
 
-class StableDiffusion:
+class StableDiffusion(lora_pipe.LoraMixin):
     """A Stable Diffusion 1.x / 2.x model: U-Net, VAE, CLIP text encoder, tokenizer and schedule.
 
     Attributes: `unet`, `vae`, `text_encoder` (flax modules), `params` (dict with "unet", "vae",
@@ -203,8 +208,9 @@ class StableDiffusion:
         self.params = sharding_lib.place(params, sharding_lib.tree_shardings(params, self.mesh, rules))
         coder = vae.clone(dtype=jnp.float32) if vae_float32 else vae
         # One function object each per pipeline, so repeated calls hit jit's caches.
-        self._unet_fn = functools.partial(_unet, unet)
-        self._text_fn = jax.jit(functools.partial(_encode_text, text_encoder), static_argnames="skip_layers")
+        self._unet_fn = lora_pipe.with_lora(functools.partial(_unet, unet))
+        self._text_fn = jax.jit(lora_pipe.with_lora(functools.partial(_encode_text, text_encoder)),
+                                static_argnames="skip_layers")
         self._encode_fn = jax.jit(functools.partial(_encode_images, coder))
         self._decode_fn = jax.jit(functools.partial(_decode, coder))
 
@@ -264,7 +270,7 @@ class StableDiffusion:
     # Text and images in.
 
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-                      num_images: int = 1, clip_skip: int | None = None, guidance: bool = True):
+                      num_images: int = 1, clip_skip: int | None = None, guidance: bool = True, lora_scale=None):
         """Text embeddings (cond [N, S, D], uncond [N, S, D] or None without guidance), float32
         numpy, N = len(prompts) * num_images, each prompt's rows consecutive. One text-encoder call."""
         prompts = _prompts(prompt)
@@ -286,7 +292,8 @@ class StableDiffusion:
                                      "string per prompt, or a single string")
             neg_ids = jnp.asarray(self.tokenizer(negatives))
         ids = jnp.asarray(self.tokenizer(prompts))
-        cond, uncond = sharding_lib.gather(self._text_fn(self.params["text_encoder"], ids, neg_ids, skip_layers=skip))
+        cond, uncond = sharding_lib.gather(self._text_fn(self._lora_params("text_encoder", lora_scale), ids, neg_ids,
+                                                         skip_layers=skip))
         cond = np.repeat(cond, int(num_images), axis=0)                                # [N, S, D]
         uncond = None if uncond is None else np.repeat(uncond, int(num_images), axis=0)
         return cond, uncond
@@ -352,7 +359,7 @@ class StableDiffusion:
         plan = self.plan(opts.sampler, opts.num_steps, start_step, opts.eta, opts.sampler_options)
         guided = core.guided(opts.guidance_scale)
         cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=opts.num_images,
-                                          clip_skip=opts.clip_skip, guidance=guided)
+                                          clip_skip=opts.clip_skip, guidance=guided, lora_scale=opts.lora_scale)
         cond = {"context": cond}
         if uncond is not None:
             uncond = {"context": uncond}
@@ -361,8 +368,8 @@ class StableDiffusion:
             if uncond is not None:
                 uncond["extra"] = extra
         shape, peak = self._latents(height, width, opts.guidance_scale)
-        job = core.Job(network=self._unet_fn, params=self.params["unet"], sampler=plan, shape=shape,
-                       num=cond["context"].shape[0], seed=opts.seed, cond=cond, uncond=uncond,
+        job = core.Job(network=self._unet_fn, params=self._lora_params("unet", opts.lora_scale), sampler=plan,
+                       shape=shape, num=cond["context"].shape[0], seed=opts.seed, cond=cond, uncond=uncond,
                        guidance_scale=opts.guidance_scale, guidance_rescale=opts.guidance_rescale,
                        noise=None if opts.latents is None else np.asarray(opts.latents, np.float32),
                        x0=x0, keep=keep, decode=functools.partial(self._decode_fn, self.params["vae"]),
