@@ -4,15 +4,15 @@ the U-Net's residual inputs against UNet2DConditionModel's additional residuals,
 ControlNets (jaxdiff/pipelines/controlnet.py) against StableDiffusionControlNetPipeline, all on
 tiny random models built here (offline)."""
 
+import contextlib
 import functools
 import json
 
 import jax
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import randomise_unit_gain, write_clip_tokenizer
+from PIL import Image
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -75,7 +75,7 @@ def _reference(ref, inputs, scale=1.0, guess_mode=False):
     return [_nhwc(d) for d in down], _nhwc(mid)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _jitted(module):
     def apply(params, inputs, scale):
         rest = {k: v for k, v in inputs.items() if k not in ("x", "t", "control")}
@@ -153,7 +153,7 @@ def test_pooling_controlnet_matches_diffusers():
 
 
 def test_unet_residuals_match_diffusers_additional_residuals(sd_controlnet):
-    ref_cn, cn, cn_params = sd_controlnet
+    ref_cn = sd_controlnet[0]
     ref = randomise_unit_gain(diffusers.UNet2DConditionModel(in_channels=4, out_channels=4, up_block_types=UP, **UNET), seed=8).eval()
     unet = convert_unet.module_from_config(dict(ref.config))
     params = convert_unet.params_from_torch(_state(ref), unet)
@@ -323,26 +323,66 @@ def test_two_controlnets_match_diffusers(tiny, two):
     assert np.abs(outs[0] - outs[1]).max() > 0.05
 
 
+@contextlib.contextmanager
+def _compiles():
+    """The compile events (XLA backend compiles and persistent-cache loads) inside the block."""
+    events = []
+
+    def listener(event, *args, **kwargs):
+        if "compil" in event:
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    jax.monitoring.register_event_listener(listener)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+        jax.monitoring.unregister_event_listener(listener)
+
+
 def test_new_scales_images_and_windows_reuse_the_compiled_program(one):
     noise = _noise(2)
     args = dict(num_steps=STEPS, num_images=N, latents=noise, output_type="np", guidance_scale=7.5)
     first = one(PROMPT, control_image=_control(4), controlnet_conditioning_scale=0.8, **args)
-    compiles = []
-    listener = lambda event, *a, **k: compiles.append(event) if "compil" in event else None  # noqa: E731
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    jax.monitoring.register_event_listener(listener)
     cached = sampling._run._cache_size()
-    try:
+    with _compiles() as compiles:
         outs = [one(PROMPT, control_image=_control(5), controlnet_conditioning_scale=0.3, **args),
                 one(PROMPT, control_image=_control(4), controlnet_conditioning_scale=0.8, control_guidance_end=0.5,
                     **args),
                 one(PROMPT, control_image=_control(4), controlnet_conditioning_scale=0.8, guess_mode=True, **args)]
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
-        jax.monitoring.unregister_event_listener(listener)
     assert compiles == [] and sampling._run._cache_size() == cached
     for out in outs:                                     # and every one of them is another picture
         assert np.abs(out - first).max() > 0.05
+    with _compiles() as compiles:                        # the count sees a compile when there is one
+        one(PROMPT, control_image=_control(4), num_steps=STEPS, num_images=1, output_type="latent")
+    assert compiles
+
+
+def test_img2img_with_a_controlnet_matches_diffusers(tiny, one, monkeypatch):
+    """StableDiffusionControlNetImg2ImgPipeline, encoding with the posterior mean and given noise
+    (diffusers draws both from a torch generator). The guidance window counts the run's steps:
+    strength 0.75 runs 3 of 4, and start 0.4 controls only the last (counted over the plan's 4,
+    the last two)."""
+    from diffusers.models.autoencoders import vae as dvae
+    from diffusers.pipelines.controlnet import pipeline_controlnet_img2img as cn_i2i
+
+    noise = _noise(4)
+    monkeypatch.setattr(dvae.DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
+    monkeypatch.setattr(cn_i2i, "randn_tensor", lambda shape, generator=None, device=None, dtype=None: _nchw(noise))
+    _, _, parts, refs = tiny
+    ref = diffusers.StableDiffusionControlNetImg2ImgPipeline(**parts, controlnet=refs[0])
+    ref.set_progress_bar_config(disable=True)
+    picture, control = _control(7), _control(8)
+    case = dict(strength=0.75, controlnet_conditioning_scale=0.8, control_guidance_start=0.4, guidance_scale=7.5)
+    ours = one.img2img(picture, PROMPT, control_image=control, num_steps=STEPS, num_images=N, latents=noise,
+                       output_type="np", sample_posterior=False, **case)
+    theirs = ref(PROMPT, image=picture, control_image=control, num_inference_steps=STEPS, num_images_per_prompt=N,
+                 output_type="np", **case).images
+    np.testing.assert_allclose(ours, theirs, atol=1e-3)                        # measured ~1e-5
+    off = one.img2img(picture, PROMPT, control_image=control, num_steps=STEPS, num_images=N, latents=noise,
+                      output_type="np", sample_posterior=False, **dict(case, controlnet_conditioning_scale=0.0))
+    assert np.abs(ours - off).max() > 0.05
 
 
 def test_control_image_forms_and_default_size(one):

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -64,26 +64,31 @@ def controlled(base, controlnets, params, x, t, cond):
     """`base(params["base"], x, t, cond)` with the residuals of `controlnets` added: each
     ControlNet runs on x and the conditioning's context (and SDXL's text_embeds / time_ids),
     weighted per row and residual by cond["control_scale"] where t lies in its
-    cond["control_window"] (skipped altogether when no row needs it); their residuals are summed
-    and reach the U-Net as cond["down_residuals"] / cond["mid_residual"]. x: [B, h, w, C]."""
+    cond["control_window"]; their residuals are summed and reach the U-Net as
+    cond["down_residuals"] / cond["mid_residual"]. x: [B, h, w, C]."""
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))                  # [B]
     extra = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
     down = mid = None
     for k, (net, p) in enumerate(zip(controlnets, params["controlnets"])):
         lo, hi = cond["control_window"][:, k, 0], cond["control_window"][:, k, 1]     # [B]
         scale = cond["control_scale"][:, k] * ((t >= lo) & (t <= hi))[:, None]        # [B, R]
-        image = cond["control"][k]
-
-        def run(scale, p=p, net=net, image=image):
-            return net.apply({"params": p}, x, t, image, context=cond["context"], scale=scale, **extra)
-
-        shapes = jax.eval_shape(run, scale)
-        d, m = jax.lax.cond(jnp.any(scale != 0), run,
-                            lambda _, s=shapes: jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), s), scale)
-        down = d if down is None else [a + b for a, b in zip(down, d)]
+        d, m = _residuals(net, p, x, t, cond["control"][k], cond["context"], scale, extra)
+        down = d if down is None else [u + v for u, v in zip(down, d)]
         mid = m if mid is None else mid + m
     rest = {k: v for k, v in cond.items() if k not in KEYS}
     return base(params["base"], x, t, {**rest, "down_residuals": down, "mid_residual": mid})
+
+
+def _residuals(net, params, x, t, image, context, scale, extra):
+    """One ControlNet's (down residuals, mid residual); zeros without running it when every
+    weight is 0 (outside its guidance window, or at scale 0)."""
+    def run(scale):
+        return net.apply({"params": params}, x, t, image, context=context, scale=scale, **extra)
+
+    def skip(scale):
+        return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(run, scale))
+
+    return jax.lax.cond(jnp.any(scale != 0), run, skip, scale)
 
 
 # --------------------------------------------------------------------------------------------
