@@ -362,8 +362,8 @@ def test_new_scales_images_and_windows_reuse_the_compiled_program(one):
 def test_img2img_with_a_controlnet_matches_diffusers(tiny, one, monkeypatch):
     """StableDiffusionControlNetImg2ImgPipeline, encoding with the posterior mean and given noise
     (diffusers draws both from a torch generator). The guidance window counts the run's steps:
-    strength 0.75 runs 3 of 4, and start 0.4 controls only the last (counted over the plan's 4,
-    the last two)."""
+    strength 0.75 runs 3 of 4, and end 0.7 controls the first two (counted over the plan's 4,
+    only the first)."""
     from diffusers.models.autoencoders import vae as dvae
     from diffusers.pipelines.controlnet import pipeline_controlnet_img2img as cn_i2i
 
@@ -374,7 +374,7 @@ def test_img2img_with_a_controlnet_matches_diffusers(tiny, one, monkeypatch):
     ref = diffusers.StableDiffusionControlNetImg2ImgPipeline(**parts, controlnet=refs[0])
     ref.set_progress_bar_config(disable=True)
     picture, control = _control(7), _control(8)
-    case = dict(strength=0.75, controlnet_conditioning_scale=0.8, control_guidance_start=0.4, guidance_scale=7.5)
+    case = dict(strength=0.75, controlnet_conditioning_scale=0.8, control_guidance_end=0.7, guidance_scale=7.5)
     ours = one.img2img(picture, PROMPT, control_image=control, num_steps=STEPS, num_images=N, latents=noise,
                        output_type="np", sample_posterior=False, **case)
     theirs = ref(PROMPT, image=picture, control_image=control, num_inference_steps=STEPS, num_images_per_prompt=N,
