@@ -9,6 +9,7 @@ import functools
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import randomise_unit_gain, write_clip_tokenizer
@@ -117,6 +118,9 @@ def test_controlnet_matches_diffusers(sd_controlnet):
     assert _rel(d1[0], np.asarray(d0[0])) > 0.1
     # every parameter shards by a named rule
     assert sharding_rules.unnamed_parameters(params) == []
+    # bfloat16 compute stays close (parameters float32, residuals returned float32)
+    d16, m16 = _jitted(module.clone(dtype=jnp.bfloat16))(params, inputs, np.ones((B, 5), np.float32))
+    assert m16.dtype == jnp.float32 and _rel(m16, np.asarray(_jitted(module)(params, inputs, np.ones((B, 5)))[1])) < 3e-2   # measured ~9e-3
 
 
 def test_sdxl_style_controlnet_matches_diffusers():
