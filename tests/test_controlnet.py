@@ -119,8 +119,10 @@ def test_controlnet_matches_diffusers(sd_controlnet):
     # every parameter shards by a named rule
     assert sharding_rules.unnamed_parameters(params) == []
     # bfloat16 compute stays close (parameters float32, residuals returned float32)
-    d16, m16 = _jitted(module.clone(dtype=jnp.bfloat16))(params, inputs, np.ones((B, 5), np.float32))
-    assert m16.dtype == jnp.float32 and _rel(m16, np.asarray(_jitted(module)(params, inputs, np.ones((B, 5)))[1])) < 3e-2   # measured ~9e-3
+    ones = np.ones((B, 5), np.float32)
+    _, m16 = _jitted(module.clone(dtype=jnp.bfloat16))(params, inputs, ones)
+    _, m32 = _jitted(module)(params, inputs, ones)
+    assert m16.dtype == jnp.float32 and _rel(m16, np.asarray(m32)) < 3e-2     # measured ~9e-3
 
 
 def test_sdxl_style_controlnet_matches_diffusers():
@@ -422,7 +424,7 @@ def test_bad_control_inputs_are_one_line(one, kwargs, message):
     assert "\n" not in str(e.value)
 
 
-def test_control_count_and_missing_controlnet_are_one_line(tiny, two):
+def test_control_count_and_missing_controlnet_are_one_line(tiny, two, tmp_path):
     with pytest.raises(ValueError, match="control_image must be a list of 2 images .one per ControlNet., got 1"):
         two(PROMPT, num_steps=STEPS, control_image=np.zeros((SIZE, SIZE, 3)))
     plain = StableDiffusion.from_pretrained(tiny[0])
@@ -430,3 +432,9 @@ def test_control_count_and_missing_controlnet_are_one_line(tiny, two):
         plain(PROMPT, num_steps=STEPS, control_image=np.zeros((SIZE, SIZE, 3)))
     with pytest.raises(CheckpointError, match="has no config.json"):
         StableDiffusion.from_pretrained(tiny[0], controlnet=tiny[0])
+    other = tmp_path / "narrow"
+    diffusers.ControlNetModel(in_channels=4, conditioning_embedding_out_channels=(8, 16), **dict(
+        UNET, block_out_channels=(16, 32))).save_pretrained(str(other), safe_serialization=True)
+    with pytest.raises(CheckpointError, match="has base_channels=16 but the U-Net has 32; use a ControlNet made") as e:
+        StableDiffusion.from_pretrained(tiny[0], controlnet=[tiny[1][0], other])
+    assert "\n" not in str(e.value)

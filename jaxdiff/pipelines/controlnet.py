@@ -47,6 +47,7 @@ import numpy as np
 
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.convert import controlnet as controlnet_convert
+from jaxdiff.errors import CheckpointError
 from jaxdiff.models.controlnet import guess_mode_scales
 from jaxdiff.pipelines import core
 
@@ -97,11 +98,8 @@ def _residuals(net, params, x, t, image, context, scale, extra):
 
 def attach(pipe, paths: str | os.PathLike | Sequence[str | os.PathLike], dtype=jnp.float32) -> None:
     """Load the ControlNet folder(s) `paths` for `pipe` (a `StableDiffusion`): sets
-    `pipe.controlnets` (the modules), `pipe.params["controlnets"]` (laid out like the rest) and
-    the controlled network. Raises CheckpointError for a folder that is missing, unreadable, or
-    made for another U-Net."""
-    from jaxdiff.errors import CheckpointError
-
+    `pipe.controlnets` (the modules) and `pipe.params["controlnets"]` (laid out like the rest).
+    Raises CheckpointError for a folder that is missing, unreadable, or made for another U-Net."""
     paths = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not paths:
         raise ValueError("controlnet= must be a ControlNet folder or a non-empty list of them")
@@ -121,7 +119,13 @@ def attach(pipe, paths: str | os.PathLike | Sequence[str | os.PathLike], dtype=j
     trees = tuple(trees)
     pipe.params["controlnets"] = sharding_lib.place(trees, sharding_lib.tree_shardings(trees, pipe.mesh, pipe.rules))
     pipe.controlnets = tuple(modules)
-    pipe._controlled_fn = functools.partial(controlled, pipe._unet_fn, pipe.controlnets)
+
+
+@functools.cache
+def controlled_network(base, controlnets: tuple):
+    """`controlled` for the base network `base` and `controlnets`: one function object per pair,
+    so that it is a stable jit cache key (see `core`)."""
+    return functools.partial(controlled, base, controlnets)
 
 
 # --------------------------------------------------------------------------------------------
@@ -218,15 +222,18 @@ def _plan_window(plan, start: float, end: float) -> tuple[float, float]:
     return lo, hi
 
 
-def wire(pipe, control: dict, plan, cond: dict, uncond: dict | None, height: int, width: int, num_images: int):
-    """(network, params, cond, uncond) of a call: the U-Net's own when the pipeline has no
-    ControlNet, else the controlled network with the ControlNet inputs added to cond / uncond."""
+def wire(pipe, opts, plan, network, params, cond: dict, uncond: dict | None, height: int, width: int):
+    """(network, params, cond, uncond) of a call of `pipe` with options `opts` (`GenerateOptions`:
+    its `control` dict and num_images): the base network and params as they are when the pipeline
+    has no ControlNet, else the controlled network with the ControlNet inputs added to cond /
+    uncond."""
+    control, num_images = opts.control, opts.num_images
     nets = getattr(pipe, "controlnets", ())
     if not nets:
         if control:
             raise ValueError(f"{', '.join(control)} need(s) a ControlNet: load one with "
                              "StableDiffusion.from_pretrained(folder, controlnet=PATH)")
-        return pipe._unet_fn, pipe.params["unet"], cond, uncond
+        return network, params, cond, uncond
     k = len(nets)
     images = control.get("control_image")
     if images is None:
@@ -256,6 +263,5 @@ def wire(pipe, control: dict, plan, cond: dict, uncond: dict | None, height: int
     cond = {**cond, "control": pictures, "control_scale": scale, "control_window": window}
     if uncond is not None:
         uncond = {**uncond, "control": pictures, "control_scale": scale * (not guess), "control_window": window}
-    params = {"base": pipe.params["unet"], "controlnets": pipe.params["controlnets"]}
-    return pipe._controlled_fn, params, cond, uncond
+    return controlled_network(network, nets), {"base": params, "controlnets": pipe.params["controlnets"]}, cond, uncond
 

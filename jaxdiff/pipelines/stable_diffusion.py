@@ -373,8 +373,8 @@ class StableDiffusion:
             if uncond is not None:
                 uncond["extra"] = extra
         shape, peak = self._latents(height, width, opts.guidance_scale)
-        network, params, cond, uncond = controlnet_lib.wire(self, opts.control, plan, cond, uncond, height, width,
-                                                            opts.num_images)
+        network, params = self._unet_fn, self.params["unet"]
+        network, params, cond, uncond = controlnet_lib.wire(self, opts, plan, network, params, cond, uncond, height, width)
         job = core.Job(network=network, params=params, sampler=plan, shape=shape,
                        num=cond["context"].shape[0], seed=opts.seed, cond=cond, uncond=uncond,
                        guidance_scale=opts.guidance_scale, guidance_rescale=opts.guidance_rescale,
