@@ -19,7 +19,6 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from jaxdiff import sampling  # noqa: E402
 from jaxdiff.convert import controlnet as convert_cn  # noqa: E402
 from jaxdiff.convert import unet as convert_unet  # noqa: E402
 from jaxdiff.errors import CheckpointError  # noqa: E402
@@ -331,7 +330,9 @@ def test_two_controlnets_match_diffusers(tiny, two):
 
 @contextlib.contextmanager
 def _compiles():
-    """The compile events (XLA backend compiles and persistent-cache loads) inside the block."""
+    """The compile events inside the block: every jit trace, backend compile and persistent-cache
+    lookup reports one ("/jax/core/compile/jaxpr_trace_duration", ".../backend_compile_duration",
+    "/jax/compilation_cache/...")."""
     events = []
 
     def listener(event, *args, **kwargs):
@@ -351,13 +352,12 @@ def test_new_scales_images_and_windows_reuse_the_compiled_program(one):
     noise = _noise(2)
     args = dict(num_steps=STEPS, num_images=N, latents=noise, output_type="np", guidance_scale=7.5)
     first = one(PROMPT, control_image=_control(4), controlnet_conditioning_scale=0.8, **args)
-    cached = sampling._run._cache_size()
     with _compiles() as compiles:
         outs = [one(PROMPT, control_image=_control(5), controlnet_conditioning_scale=0.3, **args),
                 one(PROMPT, control_image=_control(4), controlnet_conditioning_scale=0.8, control_guidance_end=0.5,
                     **args),
                 one(PROMPT, control_image=_control(4), controlnet_conditioning_scale=0.8, guess_mode=True, **args)]
-    assert compiles == [] and sampling._run._cache_size() == cached
+    assert compiles == []
     for out in outs:                                     # and every one of them is another picture
         assert np.abs(out - first).max() > 0.05
     with _compiles() as compiles:                        # the count sees a compile when there is one
