@@ -80,7 +80,7 @@ from jaxdiff import samplers
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.convert import scheduler as scheduler_convert
 from jaxdiff.models import vae as vae_lib
-from jaxdiff.pipelines import core, lora as lora_pipe, options as options_lib
+from jaxdiff.pipelines import controlnet as controlnet_lib, core, lora as lora_pipe, options as options_lib
 
 DEFAULT_MAX_STEPS = 50
 
@@ -105,6 +105,8 @@ class GenerateOptions:
     eta: DDIM's eta (only for samplers with that option). progress: a per-step progress bar.
     lora_scale: multiplies every loaded LoRA's scale for this call (traced; diffusers'
         cross_attention_kwargs={"scale": s} is read as this), see `pipelines/lora.py`.
+    control: the ControlNet options (control_image, controlnet_conditioning_scale, ...; see
+        `pipelines/controlnet.py`).
     """
 
     num_steps: int = 30
@@ -122,6 +124,7 @@ class GenerateOptions:
     progress: bool = False
     lora_scale: float | None = None
     sampler_options: dict = dataclasses.field(default_factory=dict)
+    control: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def parse(cls, kwargs: dict) -> "GenerateOptions":
@@ -129,9 +132,10 @@ class GenerateOptions:
         options (checked against the sampler later), every value checked (one-line ValueErrors)."""
         kwargs, renamed = options_lib.take_aliases(lora_pipe.take_lora_scale(kwargs))
         kwargs.update(renamed)
-        names = {f.name for f in dataclasses.fields(cls)} - {"sampler_options"}
+        kwargs, control = controlnet_lib.split_options(kwargs)
+        names = {f.name for f in dataclasses.fields(cls)} - {"sampler_options", "control"}
         extra = {k: v for k, v in kwargs.items() if k not in names}
-        opts = cls(**{k: v for k, v in kwargs.items() if k in names}, sampler_options=extra)
+        opts = cls(**{k: v for k, v in kwargs.items() if k in names}, sampler_options=extra, control=control)
         opts.check()
         return opts
 
@@ -160,7 +164,8 @@ def _unet(module, params, x, t, cond):
     inpainting U-Nets, "extra": [B, h, w, 5] (mask and masked-image latents) joined to x."""
     if "extra" in cond:
         x = jnp.concatenate([x, cond["extra"].astype(x.dtype)], axis=-1)           # [B, h, w, 9]
-    return module.apply({"params": params}, x, t, context=cond["context"])
+    return module.apply({"params": params}, x, t, context=cond["context"],
+                        down_residuals=cond.get("down_residuals"), mid_residual=cond.get("mid_residual"))
 
 
 def _encode_text(module, params, ids, neg_ids, skip_layers):
@@ -186,11 +191,14 @@ class StableDiffusion(lora_pipe.LoraMixin):
 
     Attributes: `unet`, `vae`, `text_encoder` (flax modules), `params` (dict with "unet", "vae",
     "text_encoder" parameter trees, laid out on `mesh` by `rules`), `tokenizer`, `schedule`,
-    `scheduler_config` (dict), `default_sampler` (str), `max_steps`, `mesh`, `rules`.
+    `scheduler_config` (dict), `default_sampler` (str), `max_steps`, `mesh`, `rules`, and
+    `controlnets` (the ControlNet modules, see `pipelines/controlnet.py`; params["controlnets"]).
 
     mesh: a `jax.sharding.Mesh` (see `sharding.make_mesh`); None: `sharding.inference_mesh(rules,
     devices)`, i.e. `devices` (default: all devices of all processes) on one batch axis.
     """
+
+    controlnets: tuple = ()
 
     def __init__(self, *, unet, vae, text_encoder, params: dict, tokenizer, schedule, scheduler_config: dict,
                  max_steps: int = DEFAULT_MAX_STEPS, vae_float32: bool = True, devices=None, mesh=None,
@@ -217,7 +225,7 @@ class StableDiffusion(lora_pipe.LoraMixin):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=jnp.float32, *, max_steps: int = DEFAULT_MAX_STEPS,
                         vae_float32: bool = True, progress: bool = False, devices=None, mesh=None,
-                        rules: str = "dp") -> "StableDiffusion":
+                        rules: str = "dp", controlnet=None) -> "StableDiffusion":
         """Load a diffusers Stable Diffusion folder (see the module docstring for its layout).
 
         dtype: compute dtype of the networks (parameters are float32 whatever the files hold).
@@ -225,6 +233,7 @@ class StableDiffusion(lora_pipe.LoraMixin):
             compiled sampling loop. progress: show a progress bar while loading.
         mesh / devices / rules: where the pipeline runs and how its parameters are laid out (see
             the class); in a multi-process run every process loads the folder.
+        controlnet: a diffusers ControlNet folder, or a list of them (their residuals are summed).
         Raises `CheckpointError` naming the missing or unreadable part.
         """
         from jaxdiff.convert import folder as folder_convert
@@ -233,10 +242,13 @@ class StableDiffusion(lora_pipe.LoraMixin):
         (unet, unet_params), (vae, vae_params), (text, text_params) = parts["unet"], parts["vae"], parts["text_encoder"]
         config = parts["scheduler"]
         scheduler_convert.warn_unsupported(config)
-        return cls(unet=unet, vae=vae, text_encoder=text, tokenizer=parts["tokenizer"],
+        pipe = cls(unet=unet, vae=vae, text_encoder=text, tokenizer=parts["tokenizer"],
                    params={"unet": unet_params, "vae": vae_params, "text_encoder": text_params},
                    schedule=scheduler_convert.schedule_from_config(config), scheduler_config=config,
                    max_steps=max_steps, vae_float32=vae_float32, devices=devices, mesh=mesh, rules=rules)
+        if controlnet is not None:
+            controlnet_lib.attach(pipe, controlnet, dtype)
+        return pipe
 
     # ----------------------------------------------------------------------------------------
     # Sizes.
@@ -368,8 +380,10 @@ class StableDiffusion(lora_pipe.LoraMixin):
             if uncond is not None:
                 uncond["extra"] = extra
         shape, peak = self._latents(height, width, opts.guidance_scale)
-        job = core.Job(network=self._unet_fn, params=self._lora_params("unet", opts.lora_scale), sampler=plan,
-                       shape=shape, num=cond["context"].shape[0], seed=opts.seed, cond=cond, uncond=uncond,
+        network, params = self._unet_fn, self._lora_params("unet", opts.lora_scale)
+        network, params, cond, uncond = controlnet_lib.wire(self, opts, plan, network, params, cond, uncond, height, width)
+        job = core.Job(network=network, params=params, sampler=plan, shape=shape,
+                       num=cond["context"].shape[0], seed=opts.seed, cond=cond, uncond=uncond,
                        guidance_scale=opts.guidance_scale, guidance_rescale=opts.guidance_rescale,
                        noise=None if opts.latents is None else np.asarray(opts.latents, np.float32),
                        x0=x0, keep=keep, decode=functools.partial(self._decode_fn, self.params["vae"]),
