@@ -4,13 +4,14 @@ user, and a picture too large for memory is one line, not a crash."""
 import pytest
 from conftest import run_cli
 
-diffusers = pytest.importorskip("diffusers")
-pytest.importorskip("torch")
-sd = pytest.importorskip("test_pipeline_sd")       # its tiny random diffusers components
-
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
+    """A tiny SD folder saved by diffusers from random components (the skip lives here: only
+    building the folder needs the PyTorch reference)."""
+    pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    sd = pytest.importorskip("test_pipeline_sd")       # its tiny random diffusers components
     tmp = tmp_path_factory.mktemp("sd")
     scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                         clip_sample=False, set_alpha_to_one=False, steps_offset=1)
