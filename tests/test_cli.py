@@ -62,20 +62,43 @@ def test_train_writes_checkpoints_logs_and_pictures(trained):
     assert f"loss curve in {trained / 'loss.png'}" in done, done
 
 
+def _tiles(path, n: int = 4, cols: int = 2) -> list:
+    """The n 16x16 samples of a grid PNG (2 px gaps, enlarged x4), as uint8 arrays."""
+    grid = np.asarray(Image.open(path))
+    cell = 18 * 4
+    return [grid[8 + r * cell:8 + r * cell + 64, 8 + c * cell:8 + c * cell + 64]
+            for r, c in (divmod(i, cols) for i in range(n))]
+
+
+def _differ(a, b) -> bool:
+    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean()) > 0.5  # measured 1.8-3.8
+
+
 def test_sample_command(trained, tmp_path):
-    out = tmp_path / "g.png"
-    proc = run_cli("sample", "--checkpoint", str(trained), "--num", "4", "--steps", "3", "--seed", "1",
-                   "--labels", "3", "--guidance_scale", "2", "--out", str(out))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    """--labels and --guidance_scale take effect (per image), and the same seed and flags give the
+    same images, whether the flags are spelled jaxdiff's way or diffusers'."""
+    def sample(name, *flags, progress=False):
+        out = tmp_path / name
+        proc = run_cli("sample", "--checkpoint", str(trained), "--steps", "3", "--seed", "1", "--out", str(out),
+                       *flags, *([] if progress else ["--no-progress"]))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return out, proc
+
+    out, proc = sample("g.png", "--num", "4", "--labels", "3", "--guidance_scale", "2", progress=True)
     assert np.asarray(Image.open(out)).shape == ((2 * 18 + 2) * 4, (2 * 18 + 2) * 4)
     assert "sample: 100%" in proc.stderr and "3/3" in proc.stderr, proc.stderr[-2000:]   # the per-step bar
     # diffusers' flag names are the same flags; --no-progress silences the bar
-    again = tmp_path / "g2.png"
-    proc = run_cli("sample", "--checkpoint", str(trained), "--num_images_per_prompt", "4", "--num_inference_steps",
-                   "3", "--seed", "1", "--labels", "3", "--guidance_scale", "2", "--out", str(again), "--no-progress")
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    again, proc = sample("g2.png", "--num_images_per_prompt", "4", "--labels", "3", "--guidance_scale", "2")
     assert "step/s" not in proc.stderr and "%|" not in proc.stderr, proc.stderr[-2000:]
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(again)))
+    base = _tiles(out)
+    # Same noise, labels 3, 3, 5, 5: the first two samples are unchanged, the last two are not.
+    mixed = _tiles(sample("labels.png", "--num", "4", "--labels", "3,3,5,5", "--guidance_scale", "2")[0])
+    assert all(np.array_equal(a, b) for a, b in zip(base[:2], mixed[:2]))
+    assert all(_differ(a, b) for a, b in zip(base[2:], mixed[2:]))
+    # Guidance 1 (off: the conditional model alone) gives other samples than guidance 2.
+    plain = _tiles(sample("g1.png", "--num", "4", "--labels", "3", "--guidance_scale", "1")[0])
+    assert all(_differ(a, b) for a, b in zip(base, plain))
 
 
 def test_sample_more_images_than_memory_holds(trained):
