@@ -105,8 +105,14 @@ def test_pixel_sampling_on_8_devices_matches_1_device(checkpoint, one_device, tm
 # ---------------------------------------------------------------------------------------------
 # Stable Diffusion (the tiny random diffusers folder of test_pipeline_sd)
 
-pytest.importorskip("diffusers")
-from test_pipeline_sd import PROMPT, SIZE, _picture, tiny  # noqa: E402,F401  (tiny: a fixture)
+try:  # building that folder needs the PyTorch reference: without it only these tests skip
+    from test_pipeline_sd import PROMPT, SIZE, _picture, tiny  # tiny: a fixture
+except (ImportError, pytest.skip.Exception):
+    PROMPT = SIZE = _picture = None
+
+    @pytest.fixture(scope="module")
+    def tiny():
+        pytest.skip("the PyTorch reference (torch, diffusers, transformers) is not installed")
 
 _SD_CALLS = """
 def calls(pipe):
