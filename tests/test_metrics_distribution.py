@@ -331,3 +331,50 @@ def test_reference_file_never_unpickles(tmp_path):
     _refused(make_hostile_pickle(tmp_path / "p.npz", marker, fmt="pickle"), "a pickle, which is never loaded")
     _refused(make_hostile_pickle(tmp_path / "t.npz", marker, fmt="torch"), "lacks")
     assert zipfile.is_zipfile(tmp_path / "t.npz") and not marker.exists()
+
+
+_PROCESS = """
+import json, sys, jax, jax.numpy as jnp, numpy as np
+jax.distributed.initialize("127.0.0.1:{port}", 2, int(sys.argv[1]))
+from jaxdiff import sharding
+from jaxdiff.metrics import stats
+assert jax.process_count() == 2 and len(jax.devices()) == 4
+i = jax.process_index()
+x = np.random.default_rng(0).normal(size=(80, 5)) * np.arange(1, 6) + 100.0   # the same on both
+mine = x[i * 40:(i + 1) * 40]                                                 # this process's images
+host = stats.merge_processes(stats.from_features(mine, batch_size=16))       # host float64, merged
+mesh = sharding.make_mesh()
+dev = stats.init(5)
+for j in range(0, 40, 20):                    # a global batch of 40: 20 rows from each process
+    dev = stats.update(dev, sharding.shard_batch({{"f": mine[j:j + 20].astype(np.float32)}}, mesh)["f"])
+full = stats.from_features(x)
+print("RESULT", json.dumps({{"n": [host.n, dev.n],
+      "host": float(np.abs(host.cov - full.cov).max() / np.abs(full.cov).max()),
+      "host_mean": float(np.abs(host.mean - full.mean).max()),
+      "dev": float(np.abs(dev.cov - full.cov).max() / np.abs(full.cov).max()),
+      "single": float(np.abs(stats.from_features(mine).cov - full.cov).max() / np.abs(full.cov).max())}}))
+"""
+
+
+def test_two_processes_merge_to_the_statistics_of_all_features():
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=repo,
+               XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    procs = [subprocess.Popen([sys.executable, "-c", _PROCESS.format(port=port), str(i)], env=env, cwd=repo,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        r = json.loads(out.split("RESULT", 1)[1])
+        assert r["n"] == [80, 80]
+        assert r["host"] < 1e-12 and r["host_mean"] < 1e-12, r        # float64 merge of the two halves
+        assert r["dev"] < 1e-5, r                                       # float32 device moments
+        assert r["single"] > 1e-2, r                                    # one half alone is not the answer

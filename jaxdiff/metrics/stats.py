@@ -6,6 +6,7 @@ them, mergeable across batches, devices and processes.
         s = stats.update(s, feats(batch))         #   laid out over a mesh's batch axis
     s = stats.update(s, padded, count=n)          # only the first n rows of a padded batch count
     s = stats.merge(s_process0, s_process1)       # order-independent (up to float64 rounding)
+    s = stats.merge_processes(s)                  # every process: the statistics of all processes'
     s.n, s.mean, s.cov                            # int, [D], [D, D] (float64, ddof=1 like np.cov)
 
 `FeatureStats` holds the count `n`, the mean `[D]` and the centred scatter
@@ -28,6 +29,10 @@ Where a batch's own moments are computed:
   in float64. A sharded batch and the same batch on one device give the same statistics (to
   float32 summation order), and in a multi-process run every process receives the same
   replicated result: no gather of the features is needed.
+
+A multi-process run that streams host (numpy) features instead, each process its own images,
+calls `merge_processes` once at the end: it all-gathers each process's (n, mean, m2) (in float64)
+and merges them in process order, so every process ends with the same statistics.
 """
 
 from __future__ import annotations
@@ -79,6 +84,20 @@ def merge(a: FeatureStats, b: FeatureStats) -> FeatureStats:
     mean = a.mean + delta * (b.n / n)
     m2 = a.m2 + b.m2 + np.outer(delta, delta) * (a.n * b.n / n)                  # [D, D]
     return FeatureStats(n, mean, m2)
+
+
+def merge_processes(s: FeatureStats) -> FeatureStats:
+    """The merge of every process's `s` (a collective: every process must call it); `s` itself
+    in a single-process run."""
+    if jax.process_count() == 1:
+        return s
+    from jax.experimental import multihost_utils
+
+    with jax.enable_x64(True):                     # keep float64 / int64 through the transfer
+        n, mean, m2 = (np.asarray(multihost_utils.process_allgather(np.asarray(v)))
+                       for v in (np.array(s.n, np.int64), s.mean, s.m2))     # [P], [P, D], [P, D, D]
+    return functools.reduce(merge, (FeatureStats(int(n[i]), mean[i], m2[i]) for i in range(len(n))),
+                            init(s.dim))
 
 
 @jax.jit
