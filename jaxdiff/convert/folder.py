@@ -204,17 +204,18 @@ def _check_widths(path: str, parts: Mapping[str, Any]) -> None:
     if unet.context_dim is None:
         raise CheckpointError(f"{os.path.join(path, 'unet')} is not text-conditioned (no cross_attention_dim); "
                               "a Stable Diffusion U-Net needs cross-attention")
+    xl = parts["options"]["xl"]
+    if xl and texts[-1].projection_dim is None:
+        raise CheckpointError(f"{os.path.join(path, 'text_encoder_2')} has no projection head: SDXL's second "
+                              "text encoder must be a CLIPTextModelWithProjection")
     width = sum(t.hidden_size for t in texts)
     if unet.context_dim != width:
         what = " + ".join(str(t.hidden_size) for t in texts)
         raise CheckpointError(f"the U-Net's cross_attention_dim={unet.context_dim} does not match the text "
                               f"encoder{'s' if len(texts) > 1 else ''}' hidden_size={what} in {path}")
-    if not parts["options"]["xl"]:
+    if not xl:
         return
     pooled = texts[-1].projection_dim
-    if pooled is None:
-        raise CheckpointError(f"{os.path.join(path, 'text_encoder_2')} has no projection head: SDXL's second "
-                              "text encoder must be a CLIPTextModelWithProjection")
     if unet.addition_embed_dim is None:
         raise CheckpointError(f"{os.path.join(path, 'unet')} has no added text/time embedding "
                               "(addition_embed_type='text_time'), which an SDXL U-Net needs")

@@ -37,7 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -101,7 +102,7 @@ class Text:
     negative_aesthetic_score: float = 2.5
 
     @classmethod
-    def take(cls, prompt, negative_prompt, kwargs: dict) -> "Text":
+    def take(cls, prompt, negative_prompt, kwargs: dict) -> Text:
         """The Text of a call; pops the SDXL options (XL_OPTIONS) out of `kwargs`."""
         given = {k: kwargs.pop(k) for k in XL_OPTIONS if k in kwargs}
         for k in SIZE_OPTIONS:
