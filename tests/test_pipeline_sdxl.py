@@ -325,3 +325,98 @@ def test_bad_sdxl_arguments_give_one_clear_message(pipe):
         pipe(PROMPT, prompt_2=["a", "b"])
     with pytest.raises(ValueError, match="aesthetic_score must be a finite number"):
         pipe(PROMPT, aesthetic_score=float("nan"))
+
+
+# ---------------------------------------------------------------------------------------------
+# single files (Stability's sgm layout)
+
+
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory):
+    """A tiny SDXL whose shapes a single file can describe (64-channel heads, 32 GroupNorm groups,
+    CLIP-L's quick_gelu and bigG's gelu): (folder, components)."""
+    tmp = tmp_path_factory.mktemp("sdxl64")
+    tokenizer, vocab = _tokenizer(tmp / "tok")
+    tokenizer_2, _ = _tokenizer(tmp / "tok2", pad="!")
+
+    def text(cls, width, seed, act, **extra):
+        config = transformers.CLIPTextConfig(
+            vocab_size=vocab, hidden_size=width, intermediate_size=96, num_hidden_layers=2,
+            num_attention_heads=width // 64, max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=2,
+            pad_token_id=vocab - 1, hidden_act=act, **extra)
+        return randomise_unit_gain(cls(config), seed).eval()
+
+    unet = randomise_unit_gain(diffusers.UNet2DConditionModel(
+        block_out_channels=(64, 128), layers_per_block=1, sample_size=SIZE // 2, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=64 + 128, attention_head_dim=(1, 2), transformer_layers_per_block=(1, 2),
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=TIME,
+        projection_class_embeddings_input_dim=POOLED + 6 * TIME), 7).eval()
+    vae = randomise_unit_gain(diffusers.AutoencoderKL(
+        block_out_channels=[32, 64], latent_channels=4, layers_per_block=1,
+        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+        scaling_factor=0.13025), 8).eval()
+    components = dict(unet=unet, vae=vae, scheduler=_scheduler(), tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+                      text_encoder=text(transformers.CLIPTextModel, 64, 9, "quick_gelu"),
+                      text_encoder_2=text(transformers.CLIPTextModelWithProjection, 128, 10, "gelu",
+                                          projection_dim=POOLED))
+    _pipeline(diffusers.StableDiffusionXLPipeline, components, add_watermarker=False).save_pretrained(
+        str(tmp / "model"), safe_serialization=True)
+    return tmp / "model", components
+
+
+def test_sdxl_single_file_round_trip_and_diffusers_reads_it(tiny64, tmp_path):
+    from diffusers.loaders import single_file_utils as sfu
+    from safetensors.torch import load_file
+
+    from conftest import tree_equal
+    from jaxdiff.convert import folder as folder_convert
+    from jaxdiff.convert import single_file
+
+    folder, components = tiny64
+    parts = folder_convert.load_pretrained(folder)
+    path = tmp_path / "sdxl.safetensors"
+    single_file.save_single_file(path, parts["unet"], parts["vae"], parts["text_encoder"],
+                                 text_encoder_2=parts["text_encoder_2"])
+    # diffusers' own single-file converters read back the very weights of the diffusers models
+    raw = load_file(str(path))
+    assert "conditioner.embedders.1.model.text_projection" in raw and "model.diffusion_model.label_emb.0.0.weight" in raw
+    unet_sd = sfu.convert_ldm_unet_checkpoint(raw, dict(components["unet"].config))
+    vae_sd = sfu.convert_ldm_vae_checkpoint(raw, dict(components["vae"].config))
+    clip_sd = sfu.convert_ldm_clip_checkpoint(raw)
+    bigg_sd = sfu.convert_open_clip_checkpoint(components["text_encoder_2"], raw, prefix="conditioner.embedders.1.model.")
+    for model, got in [("unet", unet_sd), ("vae", vae_sd), ("text_encoder", clip_sd), ("text_encoder_2", bigg_sd)]:
+        # (transformers 5 names CLIPTextModel's weights without the text_model. prefix)
+        want = {k.removeprefix("text_model."): v for k, v in components[model].state_dict().items()
+                if not k.endswith("position_ids")}
+        got = {k.removeprefix("text_model."): v for k, v in got.items() if not k.endswith("position_ids")}
+        assert set(got) == set(want), (model, sorted(set(got) ^ set(want))[:5])
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v, rtol=0, atol=0, msg=f"{model}: {k}")
+
+    loaded = single_file.load_single_file(path)
+    assert loaded["options"] == {"xl": True, "force_zeros_for_empty_prompt": True,
+                                 "requires_aesthetics_score": False, "force_upcast": True}
+    assert loaded["scheduler"]["_class_name"] == "EulerDiscreteScheduler"
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert tree_equal(loaded[part][1], parts[part][1]), part
+    for part in ("text_encoder", "text_encoder_2", "vae"):
+        assert loaded[part][0] == parts[part][0], part
+    unet, want = loaded["unet"][0], parts["unet"][0]
+    # sample_size is 128 for released files; transformer_depth 2 for (1, 2) differs at level 0 only,
+    # which has no attention
+    assert unet.clone(sample_size=want.sample_size, transformer_depth=want.transformer_depth) == want
+    assert unet.attention_levels == (1,) and unet.per_level("transformer_depth")[1] == 2
+
+    # a refiner file: OpenCLIP bigG alone as embedders.0, 5 time ids
+    refiner = tmp_path / "refiner.safetensors"
+    raw = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v.numpy() for k, v in raw.items()
+           if not k.startswith("conditioner.embedders.0.")}
+    label = "model.diffusion_model.label_emb.0.0.weight"
+    raw[label] = raw[label][:, :POOLED + 5 * TIME]
+    from jaxdiff.convert import tensors
+    tensors.write_safetensors(raw, str(refiner), metadata={"format": "pt"})
+    loaded = single_file.load_single_file(refiner)
+    assert "text_encoder" not in loaded and loaded["options"]["requires_aesthetics_score"]
+    assert loaded["unet"][0].addition_embed_dim == POOLED + 5 * TIME and loaded["unet"][0].addition_time_embed_dim == TIME
+    assert tree_equal(loaded["text_encoder_2"][1], parts["text_encoder_2"][1])
