@@ -408,6 +408,16 @@ def test_sdxl_single_file_round_trip_and_diffusers_reads_it(tiny64, tmp_path):
     assert unet.clone(sample_size=want.sample_size, transformer_depth=want.transformer_depth) == want
     assert unet.attention_levels == (1,) and unet.per_level("transformer_depth")[1] == 2
 
+    # the command line's conversion: a diffusers SDXL folder, read back by diffusers and by jaxdiff
+    notes = single_file.to_diffusers_folder(path, tmp_path / "converted", tokenizer_dir=folder)
+    assert notes == []
+    back = diffusers.StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "converted"))
+    assert back.tokenizer_2.pad_token == "!" and back.config.force_zeros_for_empty_prompt
+    assert back.text_encoder_2.config.projection_dim == POOLED and back.unet.config.addition_time_embed_dim == TIME
+    again = folder_convert.load_pretrained(tmp_path / "converted")
+    for part in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        assert tree_equal(again[part][1], parts[part][1]), part
+
     # a refiner file: OpenCLIP bigG alone as embedders.0, 5 time ids
     refiner = tmp_path / "refiner.safetensors"
     raw = {k.replace("conditioner.embedders.1.", "conditioner.embedders.0."): v.numpy() for k, v in raw.items()

@@ -88,6 +88,9 @@ def save_pretrained(out_dir: str | os.PathLike, components: Mapping[str, Any], *
     Returns notes for the user (empty when the folder is complete).
     """
     out_dir = os.fspath(out_dir)
+    xl = "text_encoder_2" in components
+    if xl:
+        return _save_xl(out_dir, components, tokenizer_dir)
     missing = [k for k in ("unet", "vae", "text_encoder", "scheduler") if k not in components]
     if missing:
         raise CheckpointError(f"save_pretrained: components lack {', '.join(missing)}")
@@ -134,6 +137,54 @@ def save_pretrained(out_dir: str | os.PathLike, components: Mapping[str, Any], *
     }, os.path.join(out_dir, MODEL_INDEX))
     for note in notes:
         warnings.warn(JaxdiffWarning(note), stacklevel=2)
+    return notes
+
+
+def _save_xl(out_dir: str, components: Mapping[str, Any], tokenizer_dir) -> list[str]:
+    """`save_pretrained` of SDXL components (a refiner: no "text_encoder"): a folder that
+    diffusers' StableDiffusionXL(Img2Img / Inpaint)Pipeline reads. tokenizer_dir: a diffusers
+    SDXL folder whose tokenizer/ and tokenizer_2/ are copied."""
+    missing = [k for k in ("unet", "vae", "scheduler") if k not in components]
+    if missing:
+        raise CheckpointError(f"save_pretrained: components lack {', '.join(missing)}")
+    options = dict(components.get("options") or {})
+    refiner = "text_encoder" not in components
+    os.makedirs(out_dir, exist_ok=True)
+    unet_convert.save(os.path.join(out_dir, "unet"), *components["unet"])
+    vae_convert.save(os.path.join(out_dir, "vae"), *components["vae"])
+    index: dict[str, Any] = {"text_encoder": [None, None], "tokenizer": [None, None]}
+    notes = []
+    for part in ("text_encoder", "text_encoder_2"):
+        if part not in components:
+            continue
+        clip_convert.save(os.path.join(out_dir, part), *components[part])
+        index[part] = ["transformers", clip_convert.config_to_transformers(components[part][0])["architectures"][0]]
+        tok = part.replace("text_encoder", "tokenizer")
+        src = None if tokenizer_dir is None else os.path.join(os.fspath(tokenizer_dir), tok)
+        if src is not None and os.path.isdir(src):
+            _copy_tokenizer(tokenizer_source(src), os.path.join(out_dir, tok))
+        index[tok] = ["transformers", "CLIPTokenizer"] if os.path.isdir(os.path.join(out_dir, tok)) else [None, None]
+        if index[tok][0] is None:
+            notes.append(f"no {tok}: single files carry none, so {out_dir} has no {tok}/ folder; copy the {tok}/ "
+                         "folder of a diffusers SDXL pipeline into it, or pass tokenizer_dir (--tokenizer on the "
+                         f"command line) as an SDXL folder holding {tok}/")
+    scheduler = dict(components["scheduler"])
+    scheduler.setdefault("_class_name", "EulerDiscreteScheduler")
+    os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
+    tensors.write_json(scheduler, os.path.join(out_dir, "scheduler", SCHEDULER_CONFIG))
+    nine = components["unet"][0].in_channels == INPAINT_IN_CHANNELS
+    pipeline = "StableDiffusionXLInpaintPipeline" if nine else (
+        "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline")
+    index.update({"_class_name": pipeline, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+                  "feature_extractor": [None, None], "image_encoder": [None, None],
+                  "scheduler": ["diffusers", scheduler["_class_name"]],
+                  "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                  "force_zeros_for_empty_prompt": bool(options.get("force_zeros_for_empty_prompt", not refiner))})
+    if pipeline != "StableDiffusionXLPipeline":
+        index["requires_aesthetics_score"] = bool(options.get("requires_aesthetics_score", refiner))
+    tensors.write_json(index, os.path.join(out_dir, MODEL_INDEX))
+    for note in notes:
+        warnings.warn(JaxdiffWarning(note), stacklevel=3)
     return notes
 
 

@@ -347,12 +347,13 @@ def to_diffusers_folder(path: str | os.PathLike, out_dir: str | os.PathLike, *,
     text_encoder/, scheduler/, and tokenizer/ when `tokenizer_dir` is given).
 
     A single file holds no tokenizer: without `tokenizer_dir` the folder has none, which the
-    returned notes (also issued as a warning) say, with how to add one.
+    returned notes (also issued as a warning) say, with how to add one. For an SDXL file,
+    `tokenizer_dir` is a diffusers SDXL folder: its tokenizer/ and tokenizer_2/ are copied.
     """
     from jaxdiff.convert.folder import save_pretrained, tokenizer_source
 
     if tokenizer_dir is not None:  # fail before the (long) conversion
-        tokenizer_dir = tokenizer_source(tokenizer_dir)
+        tokenizer_source(tokenizer_dir)
     components = load_single_file(path, prediction_type=prediction_type, use_ema=use_ema)
     return save_pretrained(out_dir, components, tokenizer_dir=tokenizer_dir)
 
