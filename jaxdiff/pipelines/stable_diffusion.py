@@ -220,7 +220,7 @@ class StableDiffusion(lora_pipe.LoraMixin):
         self.prompts = prompts_lib.PromptEncoder(
             [(m, t) for _, m, t in pairs], xl=self.xl, aesthetics=xl.get("requires_aesthetics_score", False),
             force_zeros=xl.get("force_zeros_for_empty_prompt", self.xl))
-        vae_float32 = vae_float32 or xl.get("force_upcast", False)
+        self.vae_float32 = vae_float32 = bool(vae_float32 or xl.get("force_upcast", False))
         self.schedule = schedule
         self.scheduler_config = dict(scheduler_config)
         self.default_sampler = scheduler_convert.default_sampler(self.scheduler_config)
