@@ -8,13 +8,15 @@ import shutil
 import jax
 import numpy as np
 import pytest
-from conftest import randomise_unit_gain, write_clip_tokenizer
+from conftest import randomise_unit_gain, tree_equal, write_clip_tokenizer
 from PIL import Image
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+from jaxdiff.convert import folder as folder_convert  # noqa: E402
+from jaxdiff.convert import single_file, tensors  # noqa: E402
 from jaxdiff.errors import CheckpointError  # noqa: E402
 from jaxdiff.pipelines import prompts as prompts_lib  # noqa: E402
 from jaxdiff.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
@@ -195,15 +197,18 @@ def test_second_prompt_and_time_ids_reach_the_unet(pipe):
     np.testing.assert_array_equal(sized["context"], base["context"])
 
 
-def test_new_prompts_sizes_and_scores_reuse_the_compiled_loop(pipe):
-    from jaxdiff import sampling
+def test_new_prompts_sizes_and_scores_never_recompile(pipe):
+    """Prompts, second prompts and the micro-conditioning are traced leaves: after a first guided
+    call with a negative prompt, another with new values of all of them compiles nothing (counted
+    with jax.monitoring, as test_compile_count does for SD)."""
+    from test_compile_count import Count
 
     run = dict(num_steps=STEPS, num_images=N, latents=_noise(), guidance_scale=5.0, output_type="latent")
-    first = pipe(PROMPT, **run)
-    before = sampling._run._cache_size()
-    second = pipe("a dog", negative_prompt="ugly", prompt_2="a cat", original_size=(64, 48),
-                  crops_coords_top_left=(3, 1), **run)
-    assert sampling._run._cache_size() == before
+    first = pipe(PROMPT, negative_prompt="ugly", **run)
+    with Count() as later:
+        second = pipe("a dog", negative_prompt="a bird", prompt_2="a cat", negative_prompt_2="ugly",
+                      original_size=(64, 48), crops_coords_top_left=(3, 1), target_size=(8, 24), **run)
+    assert not later.compiles, later.compiles
     assert np.abs(first - second).max() > 0.05
 
 
@@ -350,6 +355,10 @@ def test_bad_sdxl_arguments_give_one_clear_message(pipe):
         pipe(PROMPT, prompt_2=["a", "b"])
     with pytest.raises(ValueError, match="aesthetic_score must be a finite number"):
         pipe(PROMPT, aesthetic_score=float("nan"))
+    one = prompts_lib.PromptEncoder([(pipe.text_encoder, pipe.tokenizer)])        # an SD 1.x/2.x text side
+    with pytest.raises(ValueError, match="prompt_2, original_size: SDXL options, and this is a Stable Diffusion "
+                                         "1.x/2.x model"):
+        one((pipe.params["text_encoder"],), prompts_lib.Text(PROMPT, prompt_2="a dog", original_size=(8, 8)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,10 +402,6 @@ def tiny64(tmp_path_factory):
 def test_sdxl_single_file_round_trip_and_diffusers_reads_it(tiny64, tmp_path):
     from diffusers.loaders import single_file_utils as sfu
     from safetensors.torch import load_file
-
-    from conftest import tree_equal
-    from jaxdiff.convert import folder as folder_convert
-    from jaxdiff.convert import single_file
 
     folder, components = tiny64
     parts = folder_convert.load_pretrained(folder)
@@ -449,7 +454,6 @@ def test_sdxl_single_file_round_trip_and_diffusers_reads_it(tiny64, tmp_path):
            if not k.startswith("conditioner.embedders.0.")}
     label = "model.diffusion_model.label_emb.0.0.weight"
     raw[label] = raw[label][:, :POOLED + 5 * TIME]
-    from jaxdiff.convert import tensors
     tensors.write_safetensors(raw, str(refiner), metadata={"format": "pt"})
     loaded = single_file.load_single_file(refiner)
     assert "text_encoder" not in loaded and loaded["options"]["requires_aesthetics_score"]

@@ -146,7 +146,7 @@ def time_ids(text: Text, height: int, width: int, *, aesthetics: bool, mode: str
     return np.asarray([pos], np.float32), np.asarray([neg], np.float32)
 
 
-def _encode(modules, xl: bool, params, ids, neg_ids, skip: int):
+def _encode_text(modules, xl: bool, params, ids, neg_ids, skip: int):
     """(context [P, S, D], pooled [P, P'] or None) of the prompts and of the negatives (or None),
     float32. params: one tree per encoder (or a `models.lora.Adapted`); ids / neg_ids: one [P, S]
     int array per encoder."""
@@ -182,7 +182,7 @@ class PromptEncoder:
         self.modules = tuple(m for m, _ in encoders)
         self.tokenizers = tuple(t for _, t in encoders)
         self.xl, self.force_zeros, self.aesthetics = bool(xl), bool(force_zeros), bool(aesthetics)
-        self._fn = jax.jit(functools.partial(_encode, self.modules, self.xl), static_argnames="skip")
+        self._fn = jax.jit(functools.partial(_encode_text, self.modules, self.xl), static_argnames="skip")
 
     @property
     def max_skip(self) -> int:
