@@ -221,7 +221,7 @@ def test_bf16_keeps_the_vae_in_float32_and_stays_close(tiny, pipe):
     run = dict(num_steps=STEPS, num_images=N, latents=_noise(), guidance_scale=1.0, output_type="np")
     a, b = pipe(PROMPT, **run), half(PROMPT, **run)
     assert np.isfinite(b).all()
-    assert 1e-5 < np.abs(a - b).max() < 5e-2, np.abs(a - b).max()
+    assert 1e-5 < np.abs(a - b).max() < 3e-2, np.abs(a - b).max()     # measured 1.5e-2 to 1.7e-2 over 3 noises
 
 
 # ---------------------------------------------------------------------------------------------
