@@ -17,8 +17,8 @@ row per image, N = len(prompts) * num_images, each prompt's rows consecutive:
 
 `uncond` is the same for the negative prompt (None without guidance). SDXL with
 `force_zeros_for_empty_prompt` (model_index.json; SDXL's default) and no negative prompt uses
-zeros for "context" and "text_embeds" instead of encoding "" (Podell et al. 2023's null
-conditioning). A refiner has encoder 2 alone: its hidden states are the context.
+zeros for "context" and "text_embeds" instead of encoding "", as diffusers' SDXL pipelines do.
+A refiner has encoder 2 alone: its hidden states are the context.
 
 Micro-conditioning (Podell et al. 2023, section 2.2; diffusers' `_get_add_time_ids`):
 time_ids = original_size + crops_coords_top_left + target_size, each (height, width) /
@@ -30,7 +30,8 @@ inpainting default each negative size to the positive one and (without aesthetic
 positive crop corner.
 
 Every array here is a traced leaf of the sampling loop, so new prompts, sizes or scores reuse the
-compiled program; the encoders compile once per clip_skip value.
+compiled program; the encoders compile once per clip_skip value and kind of negative (encoded,
+zeros, none).
 """
 
 from __future__ import annotations
