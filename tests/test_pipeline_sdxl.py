@@ -459,3 +459,37 @@ def test_sdxl_single_file_round_trip_and_diffusers_reads_it(tiny64, tmp_path):
     assert "text_encoder" not in loaded and loaded["options"]["requires_aesthetics_score"]
     assert loaded["unet"][0].addition_embed_dim == POOLED + 5 * TIME and loaded["unet"][0].addition_time_embed_dim == TIME
     assert tree_equal(loaded["text_encoder_2"][1], parts["text_encoder_2"][1])
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA on both text encoders and the U-Net
+
+
+@pytest.mark.xfail(strict=True, reason="open: a U-Net LoRA on all eight targets at once differs from diffusers by "
+                   "~6e-2 on this SDXL U-Net, while each target alone matches to 4e-6 and both text encoders' "
+                   "LoRAs match to 3e-6")
+def test_sdxl_lora_matches_diffusers(tiny, pipe, tmp_path, monkeypatch):
+    import transformers.integrations.peft as integration
+    from test_lora import TEXT_TARGETS, UNET_TARGETS, _lora_layers
+
+    # transformers 5.25 asks for peft >= 0.22 before it attaches an adapter; 0.21 does the same work
+    monkeypatch.setattr(integration, "check_peft_version", lambda min_version=None: None)
+    folder, _, components = tiny
+    layers = {"unet": _lora_layers(components["unet"], UNET_TARGETS, 4, 8, seed=10),
+              "text_encoder": _lora_layers(components["text_encoder"], TEXT_TARGETS, 2, 3, seed=11),
+              "text_encoder_2": _lora_layers(components["text_encoder_2"], TEXT_TARGETS, 2, 4, seed=12)}
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(
+        str(tmp_path / "lora"), **{f"{k}_lora_layers": v[0] for k, v in layers.items()},
+        **{f"{k}_lora_adapter_metadata": v[1] for k, v in layers.items()})
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(str(folder))
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(str(tmp_path / "lora"))
+    run = dict(num_images=N, guidance_scale=5.0, output_type="np")
+    theirs = ref(PROMPT, num_inference_steps=STEPS, num_images_per_prompt=N, guidance_scale=5.0, output_type="np",
+                 latents=_torch(_noise()), cross_attention_kwargs={"scale": 0.7}).images
+    plain = pipe(PROMPT, num_steps=STEPS, latents=_noise(), **run)
+    adapted = StableDiffusion.from_pretrained(folder)
+    adapted.load_lora(tmp_path / "lora", scale=0.7)
+    ours = adapted(PROMPT, num_steps=STEPS, latents=_noise(), **run)
+    np.testing.assert_allclose(ours, theirs, atol=1e-3)
+    assert np.abs(ours - plain).max() > 0.05
