@@ -101,6 +101,36 @@ def test_matches_transformers(hidden_act, eos_token_id):
     assert skipped.hidden_states is None
 
 
+def test_projection_head_matches_transformers_and_round_trips(tmp_path):
+    """CLIPTextModelWithProjection (SDXL's second encoder): text_embeds = pooled @ projection."""
+    config = _reference().config.to_dict()
+    config.update(projection_dim=24, architectures=["CLIPTextModelWithProjection"])
+    torch.manual_seed(1)
+    ref = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**config)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.3)
+    module = clip.module_from_config(ref.config.to_dict())
+    assert module.projection_dim == 24
+    sd = _state_dict(ref)
+    assert "text_projection.weight" in sd
+    params = clip.params_from_torch(sd, module)
+    ids = _input_ids()
+    with torch.no_grad():
+        want = ref(torch.from_numpy(ids.astype(np.int64)), output_hidden_states=True)
+    out = module.apply({"params": params}, ids, output_hidden_states=True)
+    assert out.text_embeds.shape == (3, 24)
+    assert _rel(out.text_embeds, want.text_embeds.numpy()) < 1e-4              # measured ~3e-7
+    assert _rel(out.hidden_states[-2], want.hidden_states[-2].numpy()) < 1e-4
+    assert _rel(out.text_embeds, out.pooled[:, :24]) > 0.1                     # the head really acts
+    clip.save(tmp_path / "te2", module, params)
+    back = transformers.CLIPTextModelWithProjection.from_pretrained(str(tmp_path / "te2")).eval()
+    with torch.no_grad():
+        again = back(torch.from_numpy(ids.astype(np.int64))).text_embeds.numpy()
+    np.testing.assert_allclose(again, want.text_embeds.numpy(), atol=1e-5)
+    assert clip.module_from_config(ref.config.to_dict(), dtype=jnp.float32) == clip.load(tmp_path / "te2")[0]
+
+
 def test_bf16_compute_is_close_and_finite():
     # Milder q/k than the parity tests: with very sharp softmaxes bf16's rounding of q and k
     # alone moves the output by ~2%, which says nothing about this implementation.
@@ -204,8 +234,8 @@ def test_config_errors_and_folder_errors(tmp_path):
     base = _reference().config.to_dict()
     with pytest.raises(CheckpointError, match="gelu_new"):
         clip.module_from_config(dict(base, hidden_act="gelu_new"))
-    with pytest.raises(CheckpointError, match="CLIPTextModelWithProjection"):
-        clip.module_from_config(dict(base, architectures=["CLIPTextModelWithProjection"]))
+    with pytest.raises(CheckpointError, match="'CLIPVisionModel' is not supported"):
+        clip.module_from_config(dict(base, architectures=["CLIPVisionModel"]))
     with pytest.raises(CheckpointError, match="whole CLIP model"):
         clip.module_from_config({"model_type": "clip", "text_config": base})
 
