@@ -230,8 +230,8 @@ def _two_processes(folder):
             raise
     for i, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0, f"process {i}:\n{err[-3000:]}"
-    return {"stdout": [out for out, _ in outs], "rc": [json.loads(out.strip().splitlines()[-1])["rc"] for out, _ in outs],
-            "seconds": time.perf_counter() - t0}
+    return {"stdout": [out for out, _ in outs], "seconds": time.perf_counter() - t0,
+            "rc": [json.loads(out.strip().splitlines()[-1])["rc"] for out, _ in outs]}
 
 
 @pytest.fixture(scope="module")
