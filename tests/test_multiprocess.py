@@ -5,9 +5,10 @@ run continues there, and `jaxdiff sample` / `jaxdiff generate` give the 1-device
 One 2-process run (train, then sample and generate through the command line) and one 1-process
 run (the reference training, the elastic restores, the continuation) serve every test here; each
 is done once per session, also when xdist spreads these tests over several workers. The network
-is a one-level U-Net of 16 channels: a process of a multi-process run cannot read XLA's persistent
-compilation cache (its cache key names the process), so process 1 compiles every program cold,
-and compile time grows with the network."""
+is a one-level U-Net of 16 channels: process 1 of a multi-process run neither finds nor writes
+entries in XLA's persistent compilation cache (JAX writes from process 0 only, and the cache key
+hashes each process's own view of the devices), so it compiles every program cold, and compile
+time grows with the network."""
 
 import fcntl
 import json
