@@ -422,7 +422,6 @@ def test_fsdp_on_8_devices_matches_1_device_and_restores_on_4(tmp_path):
     assert rs == {"step": 3, "equal": True, "devices": [4], "replicated": True}, rs
 
 
-@pytest.mark.slow
 def test_dp_fsdp_and_fsdp_tp_on_8_devices_match_1_device(tmp_path):
     result = _equivalence(tmp_path, [("dp", dict(data=8)), ("fsdp", dict(data=2, fsdp=4)),
                                      ("fsdp_tp", dict(data=1, fsdp=4, tensor=2))])
