@@ -323,7 +323,7 @@ def _devices_note(mesh) -> str:
 def _convert_parser() -> _Parser:
     parser = _Parser(
         prog="jaxdiff convert",
-        description="Convert a Stable Diffusion 1.x/2.x single-file .safetensors checkpoint into a "
+        description="Convert a Stable Diffusion 1.x/2.x/XL single-file .safetensors checkpoint into a "
                     "diffusers-format pipeline folder.")
     parser.add_argument("--single_file", required=True, metavar="FILE",
                         help="the .safetensors checkpoint (LDM layout)")
