@@ -1,0 +1,167 @@
+"""Mutation testing of the core, module by module, with a score per module.
+
+    python experiments/mutation.py                      # every 10th mutant (1 in 20 for checkpoint/)
+    python experiments/mutation.py --every 1            # every mutant (hours on 2 cores)
+    python experiments/mutation.py --modules schedules,sampling --minutes 10
+    python experiments/mutation.py --survivors          # rerun only the last run's survivors
+
+mutmut (configured in pyproject.toml's [tool.mutmut]) copies jaxdiff/ into mutants/, runs the
+selected tests once to learn which tests reach which function, then runs only those tests against
+each mutant, one child at a time. This runner starts from a fresh mutants/ (so edits to the code,
+the tests or the config are all seen), runs one `mutmut run` per module under `nice -n 15`, stops a
+module that passes its time box (what it finished counts), and prints killed / total per module.
+
+Mutants are sampled systematically by their number (`--every 10` takes the mutants numbered 10,
+20, ... of every function: the glob `jaxdiff.schedules.*0`), so a run fits in about an hour on a
+shared 2-core machine; the glob for each module is printed, to rerun one by hand with
+`mutmut run --max-children 1 "GLOB"`, inspect one with `mutmut show NAME`.
+
+`--survivors` reruns the survivors of the previous run (read from mutants/mutation-scores.json)
+after tests were added. Adding tests kills and never revives a mutant, so the killed ones of the
+previous run stay killed and the new score is theirs plus the survivors killed now. (When the
+test selection in pyproject.toml changed, mutmut forgets every verdict, hence this bookkeeping.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+# module name -> (mutant-name prefix, sampling step multiplier relative to --every)
+MODULES = {
+    "parameterization": ("jaxdiff.parameterization.", 1),
+    "schedules": ("jaxdiff.schedules.", 1),
+    "train/step": ("jaxdiff.train.step.", 1),
+    "samplers/base": ("jaxdiff.samplers.base.", 1),
+    "sampling": ("jaxdiff.sampling.", 1),
+    "checkpoint/": ("jaxdiff.checkpoint.", 2),
+}
+SCORES = os.path.join("mutants", "mutation-scores.json")
+KILLED = {"killed", "timeout", "segfault"}  # a mutant that crashes or hangs the tests is caught
+
+
+def glob_for(prefix: str, every: int) -> str:
+    """The mutmut name glob selecting every `every`-th mutant of each function under `prefix`."""
+    if every == 1:
+        return prefix + "*"
+    if every == 10:
+        return prefix + "*0"
+    if every == 20:
+        return prefix + "*[02468]0"
+    raise SystemExit(f"--every must be 1, 10 or 20 (a glob on the mutant number), got {every}")
+
+
+def results() -> dict[str, str]:
+    """{mutant name: status} of every mutant mutmut knows (`mutmut results --all true`)."""
+    out = subprocess.run(["mutmut", "results", "--all", "true"], capture_output=True, text=True, check=True).stdout
+    pairs = (line.strip().rsplit(": ", 1) for line in out.splitlines() if ": " in line)
+    return {name: status for name, status in pairs}
+
+
+def run_mutmut(patterns: list[str], minutes: float) -> float:
+    """`nice -n 15 mutmut run --max-children 1 PATTERNS`, interrupted (SIGINT, which mutmut
+    handles by stopping its worker and keeping the finished verdicts) after `minutes`."""
+    start = time.time()
+    proc = subprocess.Popen(["nice", "-n", "15", "mutmut", "run", "--max-children", "1", *patterns],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        proc.wait(timeout=minutes * 60)
+    except subprocess.TimeoutExpired:
+        print(f"    time box of {minutes:g} min reached; stopping (finished mutants count)")
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.returncode not in (0, -signal.SIGINT, 1) and proc.stderr is not None:
+        sys.stderr.write(proc.stderr.read()[-3000:])
+    return time.time() - start
+
+
+def score(statuses: dict[str, str], names: list[str]) -> tuple[int, int, list[str]]:
+    """(killed, tested, survivors) over `names`; mutants no selected test reaches count as
+    survivors (nothing would notice them), unchecked ones are left out."""
+    checked = [n for n in names if statuses.get(n) not in (None, "not checked")]
+    killed = [n for n in checked if statuses[n] in KILLED]
+    return len(killed), len(checked), sorted(n for n in checked if statuses[n] not in KILLED)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modules", default=",".join(MODULES), help=f"comma-separated, from: {', '.join(MODULES)}")
+    parser.add_argument("--every", type=int, default=10, help="sample every N-th mutant: 1, 10 or 20")
+    parser.add_argument("--minutes", type=float, default=12.0, help="time box per module")
+    parser.add_argument("--survivors", action="store_true", help="rerun only the previous run's survivors")
+    args = parser.parse_args()
+    os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env_path = os.environ.get("PYTHONPATH")
+    if env_path:  # the tests must import the mutated copy under mutants/, never this checkout
+        print("note: PYTHONPATH is ignored for the run")
+        os.environ.pop("PYTHONPATH")
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    modules = [m.strip() for m in args.modules.split(",") if m.strip()]
+    unknown = [m for m in modules if m not in MODULES]
+    if unknown:
+        raise SystemExit(f"unknown module(s) {unknown}; valid: {', '.join(MODULES)}")
+
+    previous = {}
+    if args.survivors:
+        if not os.path.exists(SCORES):
+            raise SystemExit(f"--survivors needs {SCORES} from an earlier run of this script")
+        with open(SCORES) as f:
+            previous = json.load(f)
+    elif os.path.isdir("mutants"):
+        shutil.rmtree("mutants")
+
+    report = {}
+    for module in modules:
+        prefix, factor = MODULES[module]
+        if args.survivors:
+            before = previous["modules"][module]
+            targets = before["survivors"]
+            print(f"{module}: rerunning {len(targets)} survivor(s)")
+            seconds = run_mutmut(targets, args.minutes) if targets else 0.0
+            statuses = results()
+            now_killed = [n for n in targets if statuses.get(n) in KILLED]
+            killed = before["killed"] + len(now_killed)
+            survivors = [n for n in targets if n not in now_killed]
+            report[module] = dict(glob=before["glob"], killed=killed, tested=before["tested"],
+                                  survivors=survivors, seconds=round(seconds))
+        else:
+            pattern = glob_for(prefix, args.every * factor if args.every > 1 else 1)
+            print(f"{module}: mutmut run --max-children 1 \"{pattern}\"")
+            seconds = run_mutmut([pattern], args.minutes)
+            statuses = results()
+            import fnmatch
+            names = sorted(n for n in statuses if fnmatch.fnmatchcase(n, pattern))
+            killed, tested, survivors = score(statuses, names)
+            report[module] = dict(glob=pattern, killed=killed, tested=tested, sampled=len(names),
+                                  survivors=survivors, seconds=round(seconds))
+        r = report[module]
+        pct = 100.0 * r["killed"] / r["tested"] if r["tested"] else float("nan")
+        print(f"    {r['killed']} / {r['tested']} killed ({pct:.0f}%) in {r['seconds']} s; "
+              f"survivors: {' '.join(n.split('.', 1)[1] for n in r['survivors']) or 'none'}")
+
+    if args.survivors:
+        previous["modules"].update(report)
+        report = previous["modules"]
+    os.makedirs("mutants", exist_ok=True)
+    with open(SCORES, "w") as f:
+        json.dump({"every": args.every, "modules": report}, f, indent=1)
+    print("\nmodule              killed / tested")
+    for module, r in report.items():
+        print(f"{module:<20}{r['killed']:>6} / {r['tested']}")
+    total_k = sum(r["killed"] for r in report.values())
+    total_t = sum(r["tested"] for r in report.values())
+    print(f"{'all':<20}{total_k:>6} / {total_t}")
+
+
+if __name__ == "__main__":
+    main()
