@@ -16,6 +16,7 @@ Mutants are sampled systematically by their number (`--every 10` takes the mutan
 shared 2-core machine; the glob for each module is printed, to rerun one by hand with
 `mutmut run --max-children 1 "GLOB"`, inspect one with `mutmut show NAME`.
 
+`--keep` finishes an interrupted run (or one module's time box) without starting afresh.
 `--survivors` reruns the survivors of the previous run (read from mutants/mutation-scores.json)
 after tests were added. Adding tests kills and never revives a mutant, so the killed ones of the
 previous run stay killed and the new score is theirs plus the survivors killed now. (When the
@@ -25,12 +26,14 @@ test selection in pyproject.toml changed, mutmut forgets every verdict, hence th
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 # module name -> (mutant-name prefix, sampling step multiplier relative to --every)
@@ -59,17 +62,32 @@ def glob_for(prefix: str, every: int) -> str:
 
 def results() -> dict[str, str]:
     """{mutant name: status} of every mutant mutmut knows (`mutmut results --all true`)."""
-    out = subprocess.run(["mutmut", "results", "--all", "true"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(["mutmut", "results", "--all", "true"], capture_output=True, text=True).stdout
     pairs = (line.strip().rsplit(": ", 1) for line in out.splitlines() if ": " in line)
     return {name: status for name, status in pairs}
 
 
 def run_mutmut(patterns: list[str], minutes: float) -> float:
-    """`nice -n 15 mutmut run --max-children 1 PATTERNS`, interrupted (SIGINT, which mutmut
-    handles by stopping its worker and keeping the finished verdicts) after `minutes`."""
+    """`nice -n 15 mutmut run --max-children 1 PATTERNS`; the time box starts once mutmut begins
+    the mutants (after its stats and clean-test passes) and ends with SIGINT, which mutmut handles
+    by stopping its worker and keeping the finished verdicts. Returns the seconds spent."""
     start = time.time()
     proc = subprocess.Popen(["nice", "-n", "15", "mutmut", "run", "--max-children", "1", *patterns],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    begun, tail = threading.Event(), []
+
+    def read():
+        seen = b""
+        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+            seen = (seen + chunk)[-4096:]
+            tail[:] = [seen]
+            if b"Running mutation testing" in seen:
+                begun.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    while proc.poll() is None and not begun.wait(1.0):
+        pass
     try:
         proc.wait(timeout=minutes * 60)
     except subprocess.TimeoutExpired:
@@ -80,8 +98,9 @@ def run_mutmut(patterns: list[str], minutes: float) -> float:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    if proc.returncode not in (0, -signal.SIGINT, 1) and proc.stderr is not None:
-        sys.stderr.write(proc.stderr.read()[-3000:])
+    reader.join(5)
+    if not begun.is_set() and tail:
+        sys.stdout.write(tail[0].decode(errors="replace").replace("\r", "\n")[-2000:] + "\n")
     return time.time() - start
 
 
@@ -99,6 +118,8 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10, help="sample every N-th mutant: 1, 10 or 20")
     parser.add_argument("--minutes", type=float, default=12.0, help="time box per module")
     parser.add_argument("--survivors", action="store_true", help="rerun only the previous run's survivors")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep mutants/ and its verdicts: finish an interrupted run instead of starting afresh")
     args = parser.parse_args()
     os.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env_path = os.environ.get("PYTHONPATH")
@@ -117,8 +138,11 @@ def main() -> None:
             raise SystemExit(f"--survivors needs {SCORES} from an earlier run of this script")
         with open(SCORES) as f:
             previous = json.load(f)
-    elif os.path.isdir("mutants"):
+    elif os.path.isdir("mutants") and not args.keep:
         shutil.rmtree("mutants")
+    if args.keep and os.path.exists(SCORES):
+        with open(SCORES) as f:
+            previous = json.load(f)
 
     report = {}
     for module in modules:
@@ -132,24 +156,26 @@ def main() -> None:
             now_killed = [n for n in targets if statuses.get(n) in KILLED]
             killed = before["killed"] + len(now_killed)
             survivors = [n for n in targets if n not in now_killed]
-            report[module] = dict(glob=before["glob"], killed=killed, tested=before["tested"],
-                                  survivors=survivors, seconds=round(seconds))
+            report[module] = {"glob": before["glob"], "killed": killed, "tested": before["tested"],
+                              "survivors": survivors, "seconds": round(seconds)}
         else:
             pattern = glob_for(prefix, args.every * factor if args.every > 1 else 1)
             print(f"{module}: mutmut run --max-children 1 \"{pattern}\"")
-            seconds = run_mutmut([pattern], args.minutes)
+            known = {n: st for n, st in (results() if args.keep else {}).items() if fnmatch.fnmatchcase(n, pattern)}
+            # mutmut reruns every mutant a pattern names; on --keep name only the unfinished ones
+            todo = [n for n, status in known.items() if status == "not checked"] if known else [pattern]
+            seconds = run_mutmut(todo, args.minutes) if todo else 0.0
             statuses = results()
-            import fnmatch
             names = sorted(n for n in statuses if fnmatch.fnmatchcase(n, pattern))
             killed, tested, survivors = score(statuses, names)
-            report[module] = dict(glob=pattern, killed=killed, tested=tested, sampled=len(names),
-                                  survivors=survivors, seconds=round(seconds))
+            report[module] = {"glob": pattern, "killed": killed, "tested": tested, "sampled": len(names),
+                              "survivors": survivors, "seconds": round(seconds)}
         r = report[module]
         pct = 100.0 * r["killed"] / r["tested"] if r["tested"] else float("nan")
         print(f"    {r['killed']} / {r['tested']} killed ({pct:.0f}%) in {r['seconds']} s; "
               f"survivors: {' '.join(n.split('.', 1)[1] for n in r['survivors']) or 'none'}")
 
-    if args.survivors:
+    if previous:
         previous["modules"].update(report)
         report = previous["modules"]
     os.makedirs("mutants", exist_ok=True)
