@@ -50,19 +50,18 @@ KILLED = {"killed", "timeout", "segfault"}  # a mutant that crashes or hangs the
 
 
 def glob_for(prefix: str, every: int) -> str:
-    """The mutmut name glob selecting every `every`-th mutant of each function under `prefix`."""
-    if every == 1:
-        return prefix + "*"
-    if every == 10:
-        return prefix + "*0"
-    if every == 20:
-        return prefix + "*[02468]0"
-    raise SystemExit(f"--every must be 1, 10 or 20 (a glob on the mutant number), got {every}")
+    """The mutmut name glob selecting every `every`-th mutant of each function under `prefix`
+    (a glob on the last digits of the mutant number)."""
+    endings = {1: "*", 2: "*[02468]", 5: "*[05]", 10: "*0", 20: "*[02468]0"}
+    if every not in endings:
+        raise SystemExit(f"--every must be one of {sorted(endings)}, got {every}")
+    return prefix + endings[every]
 
 
 def results() -> dict[str, str]:
     """{mutant name: status} of every mutant mutmut knows (`mutmut results --all true`)."""
-    out = subprocess.run(["mutmut", "results", "--all", "true"], capture_output=True, text=True).stdout
+    out = subprocess.run(["mutmut", "results", "--all", "true"], check=False, capture_output=True,
+                         text=True).stdout
     pairs = (line.strip().rsplit(": ", 1) for line in out.splitlines() if ": " in line)
     return {name: status for name, status in pairs}
 
@@ -115,7 +114,7 @@ def score(statuses: dict[str, str], names: list[str]) -> tuple[int, int, list[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modules", default=",".join(MODULES), help=f"comma-separated, from: {', '.join(MODULES)}")
-    parser.add_argument("--every", type=int, default=10, help="sample every N-th mutant: 1, 10 or 20")
+    parser.add_argument("--every", type=int, default=10, help="sample every N-th mutant: 1, 2, 5, 10 or 20")
     parser.add_argument("--minutes", type=float, default=12.0, help="time box per module")
     parser.add_argument("--survivors", action="store_true", help="rerun only the previous run's survivors")
     parser.add_argument("--keep", action="store_true",
@@ -145,21 +144,22 @@ def main() -> None:
             previous = json.load(f)
 
     report = {}
+    if args.survivors:  # one mutmut run for all of them: its stats and clean-test passes are paid once
+        targets = [n for m in modules for n in previous["modules"][m]["survivors"]]
+        print(f"rerunning {len(targets)} survivor(s) of {', '.join(modules)}")
+        seconds = run_mutmut(targets, args.minutes * len(modules)) if targets else 0.0
+        statuses = results()
     for module in modules:
         prefix, factor = MODULES[module]
         if args.survivors:
             before = previous["modules"][module]
-            targets = before["survivors"]
-            print(f"{module}: rerunning {len(targets)} survivor(s)")
-            seconds = run_mutmut(targets, args.minutes) if targets else 0.0
-            statuses = results()
-            now_killed = [n for n in targets if statuses.get(n) in KILLED]
-            killed = before["killed"] + len(now_killed)
-            survivors = [n for n in targets if n not in now_killed]
-            report[module] = {"glob": before["glob"], "killed": killed, "tested": before["tested"],
-                              "survivors": survivors, "seconds": round(seconds)}
+            now_killed = [n for n in before["survivors"] if statuses.get(n) in KILLED]
+            survivors = [n for n in before["survivors"] if n not in now_killed]
+            report[module] = {"glob": before["glob"], "killed": before["killed"] + len(now_killed),
+                              "tested": before["tested"], "survivors": survivors,
+                              "before": f"{before['killed']} / {before['tested']}", "seconds": round(seconds)}
         else:
-            pattern = glob_for(prefix, args.every * factor if args.every > 1 else 1)
+            pattern = glob_for(prefix, args.every * factor if args.every in (5, 10) else args.every)
             print(f"{module}: mutmut run --max-children 1 \"{pattern}\"")
             known = {n: st for n, st in (results() if args.keep else {}).items() if fnmatch.fnmatchcase(n, pattern)}
             # mutmut reruns every mutant a pattern names; on --keep name only the unfinished ones

@@ -133,3 +133,28 @@ def test_guidance_rescale_leaves_a_flat_prediction_alone():
     assert np.all(np.isfinite(out))
     np.testing.assert_allclose(out[0], np.asarray(guided[0]))
     np.testing.assert_allclose(out[1], 0.7 * 2 * np.asarray(guided[1]) + 0.3 * np.asarray(guided[1]), rtol=1e-6)
+
+
+def test_lower_checks_its_arguments_like_sample():
+    sampler = samplers.get("ddim", SCHED, 3)
+    with pytest.raises(ValueError, match="x0 has shape"):
+        sampling.lower(sampler, MODEL, _noise(), KEY, x0=jnp.zeros((1, 3, 3, 1)))
+
+
+def test_guidance_scales_of_any_number_type_share_one_trace():
+    """Scales are float32 leaves whatever the caller passes (int, float, array), so a new kind of
+    number never retraces the loop."""
+    traces = []
+
+    def net(x, t, cond):
+        traces.append(1)
+        return 0.1 * x * cond[:, None, None, None] + 1e-4 * t[:, None, None, None]
+
+    sampler = samplers.get("ddim", SCHED, 3)
+    cond, uncond = jnp.asarray([1.0, 2.0]), jnp.zeros((1,))
+    outs = [sampling.sample(sampler, sampling.cfg(net, w, cond, uncond, guidance_rescale=r), _noise(), KEY)
+            for w, r in ((7, 0), (2.5, 0.5), (jnp.float32(3.0), jnp.asarray(1.0)))]
+    assert len(traces) == 1
+    for leaf in jax.tree.leaves(sampling.cfg(net, 7, cond, uncond, guidance_rescale=0))[-2:]:
+        assert leaf.dtype == jnp.float32 and not leaf.weak_type
+    assert not np.allclose(outs[0], outs[1])
