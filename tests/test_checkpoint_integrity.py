@@ -128,3 +128,49 @@ def test_resolve_names_the_checkpoints_folder_and_step(tmp_path):
     (tmp_path / "file12").write_text("")
     with pytest.raises(CheckpointError, match="expected a work dir"):
         manager.resolve(str(tmp_path / "file12"))
+
+
+def test_hashing_in_threads_for_large_steps_gives_each_files_digest(tmp_path):
+    """Steps of 64 MiB and more are hashed on a thread pool (sparse files: no real bytes written)."""
+    paths = []
+    for i, size in enumerate((33 << 20, 31 << 20, 1 << 20)):
+        path = tmp_path / f"f{i}"
+        with open(path, "wb") as f:
+            f.write(bytes([i + 1]))
+            f.truncate(size)
+        paths.append(path.name)
+    digests = integrity._hash_all(str(tmp_path), paths)
+    assert digests == [integrity._sha256(str(tmp_path / p)) for p in paths]
+    assert len(set(digests)) == 3
+
+
+def test_a_step_unreadable_without_checksums_is_skipped_with_the_reason(tmp_path):
+    """No manifest: a cut array file is found by reading it, and the warning gives orbax's error
+    (its type and first line), not an empty reason."""
+    import warnings
+
+    import jax
+
+    from jaxdiff import data
+    from jaxdiff.checkpoint import Checkpointer, CheckpointWarning
+
+    directory = str(tmp_path / "checkpoints")
+    it = data.build("digits", batch_size=4, seed=0).iterator()
+    ck = Checkpointer(directory, async_save=False, checksums=False)
+    for s in (1, 2):
+        ck.save(s, {"w": jnp.arange(4000.0) * s}, it, "{}")
+    ck.close()
+    state_dir = os.path.join(directory, "2", "state")
+    files = [os.path.join(r, f) for r, _, fs in os.walk(state_dir) for f in fs]
+    biggest = max(files, key=os.path.getsize)
+    os.truncate(biggest, os.path.getsize(biggest) // 2)
+    ck = Checkpointer(directory, read_only=True)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        state, step = ck.restore({"w": jax.ShapeDtypeStruct((4000,), jnp.float32)})
+    ck.close()
+    assert step == 1 and float(state["w"][1]) == 1.0
+    skipped = [str(w.message) for w in record if issubclass(w.category, CheckpointWarning) and "skipped" in str(w.message)]
+    assert len(skipped) == 1 and ": 2 (" in skipped[0]
+    reason = skipped[0].split(": 2 (", 1)[1]
+    assert not reason.startswith("NoneType") and reason.split(":", 1)[0].isidentifier(), reason
