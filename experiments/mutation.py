@@ -115,7 +115,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modules", default=",".join(MODULES), help=f"comma-separated, from: {', '.join(MODULES)}")
     parser.add_argument("--every", type=int, default=10, help="sample every N-th mutant: 1, 2, 5, 10 or 20")
-    parser.add_argument("--minutes", type=float, default=12.0, help="time box per module")
+    parser.add_argument("--minutes", type=float, default=9.0, help="time box per module")
     parser.add_argument("--survivors", action="store_true", help="rerun only the previous run's survivors")
     parser.add_argument("--keep", action="store_true",
                         help="keep mutants/ and its verdicts: finish an interrupted run instead of starting afresh")
