@@ -138,8 +138,8 @@ def test_history_buffers():
 
 
 def _options(**kw):
-    opts = dict(prediction_type="epsilon", clip_sample=False, clip_sample_range=1.0, thresholding=False,
-                dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
+    opts = {"prediction_type": "epsilon", "clip_sample": False, "clip_sample_range": 1.0, "thresholding": False,
+            "dynamic_thresholding_ratio": 0.995, "sample_max_value": 1.0}
     opts.update(kw)
     return base.denoise_options(**opts)
 

@@ -11,8 +11,14 @@ import pytest
 
 from jaxdiff import parameterization
 from jaxdiff.train import state as state_lib
-from jaxdiff.train.step import (context_condition, ema_update, label_condition, label_dropper, make_loss_fn,
-                                make_train_step)
+from jaxdiff.train.step import (
+    context_condition,
+    ema_update,
+    label_condition,
+    label_dropper,
+    make_loss_fn,
+    make_train_step,
+)
 
 
 def _tree(scale):
