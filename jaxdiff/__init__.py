@@ -10,6 +10,7 @@
 
     pipe = jaxdiff.StableDiffusion.from_pretrained("path/to/stable-diffusion-v1-5")  # diffusers folder
     pictures = pipe("a photo of a cat", num_steps=30, guidance_scale=7.5, seed=0)     # list of PIL images
+    pipe.load_lora("path/to/lora.safetensors", scale=0.7)     # diffusers/PEFT or kohya LoRA files
 
 Submodules are imported on first use, so `import jaxdiff` (and the CLI's help) stays fast.
 """
@@ -22,7 +23,7 @@ _SUBMODULES = {"schedules", "parameterization", "samplers", "sampling", "models"
                "sharding", "checkpoint", "config", "images", "pipelines", "train", "errors",
                "convert"}
 _EXPORTS = {"load": "jaxdiff.pipelines.pixel", "DiffusionModel": "jaxdiff.pipelines.pixel",
-            "StableDiffusion": "jaxdiff.pipelines.stable_diffusion"}
+            "StableDiffusion": "jaxdiff.pipelines.stable_diffusion", "save_lora": "jaxdiff.pipelines.lora"}
 
 __all__ = sorted(_SUBMODULES | set(_EXPORTS))
 

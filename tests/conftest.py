@@ -161,3 +161,46 @@ def assert_resumes_bit_exact(cfg, full_dir, split_dir, *, stop_at: int = 3) -> N
     full_rows = [json.loads(line) for line in (pathlib.Path(full_dir) / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [r["step"] for r in full_rows]
     assert [r["loss"] for r in rows] == [r["loss"] for r in full_rows]
+
+
+class _WritesMarker:
+    """An object whose unpickling runs code: `__reduce__` tells pickle to call `exec` on a line
+    that writes `marker`. Loading a file holding one with `pickle.load` / `torch.load(...,
+    weights_only=False)` leaves the marker file behind."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('unpickled')",)
+
+
+HOSTILE_PICKLE_FORMATS = ("torch", "torch_legacy", "pickle")
+
+
+def make_hostile_pickle(path, marker, fmt: str = "torch"):
+    """Write a real pickled checkpoint at `path` whose loading writes the file `marker` (which must
+    not exist yet): a state dict {"state_dict": {"w": tensor}, "payload": <hostile object>}.
+
+    fmt: "torch" (`torch.save`'s zip format, as `.bin` / `.pt` files are today), "torch_legacy"
+    (`torch.save` with the pre-1.6 plain-pickle format, as old `.ckpt` files), or "pickle" (plain
+    `pickle.dump` of the dict with a numpy array, as `.pkl` files). Returns `path`."""
+    import pathlib
+    import pickle
+
+    import numpy as np
+
+    path, marker = pathlib.Path(path), pathlib.Path(marker)
+    assert not marker.exists(), marker
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "pickle":
+        with open(path, "wb") as f:
+            pickle.dump({"state_dict": {"w": np.ones(3, np.float32)}, "payload": _WritesMarker(marker)}, f)
+        return path
+    if fmt not in HOSTILE_PICKLE_FORMATS:
+        raise ValueError(f"fmt={fmt!r}; use one of {HOSTILE_PICKLE_FORMATS}")
+    import torch
+
+    obj = {"state_dict": {"w": torch.ones(3)}, "payload": _WritesMarker(marker)}
+    torch.save(obj, str(path), _use_new_zipfile_serialization=(fmt == "torch"))
+    return path

@@ -20,7 +20,6 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from jaxdiff import images as images_lib  # noqa: E402
-from jaxdiff import sampling  # noqa: E402
 from jaxdiff.errors import CheckpointError  # noqa: E402
 from jaxdiff.convert import scheduler as scheduler_convert  # noqa: E402
 from jaxdiff.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
@@ -222,16 +221,6 @@ def test_prompts_are_encoded_once_per_call_in_prompt_major_order(pipe):
         pipe.encode_prompt(["a cat", "a dog"], ["ugly"])
 
 
-def test_new_step_counts_and_strengths_reuse_the_compiled_loop(pipe):
-    noise = _noise()
-    pipe(PROMPT, num_steps=STEPS, num_images=N, latents=noise, output_type="latent")
-    before = sampling._run._cache_size()
-    for steps in (3, 7):
-        pipe(PROMPT, num_steps=steps, num_images=N, latents=noise, guidance_scale=3.0, output_type="latent")
-    pipe.img2img(_picture(), PROMPT, strength=0.5, num_steps=6, num_images=N, latents=noise, output_type="latent")
-    assert sampling._run._cache_size() == before
-
-
 # ---------------------------------------------------------------------------------------------
 # image to image, inpainting
 
@@ -307,18 +296,21 @@ def test_bf16_is_finite_and_close_to_float32(tiny, pipe):
     half = StableDiffusion.from_pretrained(folder, dtype=jnp.bfloat16)
     assert half.unet.dtype == jnp.bfloat16 and half.text_encoder.dtype == jnp.bfloat16
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(half.params))
-    # Without guidance: a scale of 7.5 multiplies the networks' rounding error by as much
-    # (measured there: max 7e-2, latents 5e-2 relative).
+    # The README's "within 1e-2 of float32": the largest difference of any pixel (on the [0, 1]
+    # scale of output_type="np") without guidance; over six start noises it measured 5.9e-3 to
+    # 9.5e-3 (mean differences 1.0e-3 to 1.4e-3). A guidance scale of 7.5 multiplies the networks'
+    # rounding error by as much (measured there: max 5e-2 to 8e-2, mean ~1e-2, latents 4e-2 to 5e-2
+    # relative).
     noise, run = _noise(), dict(num_steps=STEPS, num_images=N, guidance_scale=1.0)
     a = pipe(PROMPT, latents=noise, output_type="np", **run)
     b = half(PROMPT, latents=noise, output_type="np", **run)
     assert np.isfinite(b).all()
-    assert 1e-5 < np.abs(a - b).max() < 2e-2, np.abs(a - b).max()            # measured 8.6e-3
+    assert 1e-5 < np.abs(a - b).max() < 1e-2, np.abs(a - b).max()            # measured 8.6e-3
     assert np.abs(a - b).mean() < 3e-3                                         # measured 1.3e-3
     la = pipe(PROMPT, latents=noise, output_type="latent", **run)
     lb = half(PROMPT, latents=noise, output_type="latent", **run)
     assert lb.dtype == np.float32
-    assert np.linalg.norm(la - lb) / np.linalg.norm(la) < 2e-2                  # measured 6e-3
+    assert np.linalg.norm(la - lb) / np.linalg.norm(la) < 1e-2                  # measured 6.2e-3 (5.0e-3 to 6.5e-3)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -182,7 +182,8 @@ def load(path: str, step: int | None = None, *, mesh=None, rules: str = "dp") ->
         cfg = config_lib.from_json(json.dumps(ckpt.read_config(step)))
         if build.is_latent_text(cfg):
             raise CheckpointError(f"{path} is a latent text-to-image run (its config has a vae section); "
-                                  "sample it with jaxdiff.pipelines.latent_text.load")
+                                  f"write it as a Stable Diffusion folder with `jaxdiff export {path} --out DIR` "
+                                  "and load that with jaxdiff.StableDiffusion.from_pretrained(DIR)")
         image_shape, num_classes = _data_signature(cfg)
         module = build.build_model(cfg, image_shape, num_classes)
         tx = build.build_optimizer(cfg)

@@ -157,10 +157,10 @@ def new_state(timesteps, plan, *, init_sigma=1.0, input_scales=None, memory=(), 
     if not 0 <= start_call < n:
         raise ValueError(f"the start call {start_call} lies outside the plan's {n} model calls")
     if input_scales is None:
-        input_scales = jnp.ones_like(timesteps)
+        input_scales = np.ones(n, np.float32)
     signal, noise = (None, None) if levels is None else (f32(levels[0]), f32(levels[1]))
     if start_call and noise is not None:
-        init_sigma = noise[start_call]
+        init_sigma = np.asarray(levels[1], np.float32)[start_call]  # on the host, see `f32`
     return SamplerState(index=jnp.asarray(start_call, jnp.int32), timesteps=timesteps,
                         input_scales=f32(input_scales), init_sigma=f32(init_sigma), plan=plan, memory=memory,
                         num_calls=jnp.asarray(n, jnp.int32), signal_scales=signal, noise_scales=noise)
@@ -205,9 +205,9 @@ def pad(state: SamplerState, length: int) -> SamplerState:
     if length < n:
         raise ValueError(f"cannot pad a plan of {n} model calls to {length}; raise max_steps")
 
-    def grow(leaf):
-        leaf = jnp.asarray(leaf)
-        return jnp.concatenate([leaf, jnp.repeat(leaf[-1:], length - n, axis=0)])
+    def grow(leaf):  # on the host, see `f32`
+        leaf = np.asarray(leaf)
+        return jax.device_put(np.concatenate([leaf, np.repeat(leaf[-1:], length - n, axis=0)]))
 
     per_call = (state.timesteps, state.input_scales, state.plan, state.signal_scales, state.noise_scales)
     timesteps, input_scales, plan, signal, noise = jax.tree.map(grow, per_call)
@@ -216,7 +216,12 @@ def pad(state: SamplerState, length: int) -> SamplerState:
 
 
 def f32(x) -> jax.Array:
-    return jnp.asarray(x, jnp.float32)
+    """`x` as a float32 jax array. Host values (numpy, Python numbers) are converted on the host
+    and handed over with `device_put`: `jnp.asarray` of a host array, and any device op on it,
+    compiles a small program per shape, i.e. per plan length, so every new step count would."""
+    if isinstance(x, jax.Array):  # tracers included
+        return jnp.asarray(x, jnp.float32)
+    return jax.device_put(np.asarray(x, np.float32))
 
 
 # --------------------------------------------------------------------------------------------
