@@ -139,3 +139,23 @@ def test_train_step_one_update_by_hand():
     np.testing.assert_allclose(new.ema_params["w"], (1 - d) * np.asarray(new.params["w"]), rtol=1e-6)
     np.testing.assert_array_equal(new.rng, state.rng)
     assert jax.tree.structure(new.opt_state) == jax.tree.structure(state.opt_state)
+
+
+def test_min_snr_weights_each_examples_own_mean_error():
+    """loss = mean_b w_b e_b with e_b example b's mean squared error: examples whose errors differ
+    (here x0 of scale b under a zero prediction of the x0 target) are not pooled before weighting."""
+    batch = 16
+    alphas_cumprod = _abar(8)
+    scales = jnp.arange(1.0, batch + 1.0)
+    x0 = scales[:, None, None, None] * jnp.ones((batch, 2, 2, 1))
+
+    def apply_fn(variables, x_t, t, *, train, rngs):
+        return jnp.zeros_like(x_t)
+
+    key = jax.random.PRNGKey(6)
+    loss = make_loss_fn(apply_fn, alphas_cumprod, prediction_type="sample", min_snr_gamma=2.0)({}, {"image": x0}, key)
+    t = np.asarray(jax.random.randint(jax.random.split(key, 4)[0], (batch,), 0, 8))
+    abar = np.asarray(alphas_cumprod, np.float64)[t]
+    w = np.minimum(abar / (1 - abar), 2.0)
+    assert w.std() > 0.1
+    np.testing.assert_allclose(float(loss), np.mean(w * np.asarray(scales) ** 2), rtol=1e-5)
