@@ -169,15 +169,16 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def blocked_attention(q: Array, k: Array, v: Array, mask: Array | None = None, *,
-                      block_q: int = BLOCK_Q, block_k: int = BLOCK_K) -> Array:
+                      block_q: int | None = None, block_k: int | None = None) -> Array:
     """Attention without the full logits (see the module docstring); differentiable.
 
     q: [B, T, N, D], k, v: [B, S, N, D], mask: [B, S] bool (True: attend to this key) or None
     -> [B, T, N, D] in q's dtype. Logits, softmax statistics and accumulation are float32.
+    block_q / block_k: block lengths (default BLOCK_Q / BLOCK_K, read at trace time).
     """
     B, T = q.shape[:2]
     S = k.shape[1]
-    bq, bk = min(block_q, T), min(block_k, S)
+    bq, bk = min(block_q or BLOCK_Q, T), min(block_k or BLOCK_K, S)
     keep = jnp.ones((B, S), bool) if mask is None else jnp.broadcast_to(mask, (B, S)).astype(bool)
     keep = _pad_to(keep, 1, bk)                                  # padded keys: False
     qt = _pad_to(q.transpose(0, 2, 1, 3), 2, bq)                 # [B, N, Tp, D]
