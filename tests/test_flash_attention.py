@@ -23,20 +23,25 @@ def _qkv(seed, B, T, S, N, D, dtype=jnp.float32):
     return q.astype(dtype), k.astype(dtype), v.astype(dtype), w
 
 
+@jax.jit
 def _xla(q, k, v, mask=None):
     m = None if mask is None else mask[:, None, None, :]
     return jax.nn.dot_product_attention(q, k, v, mask=m, implementation="xla")
 
 
+@jax.jit
 def _blocked(q, k, v, mask=None):
     # Blocks smaller than every length here, so each case spans several blocks plus padding.
     return flash.blocked_attention(q, k, v, mask, block_q=16, block_k=32)
 
 
 def _value_and_grads(f, q, k, v, w, mask):
-    out = f(q, k, v, mask)
-    grads = jax.grad(lambda *a: jnp.sum(f(*a, mask).astype(jnp.float32) * w), argnums=(0, 1, 2))(q, k, v)
-    return [np.asarray(a, np.float32) for a in (out, *grads)]
+    @jax.jit
+    def run(q, k, v, w, mask):
+        out, pull = jax.vjp(lambda *a: f(*a, mask), q, k, v)
+        return (out, *pull(w.astype(out.dtype)))
+
+    return [np.asarray(a, np.float32) for a in run(q, k, v, w, mask)]
 
 
 # (T, S, N, D, masked): self-attention at CLIP's 77, cross-attention 33 -> 77 and 64 -> 7,
@@ -83,7 +88,7 @@ def test_a_fully_masked_query_gets_zeros_not_nans():
     q, k, v, _ = _qkv(0, 2, 9, 40, 2, 8)
     mask = jnp.array([[False] * 40, [True] * 40])
     out = _blocked(q, k, v, mask)
-    g = jax.grad(lambda q: _blocked(q, k, v, mask).sum())(q)
+    g = jax.jit(jax.grad(lambda q: _blocked(q, k, v, mask).sum()))(q)
     assert np.all(np.asarray(out[0]) == 0) and np.all(np.isfinite(np.asarray(g)))
     np.testing.assert_allclose(out[1], _xla(q, k, v)[1], atol=1e-5)
 
@@ -110,20 +115,21 @@ def test_tiny_sd_unet_blocked_equals_xla_forward_and_parameter_gradients(monkeyp
     def loss(module, p):
         return jnp.mean(module.apply(p, x, t, context=ctx) ** 2)
 
-    out_x, out_b = xla.apply(params, x, t, context=ctx), blocked.apply(params, x, t, context=ctx)
+    (lx, gx), (lb, gb) = (jax.jit(jax.value_and_grad(functools.partial(loss, m)))(params)
+                          for m in (xla, blocked))
+    out_x, out_b = (jax.jit(m.apply)(params, x, t, context=ctx) for m in (xla, blocked))
     scale = float(np.abs(np.asarray(out_x)).max())
     np.testing.assert_allclose(out_b, out_x, atol=2e-5 * scale)
-    gx = jax.grad(functools.partial(loss, xla))(params)
-    gb = jax.grad(functools.partial(loss, blocked))(params)
+    np.testing.assert_allclose(lb, lx, rtol=1e-5)
     worst = max(float(np.abs(a - b).max() / (np.abs(a).max() + 1e-12))
                 for a, b in zip(jax.tree.leaves(gx), jax.tree.leaves(gb)))
     assert worst < 1e-4, worst
     # The switch took effect: only the blocked network traces the custom-VJP kernel.
-    jaxpr = lambda m: str(jax.make_jaxpr(lambda p: m.apply(p, x, t, context=ctx))(params))  # noqa: E731
+    jaxpr = lambda m: str(jax.make_jaxpr(lambda p: m.apply(p, x, t, context=ctx))(params))
     assert "custom_vjp_call" in jaxpr(blocked) and "custom_vjp_call" not in jaxpr(xla)
     # ... and the attention matters: a different context moves the output by far more than the
     # tolerance above.
-    other = blocked.apply(params, x, t, context=ctx[::-1])
+    other = jax.jit(blocked.apply)(params, x, t, context=ctx[::-1])
     assert np.abs(np.asarray(other) - np.asarray(out_b)).max() > 1e3 * 2e-5 * scale
 
 
@@ -141,7 +147,7 @@ def test_blocked_saves_at_least_the_logits_memory():
     B, T, N, D = 1, 4096, 8, 40
     logits = B * N * T * T * 4
     x = jax.ShapeDtypeStruct((B, T, N, D), jnp.float32)
-    grad = lambda f: jax.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2))  # noqa: E731
+    grad = lambda f: jax.grad(lambda q, k, v: f(q, k, v).sum(), argnums=(0, 1, 2))
     for make in (lambda f: f, grad):
         plain = _temp_bytes(make(_xla), x, x, x)
         blocked = _temp_bytes(make(flash.blocked_attention), x, x, x)
