@@ -9,7 +9,8 @@ For each case (SD 1.5's first level: 8 heads of 40 channels; 64x64 latents give 
 96x96 latents T = 9216; self-attention has S = T, cross-attention S = 77 text tokens), batch and
 kernel it prints the median wall time of the jitted forward and forward + backward (gradients
 wrt q, k, v) over --reps runs after one warm-up, and the temporary bytes XLA's
-`memory_analysis()` reports for each compiled program. Times are only comparable within one run
+`memory_analysis()` reports for each compiled program (programs whose temporaries exceed
+--max-run-mib are compiled but not run: their time shows as nan). Times are only comparable within one run
 on one machine; the memory figures are properties of the compiled programs.
 """
 
@@ -44,11 +45,14 @@ def _programs(impl: str):
     return jax.jit(attn), jax.jit(fwd_bwd)
 
 
-def _measure(fn, args, reps: int) -> tuple[float, float]:
-    """(median seconds, temp MiB) of a jitted function on `args`."""
+def _measure(fn, args, reps: int, max_run_mib: float) -> tuple[float, float]:
+    """(median seconds, temp MiB) of a jitted function on `args`; the time is NaN (not run) when
+    the program's temporaries exceed max_run_mib."""
     compiled = fn.lower(*args).compile()
     mem = compiled.memory_analysis()
     temp = float("nan") if mem is None else mem.temp_size_in_bytes / 2**20
+    if temp > max_run_mib:
+        return float("nan"), temp
     jax.block_until_ready(compiled(*args))  # warm-up
     times = []
     for _ in range(reps):
@@ -66,6 +70,8 @@ def main() -> None:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--json", default=None)
+    p.add_argument("--max-run-mib", type=float, default=4096.0,
+                   help="compile but do not run programs whose temporaries exceed this")
     args = p.parse_args()
     dtype = jnp.dtype(args.dtype)
     rows = []
@@ -82,8 +88,8 @@ def main() -> None:
             v = jax.random.normal(keys[2], (B, S, HEADS, HEAD_DIM), dtype)
             for impl in args.impls.split(","):
                 fwd, fb = _programs(impl)
-                t_f, m_f = _measure(fwd, (q, k, v), args.reps)
-                t_b, m_b = _measure(fb, (q, k, v), args.reps)
+                t_f, m_f = _measure(fwd, (q, k, v), args.reps, args.max_run_mib)
+                t_b, m_b = _measure(fb, (q, k, v), args.reps, args.max_run_mib)
                 rows.append({"case": case, "B": B, "T": T, "S": S, "impl": impl, "fwd_s": t_f,
                              "fwd_bwd_s": t_b, "fwd_temp_mib": m_f, "fwd_bwd_temp_mib": m_b})
                 print(f"{case:<14} {B:>2} {T:>5} {S:>5} {impl:<8} {t_f:>8.3f} {t_b:>10.3f} "

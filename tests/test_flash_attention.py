@@ -3,7 +3,6 @@
 bfloat16, self and cross attention, lengths that do not divide the blocks, key masks; the whole
 tiny SD U-Net; the memory the kernel saves (XLA's compiled memory analysis); and which kernel
 each backend gets."""
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -100,11 +99,11 @@ def _tiny_sd_unet(impl):
 
 
 def test_tiny_sd_unet_blocked_equals_xla_forward_and_parameter_gradients(monkeypatch):
-    # Small default blocks so the U-Net's attentions (T = 256 and 64, S = 77 or T) span several.
+    # Small default blocks so the U-Net's attentions (T = 64 and 16, S = T or 77) span several.
     monkeypatch.setattr(flash, "BLOCK_Q", 48)
     monkeypatch.setattr(flash, "BLOCK_K", 32)
     rng = np.random.RandomState(0)
-    x = jnp.asarray(rng.randn(2, 16, 16, 4), jnp.float32)
+    x = jnp.asarray(rng.randn(2, 8, 8, 4), jnp.float32)
     t = jnp.asarray([10.0, 700.0])
     ctx = jnp.asarray(rng.randn(2, 77, 24), jnp.float32)
     xla, blocked = _tiny_sd_unet("xla"), _tiny_sd_unet("blocked")
@@ -112,24 +111,28 @@ def test_tiny_sd_unet_blocked_equals_xla_forward_and_parameter_gradients(monkeyp
     # Non-zero output projections (they start at zero), so attention reaches the output.
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(p.size), p.shape), params)
 
-    def loss(module, p):
-        return jnp.mean(module.apply(p, x, t, context=ctx) ** 2)
+    def output_and_grads(module):
+        def loss(p, c):
+            out = module.apply(p, x, t, context=c)
+            return jnp.mean(out ** 2), out
 
-    (lx, gx), (lb, gb) = (jax.jit(jax.value_and_grad(functools.partial(loss, m)))(params)
-                          for m in (xla, blocked))
-    out_x, out_b = (jax.jit(m.apply)(params, x, t, context=ctx) for m in (xla, blocked))
+        return jax.jit(lambda p, c: jax.value_and_grad(loss, has_aux=True)(p, c))
+
+    (_, out_x), gx = output_and_grads(xla)(params, ctx)
+    run_blocked = output_and_grads(blocked)
+    (_, out_b), gb = run_blocked(params, ctx)
     scale = float(np.abs(np.asarray(out_x)).max())
     np.testing.assert_allclose(out_b, out_x, atol=2e-5 * scale)
-    np.testing.assert_allclose(lb, lx, rtol=1e-5)
     worst = max(float(np.abs(a - b).max() / (np.abs(a).max() + 1e-12))
                 for a, b in zip(jax.tree.leaves(gx), jax.tree.leaves(gb)))
     assert worst < 1e-4, worst
     # The switch took effect: only the blocked network traces the custom-VJP kernel.
-    jaxpr = lambda m: str(jax.make_jaxpr(lambda p: m.apply(p, x, t, context=ctx))(params))
+    def jaxpr(m):
+        return str(jax.make_jaxpr(lambda p: m.apply(p, x, t, context=ctx))(params))
+
     assert "custom_vjp_call" in jaxpr(blocked) and "custom_vjp_call" not in jaxpr(xla)
-    # ... and the attention matters: a different context moves the output by far more than the
-    # tolerance above.
-    other = jax.jit(blocked.apply)(params, x, t, context=ctx[::-1])
+    # ... and the attention matters: another context moves the output far beyond the tolerance.
+    (_, other), _ = run_blocked(params, ctx[::-1])
     assert np.abs(np.asarray(other) - np.asarray(out_b)).max() > 1e3 * 2e-5 * scale
 
 
