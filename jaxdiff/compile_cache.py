@@ -13,7 +13,8 @@ compiled programs instead. Where (first match wins):
                                                    ~/.cache/jaxdiff/xla
 
 Programs that compile in at least MIN_COMPILE_TIME_SECS are written (JAX's default of 1 s would
-leave out many of a small run's programs; each still costs a compile at start-up). A directory
+leave out many of a small run's programs; each still costs a compile at start-up), unless
+JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS is set. A directory
 that cannot be created or written is one warning line, never a failed run. It must run before
 the process compiles anything: JAX opens the cache at its first compile.
 """
@@ -69,6 +70,8 @@ def configure(environ=None, *, prog: str = "jaxdiff") -> str | None:
               f"without it (set {ENV}=DIR or {ENV}=off)", file=sys.stderr, flush=True)
         jax.config.update("jax_enable_compilation_cache", False)  # no second complaint from JAX
         return None
+    env = os.environ if environ is None else environ
     jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_SECS)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in env:  # the user's own choice wins
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", MIN_COMPILE_TIME_SECS)
     return path
