@@ -63,6 +63,7 @@ class _WithAttention(nn.Module):
     use_scale_shift_norm: bool
     remat: str
     dtype: Dtype
+    attention_impl: str
 
     def res_block(self, out_channels: int, name: str, **kwargs) -> nn.Module:
         """A ResBlock of this level (rematerialised per `remat`), called as block(h, emb, train)."""
@@ -75,11 +76,12 @@ class _WithAttention(nn.Module):
         if self.context_dim is None:
             return checkpointed(AttentionBlock, self.remat)(
                 self.num_heads, self.head_dim, self.num_groups, self.norm_eps, self.dtype,
-                name=name,
+                self.attention_impl, name=name,
             )(h)
         return checkpointed(SpatialTransformer, self.remat)(
             self.num_heads, self.head_dim, self.transformer_depth, self.num_groups,
-            self.use_linear_projection, self.upcast_attention, self.dtype, name=name,
+            self.use_linear_projection, self.upcast_attention, self.dtype, self.attention_impl,
+            name=name,
         )(h, context)
 
 

@@ -108,6 +108,8 @@ class UNet(nn.Module):
         the parameters are the same.
       dtype: compute dtype (e.g. jnp.bfloat16). Parameters are always float32 and the output is
         returned in float32.
+      attention_impl: the attention kernel of every attention layer, "auto", "xla", "blocked",
+        "cudnn" or "pallas" (see `flash.attend`); the parameters are the same.
     """
 
     out_channels: int
@@ -137,6 +139,7 @@ class UNet(nn.Module):
     sample_size: int | None = None
     remat: str = "none"
     dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @property
     def downsample_factor(self) -> int:
@@ -285,6 +288,7 @@ class UNet(nn.Module):
             "norm_eps": self.norm_eps, "context_dim": self.context_dim,
             "use_linear_projection": self.use_linear_projection,
             "upcast_attention": self.upcast_attention, "remat": self.remat, "dtype": self.dtype,
+            "attention_impl": self.attention_impl,
         }
 
     def embed(self, t: Array, batch: int, labels: Array | None, text_embeds: Array | None,
