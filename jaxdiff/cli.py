@@ -28,6 +28,10 @@ wrong image shape, diverged loss) print one line naming the problem and exit wit
 flag or config value is refused before any data is loaded or anything compiles. Set
 JAXDIFF_DEBUG=1 to see the full traceback instead.
 
+`train`, `sample` and `generate` keep compiled programs in JAX's persistent cache
+($XDG_CACHE_HOME/jaxdiff/xla or ~/.cache/jaxdiff/xla; JAXDIFF_COMPILATION_CACHE=DIR moves it,
+JAXDIFF_COMPILATION_CACHE=off turns it off), so a second run with the same shapes skips compiling.
+
 Why this file is long: it is the whole command line, one parser and one short handler per
 command, next to the flag types and the error handling they share; splitting it would scatter
 what a reader of `jaxdiff --help` wants in one place.
@@ -324,7 +328,7 @@ def _devices_note(mesh) -> str:
 def _convert_parser() -> _Parser:
     parser = _Parser(
         prog="jaxdiff convert",
-        description="Convert a Stable Diffusion 1.x/2.x single-file .safetensors checkpoint into a "
+        description="Convert a Stable Diffusion 1.x/2.x/XL single-file .safetensors checkpoint into a "
                     "diffusers-format pipeline folder.")
     parser.add_argument("--single_file", required=True, metavar="FILE",
                         help="the .safetensors checkpoint (LDM layout)")
@@ -504,6 +508,11 @@ def _warnings_as_lines(command: str) -> None:
     warnings.showwarning = show
 
 
+# Commands that compile networks: they share compiled programs across runs through JAX's
+# persistent cache (see compile_cache.py; JAXDIFF_COMPILATION_CACHE=off turns it off).
+CACHED_COMMANDS = ("train", "sample", "generate")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -524,6 +533,10 @@ def main(argv: list[str] | None = None) -> int:
     from jaxdiff.errors import USER_ERRORS
 
     _warnings_as_lines(argv[0])
+    if argv[0] in CACHED_COMMANDS and not {"-h", "--help"} & set(argv[1:]):
+        from jaxdiff import compile_cache
+
+        compile_cache.configure(prog=f"jaxdiff {argv[0]}")  # before the first compile
     try:
         return COMMANDS[argv[0]](argv[1:])
     except USER_ERRORS as e:

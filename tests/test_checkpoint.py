@@ -425,6 +425,28 @@ def test_a_save_killed_midway_leaves_the_earlier_steps_readable(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# keep-N
+
+
+def test_the_trainer_keeps_the_newest_keep_checkpoints_steps(small_config, tmp_path):
+    """`train.keep_checkpoints=2` with a save at every one of 5 steps: exactly steps 4 and 5 stay
+    on disk (the default keeps 3, so a trainer that ignored the key would leave 3, 4, 5), and
+    the newest holds the last state."""
+    from jaxdiff.train import loop
+
+    small_config.train.steps = 5
+    small_config.train.checkpoint_every = 1
+    small_config.train.keep_checkpoints = 2
+    state = loop.train(small_config, str(tmp_path), progress=False)
+    directory = tmp_path / "checkpoints"
+    assert sorted(os.listdir(directory)) == ["4", "5"]  # and no leftover temporary folder
+    ck = Checkpointer(str(directory), read_only=True)
+    restored, step = ck.restore(_abstract(state))
+    ck.close()
+    assert step == 5 and int(restored.step) == 5 and _equal(restored.params, state.params)
+
+
+# ---------------------------------------------------------------------------------------------
 # 4. Quiet read-only use
 
 

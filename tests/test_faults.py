@@ -12,8 +12,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import jax
 import pytest
 
 from conftest import run_cli
@@ -37,9 +39,35 @@ def _error_line(proc) -> str:
     return errors[0]
 
 
+def _saved_state_step(workdir, step: int) -> int:
+    """The `step` counter inside the TrainState saved as checkpoint `step` (read through
+    jaxdiff.checkpoint onto the structure the run's saved config builds)."""
+    from jaxdiff import config as config_lib
+    from jaxdiff.checkpoint import Checkpointer
+    from jaxdiff.train import build
+
+    ckpt = Checkpointer(str(workdir / "checkpoints"), read_only=True)
+    try:
+        cfg = config_lib.from_json(json.dumps(ckpt.read_config(step)))
+        sig = cfg.data_signature
+        shape = tuple(sig.image_shape)
+        module = build.build_model(cfg, shape, sig.num_classes)
+        abstract = jax.eval_shape(build.init_state_fn(module, build.build_optimizer(cfg), shape, cfg.seed))
+        state, restored = ckpt.restore(abstract, step)
+    finally:
+        ckpt.close()
+    assert restored == step
+    return int(state.step)
+
+
+def _logged_steps(workdir) -> list[int]:
+    return [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_ctrl_c_at_the_default_settings_saves_the_current_step(tmp_path):
     """log_every=50 and checkpoint_every=500 as in the demo: the first SIGINT stops the run at the
-    step it is on, checkpoints it, and the same command resumes from there."""
+    step it is on, checkpoints that step (its state, not an earlier one), and the same command
+    resumes from there. (The exact step a signal lands on is pinned in the next test.)"""
     workdir = tmp_path / "run"
     args = ["train", "--workdir", str(workdir), "--config.train.steps=2000", *SMALL]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
@@ -51,16 +79,49 @@ def test_ctrl_c_at_the_default_settings_saves_the_current_step(tmp_path):
     while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)                                   # the first log row: step 50, the loop is running
     assert proc.poll() is None, proc.communicate()[1][-3000:]
+    reached = _logged_steps(workdir)[-1]                   # the loop has finished this step
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-3000:]
     saved = _steps(workdir)
-    assert len(saved) == 1 and 50 <= saved[0] < 2000, (saved, err[-2000:])
-    assert f"interrupted (Ctrl-C) at step {saved[0]} of 2000" in err
+    assert len(saved) == 1 and reached <= saved[0] < 500, (reached, saved, err[-2000:])
+    stopped = [line for line in err.splitlines() if "interrupted (Ctrl-C) at step" in line]
+    assert len(stopped) == 1 and f"interrupted (Ctrl-C) at step {saved[0]} of 2000;" in stopped[0], err[-2000:]
     assert "KeyboardInterrupt" not in err and "Traceback" not in err
+    # What was saved is that step's state, and the stop logged it as the run's last row.
+    assert _saved_state_step(workdir, saved[0]) == saved[0]
+    assert _logged_steps(workdir)[-1] == saved[0]
     resumed = run_cli("train", "--workdir", str(workdir), f"--config.train.steps={saved[0] + 2}", *SMALL)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resuming from step {saved[0]}" in resumed.stderr
+
+
+def test_ctrl_c_saves_exactly_the_step_it_arrives_in(small_config, tmp_path, capfd):
+    """SIGINT sent while step k's samples are written (so while step k + 1 is the next to run):
+    step k + 1 finishes and is the one checkpoint, holding step k + 1's state; nothing after it
+    runs. Checkpoints are otherwise due every 100 steps only, so any other save is a bug."""
+    assert threading.current_thread() is threading.main_thread()  # where the loop's handler lives
+    k = 3
+    small_config.train.steps = 100
+    small_config.train.checkpoint_every = 100
+    small_config.train.sample_every = k
+    signalled = []
+
+    def interrupt(run, params, name, final):
+        signalled.append(name)
+        if len(signalled) == 1:                   # once: a second Ctrl-C means "stop now"
+            os.kill(os.getpid(), signal.SIGINT)
+
+    try:
+        state = loop.train(small_config, str(tmp_path), progress=False, write_samples=interrupt)
+    except KeyboardInterrupt:                     # not up to pytest, which would end the session
+        pytest.fail("the SIGINT escaped the training loop as a KeyboardInterrupt")
+    err = capfd.readouterr().err
+    assert signalled == [f"samples_{k:07d}.png"]
+    assert int(state.step) == k + 1 and _steps(tmp_path) == [k + 1], (_steps(tmp_path), err[-2000:])
+    assert _saved_state_step(tmp_path, k + 1) == k + 1
+    assert _logged_steps(tmp_path)[-1] == k + 1
+    assert f"interrupted (Ctrl-C) at step {k + 1} of 100;" in err
 
 
 def test_a_learning_rate_that_blows_up_saves_nothing(tmp_path):

@@ -3,14 +3,14 @@ files, per-call and per-adapter scales, two adapters, fuse / unfuse, saving, and
 errors. Tiny random components (as tests/test_pipeline_sd.py builds them) with random LoRA
 weights (lora_B non-zero), float32, given latents."""
 
+import contextlib
 import copy
-import pickle
 
 import jax
 import numpy as np
 import pytest
 
-from conftest import randomise_unit_gain, tree_equal, write_clip_tokenizer
+from conftest import make_hostile_pickle, randomise_unit_gain, tree_equal, write_clip_tokenizer
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -178,12 +178,10 @@ def test_two_adapters_and_traced_scales_reuse_one_program(tiny, pipe):
     pipe.load_lora(tiny / "b", adapter_name="b", scale=-0.5)
     first = _ours(pipe)
     np.testing.assert_allclose(first, _reference(tiny, [tiny / "a", tiny / "b"], [0.7, -0.5]), atol=1e-3)
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda event, duration, **kw: compiles.append(event) if event == COMPILE_EVENT else None)
-    pipe.set_lora_scales({"a": 0.2, "b": 1.3})
-    second = _ours(pipe)
-    third = _ours(pipe, lora_scale=0.5)
+    with _compiles() as compiles:
+        pipe.set_lora_scales({"a": 0.2, "b": 1.3})
+        second = _ours(pipe)
+        third = _ours(pipe, lora_scale=0.5)
     assert compiles == [], compiles                         # new scales: the same compiled programs
     np.testing.assert_allclose(second, _reference(tiny, [tiny / "a", tiny / "b"], [0.2, 1.3]), atol=1e-3)
     np.testing.assert_allclose(third, _reference(tiny, [tiny / "a", tiny / "b"], [0.2, 1.3],
@@ -195,12 +193,27 @@ def test_two_adapters_and_traced_scales_reuse_one_program(tiny, pipe):
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
 
-def test_compile_event_name_is_jaxs():
-    """The event counted above exists in the installed jax (else the count would pass vacuously)."""
+@contextlib.contextmanager
+def _compiles():
+    """The list of XLA compilations that happen inside the block."""
     events = []
-    jax.monitoring.register_event_duration_secs_listener(lambda event, duration, **kw: events.append(event))
-    jax.jit(lambda x: x * 3.0 + 1.0)(np.float32(2.0))
-    assert COMPILE_EVENT in events
+
+    def listen(event, duration, **kwargs):
+        if event == COMPILE_EVENT:
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield events
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_compile_counter_sees_a_compilation():
+    """The counter above sees a new program (else its zero would pass vacuously)."""
+    with _compiles() as compiles:
+        jax.jit(lambda x: x * 3.0 + 1.0)(np.float32(2.0))
+    assert len(compiles) == 1
 
 
 def test_fuse_equals_unfused_and_unfuse_restores_the_weights(tiny, pipe):
@@ -281,6 +294,8 @@ def test_errors_are_one_line(tiny, pipe, tmp_path):
     assert pipe.load_lora(two, weight_name="y.safetensors", adapter_name="y") == "y"
     pipe.unload_lora("y")
     pipe.load_lora(tiny / "b", adapter_name="b")
+    pipe.set_lora_scales(0.25)                                      # one number: every adapter
+    assert pipe.lora_scales == {"b": 0.25}
     for call, words in [(lambda: pipe.load_lora(tiny / "b", adapter_name="b"), ["'b'", "already loaded"]),
                         (lambda: pipe.set_lora_scales({"c": 1.0}), ["'c'", "'b'"]),
                         (lambda: pipe.set_lora_scales({"b": float("nan")}), ["finite"]),
@@ -296,25 +311,16 @@ def test_errors_are_one_line(tiny, pipe, tmp_path):
     _one_line(e, "'a'", "'b'")
 
 
-class _Marker:
-    """Unpickling this creates the file `path`."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return open, (self.path, "w")
-
-
 def test_pickled_loras_are_refused_unopened(pipe, tmp_path):
-    marker = tmp_path / "unpickled"
-    for name in ["lora.bin", "lora.pt", "lora.ckpt", "folder/pytorch_lora_weights.bin"]:
-        path = tmp_path / name
-        path.parent.mkdir(exist_ok=True)
-        path.write_bytes(pickle.dumps(_Marker(marker)))
+    """Real pickles whose loading runs code (torch zip for .bin / .pt, the legacy format for
+    .ckpt, a plain pickle in a folder): each refused in one line, and the code never runs."""
+    cases = [("lora.bin", "torch"), ("lora.pt", "torch"), ("lora.ckpt", "torch_legacy"),
+             ("folder/pytorch_lora_weights.bin", "pickle")]
+    for i, (name, fmt) in enumerate(cases):
+        marker = tmp_path / f"ran{i}"
+        path = make_hostile_pickle(tmp_path / name, marker, fmt)
         with pytest.raises(CheckpointError) as e:
             pipe.load_lora(path if "folder" not in name else path.parent)
         _one_line(e, "pickle", path.name)
-    assert not marker.exists()                                    # nothing was unpickled
-    pickle.loads((tmp_path / "lora.bin").read_bytes()).close()  # the files are live: loading one leaves the marker
-    assert marker.exists()
+        assert not marker.exists(), name                            # nothing was unpickled
+    assert pipe.lora_scales == {}

@@ -218,3 +218,23 @@ def test_init_starts_at_the_base_and_only_the_adapter_trains():
     assert all(float(jnp.abs(g.up).max()) > 0 for g in grads.values())     # up starts at 0, its gradient does not
     with pytest.raises(ValueError, match="not a Dense or Conv kernel"):
         lora.init(params, ["conv/bias"], 4, jax.random.key(1))
+
+
+def test_save_lora_writes_what_read_loads(nets, tmp_path):
+    """`jaxdiff.save_lora` (the function training will call) on fresh adapters of both networks."""
+    import jaxdiff
+
+    unet, text, t = nets
+    shapes = {"unet": {}, "text_encoder": {}}
+    for part in shapes:
+        for e in t[part].values():
+            shapes[part].setdefault("/".join(e.flax), np.zeros(e.shape, np.float32))
+    params = {part: lora.unflat(flat) for part, flat in shapes.items()}
+    adapters = {"unet": lora.init(params["unet"], ["mid/attn/block_0/cross_attn/key/kernel", "conv_in/kernel"], 2,
+                                  jax.random.key(0), alpha=3.0),
+                "text_encoder": lora.init(params["text_encoder"], ["layer_1/attn/out/kernel"], 1, jax.random.key(1))}
+    adapters = jax.tree.map(lambda x: x + 0.5, adapters)                 # up non-zero
+    path = jaxdiff.save_lora(tmp_path / "one.safetensors", adapters, unet=unet, text_encoder=text)
+    assert path.endswith("one.safetensors")
+    back = lora_convert.read(path, t)
+    assert tree_equal(jax.device_get(adapters), back)

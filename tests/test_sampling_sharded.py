@@ -1,13 +1,11 @@
 """Sampling on a mesh: the pixel model and the Stable Diffusion pipelines split the batch (and with
 `rules="fsdp"` the parameters) over all devices, and give the images one device gives, whatever
-the device or process count; batches the mesh does not divide are padded and cut back."""
+the device count (2 processes: test_multiprocess.py); batches the mesh does not divide are padded
+and cut back."""
 
 import json
 import os
 import pathlib
-import socket
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -16,7 +14,6 @@ from PIL import Image
 
 import jaxdiff
 from conftest import run_python, train_tiny_run
-from jaxdiff import images as images_lib
 from jaxdiff import sharding
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,8 +102,14 @@ def test_pixel_sampling_on_8_devices_matches_1_device(checkpoint, one_device, tm
 # ---------------------------------------------------------------------------------------------
 # Stable Diffusion (the tiny random diffusers folder of test_pipeline_sd)
 
-pytest.importorskip("diffusers")
-from test_pipeline_sd import PROMPT, SIZE, _picture, tiny  # noqa: E402,F401  (tiny: a fixture)
+try:  # building that folder needs the PyTorch reference: without it only these tests skip
+    from test_pipeline_sd import PROMPT, SIZE, _picture, tiny  # tiny: a fixture
+except (ImportError, pytest.skip.Exception):
+    PROMPT = SIZE = _picture = None
+
+    @pytest.fixture(scope="module")
+    def tiny():
+        pytest.skip("the PyTorch reference (torch, diffusers, transformers) is not installed")
 
 _SD_CALLS = """
 def calls(pipe):
@@ -163,72 +166,6 @@ def test_stable_diffusion_on_8_devices_matches_1_device(tiny, tmp_path):
         frac = float(got["frac"])
         assert frac == 1.0 if rules == "dp" else frac < 0.3, (rules, frac)
     assert want["text"].std() > 0.05 and not np.allclose(want["text"][0], want["text"][1])
-
-
-# ---------------------------------------------------------------------------------------------
-# Two real processes x 4 CPU devices
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _two_processes(args, tmp_path):
-    """Run `jaxdiff ARGS` as 2 processes x 4 CPU devices; both succeed, only process 0 writes."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO,
-               XLA_FLAGS="--xla_force_host_platform_device_count=4")
-    env.pop("JAXDIFF_DEBUG", None)
-    procs = [subprocess.Popen([sys.executable, "-m", "jaxdiff.cli", *args, "--process_id", str(i),
-                               "--out", str(tmp_path / f"out{i}.png")], env=env, cwd=REPO,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outs = [p.communicate(timeout=900) for p in procs]
-    for p, (out, err) in zip(procs, outs):
-        assert p.returncode == 0, err[-3000:]
-    assert "batch over 8 devices" in outs[0][0], outs[0][0]
-    assert not (tmp_path / "out1.png").exists() and "wrote" not in outs[1][0]
-
-
-@pytest.mark.slow
-def test_two_processes_write_the_images_of_one(checkpoint, tmp_path):
-    kw = CASES["guided_ddim"]
-    args = ["sample", "--checkpoint", str(checkpoint), "--num", str(kw["num"]), "--steps", str(kw["num_steps"]),
-            "--seed", str(kw["seed"]), "--labels", ",".join(map(str, kw["labels"])),
-            "--guidance_scale", str(kw["guidance_scale"]), "--rules", "fsdp",
-            "--coordinator_address", f"127.0.0.1:{_free_port()}", "--num_processes", "2"]
-    _two_processes(args, tmp_path)
-
-    model = jaxdiff.load(str(checkpoint), mesh=sharding.make_mesh(jax.devices()[:1]))
-    want = model.sample(**kw)
-    images_lib.save_grid(want, str(tmp_path / "want.png"))
-    got = np.asarray(Image.open(tmp_path / "out0.png")).astype(int)
-    ref = np.asarray(Image.open(tmp_path / "want.png")).astype(int)
-    assert got.shape == ref.shape
-    diff = np.abs(got - ref)
-    print("max uint8 difference", diff.max(), "pixels differing", int((diff > 0).sum()))
-    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
-
-
-@pytest.mark.slow
-def test_two_processes_generate_the_images_of_one(tiny, tmp_path):
-    from jaxdiff.images import to_uint8
-    from jaxdiff.pipelines.stable_diffusion import StableDiffusion
-
-    folder, _ = tiny
-    args = ["generate", "--model", str(folder), "--prompt", PROMPT, "--steps", "2", "--num", "3", "--seed", "4",
-            "--guidance_scale", "7.5", "--rules", "fsdp", "--no-progress",
-            "--coordinator_address", f"127.0.0.1:{_free_port()}", "--num_processes", "2"]
-    _two_processes(args, tmp_path)
-
-    pipe = StableDiffusion.from_pretrained(folder, mesh=sharding.make_mesh(jax.devices()[:1]))
-    want = to_uint8(pipe(PROMPT, num_steps=2, num_images=3, seed=4, guidance_scale=7.5, output_type="np"))
-    grid = np.asarray(Image.open(tmp_path / "out0.png")).astype(int)
-    ref = images_lib.make_grid(want).astype(int)
-    assert grid.shape == ref.shape
-    diff = np.abs(grid - ref)
-    print("max uint8 difference", diff.max(), "pixels differing", int((diff > 0).sum()))
-    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
 
 
 # ---------------------------------------------------------------------------------------------

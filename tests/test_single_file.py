@@ -194,24 +194,33 @@ def test_file_is_in_the_ldm_layout_diffusers_reads(case):
     _assert_same_state(text_sd, _text_state(text))
 
 
-def test_zero_final_openclip_block_is_the_identity():
-    """The extra OpenCLIP resblock save_single_file writes is all zeros, which leaves the
-    residual stream unchanged: a 3-layer tower with a zero last layer equals the 2-layer one."""
-    cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_attention_heads=1,
-               hidden_act="gelu")
-    short = _randomize(transformers.CLIPTextModel(
-        transformers.CLIPTextConfig(num_hidden_layers=2, **cfg)), 5)
-    long = transformers.CLIPTextModel(transformers.CLIPTextConfig(num_hidden_layers=3, **cfg))
-    state = dict(short.state_dict())
-    for k, v in long.state_dict().items():
-        if ".layers.2." in k:
-            state[k] = torch.zeros_like(v)
-    long.load_state_dict(state, strict=False)
-    ids = torch.tensor([[0, 5, 17, 2, 1, 1]])
-    with torch.no_grad():
-        a = short(ids).last_hidden_state
-        b = long(ids).last_hidden_state
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
+def test_the_extra_openclip_block_in_the_file_is_the_identity(build):
+    """save_single_file writes an SD 2.x text tower with one OpenCLIP resblock more than the
+    network has (as the released files do; loaders drop it). That block is all zeros, and read
+    back through jaxdiff's own single-file table as a tower one layer deeper it leaves the
+    output unchanged; a non-zero block in its place would not."""
+    import jax.numpy as jnp
+
+    _, (_, _, text), nets, path = build("sd2")
+    (um, _), (vm, _), (tm, tp) = nets
+    raw = _read(path)
+    extra = single_file.openclip_last_block(single_file.ldm_table(um, vm, tm, text_layout="openclip"),
+                                            tm.num_layers)
+    assert extra and all(k in raw and not np.any(raw[k]) for k in extra)
+    deeper = tm.clone(num_layers=tm.num_layers + 1)
+    table = single_file.ldm_table(um, vm, deeper, text_layout="openclip")
+    params = names.to_flax(raw, table, what="the file read as a deeper tower")["text_encoder"]
+    ids = jnp.asarray([[0, 5, 17, 2, 1, 1, 1], [0, 9, 33, 48, 7, 2, 1]], jnp.int32)
+    want = np.asarray(tm.apply({"params": tp}, ids).last_hidden_state)
+    got = np.asarray(deeper.apply({"params": params}, ids).last_hidden_state)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    with torch.no_grad():  # the tower itself is the reference's
+        ref = text(torch.from_numpy(np.asarray(ids, np.int64))).last_hidden_state.numpy()
+    assert np.linalg.norm(want - ref) / np.linalg.norm(ref) < 1e-4
+    last = f"layer_{tm.num_layers}"
+    nonzero = {**params, last: params["layer_0"]}
+    moved = np.asarray(deeper.apply({"params": nonzero}, ids).last_hidden_state)
+    assert np.linalg.norm(moved - want) / np.linalg.norm(want) > 1e-2
 
 
 def _read(path):

@@ -13,8 +13,6 @@ from jaxdiff.errors import CheckpointError
 from jaxdiff.models.tokenizer import CLIPTokenizer
 from conftest import BOS, EOS, bytes_to_unicode
 
-regex = pytest.importorskip("regex")
-
 
 CORPUS = [
     "a photo of a cat sitting on a mat", "an astronaut riding a horse on the moon, 4k, trending",
@@ -98,6 +96,7 @@ def _reference_ids(text, vocab, ranks, specials, max_length=77):
     """OpenAI's CLIP tokenizer in plain Python (without ftfy and HTML unescaping, like
     transformers), with the special tokens split out of the raw text first as transformers
     does. Returns the padded row as transformers' `padding="max_length", truncation=True`."""
+    regex = pytest.importorskip("regex")  # for \p{L}; only this reference needs it
     byte_char = bytes_to_unicode()
     pattern = regex.compile(r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"
                             r"[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+", regex.IGNORECASE)

@@ -19,8 +19,13 @@ from jaxdiff.convert import unet as convert_unet
 from jaxdiff.errors import CheckpointError
 from jaxdiff.models.unet import CONFIGS, sd15, sd21, sdxl, tiny
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+try:  # the PyTorch reference: the tests that need it skip without it (see `_case`)
+    import diffusers
+    import torch
+except ModuleNotFoundError:
+    torch = diffusers = None
+NO_TORCH = "the PyTorch reference (torch, diffusers) is not installed"
+needs_torch = pytest.mark.skipif(torch is None, reason=NO_TORCH)
 
 B, SIZE, SEQ, CTX = 2, 16, 7, 32
 TEXT = 24  # SDXL-style pooled text width in the tiny model
@@ -68,6 +73,8 @@ def _torch_out(ref, inputs) -> np.ndarray:
 
 
 def _case(seed: int, in_channels: int = 4, **config) -> Case:
+    if torch is None:
+        pytest.skip(NO_TORCH)
     ref = diffusers.UNet2DConditionModel(
         sample_size=SIZE, in_channels=in_channels, out_channels=4, layers_per_block=1,
         block_out_channels=(32, 64), norm_num_groups=8, cross_attention_dim=CTX, **config,
@@ -137,6 +144,7 @@ def xl():
 # parity
 
 
+@needs_torch
 @pytest.mark.parametrize("name", ["sd1", "sd2", "xl"])
 def test_matches_diffusers(name, request):
     case = request.getfixturevalue(name)
@@ -192,6 +200,7 @@ def test_inpainting_unet_with_nine_input_channels():
 # folders
 
 
+@needs_torch
 @pytest.mark.parametrize("name", ["sd1", "sd2", "xl"])
 def test_save_load_round_trip_and_diffusers_reads_it(name, request, tmp_path):
     case = request.getfixturevalue(name)
@@ -305,16 +314,22 @@ _SD1_CONFIG = {
 }
 
 
-@pytest.mark.parametrize("name, count", [
-    # counts of diffusers' UNet2DConditionModel for the same configs (checked below on the meta
-    # device, which allocates nothing)
-    ("sd15", 859_520_964), ("sd21", 865_910_724), ("sdxl", 2_567_463_684),
-])
-def test_parameter_counts_match_diffusers(name, count):
+# counts of diffusers' UNet2DConditionModel for the same configs (checked below on the meta
+# device, which allocates nothing)
+PARAMETER_COUNTS = [("sd15", 859_520_964), ("sd21", 865_910_724), ("sdxl", 2_567_463_684)]
+
+
+@pytest.mark.parametrize("name, count", PARAMETER_COUNTS)
+def test_parameter_counts(name, count):
     module = CONFIGS[name]()
     shapes = jax.eval_shape(lambda: module.init(jax.random.key(0), **module.example_inputs()))
     assert sum(int(np.prod(s.shape)) for s in jax.tree.leaves(shapes)) == count
 
+
+@needs_torch
+@pytest.mark.parametrize("name, count", PARAMETER_COUNTS)
+def test_parameter_counts_match_diffusers(name, count):
+    module = CONFIGS[name]()
     config = convert_unet.config_to_diffusers(module)
     assert convert_unet.module_from_config(config) == module
     config = {k: v for k, v in config.items() if not k.startswith("_")}

@@ -1,13 +1,16 @@
-"""transformers `CLIPTextModel` folders (config.json + model.safetensors) <-> `CLIPTextEncoder`.
+"""transformers `CLIPTextModel` / `CLIPTextModelWithProjection` folders (config.json +
+model.safetensors) <-> `CLIPTextEncoder`.
 
 A Stable Diffusion pipeline folder keeps its text encoder in `text_encoder/`, in exactly this
-format. Public API:
+format; SDXL adds `text_encoder_2/`, a `CLIPTextModelWithProjection` (architectures in its
+config.json, `projection_dim`), whose bias-free head is `text_projection.weight` [P, D] in the
+file (never prefixed) and `text_projection/kernel` [D, P] in jaxdiff. Public API:
 
     module_from_config(config: dict, dtype=jnp.float32) -> CLIPTextEncoder
     config_to_transformers(module) -> dict                     # a CLIPTextConfig config.json
     params_from_torch(state_dict: Mapping[str, np.ndarray], module) -> params
     params_to_torch(params, module) -> dict[str, np.ndarray]   # transformers names and layouts
-    load(folder, dtype=jnp.float32) -> (module, params)
+    load(folder, dtype=jnp.float32, *, variant=None) -> (module, params)
     save(folder, module, params) -> None
 
 `params` is the nested dict of float32 numpy arrays that goes into
@@ -44,10 +47,13 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _IGNORED = ("embeddings.position_ids",)
 
+PROJECTION = "text_projection"
+ARCHITECTURES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+
 # CLIPTextConfig's defaults (transformers), used for keys a config.json leaves out.
 _DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
                  num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
-                 layer_norm_eps=1e-5, eos_token_id=49407)
+                 layer_norm_eps=1e-5, eos_token_id=49407, projection_dim=512)
 # The eos id configs carried before transformers fixed it; it selects the argmax pooling rule.
 _LEGACY_EOS = 2
 
@@ -71,11 +77,13 @@ def module_from_config(config: Mapping, dtype=jnp.float32) -> CLIPTextEncoder:
     if model_type != "clip_text_model":
         raise CheckpointError(f"config.json has model_type={model_type!r}; expected "
                               "'clip_text_model' (a transformers CLIPTextModel)")
-    archs = [a for a in config.get("architectures") or [] if a != "CLIPTextModel"]
-    if archs:
+    archs = list(config.get("architectures") or [])
+    other = [a for a in archs if a not in ARCHITECTURES]
+    if other:
         raise CheckpointError(
-            f"config.json architecture {archs[0]!r} is not supported: jaxdiff's CLIPTextEncoder "
-            "is a plain CLIPTextModel (no text_projection head, as SDXL's second encoder has)")
+            f"config.json architecture {other[0]!r} is not supported: jaxdiff's CLIPTextEncoder "
+            f"reads {' and '.join(ARCHITECTURES)}")
+    projected = "CLIPTextModelWithProjection" in archs
     c = {k: (config.get(k) if config.get(k) is not None else v) for k, v in _DEFAULTS.items()}
     if c["hidden_act"] not in ACTIVATIONS:
         raise CheckpointError(f"config.json hidden_act={c['hidden_act']!r} is not supported; "
@@ -97,6 +105,7 @@ def module_from_config(config: Mapping, dtype=jnp.float32) -> CLIPTextEncoder:
         hidden_act=str(c["hidden_act"]),
         layer_norm_eps=float(c["layer_norm_eps"]),
         eos_token_id=None if eos == _LEGACY_EOS else int(eos),
+        projection_dim=int(c["projection_dim"]) if projected else None,
         dtype=dtype,
     )
 
@@ -109,7 +118,7 @@ def config_to_transformers(module: CLIPTextEncoder) -> dict:
     that rule.
     """
     config = {
-        "architectures": ["CLIPTextModel"],
+        "architectures": [ARCHITECTURES[module.projection_dim is not None]],
         "model_type": "clip_text_model",
         "vocab_size": module.vocab_size,
         "max_position_embeddings": module.max_position_embeddings,
@@ -121,6 +130,8 @@ def config_to_transformers(module: CLIPTextEncoder) -> dict:
         "layer_norm_eps": module.layer_norm_eps,
         "attention_dropout": 0.0,
     }
+    if module.projection_dim is not None:
+        config["projection_dim"] = module.projection_dim
     if module.eos_token_id is None:
         config.update(bos_token_id=0, pad_token_id=1, eos_token_id=_LEGACY_EOS)
     else:
@@ -145,11 +156,12 @@ NAMES = names.Rules([
 ])
 
 
-def table(module: CLIPTextEncoder, prefix: str = PREFIX) -> names.Table:
-    """flax path <-> transformers key (`prefix` + name) <-> layout for every parameter."""
+def table(module: CLIPTextEncoder, prefix: str = PREFIX, projection: str = PROJECTION) -> names.Table:
+    """flax path <-> transformers key (`prefix` + name; the projection head is `projection`,
+    unprefixed) <-> layout for every parameter."""
     shapes = jax.eval_shape(
         lambda: module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))["params"]
-    return names.from_tree(shapes, lambda path: prefix + NAMES(path))
+    return names.from_tree(shapes, lambda path: projection if path == PROJECTION else prefix + NAMES(path))
 
 
 # ------------------------------------------------------------------------------------------
@@ -178,13 +190,14 @@ def params_to_torch(params: Mapping, module: CLIPTextEncoder) -> dict[str, np.nd
 # folders
 
 
-def load(folder: str, dtype=jnp.float32) -> tuple[CLIPTextEncoder, dict]:
-    """(module, params) from a transformers CLIPTextModel folder, e.g. `<pipeline>/text_encoder`."""
+def load(folder: str, dtype=jnp.float32, *, variant: str | None = None) -> tuple[CLIPTextEncoder, dict]:
+    """(module, params) from a transformers CLIPTextModel(WithProjection) folder, e.g.
+    `<pipeline>/text_encoder` or `text_encoder_2`; variant: e.g. "fp16" for `model.fp16.safetensors`."""
     folder = os.fspath(folder)
     module = tensors.read_config(folder, lambda c: module_from_config(c, dtype=dtype),
                                  what="a transformers CLIPTextModel folder",
                                  subfolder="text_encoder")
-    return module, params_from_torch(tensors.read_weights_folder(folder, "model"), module)
+    return module, params_from_torch(tensors.read_weights_folder(folder, "model", variant=variant), module)
 
 
 def save(folder: str, module: CLIPTextEncoder, params: Mapping) -> None:

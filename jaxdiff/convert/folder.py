@@ -5,7 +5,16 @@
 
 `components` is what `single_file.load_single_file` returns: {"unet": (UNet, params),
 "vae": (AutoencoderKL, params), "text_encoder": (CLIPTextEncoder, params), "scheduler": dict};
-`load_pretrained` returns the same, plus "tokenizer": a `CLIPTokenizer`.
+`load_pretrained` returns the same, plus "tokenizer": a `CLIPTokenizer` and "options" (below).
+
+SDXL folders (`model_index.json` lists `text_encoder_2`) are read by the same `load_pretrained`:
+they add `text_encoder_2/` (a CLIPTextModelWithProjection) and `tokenizer_2/`; a refiner folder
+(`StableDiffusionXLImg2ImgPipeline` layout) lists `text_encoder` and `tokenizer` as
+`[null, null]` and has only the second pair. "options" carries what the pipeline needs from the
+folder's configs: {"xl": bool, "force_zeros_for_empty_prompt": bool (model_index.json, default
+True for SDXL, False otherwise), "requires_aesthetics_score": bool (default False),
+"force_upcast": bool (vae/config.json)}. `variant="fp16"` reads every network's
+`*.fp16.safetensors` (parameters are float32 whatever the files hold).
 The folder written is the one `diffusers.StableDiffusionPipeline.from_pretrained(out_dir)`
 (`StableDiffusionInpaintPipeline` for a 9-channel U-Net) reads:
 
@@ -33,6 +42,10 @@ from jaxdiff.convert import vae as vae_convert
 from jaxdiff.errors import CheckpointError, JaxdiffWarning
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+XL_PARTS = ("unet", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
+# SDXL's micro-conditioning numbers per row: original size (2), crop corner (2) and target size
+# (2), or for a refiner (requires_aesthetics_score) original size, crop corner and the score.
+XL_TIME_IDS, XL_AESTHETIC_TIME_IDS = 6, 5
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
 INPAINT_IN_CHANNELS = 9
@@ -75,6 +88,9 @@ def save_pretrained(out_dir: str | os.PathLike, components: Mapping[str, Any], *
     Returns notes for the user (empty when the folder is complete).
     """
     out_dir = os.fspath(out_dir)
+    xl = "text_encoder_2" in components
+    if xl:
+        return _save_xl(out_dir, components, tokenizer_dir)
     missing = [k for k in ("unet", "vae", "text_encoder", "scheduler") if k not in components]
     if missing:
         raise CheckpointError(f"save_pretrained: components lack {', '.join(missing)}")
@@ -124,15 +140,66 @@ def save_pretrained(out_dir: str | os.PathLike, components: Mapping[str, Any], *
     return notes
 
 
+def _save_xl(out_dir: str, components: Mapping[str, Any], tokenizer_dir) -> list[str]:
+    """`save_pretrained` of SDXL components (a refiner: no "text_encoder"): a folder that
+    diffusers' StableDiffusionXL(Img2Img / Inpaint)Pipeline reads. tokenizer_dir: a diffusers
+    SDXL folder whose tokenizer/ and tokenizer_2/ are copied."""
+    missing = [k for k in ("unet", "vae", "scheduler") if k not in components]
+    if missing:
+        raise CheckpointError(f"save_pretrained: components lack {', '.join(missing)}")
+    options = dict(components.get("options") or {})
+    refiner = "text_encoder" not in components
+    os.makedirs(out_dir, exist_ok=True)
+    unet_convert.save(os.path.join(out_dir, "unet"), *components["unet"])
+    vae_convert.save(os.path.join(out_dir, "vae"), *components["vae"])
+    index: dict[str, Any] = {"text_encoder": [None, None], "tokenizer": [None, None]}
+    notes = []
+    for part in ("text_encoder", "text_encoder_2"):
+        if part not in components:
+            continue
+        clip_convert.save(os.path.join(out_dir, part), *components[part])
+        index[part] = ["transformers", clip_convert.config_to_transformers(components[part][0])["architectures"][0]]
+        tok = part.replace("text_encoder", "tokenizer")
+        src = None if tokenizer_dir is None else os.path.join(os.fspath(tokenizer_dir), tok)
+        if src is not None and os.path.isdir(src):
+            _copy_tokenizer(tokenizer_source(src), os.path.join(out_dir, tok))
+        index[tok] = ["transformers", "CLIPTokenizer"] if os.path.isdir(os.path.join(out_dir, tok)) else [None, None]
+        if index[tok][0] is None:
+            notes.append(f"no {tok}: single files carry none, so {out_dir} has no {tok}/ folder; copy the {tok}/ "
+                         "folder of a diffusers SDXL pipeline into it, or pass tokenizer_dir (--tokenizer on the "
+                         f"command line) as an SDXL folder holding {tok}/")
+    scheduler = dict(components["scheduler"])
+    scheduler.setdefault("_class_name", "EulerDiscreteScheduler")
+    os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
+    tensors.write_json(scheduler, os.path.join(out_dir, "scheduler", SCHEDULER_CONFIG))
+    nine = components["unet"][0].in_channels == INPAINT_IN_CHANNELS
+    pipeline = "StableDiffusionXLInpaintPipeline" if nine else (
+        "StableDiffusionXLImg2ImgPipeline" if refiner else "StableDiffusionXLPipeline")
+    index.update({"_class_name": pipeline, "_diffusers_version": DIFFUSERS_FORMAT_VERSION,
+                  "feature_extractor": [None, None], "image_encoder": [None, None],
+                  "scheduler": ["diffusers", scheduler["_class_name"]],
+                  "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                  "force_zeros_for_empty_prompt": bool(options.get("force_zeros_for_empty_prompt", not refiner))})
+    if pipeline != "StableDiffusionXLPipeline":
+        index["requires_aesthetics_score"] = bool(options.get("requires_aesthetics_score", refiner))
+    tensors.write_json(index, os.path.join(out_dir, MODEL_INDEX))
+    for note in notes:
+        warnings.warn(JaxdiffWarning(note), stacklevel=3)
+    return notes
+
+
 # --------------------------------------------------------------------------------------------
 # Reading.
 
 
-def load_pretrained(path: str | os.PathLike, dtype=None, *, progress: bool = False) -> dict[str, Any]:
-    """Read a diffusers Stable Diffusion 1.x / 2.x folder: {"unet": (UNet, params), "vae":
+def load_pretrained(path: str | os.PathLike, dtype=None, *, progress: bool = False,
+                    variant: str | None = None) -> dict[str, Any]:
+    """Read a diffusers Stable Diffusion 1.x / 2.x / XL folder: {"unet": (UNet, params), "vae":
     (AutoencoderKL, params), "text_encoder": (CLIPTextEncoder, params), "tokenizer":
-    CLIPTokenizer, "scheduler": dict}. dtype: compute dtype of the networks (None: float32;
-    parameters are float32 whatever the files hold). progress: a bar over the parts.
+    CLIPTokenizer, "scheduler": dict, "options": dict}, and for SDXL "text_encoder_2" and
+    "tokenizer_2" too (a refiner has no "text_encoder" / "tokenizer"). dtype: compute dtype of
+    the networks (None: float32; parameters are float32 whatever the files hold). progress: a bar
+    over the parts. variant: e.g. "fp16" to read `*.fp16.safetensors`.
     Raises CheckpointError naming the missing or unreadable part."""
     import jax.numpy as jnp
     from tqdm.auto import tqdm
@@ -141,35 +208,87 @@ def load_pretrained(path: str | os.PathLike, dtype=None, *, progress: bool = Fal
 
     dtype = jnp.float32 if dtype is None else dtype
     path = os.fspath(path)
-    check_pipeline_folder(path)
+    wanted = check_pipeline_folder(path)
+    index = tensors.read_json(tensors.inside(path, MODEL_INDEX), what="a pipeline index object")
     parts: dict[str, Any] = {}
-    bar = tqdm(PIPELINE_PARTS, desc="load", unit="part", disable=not progress)
+    bar = tqdm(wanted, desc="load", unit="part", disable=not progress)
     for part in bar:
         bar.set_postfix_str(part)
         folder = tensors.inside(path, part)
         if part == "unet":
-            parts[part] = unet_convert.load(folder, dtype)
+            parts[part] = unet_convert.load(folder, dtype, variant=variant)
         elif part == "vae":
-            parts[part] = vae_convert.load(folder, dtype)
-        elif part == "text_encoder":
-            parts[part] = clip_convert.load(folder, dtype)
-        elif part == "tokenizer":
+            parts[part] = _load_vae(folder, dtype, variant)
+        elif part.startswith("text_encoder"):
+            parts[part] = clip_convert.load(folder, dtype, variant=variant)
+        elif part.startswith("tokenizer"):
             parts[part] = CLIPTokenizer.from_dir(folder)
         else:
             parts[part] = tensors.read_json(tensors.inside(folder, SCHEDULER_CONFIG))
     bar.close()
-    unet, text = parts["unet"][0], parts["text_encoder"][0]
-    if unet.context_dim is None:
-        raise CheckpointError(f"{os.path.join(path, 'unet')} is not text-conditioned (no cross_attention_dim); "
-                              "a Stable Diffusion U-Net needs cross-attention")
-    if unet.context_dim != text.hidden_size:
-        raise CheckpointError(f"the U-Net's cross_attention_dim={unet.context_dim} does not match the text "
-                              f"encoder's hidden_size={text.hidden_size} in {path}")
+    xl = "text_encoder_2" in wanted
+    vae_config = tensors.read_json(tensors.inside(path, os.path.join("vae", vae_convert.CONFIG_NAME)))
+    parts["options"] = {
+        "xl": xl,
+        "force_zeros_for_empty_prompt": bool(index.get("force_zeros_for_empty_prompt", True)) and xl,
+        "requires_aesthetics_score": bool(index.get("requires_aesthetics_score", False)) and xl,
+        "force_upcast": bool(vae_config.get("force_upcast", False)),
+    }
+    _check_widths(path, parts)
     return parts
 
 
-def check_pipeline_folder(path: str) -> None:
-    """Raise CheckpointError unless `path` is a diffusers SD 1.x / 2.x pipeline folder with every part."""
+def _load_vae(folder: str, dtype, variant: str | None):
+    if not variant:
+        return vae_convert.load(folder, dtype)
+    module = tensors.read_config(folder, lambda c: vae_convert.module_from_config(c, dtype),
+                                 what="a diffusers AutoencoderKL folder", subfolder="vae")
+    weights = tensors.read_weights_folder(folder, "diffusion_pytorch_model", variant=variant)
+    return module, vae_convert.params_from_torch(weights, module)
+
+
+def _check_widths(path: str, parts: Mapping[str, Any]) -> None:
+    """The U-Net's cross-attention (and for SDXL its added embedding) must take what the text
+    encoders give; one CheckpointError naming both numbers otherwise."""
+    unet = parts["unet"][0]
+    texts = [parts[k][0] for k in ("text_encoder", "text_encoder_2") if k in parts]
+    if unet.context_dim is None:
+        raise CheckpointError(f"{os.path.join(path, 'unet')} is not text-conditioned (no cross_attention_dim); "
+                              "a Stable Diffusion U-Net needs cross-attention")
+    xl = parts["options"]["xl"]
+    if xl and texts[-1].projection_dim is None:
+        raise CheckpointError(f"{os.path.join(path, 'text_encoder_2')} has no projection head: SDXL's second "
+                              "text encoder must be a CLIPTextModelWithProjection")
+    width = sum(t.hidden_size for t in texts)
+    if unet.context_dim != width:
+        what = " + ".join(str(t.hidden_size) for t in texts)
+        raise CheckpointError(f"the U-Net's cross_attention_dim={unet.context_dim} does not match the text "
+                              f"encoder{'s' if len(texts) > 1 else ''}' hidden_size={what} in {path}")
+    if not xl:
+        return
+    pooled = texts[-1].projection_dim
+    if unet.addition_embed_dim is None:
+        raise CheckpointError(f"{os.path.join(path, 'unet')} has no added text/time embedding "
+                              "(addition_embed_type='text_time'), which an SDXL U-Net needs")
+    ids = XL_AESTHETIC_TIME_IDS if parts["options"]["requires_aesthetics_score"] else XL_TIME_IDS
+    want = pooled + ids * unet.addition_time_embed_dim
+    if unet.addition_embed_dim != want:
+        raise CheckpointError(
+            f"the U-Net's projection_class_embeddings_input_dim={unet.addition_embed_dim} does not match "
+            f"text_encoder_2's projection_dim={pooled} + {ids} time ids x {unet.addition_time_embed_dim} = {want} "
+            f"in {path} (requires_aesthetics_score={parts['options']['requires_aesthetics_score']} in "
+            f"{MODEL_INDEX})")
+
+
+def _listed(index: Mapping, part: str) -> bool:
+    """Whether model_index.json names a component for `part` (a refiner lists text_encoder as [null, null])."""
+    entry = index.get(part)
+    return isinstance(entry, list) and bool(entry) and entry[0] is not None
+
+
+def check_pipeline_folder(path: str) -> tuple[str, ...]:
+    """Raise CheckpointError unless `path` is a diffusers SD 1.x / 2.x / XL pipeline folder with
+    every part; returns the parts to read (SD: PIPELINE_PARTS; SDXL: those of XL_PARTS it lists)."""
     if not os.path.isdir(path):
         raise CheckpointError(f"Stable Diffusion folder not found: {path} (jaxdiff reads local diffusers-format "
                               "folders only; download or save_pretrained the pipeline first)")
@@ -179,16 +298,24 @@ def check_pipeline_folder(path: str) -> None:
                               f"{', '.join(p + '/' for p in PIPELINE_PARTS)} (save one with "
                               "StableDiffusionPipeline.save_pretrained(folder, safe_serialization=True))")
     index = tensors.read_json(tensors.inside(path, MODEL_INDEX), what="a pipeline index object")
-    if "text_encoder_2" in index or "unet" not in index and "transformer" in index:
+    if "unet" not in index and "transformer" in index:
         raise CheckpointError(f"{path} is a {index.get('_class_name', 'different')} folder; jaxdiff's "
-                              "StableDiffusion reads Stable Diffusion 1.x / 2.x pipelines (one CLIP text encoder "
-                              "and a U-Net)")
-    for part in PIPELINE_PARTS:
+                              "StableDiffusion reads Stable Diffusion 1.x / 2.x / XL pipelines (CLIP text "
+                              "encoders and a U-Net)")
+    parts = PIPELINE_PARTS
+    if "text_encoder_2" in index:
+        parts = tuple(p for p in XL_PARTS if _listed(index, p) or p not in ("text_encoder", "tokenizer"))
+        if ("text_encoder" in parts) != ("tokenizer" in parts):
+            raise CheckpointError(f"{MODEL_INDEX} in {path} lists text_encoder and tokenizer unpaired; an SDXL "
+                                  "folder has both (base) or neither (refiner)")
+    for part in parts:
         folder = tensors.inside(path, part)
         if not os.path.isdir(folder):
             listed = index.get(part)
             what = f" (model_index.json lists {part}: {listed[1]})" if isinstance(listed, list) and listed[1:] else ""
-            raise CheckpointError(f"{path} has no {part}/ folder{what}; a Stable Diffusion folder needs "
-                                  f"{', '.join(p + '/' for p in PIPELINE_PARTS)}")
+            raise CheckpointError(f"{path} has no {part}/ folder{what}; a "
+                                  f"{'Stable Diffusion XL' if parts is not PIPELINE_PARTS else 'Stable Diffusion'} "
+                                  f"folder needs {', '.join(p + '/' for p in parts)}")
     if not os.path.isfile(os.path.join(path, "scheduler", SCHEDULER_CONFIG)):
         raise CheckpointError(f"{os.path.join(path, 'scheduler')} has no {SCHEDULER_CONFIG}")
+    return parts

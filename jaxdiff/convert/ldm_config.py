@@ -8,6 +8,11 @@ read from the shapes (and presence) of its tensors, under these key prefixes:
     cond_stage_model.transformer.     SD 1.x CLIP text encoder     -> text_encoder_config(sd)
     cond_stage_model.model.           SD 2.x OpenCLIP text encoder
     betas (when present)              the training schedule        -> scheduler_config(sd)
+  SDXL (Stability's sgm layout, `xl_configs(sd)`): the same U-Net and VAE prefixes, and
+    conditioner.embedders.0.transformer.   CLIP ViT-L (transformers names)    text_encoder
+    conditioner.embedders.1.model.         OpenCLIP ViT-bigG, every resblock  text_encoder_2
+                                           and its text_projection [D, P]
+    (a refiner has OpenCLIP bigG alone, as conditioner.embedders.0.model.)
 
 What a file does not say, and the rule used:
   - SD 1.x vs 2.x: 2.x uses linear `proj_in`/`proj_out` in its transformers (and a 1024-wide
@@ -22,6 +27,9 @@ What a file does not say, and the rule used:
   - SD 2.x conditions on the penultimate OpenCLIP layer: N resblocks give N-1 text layers.
   - the schedule: SD's (scaled_linear betas 0.00085..0.012, 1000 steps); a file whose `betas`
     buffer holds another one gets it as `trained_betas`, with a warning.
+  - SDXL: the micro-conditioning has 6 numbers (base) or 5 (a refiner's aesthetic score), so the
+    sinusoid width per number is (label_emb input - projection_dim) / 6 or / 5 (256 in released
+    files); Euler as the default sampler, VAE scaling 0.13025 with force_upcast, as diffusers ships.
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+XL_PREFIX = "conditioner.embedders."
+XL_CLIP_PREFIX = XL_PREFIX + "0.transformer."
+XL_VAE_SCALING_FACTOR = 0.13025
 
 # Stable Diffusion's training schedule (every 1.x and 2.x checkpoint), as a diffusers
 # scheduler_config.json.
@@ -169,32 +180,36 @@ def clip_inner(sd: Mapping) -> str:
     return "text_model." if any(k.startswith(CLIP_PREFIX + "text_model.") for k in sd) else ""
 
 
-def text_encoder_config(sd: Mapping[str, np.ndarray]) -> tuple[str, dict]:
-    """("clip" | "openclip", transformers CLIPTextConfig dict) of the text encoder in `sd`."""
-    if any(k.startswith(OPENCLIP_PREFIX) for k in sd):
-        p, layout = OPENCLIP_PREFIX, "openclip"
-        token = _need(sd, p + "token_embedding.weight", "OpenCLIP text encoder")
-        position = _need(sd, p + "positional_embedding", "OpenCLIP text encoder")
-        blocks = _indices(sd, re.escape(p) + r"transformer\.resblocks\.(\d+)\.")
-        if len(blocks) < 2:
-            raise CheckpointError(
-                f"single-file OpenCLIP text encoder has {len(blocks)} resblocks; Stable "
-                "Diffusion 2.x uses all but the last, so at least 2 are needed")
-        fc1 = _need(sd, f"{p}transformer.resblocks.0.mlp.c_fc.weight", "OpenCLIP text encoder")
-        layers, act = len(blocks) - 1, "gelu"
-    elif any(k.startswith(CLIP_PREFIX) for k in sd):
-        p, layout = CLIP_PREFIX + clip_inner(sd), "clip"
-        token = _need(sd, p + "embeddings.token_embedding.weight", "CLIP text encoder")
-        position = _need(sd, p + "embeddings.position_embedding.weight", "CLIP text encoder")
-        layers = len(_indices(sd, re.escape(p) + r"encoder\.layers\.(\d+)\."))
-        fc1 = _need(sd, f"{p}encoder.layers.0.mlp.fc1.weight", "CLIP text encoder")
-        act = "quick_gelu"
-    else:
+def _openclip_config(sd: Mapping, p: str, *, drop_last: bool) -> dict:
+    """The CLIPTextConfig of the OpenCLIP text tower under `p` (SD 2.x: without its last
+    resblock; SDXL: every resblock and the projection head)."""
+    token = _need(sd, p + "token_embedding.weight", "OpenCLIP text encoder")
+    blocks = _indices(sd, re.escape(p) + r"transformer\.resblocks\.(\d+)\.")
+    if len(blocks) < 1 + drop_last:
         raise CheckpointError(
-            f"single-file checkpoint has no text encoder ({CLIP_PREFIX}* for SD 1.x or "
-            f"{OPENCLIP_PREFIX}* for SD 2.x)")
+            f"single-file OpenCLIP text encoder has {len(blocks)} resblocks; Stable "
+            "Diffusion 2.x uses all but the last, so at least 2 are needed")
+    fc1 = _need(sd, f"{p}transformer.resblocks.0.mlp.c_fc.weight", "OpenCLIP text encoder")
+    config = _text_config(token, _need(sd, p + "positional_embedding", "OpenCLIP text encoder"), fc1,
+                          len(blocks) - drop_last, "gelu")
+    if not drop_last:
+        projection = _need(sd, p + "text_projection", "OpenCLIP text encoder")        # [D, P]
+        config.update(architectures=["CLIPTextModelWithProjection"], projection_dim=int(projection.shape[1]))
+    return config
+
+
+def _clip_config(sd: Mapping, p: str) -> dict:
+    """The CLIPTextConfig of the transformers-named CLIP text tower under `p`."""
+    token = _need(sd, p + "embeddings.token_embedding.weight", "CLIP text encoder")
+    position = _need(sd, p + "embeddings.position_embedding.weight", "CLIP text encoder")
+    layers = len(_indices(sd, re.escape(p) + r"encoder\.layers\.(\d+)\."))
+    fc1 = _need(sd, f"{p}encoder.layers.0.mlp.fc1.weight", "CLIP text encoder")
+    return _text_config(token, position, fc1, layers, "quick_gelu")
+
+
+def _text_config(token, position, fc1, layers: int, act: str) -> dict:
     hidden = int(token.shape[1])
-    return layout, {
+    return {
         "architectures": ["CLIPTextModel"], "model_type": "clip_text_model",
         "vocab_size": int(token.shape[0]), "hidden_size": hidden,
         "intermediate_size": int(fc1.shape[0]), "num_hidden_layers": layers,
@@ -202,6 +217,54 @@ def text_encoder_config(sd: Mapping[str, np.ndarray]) -> tuple[str, dict]:
         "max_position_embeddings": int(position.shape[0]), "hidden_act": act,
         "layer_norm_eps": 1e-5, "bos_token_id": 0, "pad_token_id": 1, "eos_token_id": 2,
     }
+
+
+def text_encoder_config(sd: Mapping[str, np.ndarray]) -> tuple[str, dict]:
+    """("clip" | "openclip", transformers CLIPTextConfig dict) of the text encoder in `sd`."""
+    if any(k.startswith(OPENCLIP_PREFIX) for k in sd):
+        return "openclip", _openclip_config(sd, OPENCLIP_PREFIX, drop_last=True)
+    if any(k.startswith(CLIP_PREFIX) for k in sd):
+        return "clip", _clip_config(sd, CLIP_PREFIX + clip_inner(sd))
+    raise CheckpointError(
+        f"single-file checkpoint has no text encoder ({CLIP_PREFIX}* for SD 1.x or "
+        f"{OPENCLIP_PREFIX}* for SD 2.x)")
+
+
+def xl_text_prefixes(sd: Mapping) -> dict[str, str]:
+    """{"text_encoder": CLIP prefix (base only), "text_encoder_2": OpenCLIP prefix} of an SDXL file."""
+    clip = XL_CLIP_PREFIX + xl_clip_inner(sd)
+    has_clip = any(k.startswith(XL_CLIP_PREFIX) for k in sd)
+    if has_clip:
+        return {"text_encoder": clip, "text_encoder_2": XL_PREFIX + "1.model."}
+    return {"text_encoder_2": XL_PREFIX + "0.model."}
+
+
+def xl_clip_inner(sd: Mapping) -> str:
+    return "text_model." if any(k.startswith(XL_CLIP_PREFIX + "text_model.") for k in sd) else ""
+
+
+def xl_configs(sd: Mapping[str, np.ndarray], prediction_type: str = "epsilon") -> dict[str, dict]:
+    """The configs of an SDXL single file: {"unet", "vae", "text_encoder" (base only),
+    "text_encoder_2", "scheduler", "options"} (options as `convert/folder.py`'s)."""
+    prefixes = xl_text_prefixes(sd)
+    texts = {part: (_clip_config(sd, p) if part == "text_encoder" else _openclip_config(sd, p, drop_last=False))
+             for part, p in prefixes.items()}
+    refiner = "text_encoder" not in texts
+    unet = unet_config(sd, prediction_type)
+    label = _need(sd, UNET_PREFIX + "label_emb.0.0.weight", "SDXL U-Net")            # [4C, n * T + P]
+    pooled, ids = texts["text_encoder_2"]["projection_dim"], 5 if refiner else 6
+    per_id, rest = divmod(int(label.shape[1]) - pooled, ids)
+    if rest or per_id <= 0:
+        raise CheckpointError(f"single-file SDXL U-Net: label_emb takes {label.shape[1]} features, not the "
+                              f"projection's {pooled} + {ids} time ids x a sinusoid width")
+    unet.update(sample_size=128, upcast_attention=False, addition_embed_type="text_time",
+                addition_time_embed_dim=per_id, projection_class_embeddings_input_dim=int(label.shape[1]))
+    vae = dict(vae_config(sd), scaling_factor=XL_VAE_SCALING_FACTOR, force_upcast=True)
+    scheduler = dict(scheduler_config(sd, prediction_type), _class_name="EulerDiscreteScheduler",
+                     interpolation_type="linear", use_karras_sigmas=False)
+    options = {"xl": True, "force_zeros_for_empty_prompt": not refiner, "requires_aesthetics_score": refiner,
+               "force_upcast": True}
+    return {"unet": unet, "vae": vae, **texts, "scheduler": scheduler, "options": options}
 
 
 def sd_betas(num_steps: int = 1000) -> np.ndarray:

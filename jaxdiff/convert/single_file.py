@@ -1,21 +1,26 @@
-"""Single-file Stable Diffusion checkpoints (1.x, 2.x, inpainting) <-> jaxdiff networks.
+"""Single-file Stable Diffusion checkpoints (1.x, 2.x, inpainting, XL) <-> jaxdiff networks.
 
 A single file is the original LDM/CompVis state dict in one `.safetensors`: the U-Net under
 `model.diffusion_model.`, the autoencoder under `first_stage_model.`, and the text encoder under
 `cond_stage_model.transformer.` (SD 1.x: OpenAI CLIP ViT-L/14, transformers names) or
 `cond_stage_model.model.` (SD 2.x: OpenCLIP ViT-H/14, with fused q/k/v `attn.in_proj_*`).
-Pickled `.ckpt` files are refused (see `tensors.refuse_pickle`).
+Pickled `.ckpt` files are refused (see `tensors.refuse_pickle`). SDXL files (Stability's sgm
+layout) keep the U-Net and VAE there too, with SDXL's added embedding as `label_emb.0.{0,2}`, and
+their text encoders under `conditioner.embedders.` (see `ldm_config.py`): CLIP ViT-L as in SD 1.x
+and OpenCLIP ViT-bigG as in SD 2.x but with every resblock and its `text_projection` [D, P], which
+is jaxdiff's projection kernel as it is; a refiner has the OpenCLIP tower alone.
 
 Public API:
 
     load_single_file(path, *, prediction_type="epsilon", use_ema=False, dtype=jnp.float32) -> {
         "unet": (UNet, params), "vae": (AutoencoderKL, params),
         "text_encoder": (CLIPTextEncoder, params), "scheduler": dict}
+        (SDXL: "text_encoder_2" too, no "text_encoder" for a refiner, and "options")
     to_diffusers_folder(path, out_dir, *, prediction_type="epsilon", use_ema=False,
                         tokenizer_dir=None)
         -> list[str]   # notes for the user (e.g. that no tokenizer was copied)
     save_single_file(out_path, unet, vae, text_encoder, *, text_layout=None,
-                     dtype=np.float32) -> None
+                     dtype=np.float32, text_encoder_2=None) -> None     # text_encoder_2: SDXL
 
 Each network's single-file table is its own name table (`unet.table`, `vae.table`,
 `clip.table`: flax path <-> diffusers / transformers key <-> layout) with every torch key renamed
@@ -62,8 +67,9 @@ from jaxdiff.errors import CheckpointError
 
 # the key prefixes and the configs read from shapes (re-exported: single_file.unet_config, ...)
 from jaxdiff.convert.ldm_config import (  # noqa: F401
-    CLIP_PREFIX, OPENCLIP_PREFIX, SCHEDULER_CONFIG, UNET_PREFIX, VAE_PREFIX, clip_inner,
-    scheduler_config, sd_betas, text_encoder_config, unet_config, vae_config)
+    CLIP_PREFIX, OPENCLIP_PREFIX, SCHEDULER_CONFIG, UNET_PREFIX, VAE_PREFIX, XL_CLIP_PREFIX, XL_PREFIX, clip_inner,
+    scheduler_config, sd_betas, text_encoder_config, unet_config, vae_config, xl_clip_inner, xl_configs,
+    xl_text_prefixes)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -105,6 +111,7 @@ def _unet_names(m) -> names.Rules:
 
     return names.Rules([
         ("time_embedding.linear_1", "time_embed.0"), ("time_embedding.linear_2", "time_embed.2"),
+        ("add_embedding.linear_1", "label_emb.0.0"), ("add_embedding.linear_2", "label_emb.0.2"),  # SDXL
         ("conv_in", "input_blocks.0.0"), ("conv_norm_out", "out.0"), ("conv_out", "out.2"),
         (r"down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)",
          lambda i, j, r: f"input_blocks.{inp(i, j)}.0.{_RES[r]}"),
@@ -163,13 +170,16 @@ _OPENCLIP = names.Rules([
 _FUSED_QKV = re.compile(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)")
 
 
-def _openclip_entry(e: names.Entry) -> names.Entry:
-    """SD 2.x: OpenCLIP names; `attn.in_proj_{weight,bias}` stacks q, k, v along axis 0."""
+def _openclip_entry(e: names.Entry, prefix: str = OPENCLIP_PREFIX) -> names.Entry:
+    """OpenCLIP names under `prefix`; `attn.in_proj_{weight,bias}` stacks q, k, v along axis 0;
+    the projection [D, P] is stored as jaxdiff's kernel is (x @ text_projection)."""
     m = _FUSED_QKV.fullmatch(e.torch)
     if m:
-        fused = f"{OPENCLIP_PREFIX}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}"
+        fused = f"{prefix}transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}"
         return e._replace(torch=fused, part=("qkv".index(m[2]), 3))
-    return e._replace(torch=OPENCLIP_PREFIX + _OPENCLIP(e.torch))
+    if e.torch == clip_convert.PROJECTION + ".weight":
+        return e._replace(torch=prefix + clip_convert.PROJECTION, layout=names.SAME)
+    return e._replace(torch=prefix + _OPENCLIP(e.torch))
 
 
 def _renamed(table: names.Table, rules: names.Rules, prefix: str, what: str) -> names.Table:
@@ -195,18 +205,32 @@ def ldm_table(unet, vae, text_encoder, *, text_layout: str = "clip",
       names) or "openclip" (SD 2.x, fused q/k/v).
     unet_in_channels: the U-Net's input channels when `unet.in_channels` is None.
     """
+    if text_layout == "openclip":
+        text_t = tuple(_openclip_entry(e) for e in clip_convert.table(text_encoder, prefix=""))
+    else:
+        text_t = clip_convert.table(text_encoder, prefix=CLIP_PREFIX + clip_inner)
+    return _joined(unet, vae, {"text_encoder": text_t}, unet_in_channels)
+
+
+def _joined(unet, vae, texts: dict, unet_in_channels: int | None) -> names.Table:
     unet_t = _renamed(unet_convert.table(unet, unet_in_channels), _unet_names(unet),
                       UNET_PREFIX, "U-Net")
     # LDM keeps the VAE attention projections as 1x1 convolutions [C, C, 1, 1]
     vae_t = tuple(e._replace(layout=names.CONV1X1) if e.layout is names.LINEAR else e
                   for e in _renamed(vae_convert.table(vae), _vae_names(vae), VAE_PREFIX, "VAE"))
-    if text_layout == "openclip":
-        text_t = tuple(_openclip_entry(e) for e in clip_convert.table(text_encoder, prefix=""))
-    else:
-        text_t = clip_convert.table(text_encoder, prefix=CLIP_PREFIX + clip_inner)
     return tuple(e._replace(flax=(part, *e.flax))
-                 for part, t in (("unet", unet_t), ("vae", vae_t), ("text_encoder", text_t))
-                 for e in t)
+                 for part, t in (("unet", unet_t), ("vae", vae_t), *texts.items()) for e in t)
+
+
+def xl_table(unet, vae, text_encoder, text_encoder_2, *, clip_inner: str = "text_model.",
+             unet_in_channels: int | None = None) -> names.Table:
+    """The name table of an SDXL single file (text_encoder None: a refiner), as `ldm_table`."""
+    texts = {}
+    if text_encoder is not None:
+        texts["text_encoder"] = clip_convert.table(text_encoder, prefix=XL_CLIP_PREFIX + clip_inner)
+    prefix = XL_PREFIX + ("1" if text_encoder is not None else "0") + ".model."
+    texts["text_encoder_2"] = tuple(_openclip_entry(e, prefix) for e in clip_convert.table(text_encoder_2, prefix=""))
+    return _joined(unet, vae, texts, unet_in_channels)
 
 
 def openclip_last_block(table: names.Table, num_layers: int) -> dict[str, tuple[int, ...]]:
@@ -226,10 +250,6 @@ def _ignored(key: str) -> bool:
 
 
 def _check_kind(keys) -> None:
-    if any(k.startswith("conditioner.embedders.") for k in keys):
-        raise CheckpointError(
-            "this is an SDXL single file (conditioner.embedders.*); jaxdiff reads SD 1.x/2.x "
-            "single files only: use the diffusers folder of the model")
     if not any(k.startswith(UNET_PREFIX) for k in keys):
         raise CheckpointError(
             f"not a Stable Diffusion single-file checkpoint: no {UNET_PREFIX}* keys (a diffusers "
@@ -279,6 +299,8 @@ def load_single_file(path: str | os.PathLike, *, prediction_type: str = "epsilon
     sd = {k: v for k, v in raw.items() if not _ignored(k)}
     del raw
     _check_kind(sd)
+    if any(k.startswith(XL_PREFIX) for k in sd):
+        return _load_xl(sd, path, prediction_type, dtype)
     try:  # the configs are read from tensor shapes, which a damaged file may not have
         unet = unet_convert.module_from_config(unet_config(sd, prediction_type), dtype)
         vae = vae_convert.module_from_config(vae_config(sd), dtype)
@@ -298,6 +320,26 @@ def load_single_file(path: str | os.PathLike, *, prediction_type: str = "epsilon
             "text_encoder": (text, params["text_encoder"]), "scheduler": scheduler}
 
 
+def _load_xl(sd: dict, path: str, prediction_type: str, dtype) -> dict[str, Any]:
+    """`load_single_file` of an SDXL (base or refiner) file."""
+    try:
+        configs = xl_configs(sd, prediction_type)
+        unet = unet_convert.module_from_config(configs["unet"], dtype)
+        vae = vae_convert.module_from_config({k: v for k, v in configs["vae"].items() if k != "force_upcast"}, dtype)
+        texts = {k: clip_convert.module_from_config(configs[k], dtype)
+                 for k in ("text_encoder", "text_encoder_2") if k in configs}
+    except CheckpointError as e:
+        raise CheckpointError(f"{path} (an SDXL file, {XL_PREFIX}*): {e}") from None
+    except (IndexError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: a tensor does not have the shape of an SDXL checkpoint's ({e})") from None
+    table = xl_table(unet, vae, texts.get("text_encoder"), texts["text_encoder_2"], clip_inner=xl_clip_inner(sd))
+    sd = {k: v for k, v in sd.items() if not k.endswith((".position_ids", ".logit_scale"))}
+    params = names.to_flax(sd, table, what=f"SDXL single-file checkpoint {path}")
+    out = {"unet": (unet, params["unet"]), "vae": (vae, params["vae"])}
+    out.update({k: (m, params[k]) for k, m in texts.items()})
+    return {**out, "scheduler": configs["scheduler"], "options": configs["options"]}
+
+
 def to_diffusers_folder(path: str | os.PathLike, out_dir: str | os.PathLike, *,
                         prediction_type: str = "epsilon", use_ema: bool = False,
                         tokenizer_dir: str | os.PathLike | None = None) -> list[str]:
@@ -305,12 +347,13 @@ def to_diffusers_folder(path: str | os.PathLike, out_dir: str | os.PathLike, *,
     text_encoder/, scheduler/, and tokenizer/ when `tokenizer_dir` is given).
 
     A single file holds no tokenizer: without `tokenizer_dir` the folder has none, which the
-    returned notes (also issued as a warning) say, with how to add one.
+    returned notes (also issued as a warning) say, with how to add one. For an SDXL file,
+    `tokenizer_dir` is a diffusers SDXL folder: its tokenizer/ and tokenizer_2/ are copied.
     """
     from jaxdiff.convert.folder import save_pretrained, tokenizer_source
 
     if tokenizer_dir is not None:  # fail before the (long) conversion
-        tokenizer_dir = tokenizer_source(tokenizer_dir)
+        tokenizer_source(tokenizer_dir)
     components = load_single_file(path, prediction_type=prediction_type, use_ema=use_ema)
     return save_pretrained(out_dir, components, tokenizer_dir=tokenizer_dir)
 
@@ -319,8 +362,8 @@ def to_diffusers_folder(path: str | os.PathLike, out_dir: str | os.PathLike, *,
 # saving
 
 
-def save_single_file(out_path: str | os.PathLike, unet: tuple, vae: tuple, text_encoder: tuple,
-                     *, text_layout: str | None = None, dtype=np.float32) -> None:
+def save_single_file(out_path: str | os.PathLike, unet: tuple, vae: tuple, text_encoder: tuple | None,
+                     *, text_layout: str | None = None, dtype=np.float32, text_encoder_2: tuple | None = None) -> None:
     """Write jaxdiff networks as an LDM single-file `.safetensors` checkpoint.
 
     unet, vae, text_encoder: (module, params) pairs (as `load_single_file` returns them).
@@ -328,11 +371,22 @@ def save_single_file(out_path: str | os.PathLike, unet: tuple, vae: tuple, text_
       `cond_stage_model.model.*` with fused q/k/v and one extra all-zero, identity resblock);
       default: "openclip" for a gelu text encoder, else "clip".
     dtype: the dtype tensors are stored in (e.g. np.float16 halves the file).
+    text_encoder_2: SDXL's (CLIPTextEncoder with projection, params): the file is written in the
+      SDXL layout (`xl_table`); text_encoder is then CLIP ViT-L's pair, or None for a refiner.
     """
     out_path = os.fspath(out_path)
     tensors.refuse_pickle(out_path)
     if not out_path.endswith(".safetensors"):
         raise CheckpointError(f"{out_path}: single files are written as .safetensors")
+    if text_encoder_2 is not None:
+        parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}
+        params = {k: _unwrap(p[1]) for k, p in parts.items() if p is not None}
+        table = xl_table(unet[0], vae[0], None if text_encoder is None else text_encoder[0], text_encoder_2[0],
+                         unet_in_channels=np.shape(params["unet"]["conv_in"]["kernel"])[2])
+        out = names.to_torch(params, table, what="jaxdiff networks for the SDXL single file")
+        tensors.write_safetensors({k: np.asarray(v, dtype) for k, v in out.items()}, out_path,
+                                  metadata={"format": "pt"})
+        return
     (um, up), (vm, vp), (tm, tp) = unet, vae, text_encoder
     if text_layout is None:
         text_layout = "openclip" if tm.hidden_act == "gelu" else "clip"

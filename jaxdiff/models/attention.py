@@ -21,8 +21,11 @@ Submodule names (part of the checkpoint format; see `jaxdiff/convert/unet.py`):
     Attention:          query, key, value (no biases), proj_out
     GEGLUFeedForward:   proj_in ([C, 2 * 4C]: value half then gate half), proj_out
 
-Attention is `jax.nn.dot_product_attention`, so GPUs can use fused (cuDNN) kernels; it forms the
-logits and the softmax in float32 even for bfloat16 inputs.
+The attention kernel is `flash.attend`, chosen by `attention_impl` ("auto", "xla", "blocked",
+"cudnn", "pallas"; see `jaxdiff/models/flash.py`): XLA's `jax.nn.dot_product_attention`, the
+blocked online-softmax kernel that never forms the [B, N, T, S] logits, cuDNN's fused kernel on
+GPU or the Pallas flash kernel on TPU. Every one forms the logits and the softmax in float32,
+even for bfloat16 inputs.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.flash import attend
 from jaxdiff.models.layers import default_init, group_norm, split_heads, zero_init
 
 Array = jax.Array
@@ -69,12 +73,14 @@ class Attention(nn.Module):
         diffusers' `upcast_attention`, set by SD 2.x v-prediction checkpoints whose logits
         overflow float16; bfloat16 logits cannot overflow and are already formed in float32, so
         it only costs time there.
+      attention_impl: the attention kernel, see `flash.attend` ("auto" picks by backend and size).
     """
 
     num_heads: int
     head_dim: int
     upcast: bool = False
     dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, context: Array | None = None) -> Array:
@@ -88,7 +94,7 @@ class Attention(nn.Module):
         v = _dense(N * D, self.dtype, "value", bias=False)(c).reshape(B, S, N, D)  # [B, S, N, D]
         if self.upcast:
             q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
-        o = jax.nn.dot_product_attention(q, k, v).astype(self.dtype)  # [B, T, N, D]
+        o = attend(q, k, v, implementation=self.attention_impl).astype(self.dtype)  # [B, T, N, D]
         return _dense(C, self.dtype, "proj_out")(o.reshape(B, T, N * D))  # [B, T, C]
 
 
@@ -116,12 +122,13 @@ class TransformerBlock(nn.Module):
     head_dim: int
     upcast: bool = False
     dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, context: Array) -> Array:
         """x: [B, T, C], context: [B, S, D_c] -> [B, T, C]."""
         attn = lambda name: Attention(  # noqa: E731
-            self.num_heads, self.head_dim, self.upcast, self.dtype, name=name)
+            self.num_heads, self.head_dim, self.upcast, self.dtype, self.attention_impl, name=name)
         x = x + attn("self_attn")(_layer_norm(self.dtype, "norm_0")(x))
         x = x + attn("cross_attn")(_layer_norm(self.dtype, "norm_1")(x), context)
         return x + GEGLUFeedForward(self.dtype, name="ff")(_layer_norm(self.dtype, "norm_2")(x))
@@ -138,6 +145,7 @@ class SpatialTransformer(nn.Module):
       num_groups: GroupNorm groups (epsilon is fixed at 1e-6, as in the reference).
       use_linear_projection: proj_in/proj_out as linear layers on tokens instead of 1x1 convs.
       upcast: float32 attention, see `Attention`.
+      attention_impl: the attention kernel, see `Attention`.
     """
 
     num_heads: int = 8
@@ -147,6 +155,7 @@ class SpatialTransformer(nn.Module):
     use_linear_projection: bool = False
     upcast: bool = False
     dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array, context: Array) -> Array:
@@ -159,7 +168,8 @@ class SpatialTransformer(nn.Module):
         else:
             h = self._conv1x1(C, "proj_in")(h).reshape(B, H * W, C)        # [B, T, C]
         for k in range(self.depth):
-            h = TransformerBlock(heads, d, self.upcast, self.dtype, name=f"block_{k}")(h, context)
+            h = TransformerBlock(heads, d, self.upcast, self.dtype, self.attention_impl,
+                                 name=f"block_{k}")(h, context)
         if self.use_linear_projection:
             h = _dense(C, self.dtype, "proj_out", init=zero_init)(h).reshape(B, H, W, C)
         else:

@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.flash import attend
+
 Array = jax.Array
 Dtype = Any
 
@@ -230,12 +232,13 @@ class AttentionBlock(nn.Module):
 
     Heads: `head_dim` channels per head when given (ADM's num_head_channels), otherwise
     `num_heads` heads of C / num_heads channels. Scaled by 1/sqrt(head width). The attention
-    itself is `jax.nn.dot_product_attention`, so GPUs can use fused (cuDNN) kernels.
+    itself is `flash.attend`, the kernel chosen by `attention_impl` (XLA, blocked, cuDNN, Pallas).
 
     Attributes:
       num_heads: number of heads (ignored when head_dim is set).
       head_dim: channels per head, or None.
       num_groups / norm_eps: GroupNorm settings.
+      attention_impl: the attention kernel, see `flash.attend` ("auto" picks by backend and size).
     """
 
     num_heads: int = 1
@@ -243,6 +246,7 @@ class AttentionBlock(nn.Module):
     num_groups: int = 32
     norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -261,7 +265,7 @@ class AttentionBlock(nn.Module):
         q = proj("query")(n).reshape(B, H * W, heads, d)  # [B, T, N, D]
         k = proj("key")(n).reshape(B, H * W, heads, d)  # [B, T, N, D]
         v = proj("value")(n).reshape(B, H * W, heads, d)  # [B, T, N, D]
-        o = jax.nn.dot_product_attention(q, k, v)  # [B, T, N, D]
+        o = attend(q, k, v, implementation=self.attention_impl)  # [B, T, N, D]
         o = o.reshape(B, H, W, C)  # [B, H, W, C]
         return x + proj("proj_out", zero_init)(o)
 

@@ -63,6 +63,7 @@ class _WithAttention(nn.Module):
     use_scale_shift_norm: bool
     remat: str
     dtype: Dtype
+    attention_impl: str
 
     def res_block(self, out_channels: int, name: str, **kwargs) -> nn.Module:
         """A ResBlock of this level (rematerialised per `remat`), called as block(h, emb, train)."""
@@ -75,11 +76,12 @@ class _WithAttention(nn.Module):
         if self.context_dim is None:
             return checkpointed(AttentionBlock, self.remat)(
                 self.num_heads, self.head_dim, self.num_groups, self.norm_eps, self.dtype,
-                name=name,
+                self.attention_impl, name=name,
             )(h)
         return checkpointed(SpatialTransformer, self.remat)(
             self.num_heads, self.head_dim, self.transformer_depth, self.num_groups,
-            self.use_linear_projection, self.upcast_attention, self.dtype, name=name,
+            self.use_linear_projection, self.upcast_attention, self.dtype, self.attention_impl,
+            name=name,
         )(h, context)
 
 
@@ -167,3 +169,25 @@ class MidBlock(_WithAttention):
         h = self.res_block(self.channels, "res_0")(h, emb, train)
         h = self.attention(h, context, "attn")
         return self.res_block(self.channels, "res_1")(h, emb, train)
+
+
+def add_residuals(skips: list[Array], h: Array, down_residuals: Sequence[Array] | None,
+                  mid_residual: Array | None) -> tuple[list[Array], Array]:
+    """The encoder activations and the middle block's output with a ControlNet's residuals added
+    (each residual shaped like its activation [B, h, w, C], or [B, 1, 1, C] from a pooling
+    ControlNet; None adds nothing)."""
+    def fits(got, want):
+        return got == tuple(want) or got == (want[0], 1, 1, want[3])
+
+    if down_residuals is not None:
+        want, got = [s.shape for s in skips], [tuple(jnp.shape(r)) for r in down_residuals]
+        if len(got) != len(want) or not all(map(fits, got, want)):
+            raise ValueError(f"UNet: down_residuals must be {len(want)} arrays shaped like the encoder "
+                             f"activations, {[list(s) for s in want]}; got {[list(s) for s in got]}")
+        skips = [s + jnp.asarray(r).astype(s.dtype) for s, r in zip(skips, down_residuals)]
+    if mid_residual is not None:
+        if not fits(tuple(jnp.shape(mid_residual)), h.shape):
+            raise ValueError(f"UNet: mid_residual must have the middle block's shape {list(h.shape)}, "
+                             f"got {list(jnp.shape(mid_residual))}")
+        h = h + jnp.asarray(mid_residual).astype(h.dtype)
+    return skips, h

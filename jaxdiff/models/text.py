@@ -8,16 +8,23 @@ self-attention, and a final LayerNorm:
     h_l = h' + MLP(LN_2(h')),   h' = h_{l-1} + Attn(LN_1(h_{l-1}))   (l = 1..num_layers)
     last_hidden_state = final_norm(h_{num_layers - skip_layers})
     pooled = final_norm(h_{num_layers})[b, eos position of row b]
+    text_embeds = pooled @ text_projection          (only with projection_dim: SDXL's second encoder)
 
 Public API
 ----------
     CLIPTextEncoder(vocab_size, max_position_embeddings, hidden_size, intermediate_size,
                     num_layers, num_heads, hidden_act="quick_gelu", layer_norm_eps=1e-5,
-                    eos_token_id=None, dtype=jnp.float32)
+                    eos_token_id=None, projection_dim=None, dtype=jnp.float32)
     module.apply({"params": params}, input_ids, skip_layers=0, output_hidden_states=False)
-        -> CLIPTextOutput(last_hidden_state [B, T, D], pooled [B, D], hidden_states)
+        -> CLIPTextOutput(last_hidden_state [B, T, D], pooled [B, D], hidden_states,
+                          text_embeds [B, P] or None)
     SD1TextEncoder = CLIP ViT-L/14 text tower (Stable Diffusion 1.x)
     SD2TextEncoder = OpenCLIP ViT-H/14 text tower, 23 layers as diffusers ships it (SD 2.x)
+    SDXLTextEncoder2 = OpenCLIP ViT-bigG/14 text tower with its projection head (SDXL's second)
+
+With `projection_dim=P` the module is transformers' `CLIPTextModelWithProjection`: a bias-free
+linear head `text_projection` [D, P] maps `pooled` to `text_embeds`, the pooled embedding SDXL
+adds to the U-Net's time embedding.
 
 `skip_layers=k` is diffusers' `clip_skip=k`: the sequence output is the hidden state after layer
 `num_layers - k`, passed through the final LayerNorm. `pooled` is always taken from the full-depth
@@ -48,6 +55,7 @@ Stable Diffusion folder is, prefix each with `text_model.`):
     layer_{i}/norm_2/{scale,bias}            encoder.layers.{i}.layer_norm2.{weight,bias}
     layer_{i}/mlp/{fc1,fc2}                  encoder.layers.{i}.mlp.{fc1,fc2}
     final_norm/{scale,bias}                  final_layer_norm.{weight,bias}
+    text_projection/kernel                   text_projection.weight  (never prefixed)
 
 (dense `kernel` [in, out] is the transpose of torch's `weight` [out, in]; see convert/clip.py.)
 """
@@ -91,11 +99,13 @@ class CLIPTextOutput(NamedTuple):
     pooled: [B, D] full-depth final-LayerNorm state at each row's EOS token (compute dtype).
     hidden_states: tuple of num_layers + 1 float32 arrays [B, T, D] (embeddings, then every
       layer's output, none of them final-normed), or None.
+    text_embeds: [B, P] the projected pooled state (modules with a projection_dim), or None.
     """
 
     last_hidden_state: Array
     pooled: Array
     hidden_states: tuple[Array, ...] | None = None
+    text_embeds: Array | None = None
 
 
 class CLIPAttention(nn.Module):
@@ -175,6 +185,8 @@ class CLIPTextEncoder(nn.Module):
       layer_norm_eps: LayerNorm epsilon.
       eos_token_id: id whose first occurrence marks the pooled position, or None for the
         argmax-of-ids rule.
+      projection_dim: width P of the bias-free `text_projection` head on the pooled state
+        (transformers' CLIPTextModelWithProjection), or None for no head.
       dtype: compute dtype; parameters are float32.
     """
 
@@ -187,6 +199,7 @@ class CLIPTextEncoder(nn.Module):
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     eos_token_id: int | None = None
+    projection_dim: int | None = None
     dtype: Dtype = jnp.float32
 
     @nn.compact
@@ -229,9 +242,14 @@ class CLIPTextEncoder(nn.Module):
         else:
             eos_pos = jnp.argmax(input_ids == self.eos_token_id, axis=-1)  # [B]
         pooled = last[jnp.arange(B), eos_pos]  # [B, D]
+        text_embeds = None
+        if self.projection_dim is not None:
+            text_embeds = nn.Dense(self.projection_dim, use_bias=False, dtype=self.dtype,
+                                   param_dtype=jnp.float32, name="text_projection")(pooled)  # [B, P]
         if skip_layers:
             last = final_norm(hidden[self.num_layers - skip_layers])
-        return CLIPTextOutput(last, pooled, tuple(hidden) if output_hidden_states else None)
+        return CLIPTextOutput(last, pooled, tuple(hidden) if output_hidden_states else None,
+                              text_embeds)
 
 
 # Stable Diffusion 1.x: OpenAI CLIP ViT-L/14 text tower (123,060,480 parameters).
@@ -246,3 +264,10 @@ SD2TextEncoder = functools.partial(
     CLIPTextEncoder, vocab_size=49408, max_position_embeddings=77, hidden_size=1024,
     intermediate_size=4096, num_layers=23, num_heads=16, hidden_act="gelu",
     layer_norm_eps=1e-5, eos_token_id=None)
+
+# SDXL's second text encoder: OpenCLIP ViT-bigG/14 text tower with its 1280-wide projection
+# head (transformers' CLIPTextModelWithProjection, 694,659,840 parameters).
+SDXLTextEncoder2 = functools.partial(
+    CLIPTextEncoder, vocab_size=49408, max_position_embeddings=77, hidden_size=1280,
+    intermediate_size=5120, num_layers=32, num_heads=20, hidden_act="gelu",
+    layer_norm_eps=1e-5, eos_token_id=None, projection_dim=1280)

@@ -37,6 +37,7 @@ Inner names are listed in `layers.py` and `attention.py`.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -45,7 +46,7 @@ import jax.numpy as jnp
 
 from jaxdiff.models.layers import (TimestepMLP, conv3x3, depth_to_space, group_norm, space_to_depth,
                                    timestep_embedding)
-from jaxdiff.models.levels import REMAT_POLICIES, DownLevel, MidBlock, UpLevel  # noqa: F401  (REMAT_POLICIES: API)
+from jaxdiff.models.levels import REMAT_POLICIES, DownLevel, MidBlock, UpLevel, add_residuals  # noqa: F401
 
 Array = jax.Array
 Dtype = Any
@@ -107,6 +108,8 @@ class UNet(nn.Module):
         the parameters are the same.
       dtype: compute dtype (e.g. jnp.bfloat16). Parameters are always float32 and the output is
         returned in float32.
+      attention_impl: the attention kernel of every attention layer, "auto", "xla", "blocked",
+        "cudnn" or "pallas" (see `flash.attend`); the parameters are the same.
     """
 
     out_channels: int
@@ -136,6 +139,7 @@ class UNet(nn.Module):
     sample_size: int | None = None
     remat: str = "none"
     dtype: Dtype = jnp.float32
+    attention_impl: str = "auto"
 
     @property
     def downsample_factor(self) -> int:
@@ -274,40 +278,24 @@ class UNet(nn.Module):
                 f"for addition_embed_dim={self.addition_embed_dim}"
             )
 
-    @nn.compact
-    def __call__(
-        self,
-        x: Array,
-        t: Array,
-        labels: Array | None = None,
-        *,
-        context: Array | None = None,
-        text_embeds: Array | None = None,
-        time_ids: Array | None = None,
-        train: bool = False,
-    ) -> Array:
-        """Predict the network output for noisy images.
+    # The encoder half, shared with `controlnet.ControlNet` (called inside a compact __call__, so
+    # the submodules they make belong to the caller and keep the names listed above).
 
-        Args:
-          x: [B, H, W, C] noisy images or latents (NHWC).
-          t: [B] or scalar timesteps on the training scale (e.g. 0..999), float or int.
-          labels: [B] int class ids in [0, num_classes] (num_classes = null class), or None for
-            a model without classes.
-          context: [B, S, context_dim] conditioning sequence (text-encoder hidden states) when
-            context_dim is set, else None.
-          text_embeds: [B, D] pooled text embedding and time_ids: [B, n] micro-conditioning
-            numbers, both only when addition_embed_dim is set (SDXL).
-          train: enables dropout (needs the 'dropout' rng).
-        Returns:
-          [B, H, W, out_channels] float32.
-        """
-        t = jnp.asarray(t)
-        labels = None if labels is None else jnp.asarray(labels)
-        context = None if context is None else jnp.asarray(context)
-        self._check_inputs(x, t, labels, context, text_embeds, time_ids)
-        B = x.shape[0]
-        t = jnp.broadcast_to(t.astype(jnp.float32), (B,))  # [B]
+    def _level_fields(self) -> dict:
+        return {
+            "head_dim": self.head_dim, "dropout": self.dropout,
+            "use_scale_shift_norm": self.use_scale_shift_norm, "num_groups": self.num_groups,
+            "norm_eps": self.norm_eps, "context_dim": self.context_dim,
+            "use_linear_projection": self.use_linear_projection,
+            "upcast_attention": self.upcast_attention, "remat": self.remat, "dtype": self.dtype,
+            "attention_impl": self.attention_impl,
+        }
 
+    def embed(self, t: Array, batch: int, labels: Array | None, text_embeds: Array | None,
+              time_ids: Array | None) -> Array:
+        """The time embedding [B, 4 * base_channels] (time_embed [+ class_embed] [+ add_embed]);
+        t: [B] or scalar."""
+        t = jnp.broadcast_to(jnp.asarray(t).astype(jnp.float32), (batch,))  # [B]
         emb_dim = 4 * self.base_channels
         emb = timestep_embedding(
             t, self.base_channels, flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift
@@ -322,45 +310,92 @@ class UNet(nn.Module):
             ids = timestep_embedding(
                 jnp.asarray(time_ids).reshape(-1), self.addition_time_embed_dim,
                 flip_sin_to_cos=self.flip_sin_to_cos, freq_shift=self.freq_shift,
-            ).reshape(B, -1)  # [B, n * addition_time_embed_dim]
+            ).reshape(batch, -1)  # [B, n * addition_time_embed_dim]
             added = jnp.concatenate([jnp.asarray(text_embeds, jnp.float32), ids], axis=-1)
             emb = emb + TimestepMLP(emb_dim, self.dtype, name="add_embed")(added)
+        return emb
 
+    def encode(self, h: Array, emb: Array, context: Array | None, train: bool
+               ) -> tuple[Array, list[Array]]:
+        """The down levels on h = conv_in(x) [B, H, W, base] -> (the lowest level's output, the
+        encoder activations: h, then each level's, the skips the decoder takes back)."""
         heads, depth = self.per_level("num_heads"), self.per_level("transformer_depth")
-        common = dict(
-            head_dim=self.head_dim, dropout=self.dropout,
-            use_scale_shift_norm=self.use_scale_shift_norm, num_groups=self.num_groups,
-            norm_eps=self.norm_eps, context_dim=self.context_dim,
-            use_linear_projection=self.use_linear_projection,
-            upcast_attention=self.upcast_attention, remat=self.remat, dtype=self.dtype,
-        )
         num_levels = len(self.channel_mult)
-
-        x = space_to_depth(x, self.patch_size)                     # [B, H/p, W/p, C*p*p]
-        h = conv3x3(self.base_channels, self.dtype, "conv_in")(x)  # [B, H/p, W/p, base]
         skips = [h]
         for i, mult in enumerate(self.channel_mult):
             h, level_skips = DownLevel(
                 channels=self.base_channels * mult, num_res_blocks=self.num_res_blocks,
                 use_attention=i in self.attention_levels, downsample=i < num_levels - 1,
                 resblock_updown=self.resblock_updown, downsample_padding=self.downsample_padding,
-                num_heads=heads[i], transformer_depth=depth[i], name=f"down_{i}", **common,
+                num_heads=heads[i], transformer_depth=depth[i], name=f"down_{i}",
+                **self._level_fields(),
             )(h, emb, context, train)
             skips.extend(level_skips)
+        return h, skips
 
-        h = MidBlock(
+    def middle(self, h: Array, emb: Array, context: Array | None, train: bool) -> Array:
+        """The middle block: [B, h, w, C] -> [B, h, w, C]."""
+        heads, depth = self.per_level("num_heads"), self.per_level("transformer_depth")
+        return MidBlock(
             channels=h.shape[-1], num_heads=heads[-1], transformer_depth=depth[-1], name="mid",
-            **common,
+            **self._level_fields(),
         )(h, emb, context, train)
 
-        for i in reversed(range(num_levels)):
+    @nn.compact
+    def __call__(
+        self,
+        x: Array,
+        t: Array,
+        labels: Array | None = None,
+        *,
+        context: Array | None = None,
+        text_embeds: Array | None = None,
+        time_ids: Array | None = None,
+        down_residuals: Sequence[Array] | None = None,
+        mid_residual: Array | None = None,
+        train: bool = False,
+    ) -> Array:
+        """Predict the network output for noisy images.
+
+        Args:
+          x: [B, H, W, C] noisy images or latents (NHWC).
+          t: [B] or scalar timesteps on the training scale (e.g. 0..999), float or int.
+          labels: [B] int class ids in [0, num_classes] (num_classes = null class), or None for
+            a model without classes.
+          context: [B, S, context_dim] conditioning sequence (text-encoder hidden states) when
+            context_dim is set, else None.
+          text_embeds: [B, D] pooled text embedding and time_ids: [B, n] micro-conditioning
+            numbers, both only when addition_embed_dim is set (SDXL).
+          down_residuals: one array per encoder activation (conv_in's output, then each down
+            level's, shaped like them), added to them before the decoder takes them back (a
+            ControlNet's residuals; diffusers' `down_block_additional_residuals`).
+          mid_residual: [B, H/f, W/f, C_mid] added to the middle block's output (diffusers'
+            `mid_block_additional_residual`).
+          train: enables dropout (needs the 'dropout' rng).
+        Returns:
+          [B, H, W, out_channels] float32.
+        """
+        t = jnp.asarray(t)
+        labels = None if labels is None else jnp.asarray(labels)
+        context = None if context is None else jnp.asarray(context)
+        self._check_inputs(x, t, labels, context, text_embeds, time_ids)
+        emb = self.embed(t, x.shape[0], labels, text_embeds, time_ids)           # [B, 4 * base]
+
+        x = space_to_depth(x, self.patch_size)                     # [B, H/p, W/p, C*p*p]
+        h = conv3x3(self.base_channels, self.dtype, "conv_in")(x)  # [B, H/p, W/p, base]
+        h, skips = self.encode(h, emb, context, train)
+        h = self.middle(h, emb, context, train)
+        skips, h = add_residuals(skips, h, down_residuals, mid_residual)
+
+        heads, depth = self.per_level("num_heads"), self.per_level("transformer_depth")
+        for i in reversed(range(len(self.channel_mult))):
             # the decoder takes encoder activations back in reverse order of production
             level_skips = [skips.pop() for _ in range(self.num_res_blocks + 1)]
             h = UpLevel(
                 channels=self.base_channels * self.channel_mult[i],
                 num_res_blocks=self.num_res_blocks, use_attention=i in self.attention_levels,
                 upsample=i > 0, resblock_updown=self.resblock_updown, num_heads=heads[i],
-                transformer_depth=depth[i], name=f"up_{i}", **common,
+                transformer_depth=depth[i], name=f"up_{i}", **self._level_fields(),
             )(h, emb, level_skips, context, train)
         assert not skips, "every encoder activation is consumed by the decoder"
 

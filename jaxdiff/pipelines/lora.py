@@ -40,12 +40,17 @@ from jaxdiff.pipelines import core
 
 
 def with_lora(fn):
-    """`fn(params, *args)` taking `lora.Adapted` params too (merged inside the call)."""
-    return functools.partial(_resolved, fn)
+    """`fn(params, *args)` taking `lora.Adapted` params too (merged inside the call). The wrapper
+    carries `fn`'s name (through partials), so traces and compiles are reported under it; make
+    it once per pipeline, like `fn` (it is part of jit's cache key)."""
+    def network(params, *args, **kwargs):
+        return fn(lora_lib.resolve(params), *args, **kwargs)
 
-
-def _resolved(fn, params, *args, **kwargs):
-    return fn(lora_lib.resolve(params), *args, **kwargs)
+    inner = fn
+    while isinstance(inner, functools.partial):
+        inner = inner.func
+    network.__name__ = network.__qualname__ = getattr(inner, "__name__", "network")
+    return network
 
 
 @jax.jit

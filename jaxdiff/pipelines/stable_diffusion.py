@@ -1,5 +1,5 @@
-"""Stable Diffusion (Rombach et al. 2022) text-to-image, image-to-image and inpainting, from a
-diffusers-format folder.
+"""Stable Diffusion (Rombach et al. 2022) and SDXL (Podell et al. 2023) text-to-image,
+image-to-image and inpainting, from a diffusers-format folder.
 
     pipe = jaxdiff.StableDiffusion.from_pretrained("stable-diffusion-v1-5")   # a local folder
     images = pipe("a photo of a cat", num_steps=30, guidance_scale=7.5, seed=0, num_images=4)
@@ -9,8 +9,12 @@ diffusers-format folder.
 
 The folder is what `diffusers.StableDiffusionPipeline.save_pretrained(..., safe_serialization=True)`
 writes: `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/` and
-`scheduler/scheduler_config.json`. Weights are read from safetensors only (pickles are refused);
-a missing part is named in the error.
+`scheduler/scheduler_config.json`; an SDXL folder (`StableDiffusionXLPipeline`) adds
+`text_encoder_2/` and `tokenizer_2/`, and an SDXL refiner (`StableDiffusionXLImg2ImgPipeline`)
+has those two instead of the first pair (`convert/folder.py`). Weights are read from safetensors
+only (pickles are refused); a missing part is named in the error. The text side (one or two
+encoders, SDXL's pooled embedding and micro-conditioning `time_ids`, `prompt_2`, ...) is
+`pipelines/prompts.py`.
 
 A thin front end of the sampling core (`pipelines/core.py`). For N = len(prompts) * num_images
 images of H x W pixels it makes
@@ -80,7 +84,8 @@ from jaxdiff import samplers
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.convert import scheduler as scheduler_convert
 from jaxdiff.models import vae as vae_lib
-from jaxdiff.pipelines import core, lora as lora_pipe, options as options_lib
+from jaxdiff.pipelines import controlnet as controlnet_lib, core, lora as lora_pipe, options as options_lib
+from jaxdiff.pipelines import prompts as prompts_lib
 
 DEFAULT_MAX_STEPS = 50
 
@@ -105,6 +110,8 @@ class GenerateOptions:
     eta: DDIM's eta (only for samplers with that option). progress: a per-step progress bar.
     lora_scale: multiplies every loaded LoRA's scale for this call (traced; diffusers'
         cross_attention_kwargs={"scale": s} is read as this), see `pipelines/lora.py`.
+    control: the ControlNet options (control_image, controlnet_conditioning_scale, ...; see
+        `pipelines/controlnet.py`).
     """
 
     num_steps: int = 30
@@ -122,6 +129,7 @@ class GenerateOptions:
     progress: bool = False
     lora_scale: float | None = None
     sampler_options: dict = dataclasses.field(default_factory=dict)
+    control: dict = dataclasses.field(default_factory=dict)
 
     @classmethod
     def parse(cls, kwargs: dict) -> "GenerateOptions":
@@ -129,9 +137,10 @@ class GenerateOptions:
         options (checked against the sampler later), every value checked (one-line ValueErrors)."""
         kwargs, renamed = options_lib.take_aliases(lora_pipe.take_lora_scale(kwargs))
         kwargs.update(renamed)
-        names = {f.name for f in dataclasses.fields(cls)} - {"sampler_options"}
+        kwargs, control = controlnet_lib.split_options(kwargs)
+        names = {f.name for f in dataclasses.fields(cls)} - {"sampler_options", "control"}
         extra = {k: v for k, v in kwargs.items() if k not in names}
-        opts = cls(**{k: v for k, v in kwargs.items() if k in names}, sampler_options=extra)
+        opts = cls(**{k: v for k, v in kwargs.items() if k in names}, sampler_options=extra, control=control)
         opts.check()
         return opts
 
@@ -156,18 +165,14 @@ class GenerateOptions:
 # --------------------------------------------------------------------------------------------
 
 def _unet(module, params, x, t, cond):
-    """The U-Net's prediction. x: [B, h, w, C]; cond: {"context": [B, S, D]} and, for 9-channel
-    inpainting U-Nets, "extra": [B, h, w, 5] (mask and masked-image latents) joined to x."""
+    """The U-Net's prediction. x: [B, h, w, C]; cond: {"context": [B, S, D]}, for SDXL
+    "text_embeds" [B, P] and "time_ids" [B, n], for 9-channel inpainting U-Nets "extra":
+    [B, h, w, 5] (mask and masked-image latents) joined to x, and ControlNet residuals."""
     if "extra" in cond:
         x = jnp.concatenate([x, cond["extra"].astype(x.dtype)], axis=-1)           # [B, h, w, 9]
-    return module.apply({"params": params}, x, t, context=cond["context"])
-
-
-def _encode_text(module, params, ids, neg_ids, skip_layers):
-    """(prompt embeddings [P, S, D], negative embeddings [P, S, D] or None), float32."""
-    emb = module.apply({"params": params}, ids, skip_layers=skip_layers).last_hidden_state
-    neg = None if neg_ids is None else module.apply({"params": params}, neg_ids).last_hidden_state
-    return emb.astype(jnp.float32), None if neg is None else neg.astype(jnp.float32)
+    added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
+    return module.apply({"params": params}, x, t, context=cond["context"], **added,
+                        down_residuals=cond.get("down_residuals"), mid_residual=cond.get("mid_residual"))
 
 
 def _encode_images(vae, params, images):
@@ -182,23 +187,40 @@ def _decode(vae, params, latents):
 
 
 class StableDiffusion(lora_pipe.LoraMixin):
-    """A Stable Diffusion 1.x / 2.x model: U-Net, VAE, CLIP text encoder, tokenizer and schedule.
+    """A Stable Diffusion 1.x / 2.x / XL model: U-Net, VAE, CLIP text encoder(s), tokenizer(s)
+    and schedule.
 
-    Attributes: `unet`, `vae`, `text_encoder` (flax modules), `params` (dict with "unet", "vae",
-    "text_encoder" parameter trees, laid out on `mesh` by `rules`), `tokenizer`, `schedule`,
-    `scheduler_config` (dict), `default_sampler` (str), `max_steps`, `mesh`, `rules`.
+    Attributes: `unet`, `vae`, `text_encoder`, `text_encoder_2` (flax modules; SD 1.x/2.x have no
+    second, an SDXL refiner no first: None), `params` (dict with "unet", "vae", "text_encoder"
+    and/or "text_encoder_2" parameter trees, laid out on `mesh` by `rules`), `tokenizer`,
+    `tokenizer_2`, `prompts` (`prompts.PromptEncoder`), `xl` (bool), `schedule`,
+    `scheduler_config` (dict), `default_sampler` (str), `max_steps`, `mesh`, `rules`, and
+    `controlnets` (the ControlNet modules, see `pipelines/controlnet.py`; params["controlnets"]).
+    xl_options: the folder's {"force_zeros_for_empty_prompt", "requires_aesthetics_score",
+    "force_upcast"} (see `convert/folder.py`); force_upcast keeps the VAE in float32.
 
     mesh: a `jax.sharding.Mesh` (see `sharding.make_mesh`); None: `sharding.inference_mesh(rules,
     devices)`, i.e. `devices` (default: all devices of all processes) on one batch axis.
     """
 
+    controlnets: tuple = ()
+
     def __init__(self, *, unet, vae, text_encoder, params: dict, tokenizer, schedule, scheduler_config: dict,
                  max_steps: int = DEFAULT_MAX_STEPS, vae_float32: bool = True, devices=None, mesh=None,
-                 rules: str = "dp"):
+                 rules: str = "dp", text_encoder_2=None, tokenizer_2=None, xl_options: dict | None = None):
         self.unet = unet
         self.vae = vae
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
+        self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
+        self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
+        xl = dict(xl_options or {})
+        self.xl = text_encoder_2 is not None
+        pairs = [(k, m, t) for k, m, t in (("text_encoder", text_encoder, tokenizer),
+                                           ("text_encoder_2", text_encoder_2, tokenizer_2)) if m is not None]
+        self._text_keys = tuple(k for k, _, _ in pairs)
+        self.prompts = prompts_lib.PromptEncoder(
+            [(m, t) for _, m, t in pairs], xl=self.xl, aesthetics=xl.get("requires_aesthetics_score", False),
+            force_zeros=xl.get("force_zeros_for_empty_prompt", self.xl))
+        self.vae_float32 = vae_float32 = bool(vae_float32 or xl.get("force_upcast", False))
         self.schedule = schedule
         self.scheduler_config = dict(scheduler_config)
         self.default_sampler = scheduler_convert.default_sampler(self.scheduler_config)
@@ -209,34 +231,39 @@ class StableDiffusion(lora_pipe.LoraMixin):
         coder = vae.clone(dtype=jnp.float32) if vae_float32 else vae
         # One function object each per pipeline, so repeated calls hit jit's caches.
         self._unet_fn = lora_pipe.with_lora(functools.partial(_unet, unet))
-        self._text_fn = jax.jit(lora_pipe.with_lora(functools.partial(_encode_text, text_encoder)),
-                                static_argnames="skip_layers")
         self._encode_fn = jax.jit(functools.partial(_encode_images, coder))
         self._decode_fn = jax.jit(functools.partial(_decode, coder))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=jnp.float32, *, max_steps: int = DEFAULT_MAX_STEPS,
                         vae_float32: bool = True, progress: bool = False, devices=None, mesh=None,
-                        rules: str = "dp") -> "StableDiffusion":
-        """Load a diffusers Stable Diffusion folder (see the module docstring for its layout).
+                        rules: str = "dp", variant: str | None = None, controlnet=None) -> "StableDiffusion":
+        """Load a diffusers Stable Diffusion 1.x / 2.x / XL folder (see the module docstring).
 
         dtype: compute dtype of the networks (parameters are float32 whatever the files hold).
         max_steps: plans are padded to this many steps, so any num_steps up to it shares one
             compiled sampling loop. progress: show a progress bar while loading.
         mesh / devices / rules: where the pipeline runs and how its parameters are laid out (see
             the class); in a multi-process run every process loads the folder.
+        variant: e.g. "fp16" to read every network's `*.fp16.safetensors`.
+        controlnet: a diffusers ControlNet folder, or a list of them (their residuals are summed).
         Raises `CheckpointError` naming the missing or unreadable part.
         """
         from jaxdiff.convert import folder as folder_convert
 
-        parts = folder_convert.load_pretrained(path, dtype, progress=progress)
-        (unet, unet_params), (vae, vae_params), (text, text_params) = parts["unet"], parts["vae"], parts["text_encoder"]
+        parts = folder_convert.load_pretrained(path, dtype, progress=progress, variant=variant)
+        nets = {k: parts[k] for k in ("unet", "vae", "text_encoder", "text_encoder_2") if k in parts}
         config = parts["scheduler"]
         scheduler_convert.warn_unsupported(config)
-        return cls(unet=unet, vae=vae, text_encoder=text, tokenizer=parts["tokenizer"],
-                   params={"unet": unet_params, "vae": vae_params, "text_encoder": text_params},
+        pipe = cls(unet=nets["unet"][0], vae=nets["vae"][0], text_encoder=nets.get("text_encoder", (None,))[0],
+                   text_encoder_2=nets.get("text_encoder_2", (None,))[0], tokenizer=parts.get("tokenizer"),
+                   tokenizer_2=parts.get("tokenizer_2"), xl_options=parts["options"],
+                   params={k: p for k, (_, p) in nets.items()},
                    schedule=scheduler_convert.schedule_from_config(config), scheduler_config=config,
                    max_steps=max_steps, vae_float32=vae_float32, devices=devices, mesh=mesh, rules=rules)
+        if controlnet is not None:
+            controlnet_lib.attach(pipe, controlnet, dtype)
+        return pipe
 
     # ----------------------------------------------------------------------------------------
     # Sizes.
@@ -270,33 +297,26 @@ class StableDiffusion(lora_pipe.LoraMixin):
     # Text and images in.
 
     def encode_prompt(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None, *,
-                      num_images: int = 1, clip_skip: int | None = None, guidance: bool = True, lora_scale=None):
+                      num_images: int = 1, clip_skip: int | None = None, guidance: bool = True, lora_scale=None,
+                      **xl: Any):
         """Text embeddings (cond [N, S, D], uncond [N, S, D] or None without guidance), float32
-        numpy, N = len(prompts) * num_images, each prompt's rows consecutive. One text-encoder call."""
-        prompts = _prompts(prompt)
-        options_lib.check_count("num_images", num_images)
-        skip = int(clip_skip or 0)
-        if not 0 <= skip < self.text_encoder.num_layers:
-            raise ValueError(f"clip_skip must be in [0, {self.text_encoder.num_layers}) for this text encoder "
-                             f"({self.text_encoder.num_layers} layers), got {clip_skip}")
-        neg_ids = None
-        if guidance:
-            if negative_prompt is None:
-                negatives = [""] * len(prompts)
-            elif isinstance(negative_prompt, str):
-                negatives = [negative_prompt] * len(prompts)
-            else:
-                negatives = list(negative_prompt)
-                if len(negatives) != len(prompts) or not all(isinstance(p, str) for p in negatives):
-                    raise ValueError(f"{len(negatives)} negative prompts for {len(prompts)} prompts; give one "
-                                     "string per prompt, or a single string")
-            neg_ids = jnp.asarray(self.tokenizer(negatives))
-        ids = jnp.asarray(self.tokenizer(prompts))
-        cond, uncond = sharding_lib.gather(self._text_fn(self._lora_params("text_encoder", lora_scale), ids, neg_ids,
-                                                         skip_layers=skip))
-        cond = np.repeat(cond, int(num_images), axis=0)                                # [N, S, D]
-        uncond = None if uncond is None else np.repeat(uncond, int(num_images), axis=0)
-        return cond, uncond
+        numpy, N = len(prompts) * num_images, each prompt's rows consecutive (the "context" of
+        `encode_text`; xl: its SDXL options, e.g. prompt_2)."""
+        cond, uncond = self.encode_text(prompts_lib.Text.take(prompt, negative_prompt, xl), num_images=num_images,
+                                        clip_skip=clip_skip, guidance=guidance, lora_scale=lora_scale)
+        return cond["context"], None if uncond is None else uncond["context"]
+
+    def encode_text(self, text: prompts_lib.Text, *, num_images: int = 1, clip_skip: int | None = None,
+                    guidance: bool = True, height: int | None = None, width: int | None = None, mode: str = "text",
+                    lora_scale=None):
+        """(cond, uncond) dicts of the U-Net call for `text` (see `pipelines/prompts.py`); one
+        call of the text encoders (with their LoRAs). height, width: the output size (default:
+        the model's)."""
+        if self.xl and (height is None or width is None):
+            height, width = self._size(height, width)
+        params = tuple(self._lora_params(k, lora_scale) for k in self._text_keys)
+        return self.prompts(params, text, num_images=num_images,
+                            clip_skip=clip_skip, guidance=guidance, height=height, width=width, mode=mode)
 
     def encode_images(self, images, *, key=None) -> np.ndarray:
         """Images [B, H, W, 3] in [-1, 1] -> scaled latents [B, H/f, W/f, C] float32 (host): a
@@ -345,31 +365,30 @@ class StableDiffusion(lora_pipe.LoraMixin):
         shape = (height // f, width // f, self.latent_channels)
         return shape, core.unet_peak_bytes(self.unet, shape[0], shape[1], core.guided(guidance_scale))
 
-    def _check_fits(self, opts: GenerateOptions, prompt, height: int, width: int, inputs: int = 0) -> int:
+    def _check_fits(self, opts: GenerateOptions, text, height: int, width: int, inputs: int = 0) -> int:
         """N = len(prompts) * num_images, after checking that N images of height x width can fit
         (`core.check_memory`) before any of them is encoded."""
-        n = len(_prompts(prompt)) * opts.num_images
+        n = len(prompts_lib.as_list(text.prompt)) * opts.num_images
         shape, peak = self._latents(height, width, opts.guidance_scale)
         core.check_memory(self.mesh, n, shape, image_shape=(height, width, 3), inputs=inputs, peak_bytes=peak)
         return n
 
-    def _run(self, opts: GenerateOptions, prompt, negative_prompt, height: int, width: int, *, start_step: int = 0,
-             x0=None, extra=None, keep=None):
+    def _run(self, opts: GenerateOptions, text, height: int, width: int, *, start_step: int = 0,
+             x0=None, extra=None, keep=None, mode: str = "image"):
         """Encode the prompts and hand the core the job (see the module docstring)."""
         plan = self.plan(opts.sampler, opts.num_steps, start_step, opts.eta, opts.sampler_options)
         guided = core.guided(opts.guidance_scale)
-        cond, uncond = self.encode_prompt(prompt, negative_prompt, num_images=opts.num_images,
-                                          clip_skip=opts.clip_skip, guidance=guided, lora_scale=opts.lora_scale)
-        cond = {"context": cond}
-        if uncond is not None:
-            uncond = {"context": uncond}
+        cond, uncond = self.encode_text(text, num_images=opts.num_images, clip_skip=opts.clip_skip, guidance=guided,
+                                        height=height, width=width, mode=mode, lora_scale=opts.lora_scale)
         if extra is not None:
             cond["extra"] = extra
             if uncond is not None:
                 uncond["extra"] = extra
         shape, peak = self._latents(height, width, opts.guidance_scale)
-        job = core.Job(network=self._unet_fn, params=self._lora_params("unet", opts.lora_scale), sampler=plan,
-                       shape=shape, num=cond["context"].shape[0], seed=opts.seed, cond=cond, uncond=uncond,
+        network, params = self._unet_fn, self._lora_params("unet", opts.lora_scale)
+        network, params, cond, uncond = controlnet_lib.wire(self, opts, plan, network, params, cond, uncond, height, width)
+        job = core.Job(network=network, params=params, sampler=plan, shape=shape,
+                       num=cond["context"].shape[0], seed=opts.seed, cond=cond, uncond=uncond,
                        guidance_scale=opts.guidance_scale, guidance_rescale=opts.guidance_rescale,
                        noise=None if opts.latents is None else np.asarray(opts.latents, np.float32),
                        x0=x0, keep=keep, decode=functools.partial(self._decode_fn, self.params["vae"]),
@@ -380,11 +399,13 @@ class StableDiffusion(lora_pipe.LoraMixin):
                  **options: Any):
         """Text to image. prompt: one string or a list; negative_prompt: the unconditional text of
         guidance (default: empty). options: `GenerateOptions` (num_steps=30, sampler, guidance_scale=7.5,
-        seed, num_images, height, width, latents, output_type="pil", ...) and sampler options."""
+        seed, num_images, height, width, latents, output_type="pil", ...), sampler options and, for
+        SDXL, `prompts.XL_OPTIONS` (prompt_2, negative_prompt_2, original_size, target_size, ...)."""
+        text = prompts_lib.Text.take(prompt, negative_prompt, options)
         opts = GenerateOptions.parse(options)
         height, width = self._size(opts.height, opts.width)
-        self._check_fits(opts, prompt, height, width)
-        return self._run(opts, prompt, negative_prompt, height, width)
+        self._check_fits(opts, text, height, width)
+        return self._run(opts, text, height, width, mode="text")
 
     generate = __call__
 
@@ -414,14 +435,15 @@ class StableDiffusion(lora_pipe.LoraMixin):
         sample_posterior: encode with a VAE posterior sample, as diffusers does (True), or with
             the posterior mean (False). options: as `__call__`.
         """
+        text = prompts_lib.Text.take(prompt, negative_prompt, options)
         opts = GenerateOptions.parse(options)
         start = self._start_step(opts.num_steps, strength)
         pixels = images_lib.read_images(image, None, opts.height, opts.width, self.size_multiple)
-        n = self._check_fits(opts, prompt, *pixels.shape[1:3], inputs=1)
+        n = self._check_fits(opts, text, *pixels.shape[1:3], inputs=1)
         pixels = images_lib.repeat_to(pixels, n, "image")
         x0 = self.encode_images(pixels, key=core.image_key(opts.seed, 1) if sample_posterior else None)
         h, w = pixels.shape[1:3]
-        return self._run(opts, prompt, negative_prompt, h, w, start_step=start, x0=x0)
+        return self._run(opts, text, h, w, start_step=start, x0=x0)
 
     def inpaint(self, image, mask, prompt: str | Sequence[str], strength: float = 1.0,
                 negative_prompt: str | Sequence[str] | None = None, *, sample_posterior: bool = True,
@@ -444,12 +466,13 @@ class StableDiffusion(lora_pipe.LoraMixin):
         if in_channels not in (self.latent_channels, 2 * self.latent_channels + 1):
             raise ValueError(f"inpainting needs a U-Net with {self.latent_channels} or "
                              f"{2 * self.latent_channels + 1} input channels, this one has {in_channels}")
+        text = prompts_lib.Text.take(prompt, negative_prompt, options)
         opts = GenerateOptions.parse(options)
         strength = core.check_scale("strength", strength, lo=0.0, hi=1.0)
         start = self._start_step(opts.num_steps, strength) if strength < 1.0 else 0
         pixels = images_lib.read_images(image, None, opts.height, opts.width, self.size_multiple)
         h, w = pixels.shape[1:3]
-        n = self._check_fits(opts, prompt, h, w, inputs=2)
+        n = self._check_fits(opts, text, h, w, inputs=2)
         pixels = images_lib.repeat_to(pixels, n, "image")
         full_mask = images_lib.read_masks(mask, n, h, w)                                 # [N, H, W, 1] in {0, 1}
         f = self.vae_scale_factor
@@ -465,12 +488,6 @@ class StableDiffusion(lora_pipe.LoraMixin):
             extra = np.concatenate([small_mask, masked_latents], axis=-1)                # [N, h, w, 1 + C]
         else:
             keep = (small_mask, image_latents)
-        return self._run(opts, prompt, negative_prompt, h, w, start_step=start,
+        return self._run(opts, text, h, w, start_step=start,
                          x0=image_latents if start else None, extra=extra, keep=keep)
 
-
-def _prompts(prompt) -> list[str]:
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r}")
-    return prompts
