@@ -1,0 +1,179 @@
+"""The FID Inception-v3 against pytorch-fid's module with the same random weights (nothing is
+downloaded: pytorch-fid's weight fetch is replaced by a no-op), the FID it gives, and the
+converter's refusals."""
+
+from unittest import mock
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from jaxdiff.convert import inception as convert
+from jaxdiff.errors import CheckpointError
+from jaxdiff.metrics import distribution, features, stats
+from jaxdiff.models.inception import InceptionV3, _resize_matrix
+
+torch = pytest.importorskip("torch")
+
+
+def _import_torchvision():
+    """torchvision, or where its compiled ops cannot load against this torch build (a CUDA
+    torchvision beside a CPU torch), its pure-Python part: pytorch-fid needs only the Inception
+    modules of `torchvision.models`, never the compiled ops."""
+    import importlib.metadata
+    import importlib.util
+    import sys
+    import types
+
+    try:
+        import torchvision
+        return
+    except ImportError:
+        pytest.skip("the parity tests need torchvision and pytorch-fid (the test extra)",
+                    allow_module_level=True)
+    except (RuntimeError, OSError):
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+    spec = importlib.util.find_spec("torchvision")
+    package = types.ModuleType("torchvision")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__version__ = importlib.metadata.version("torchvision")
+    sys.modules["torchvision"] = package
+    import torchvision.models.inception  # noqa: F401
+
+    package.models = sys.modules["torchvision.models"]
+
+
+_import_torchvision()
+pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
+pytorch_fid_score = pytest.importorskip("pytorch_fid.fid_score")
+
+
+def _randomise(module, seed):
+    """Random conv / fc weights and batch-norm statistics (the default 0 / 1 would hide a
+    mistake in the batch-norm mapping)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in module.state_dict().items():
+            if name.endswith("num_batches_tracked"):
+                continue
+            if name.endswith(("running_var", "bn.weight")):
+                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+            elif name.endswith(("running_mean", "bias")):
+                t.copy_(0.1 * torch.randn(t.shape, generator=g))
+            else:  # conv / fc weights, scaled to keep activations O(1)
+                fan_in = int(np.prod(t.shape[1:]))
+                t.copy_(torch.randn(t.shape, generator=g) * (2.0 / fan_in) ** 0.5)
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """(pytorch-fid's InceptionV3 returning pool3, its fc layer, the state dict) with random
+    weights; fid_inception_v3's weight download and load are patched out."""
+    built = {}
+    original = pytorch_fid_inception.fid_inception_v3
+
+    def no_download():
+        with mock.patch.object(pytorch_fid_inception, "load_state_dict_from_url", lambda *a, **k: {}), \
+                mock.patch.object(torch.nn.Module, "load_state_dict", lambda self, *a, **k: None):
+            net = original()
+        _randomise(net, seed=0)
+        built["net"] = net
+        return net
+
+    with mock.patch.object(pytorch_fid_inception, "fid_inception_v3", no_download):
+        model = pytorch_fid_inception.InceptionV3([3], use_fid_inception=True).eval()
+    full = built["net"].eval()
+    sd = {k: v.numpy() for k, v in full.state_dict().items()}
+    return model, full.fc, sd
+
+
+@pytest.fixture(scope="module")
+def flax_params(reference):
+    return convert.to_flax(reference[2])
+
+
+def _torch_features(reference, images_unit_nhwc):
+    model, fc, _ = reference
+    with torch.no_grad():
+        x = torch.from_numpy(np.ascontiguousarray(images_unit_nhwc.transpose(0, 3, 1, 2)))
+        pool3 = model(x)[0][:, :, 0, 0]
+        return pool3.numpy(), fc(pool3).numpy()
+
+
+def _rel(a, b):
+    return float(np.max(np.abs(a - b)) / np.max(np.abs(b)))
+
+
+def test_resize_matrix_matches_torch_bilinear():
+    for n_in, n_out in ((16, 299), (400, 299), (299, 299), (7, 3)):
+        x = torch.randn(1, 1, n_in, 1, dtype=torch.float64)
+        want = torch.nn.functional.interpolate(x, size=(n_out, 1), mode="bilinear", align_corners=False)
+        got = _resize_matrix(n_in, n_out).astype(np.float64) @ x[0, 0, :, 0].numpy()
+        np.testing.assert_allclose(got, want[0, 0, :, 0].numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("size", [299, 64, 320])
+def test_pool3_and_logits_match_pytorch_fid(reference, flax_params, size):
+    rng = np.random.default_rng(size)
+    images = rng.random((2, size, size + 3, 3), dtype=np.float32)     # [0, 1], not square
+    want_pool, want_logits = _torch_features(reference, images)
+    pool3, logits = jax.jit(InceptionV3().apply)({"params": flax_params}, images)
+    assert pool3.shape == (2, 2048) and logits.shape == (2, 1008)
+    assert _rel(np.asarray(pool3), want_pool) < 1e-4
+    assert _rel(np.asarray(logits), want_logits) < 1e-4
+    # the two images differ, so the agreement is not about a constant output
+    assert _rel(want_pool[0], want_pool[1]) > 1e-2
+
+
+def test_converter_round_trip_is_exact(reference, flax_params):
+    sd = reference[2]
+    back = convert.to_torch(flax_params)
+    assert set(back) == {k for k in sd if not k.endswith("num_batches_tracked")}
+    assert all(np.array_equal(back[k], sd[k]) for k in back)
+
+
+def test_fid_matches_pytorch_fid(reference, flax_params, tmp_path):
+    rng = np.random.default_rng(1)
+    a = rng.random((4, 64, 64, 3), dtype=np.float32)
+    b = np.clip(a[::-1] * 0.7 + 0.2 * rng.random((4, 64, 64, 3), dtype=np.float32), 0, 1)
+    fa, fb = _torch_features(reference, a)[0], _torch_features(reference, b)[0]
+    want = pytorch_fid_score.calculate_frechet_distance(
+        fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
+    path = str(tmp_path / "inception.safetensors")
+    save_file({k: np.ascontiguousarray(v) for k, v in reference[2].items()}, path)
+    ga = features.inception_features(a * 2 - 1, path, batch_size=2)        # model space [-1, 1]
+    gb = features.inception_features(b * 2 - 1, path, batch_size=2)
+    got = distribution.fid(stats.from_features(ga), stats.from_features(gb))
+    assert want > 1e-3
+    assert abs(got - want) / want < 1e-3, (got, want)
+
+
+def test_converter_refusals(reference, tmp_path):
+    sd = {k: np.ascontiguousarray(v) for k, v in reference[2].items()}
+    good = tmp_path / "w.safetensors"
+    save_file(sd, str(good))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated.safetensors is not a readable safetensors") as e:
+        convert.load_inception(str(truncated))
+    assert "\n" not in str(e.value)
+
+    wrong = dict(sd)
+    del wrong["Mixed_6b.branch7x7_2.conv.weight"]
+    wrong["AuxLogits.fc.weight"] = np.zeros((1008, 768), np.float32)
+    bad = tmp_path / "keys.safetensors"
+    save_file(wrong, str(bad))
+    with pytest.raises(CheckpointError) as e:
+        convert.load_inception(str(bad))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "missing 1 key(s): Mixed_6b.branch7x7_2.conv.weight" in msg
+    assert "unexpected 1 key(s): AuxLogits.fc.weight" in msg
+
+    pth = tmp_path / "pt_inception-2015-12-05-6726825d.pth"
+    pth.write_bytes(b"not opened")
+    with mock.patch("builtins.open", side_effect=AssertionError("opened")), \
+            pytest.raises(CheckpointError, match="is a pickle; jaxdiff never unpickles"):
+        convert.load_inception(str(pth))
