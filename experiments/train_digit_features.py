@@ -13,6 +13,7 @@ DIGIT_WEIGHTS_SHA256 and DIGIT_HELDOUT_ACCURACY in jaxdiff/metrics/features.py.
 from __future__ import annotations
 
 import argparse
+import json
 
 import jax
 import jax.numpy as jnp
@@ -91,9 +92,11 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=STEPS)
     args = parser.parse_args(argv)
     params, losses, accuracy = train(args.steps)
-    write_safetensors(features.flatten_params(params), args.out,
-                      {"format": "jaxdiff-digit-features", "steps": str(args.steps),
-                       "heldout_accuracy": f"{accuracy:.4f}"})
+    # One metadata entry: safetensors writes a map of several in an order that varies per run,
+    # which would change the file's bytes (and its sha256) from one run to the next.
+    info = json.dumps({"format": "jaxdiff-digit-features", "steps": args.steps,
+                       "heldout_accuracy": round(accuracy, 4)}, sort_keys=True)
+    write_safetensors(features.flatten_params(params), args.out, {"jaxdiff": info})
     print(f"steps {args.steps}  final loss {losses[-1]:.4f}  held-out accuracy {accuracy:.4f}")
     print(f"wrote {args.out}  sha256 {features.file_sha256(args.out)}")
 

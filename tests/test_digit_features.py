@@ -2,11 +2,13 @@
 determinism of the script that trained it."""
 
 import importlib.util
+import json
 import pathlib
 
 import jax
 import numpy as np
 import pytest
+from safetensors import safe_open
 
 from jaxdiff import data
 from jaxdiff.metrics import distribution, features, reference, stats
@@ -31,6 +33,9 @@ def _script():
 def test_shipped_file_matches_its_identity(tmp_path):
     assert features.file_sha256(features.DIGIT_WEIGHTS) == features.DIGIT_WEIGHTS_SHA256
     assert features.DIGIT_WEIGHTS_SHA256 in features.DIGIT_FEATURE_NET
+    with safe_open(features.DIGIT_WEIGHTS, "np") as f:
+        info = json.loads(f.metadata()["jaxdiff"])
+    assert info["heldout_accuracy"] == pytest.approx(features.DIGIT_HELDOUT_ACCURACY)
     params = features.digit_params()
     shapes = jax.eval_shape(lambda: features.DigitNet().init(
         jax.random.key(0), np.zeros((1, *features.DIGIT_IMAGE_SHAPE), np.float32)))["params"]

@@ -42,7 +42,7 @@ _BN_STATS = {"mean": "running_mean", "var": "running_var"}
 def table() -> names.Table:
     """One Entry per leaf of `InceptionV3`'s parameter tree (shapes from `jax.eval_shape`)."""
     x = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
-    shapes = jax.eval_shape(lambda: InceptionV3(resize=False).init(jax.random.key(0), x))["params"]
+    shapes = jax.eval_shape(lambda x: InceptionV3(resize=False).init(jax.random.key(0), x), x)["params"]
     flat = names.flatten(shapes)
     stats = {p: s for p, s in flat.items() if p[-1] in _BN_STATS}
     entries = list(names.from_tree({p: s for p, s in flat.items() if p not in stats},

@@ -43,7 +43,7 @@ DIGIT_IMAGE_SHAPE = (16, 16, 1)
 DIGIT_FEATURE_DIM = 128
 # The shipped weights: sha256 of the file, and the accuracy `train_digit_features.py` measured on
 # the held-out digits (`digit_split`) when it wrote them.
-DIGIT_WEIGHTS_SHA256 = "5c35224f7ddc75e705da074ae8bde4df2a36a41a6d5b6487bcbc3b0a54b57c30"
+DIGIT_WEIGHTS_SHA256 = "9d3c746d5409462552412948335a96d080dc666233480c89a92a6914f3fe0a95"
 DIGIT_HELDOUT_ACCURACY = 0.965
 DIGIT_FEATURE_NET = f"digits-cnn-16px-v1:sha256={DIGIT_WEIGHTS_SHA256}"
 # The digits split: a permutation of the 5,000 embedded digits from this seed; the last
