@@ -114,17 +114,40 @@ def test_resize_matrix_matches_torch_bilinear():
         np.testing.assert_allclose(got, want[0, 0, :, 0].numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("size", [299, 64, 320])
-def test_pool3_and_logits_match_pytorch_fid(reference, flax_params, size):
-    rng = np.random.default_rng(size)
-    images = rng.random((2, size, size + 3, 3), dtype=np.float32)     # [0, 1], not square
+@pytest.fixture(scope="module")
+def weights_path(reference, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("inception") / "pt_inception.safetensors")
+    save_file({k: np.ascontiguousarray(v) for k, v in reference[2].items()}, path)
+    return path
+
+
+# 64x67: the upsampling resize (default run); 299x299: no resize; 320x323: downsampling
+@pytest.mark.parametrize("shape", [(64, 67), pytest.param((299, 299), marks=pytest.mark.slow),
+                                   pytest.param((320, 323), marks=pytest.mark.slow)])
+def test_pool3_and_logits_match_pytorch_fid(reference, weights_path, shape):
+    rng = np.random.default_rng(shape[1])
+    images = rng.random((2, *shape, 3), dtype=np.float32)                  # [0, 1]
     want_pool, want_logits = _torch_features(reference, images)
-    pool3, logits = jax.jit(InceptionV3().apply)({"params": flax_params}, images)
+    pool3, logits = features.inception_outputs(images * 2 - 1, weights_path, batch_size=2)
     assert pool3.shape == (2, 2048) and logits.shape == (2, 1008)
-    assert _rel(np.asarray(pool3), want_pool) < 1e-4
-    assert _rel(np.asarray(logits), want_logits) < 1e-4
+    assert _rel(pool3, want_pool) < 1e-4
+    assert _rel(logits, want_logits) < 1e-4
     # the two images differ, so the agreement is not about a constant output
     assert _rel(want_pool[0], want_pool[1]) > 1e-2
+
+
+def test_module_matches_pytorch_fid_without_resize(reference, flax_params):
+    """The module itself, resize off, on the 75x75 minimum input (cheap: 16x fewer pixels)."""
+    images = np.random.default_rng(2).random((2, 75, 75, 3), dtype=np.float32)
+    model = reference[0]
+    model.resize_input = False
+    try:
+        want_pool, want_logits = _torch_features(reference, images)
+    finally:
+        model.resize_input = True
+    pool3, logits = jax.jit(InceptionV3(resize=False).apply)({"params": flax_params}, images)
+    assert _rel(np.asarray(pool3), want_pool) < 1e-4
+    assert _rel(np.asarray(logits), want_logits) < 1e-4
 
 
 def test_converter_round_trip_is_exact(reference, flax_params):
@@ -134,17 +157,19 @@ def test_converter_round_trip_is_exact(reference, flax_params):
     assert all(np.array_equal(back[k], sd[k]) for k in back)
 
 
-def test_fid_matches_pytorch_fid(reference, flax_params, tmp_path):
+# The Frechet distance of 2048-d features takes a 2048x2048 matrix square root on each side
+# (~1 min each on a 2-core machine): the default run compares the first 64 pool3 features, the
+# slow run all of them.
+@pytest.mark.parametrize("dim", [64, pytest.param(2048, marks=pytest.mark.slow)])
+def test_fid_matches_pytorch_fid(reference, weights_path, dim):
     rng = np.random.default_rng(1)
-    a = rng.random((4, 64, 64, 3), dtype=np.float32)
-    b = np.clip(a[::-1] * 0.7 + 0.2 * rng.random((4, 64, 64, 3), dtype=np.float32), 0, 1)
-    fa, fb = _torch_features(reference, a)[0], _torch_features(reference, b)[0]
+    a = rng.random((6, 64, 67, 3), dtype=np.float32)
+    b = np.clip(a[::-1] * 0.7 + 0.2 * rng.random(a.shape, dtype=np.float32), 0, 1)
+    fa, fb = _torch_features(reference, a)[0][:, :dim], _torch_features(reference, b)[0][:, :dim]
     want = pytorch_fid_score.calculate_frechet_distance(
         fa.mean(0), np.cov(fa, rowvar=False), fb.mean(0), np.cov(fb, rowvar=False))
-    path = str(tmp_path / "inception.safetensors")
-    save_file({k: np.ascontiguousarray(v) for k, v in reference[2].items()}, path)
-    ga = features.inception_features(a * 2 - 1, path, batch_size=2)        # model space [-1, 1]
-    gb = features.inception_features(b * 2 - 1, path, batch_size=2)
+    ga = features.inception_features(a * 2 - 1, weights_path, batch_size=2)[:, :dim]   # model space
+    gb = features.inception_features(b * 2 - 1, weights_path, batch_size=2)[:, :dim]
     got = distribution.fid(stats.from_features(ga), stats.from_features(gb))
     assert want > 1e-3
     assert abs(got - want) / want < 1e-3, (got, want)
