@@ -129,6 +129,7 @@ def test_pool3_and_logits_match_pytorch_fid(reference, weights_path, shape):
     images = rng.random((2, *shape, 3), dtype=np.float32)                  # [0, 1]
     want_pool, want_logits = _torch_features(reference, images)
     pool3, logits = features.inception_outputs(images * 2 - 1, weights_path, batch_size=2)
+    print(f"{shape}: pool3 rel {_rel(pool3, want_pool):.2e}, logits rel {_rel(logits, want_logits):.2e}")
     assert pool3.shape == (2, 2048) and logits.shape == (2, 1008)
     assert _rel(pool3, want_pool) < 1e-4
     assert _rel(logits, want_logits) < 1e-4
@@ -146,6 +147,7 @@ def test_module_matches_pytorch_fid_without_resize(reference, flax_params):
     finally:
         model.resize_input = True
     pool3, logits = jax.jit(InceptionV3(resize=False).apply)({"params": flax_params}, images)
+    print(f"75x75 no resize: pool3 rel {_rel(np.asarray(pool3), want_pool):.2e}")
     assert _rel(np.asarray(pool3), want_pool) < 1e-4
     assert _rel(np.asarray(logits), want_logits) < 1e-4
 
@@ -171,6 +173,7 @@ def test_fid_matches_pytorch_fid(reference, weights_path, dim):
     ga = features.inception_features(a * 2 - 1, weights_path, batch_size=2)[:, :dim]   # model space
     gb = features.inception_features(b * 2 - 1, weights_path, batch_size=2)[:, :dim]
     got = distribution.fid(stats.from_features(ga), stats.from_features(gb))
+    print(f"FID {dim}-d: jaxdiff {got:.6f}, pytorch-fid {want:.6f}")
     assert want > 1e-3
     assert abs(got - want) / want < 1e-3, (got, want)
 
@@ -202,3 +205,20 @@ def test_converter_refusals(reference, tmp_path):
     with mock.patch("builtins.open", side_effect=AssertionError("opened")), \
             pytest.raises(CheckpointError, match="is a pickle; jaxdiff never unpickles"):
         convert.load_inception(str(pth))
+
+
+def test_fid_pooling_quirks_change_the_features(reference, flax_params):
+    """The parity above is not trivial: with PyTorch's default average pool (padded zeros
+    counted), as torchvision's Inception uses, the same weights give other features."""
+    from jaxdiff.models import inception
+
+    images = np.random.default_rng(2).random((2, 75, 75, 3), dtype=np.float32)
+    apply = InceptionV3(resize=False).apply
+    fid_pool = np.asarray(apply({"params": flax_params}, images)[0])
+
+    def zeros_counted(x):
+        return inception.nn.avg_pool(x, (3, 3), (1, 1), ((1, 1), (1, 1)), count_include_pad=True)
+
+    with mock.patch.object(inception, "avg_pool_valid_only", zeros_counted):
+        other = np.asarray(apply({"params": flax_params}, images)[0])
+    assert _rel(other, fid_pool) > 1e-3
