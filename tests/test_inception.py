@@ -30,8 +30,9 @@ def _import_torchvision():
         import torchvision
         return
     except ImportError:
-        pytest.skip("the parity tests need torchvision and pytorch-fid (the test extra)",
-                    allow_module_level=True)
+        pytest.skip("the pytorch-fid parity tests need pytorch-fid and torchvision, which are not in the test "
+                    "extra (a CUDA torchvision beside the CPU torch breaks transformers' imports); see the "
+                    "README's Evaluation section for the one-line private install that runs them")
     except (RuntimeError, OSError):
         for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
             del sys.modules[name]
@@ -45,9 +46,14 @@ def _import_torchvision():
     package.models = sys.modules["torchvision.models"]
 
 
-_import_torchvision()
-pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
-pytorch_fid_score = pytest.importorskip("pytorch_fid.fid_score")
+pytorch_fid_inception = pytorch_fid_score = None
+
+
+def _import_pytorch_fid():
+    global pytorch_fid_inception, pytorch_fid_score
+    _import_torchvision()
+    pytorch_fid_inception = pytest.importorskip("pytorch_fid.inception")
+    pytorch_fid_score = pytest.importorskip("pytorch_fid.fid_score")
 
 
 def _randomise(module, seed):
@@ -71,6 +77,7 @@ def _randomise(module, seed):
 def reference():
     """(pytorch-fid's InceptionV3 returning pool3, its fc layer, the state dict) with random
     weights; fid_inception_v3's weight download and load are patched out."""
+    _import_pytorch_fid()
     built = {}
     original = pytorch_fid_inception.fid_inception_v3
 
