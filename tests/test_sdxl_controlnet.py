@@ -12,10 +12,18 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
-from test_pipeline_sdxl import LATENT, N, PROMPT, SIZE, STEPS, _noise, _torch  # noqa: E402
-from test_pipeline_sdxl import tiny  # noqa: E402, F401  (the module fixture: folder, pipeline, components)
+from test_pipeline_sdxl import (
+    LATENT,
+    PROMPT,
+    SIZE,
+    STEPS,
+    N,
+    _noise,
+    _torch,
+    tiny,  # noqa: F401  (the module fixture: folder, pipeline, components)
+)
 
-from jaxdiff.pipelines.stable_diffusion import StableDiffusion  # noqa: E402
+from jaxdiff.pipelines.stable_diffusion import StableDiffusion
 
 SCALE = 0.8
 
@@ -84,7 +92,9 @@ def test_sdxl_controlnet_img2img_matches_diffusers(tiny, controlnet, pipe, monke
     """StableDiffusionXLControlNetImg2ImgPipeline, encoding with the posterior mean and given
     noise (diffusers draws both from a torch generator)."""
     from diffusers.models.autoencoders import vae as dvae
-    from diffusers.pipelines.controlnet import pipeline_controlnet_sd_xl_img2img as xl_i2i
+    from diffusers.pipelines.controlnet import (
+        pipeline_controlnet_sd_xl_img2img as xl_i2i,
+    )
 
     noise = _noise(5)
     monkeypatch.setattr(dvae.DiagonalGaussianDistribution, "sample", lambda self, generator=None: self.mode())
@@ -114,7 +124,8 @@ def test_new_control_images_scales_prompts_and_time_ids_never_recompile(pipe):
         outs = [pipe("a dog", negative_prompt="a bird", prompt_2="a cat", control_image=_control(3),
                      controlnet_conditioning_scale=0.3, original_size=(64, 48), crops_coords_top_left=(3, 1),
                      target_size=(8, 24), **run),
-                pipe(PROMPT, control_image=np.asarray(_control(2)), controlnet_conditioning_scale=SCALE,
+                pipe(PROMPT, negative_prompt="a dog", control_image=np.asarray(_control(2)),
+                     controlnet_conditioning_scale=SCALE,
                      control_guidance_end=0.5, guess_mode=True, **run)]
     assert not later.compiles and not later.traces, (later.compiles, later.traces)
     for out in outs:
@@ -122,3 +133,93 @@ def test_new_control_images_scales_prompts_and_time_ids_never_recompile(pipe):
     with Count() as other:                               # the counter sees a compile when there is one
         pipe(PROMPT, control_image=_control(2), num_steps=STEPS, num_images=1, output_type="latent")
     assert other.compiles
+
+
+# ---------------------------------------------------------------------------------------------
+# a kohya SDXL LoRA with the ControlNet
+
+
+def _ldm(module: str) -> str:
+    """The LDM / sgm name kohya writes for a diffusers module of the tiny SDXL U-Net (two levels,
+    one ResNet per down level, two per up level): down_blocks.1.attentions.0.proj_in ->
+    input_blocks.3.1.proj_in, up_blocks.1.resnets.0.conv1 -> output_blocks.2.0.in_layers.2."""
+    resnet = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1"}
+    parts = module.split(".")
+    if parts[0] == "mid_block":
+        kind, j, rest = parts[1], int(parts[2]), parts[3:]
+        block = f"middle_block.{1 if kind == 'attentions' else 2 * j}"
+    else:
+        level, kind, j, rest = int(parts[1]), parts[2], int(parts[3]), parts[4:]
+        index = 1 + 2 * level + j if parts[0] == "down_blocks" else 2 * level + j
+        block = f"{'input' if parts[0] == 'down_blocks' else 'output'}_blocks.{index}.{0 if kind == 'resnets' else 1}"
+    if kind == "resnets":
+        rest = [resnet[rest[0]]]
+    return ".".join([block, *rest])
+
+
+def _kohya_xl(layers: dict) -> dict:
+    """kohya's SDXL file of the PEFT state dicts `layers` ({part: (state, config)}): lora_unet_
+    with LDM names, lora_te1_ / lora_te2_ with transformers names, "_" for ".", alpha tensors."""
+    out = {}
+    for part, (state, config) in layers.items():
+        for key, value in state.items():
+            module, kind = key.rsplit(".lora_", 1)
+            if part == "unet":
+                name = "lora_unet_" + _ldm(module).replace(".", "_")
+            else:
+                name = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}[part] + "text_model_" + \
+                    module.removeprefix("text_model.").replace(".", "_")
+            out[f"{name}.lora_{'down' if kind.startswith('A') else 'up'}.weight"] = value.contiguous()
+            out[f"{name}.alpha"] = torch.tensor(float(config["lora_alpha"]))
+    return out
+
+
+def test_kohya_sdxl_lora_with_the_controlnet_matches_diffusers(tiny, controlnet, tmp_path, monkeypatch):  # noqa: F811
+    """A kohya SDXL LoRA (U-Net in LDM names, both text encoders) built from a PEFT LoRA, on the
+    SDXL ControlNet pipeline, against diffusers with the PEFT file (diffusers' own kohya reader
+    drops text-encoder attention LoRAs under transformers 5: see tests/test_lora.py)."""
+    import transformers.integrations.peft as integration
+    from safetensors.torch import save_file
+    from test_lora import TEXT_TARGETS, UNET_TARGETS, _lora_layers
+
+    monkeypatch.setattr(integration, "check_peft_version", lambda min_version=None: None)   # as test_lora
+    folder, _, components = tiny
+    # alpha / rank 1/4 on the U-Net keeps the tiny network well-conditioned (test_pipeline_sdxl)
+    layers = {"unet": _lora_layers(components["unet"], UNET_TARGETS, 4, 1, seed=30),
+              "text_encoder": _lora_layers(components["text_encoder"], TEXT_TARGETS, 2, 3, seed=31),
+              "text_encoder_2": _lora_layers(components["text_encoder_2"], TEXT_TARGETS, 2, 4, seed=32)}
+    diffusers.StableDiffusionXLPipeline.save_lora_weights(
+        str(tmp_path / "peft"), **{f"{k}_lora_layers": v[0] for k, v in layers.items()},
+        **{f"{k}_lora_adapter_metadata": v[1] for k, v in layers.items()})
+    kohya = _kohya_xl(layers)
+    for prefix in ("lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+                   "lora_te2_text_model_encoder_layers_2_mlp_fc1",
+                   "lora_unet_input_blocks_3_1_transformer_blocks_1_attn2_to_k",
+                   "lora_unet_middle_block_2_in_layers_2", "lora_unet_middle_block_1_proj_in",
+                   "lora_unet_output_blocks_3_0_emb_layers_1"):
+        assert f"{prefix}.alpha" in kohya, prefix
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    save_file({k: v for k, v in kohya.items() if k.startswith("lora_unet_")}, str(tmp_path / "unet.safetensors"))
+
+    ref = diffusers.StableDiffusionXLControlNetPipeline.from_pretrained(str(folder), controlnet=controlnet[1],
+                                                                       add_watermarker=False)
+    ref.set_progress_bar_config(disable=True)
+    ref.load_lora_weights(str(tmp_path / "peft"))
+    noise, control = _noise(7), _control(9)
+    run = dict(control_image=control, controlnet_conditioning_scale=SCALE, num_images=N, guidance_scale=5.0,
+               output_type="np")
+    theirs = ref(PROMPT, image=control, controlnet_conditioning_scale=SCALE, num_inference_steps=STEPS,
+                 num_images_per_prompt=N, guidance_scale=5.0, output_type="np", latents=_torch(noise),
+                 cross_attention_kwargs={"scale": 0.7}).images
+    ours_pipe = StableDiffusion.from_pretrained(folder, controlnet=controlnet[0])
+    plain = ours_pipe(PROMPT, num_steps=STEPS, latents=noise, **run)
+    ours_pipe.load_lora(tmp_path / "kohya.safetensors", scale=0.7)
+    ours = ours_pipe(PROMPT, num_steps=STEPS, latents=noise, **run)
+    np.testing.assert_allclose(ours, theirs, atol=1e-3)                        # measured ~2e-6
+    assert np.abs(ours - plain).max() > 0.05
+    # the text encoders' LoRAs count: the U-Net's alone give another picture
+    ours_pipe.unload_lora()
+    ours_pipe.load_lora(tmp_path / "unet.safetensors", scale=0.7)
+    unet_only = ours_pipe(PROMPT, num_steps=STEPS, latents=noise, **run)
+    assert np.abs(ours - unet_only).max() > 0.05                                # measured 6e-2
+    assert np.abs(unet_only - plain).max() > 5e-3                               # measured 1.6e-2, 1e4 x the error
