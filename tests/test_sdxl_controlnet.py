@@ -83,7 +83,16 @@ def test_sdxl_controlnet_matches_diffusers(tiny, controlnet, pipe):  # noqa: F81
         assert np.abs(out - off).max() > 0.05, case     # the control changes the image
     for i in (2, 3):                                      # guess mode and the window matter
         assert np.abs(outs[0] - outs[i]).max() > 0.05, cases[i]
-    # so do the time ids, which reach the U-Net and the ControlNet: they move this tiny model's
+    # no height / width: the control image's size (24x24), which is also the default original_size
+    big = Image.fromarray((np.random.RandomState(2).rand(24, 24, 3) * 255).astype(np.uint8))
+    noise = np.random.RandomState(8).randn(N, 12, 12, 4).astype(np.float32)
+    ours = pipe(PROMPT, control_image=big, controlnet_conditioning_scale=SCALE, num_steps=STEPS, num_images=N,
+                latents=noise, output_type="np", guidance_scale=5.0)
+    theirs = ref(PROMPT, image=big, controlnet_conditioning_scale=SCALE, num_inference_steps=STEPS,
+                 num_images_per_prompt=N, latents=_torch(noise), output_type="np", guidance_scale=5.0).images
+    assert ours.shape == (N, 24, 24, 3)
+    np.testing.assert_allclose(ours, theirs, atol=1e-3)
+    # the time ids, which reach the U-Net and the ControlNet: they move this tiny model's
     # picture by ~9e-3, thousands of times the parity error above
     assert np.abs(outs[0] - outs[4]).max() > 1e-3
 
