@@ -1,5 +1,8 @@
 """ControlNet for the Stable Diffusion front end, as diffusers' `StableDiffusionControlNetPipeline`
-(and its `MultiControlNetModel`: the residuals of several ControlNets are summed).
+(and its `MultiControlNetModel`: the residuals of several ControlNets are summed) and, for SDXL,
+`StableDiffusionXLControlNetPipeline`: an SDXL ControlNet reads the U-Net's micro-conditioning
+(text_embeds, time_ids; with guess mode, the conditional half's only), and original_size defaults
+to the control image's size, which is also the output size when height / width are not given.
 
     pipe = jaxdiff.StableDiffusion.from_pretrained(folder, controlnet="controlnet-canny")   # or [paths]
     images = pipe("a bird", control_image=edges, controlnet_conditioning_scale=0.8,
