@@ -10,6 +10,7 @@
     jaxdiff convert  --single_file model.safetensors --out SD_FOLDER [--tokenizer DIR]
                      [--prediction_type v_prediction]
     jaxdiff export   RUN_DIR --out SD_FOLDER [--step N] [--no-ema]
+    jaxdiff export-lora LORA_RUN_DIR --out FILE_OR_DIR [--step N] [--no-ema]
     jaxdiff COMMAND --help     every flag of COMMAND (for train: every config key and its value)
     jaxdiff --version
 
@@ -381,6 +382,28 @@ def _export(argv: list[str]) -> int:
     return 0
 
 
+def _export_lora_parser() -> _Parser:
+    parser = _Parser(prog="jaxdiff export-lora",
+                     description="Write the adapters of a LoRA run (a config with a lora section, e.g. "
+                                 "experiments/digits_lora.py) as diffusers' pytorch_lora_weights.safetensors, "
+                                 "loadable by load_lora_weights and StableDiffusion.load_lora.")
+    parser.add_argument("run", metavar="RUN_DIR", help="the LoRA run's work dir (or its checkpoints/ or one step folder)")
+    parser.add_argument("--out", required=True, metavar="FILE_OR_DIR",
+                        help="a .safetensors file, or a folder to hold pytorch_lora_weights.safetensors")
+    parser.add_argument("--step", type=_nonnegative_int, default=None, help="the step to export (default: latest)")
+    parser.add_argument("--no-ema", action="store_true", help="export the raw adapters, not the EMA ones")
+    return parser
+
+
+def _export_lora(argv: list[str]) -> int:
+    args = _export_lora_parser().parse_args(argv)
+
+    from jaxdiff.train.lora import export_lora
+
+    print(f"wrote {export_lora(args.run, args.out, args.step, ema=not args.no_ema)}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # generate
 # --------------------------------------------------------------------------------------------
@@ -448,13 +471,15 @@ def _generate(argv: list[str]) -> int:
 # main
 # --------------------------------------------------------------------------------------------
 
-COMMANDS = {"train": _train, "sample": _sample, "generate": _generate, "convert": _convert, "export": _export}
+COMMANDS = {"train": _train, "sample": _sample, "generate": _generate, "convert": _convert, "export": _export,
+            "export-lora": _export_lora}
 # What to lower when a command runs out of host memory.
 _LOWER = {"train": "lower --config.data.batch_size or the image size",
           "sample": "ask for fewer images (--num)",
           "generate": "ask for fewer (--num) or smaller (--height / --width) images",
           "convert": "convert on a machine with more memory",
-          "export": "export on a machine with more memory"}
+          "export": "export on a machine with more memory",
+          "export-lora": "export on a machine with more memory"}
 
 
 def _synopsis() -> str:

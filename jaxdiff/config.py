@@ -272,6 +272,42 @@ def _check_choice(cfg, key: str, choices) -> None:
         raise ConfigError(f"config key {key} must be one of {', '.join(map(str, choices))}, got {v!r}; {fix}")
 
 
+# A LoRA run's `lora.targets` (diffusers' module names; `train/lora.py` maps them to kernels) and
+# `lora.style` (what the adapter learns from the base's captioned images; "" = the images as they are).
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "ff", "proj")
+LORA_STYLES = ("", "bold")
+
+
+def _check_lora(cfg) -> None:
+    """The `lora` section: base folder, rank, alpha, targets, style, keep, text_encoder."""
+    base = _lookup(cfg, "lora.base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config key lora.base must name a Stable Diffusion folder (what `jaxdiff export` "
+                          f"writes), got {base!r}; set --config.lora.base=FOLDER")
+    if not os.path.isdir(base):
+        raise ConfigError(f"config key lora.base: {base} is not a folder; export a latent text run with "
+                          "`jaxdiff export RUN --out FOLDER` and pass --config.lora.base=FOLDER")
+    _check_int(cfg, "lora.rank", 1, "a positive integer (the adapters' rank r)")
+    _check_float(cfg, "lora.alpha", 0.0, lo_open=True, must="a finite number > 0 (updates are scaled by alpha / rank)")
+    targets = _lookup(cfg, "lora.targets")
+    if isinstance(targets, str) or not isinstance(targets, (list, tuple)) or not targets:
+        raise _bad("lora.targets", targets, f"a non-empty list of layer names from {', '.join(LORA_TARGETS)}")
+    for t in targets:
+        if t not in LORA_TARGETS:
+            close = difflib.get_close_matches(str(t), LORA_TARGETS, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise ConfigError(f"config key lora.targets holds {t!r}{hint}; valid layer names: {', '.join(LORA_TARGETS)}")
+    _check_choice(cfg, "lora.style", LORA_STYLES)
+    if cfg.lora.style and cfg.data.dataset != "captioned_digits":
+        raise ConfigError(f"config key lora.style={cfg.lora.style!r} restyles the embedded digits; it needs "
+                          f"--config.data.dataset=captioned_digits, not {cfg.data.dataset!r}")
+    _check_float(cfg, "lora.keep", 0.0, 1.0, must="a fraction in [0, 1] (of the original examples kept)")
+    if _lookup(cfg, "lora.text_encoder"):
+        raise ConfigError("config key lora.text_encoder=True: text-encoder adapters are not trained yet; "
+                          "set --config.lora.text_encoder=False")
+    _check_float(cfg, "text.dropout", 0.0, 1.0, must="a probability in [0, 1]")
+
+
 def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None:
     """Refuse a config the trainer cannot run, before anything is loaded or compiled.
 
@@ -282,6 +318,7 @@ def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None
     `diffusion.label_dropout`, `model.dropout`, `text.dropout`), NaN or infinite float knobs
     (`sample.guidance_scale`, betas, min-SNR gamma, ...), and names that are not known (model,
     dtype, schedule, prediction type, remat policy, sharding rules, the sample sampler). With
+    `lora` section (a LoRA run), its base folder, rank, alpha, target and style names. With
     `workdir`, also a work dir that cannot be written (probed with a temporary file, in the
     work dir or, when it does not exist yet, in its nearest existing parent: nothing is left
     behind).
@@ -343,6 +380,8 @@ def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None
         _check_float(cfg, "vae.kl_weight", 0.0, must="a finite number >= 0")
     if "text" in cfg:
         _check_float(cfg, "text.dropout", 0.0, 1.0, must="a probability in [0, 1]")
+    if "lora" in cfg:
+        _check_lora(cfg)
 
     if workdir is not None:
         check_writable(workdir)

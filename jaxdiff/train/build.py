@@ -110,14 +110,27 @@ def is_latent_text(cfg: ml_collections.ConfigDict) -> bool:
     return "vae" in cfg
 
 
+def is_lora(cfg: ml_collections.ConfigDict) -> bool:
+    """A config with a `lora` section trains adapters on a frozen base (`train/lora.py`)."""
+    return "lora" in cfg
+
+
 def build_task(cfg: ml_collections.ConfigDict, mesh, *, workdir: str | None = None, process_index=None,
                process_count=None):
-    """This process's task (see `train/task.py`): pixels (`jaxdiff.data.build`), or for a config
+    """This process's task (see `train/task.py`): pixels (`jaxdiff.data.build`), for a config with
+    a `lora` section the adapters' task over a frozen base (`lora.build_task`), or for a config
     with a `vae` section cached latents and caption states (`latent.build`, which keeps its
     frozen parts and caches in `workdir`)."""
     local_batch = sharding_lib.check_batch_size(cfg.data.batch_size, mesh)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
+    if is_lora(cfg):
+        from jaxdiff.train import lora
+
+        if workdir is None:
+            raise TrainingError("a LoRA config keeps its caches in the work dir: pass workdir to build_task")
+        return lora.build_task(cfg, workdir, batch_size=local_batch, process_index=process_index,
+                               process_count=process_count)
     if is_latent_text(cfg):
         from jaxdiff.train import latent
 
@@ -153,6 +166,8 @@ class Trainer(NamedTuple):
     abstract: the TrainState as `jax.ShapeDtypeStruct`s carrying their shardings (the target
       for restoring a checkpoint onto this mesh, or for lowering without data).
     state_sharding / batch_sharding: NamedSharding pytree of the state; the batch's sharding.
+    frozen: arrays the step reads but never trains, already on the mesh, passed after the batch:
+      `step(state, batch, *frozen)` (a LoRA run's base weights; none for full training).
     """
 
     init: Callable
@@ -160,6 +175,7 @@ class Trainer(NamedTuple):
     abstract: Any
     state_sharding: Any
     batch_sharding: Any
+    frozen: tuple = ()
 
 
 def build_trainer(cfg: ml_collections.ConfigDict, mesh, model, schedule, tx, image_shape,

@@ -34,7 +34,7 @@ from jaxdiff.errors import CheckpointError, TrainingError
 from jaxdiff.train import build
 
 # Config sections that must agree between a run and the checkpoint it resumes from.
-_RESUME_SECTIONS = ("model", "diffusion", "data", "vae", "text")
+_RESUME_SECTIONS = ("model", "diffusion", "data", "vae", "text", "lora")
 
 
 def _check_resumable(saved: dict, cfg) -> None:
@@ -99,8 +99,9 @@ def _compile_step(trainer: build.Trainer, batch: dict):
     """The train step compiled for `batch`'s shapes, before the first step runs; then wait for
     every process: on CPU (gloo) the first collective gives up after 30 s, less than the
     compile-time skew between busy hosts."""
-    batch_abs = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), batch)
-    compiled = trainer.step.lower(trainer.abstract, batch_abs).compile()
+    def abstract(tree):
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
+    compiled = trainer.step.lower(trainer.abstract, abstract(batch), *abstract(trainer.frozen)).compile()
     sharding_lib.barrier("jaxdiff_train_step_compiled")
     return compiled
 
@@ -178,11 +179,18 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding_lib.mesh_from_config(cfg.mesh, devices)
     task = build.build_task(cfg, mesh, workdir=workdir)
-    model = build.build_model(cfg, task.image_shape, task.num_classes, task.context_dim)
     schedule = build.build_schedule(cfg)
     tx = build.build_optimizer(cfg)
+    if build.is_lora(cfg):
+        from jaxdiff.train import lora
+
+        model = task.model                        # the base's U-Net: only adapters train
+        trainer = lora.build_trainer(cfg, mesh, task, schedule, tx)
+        write_samples = None                      # samples come from the exported adapter (export-lora)
+    else:
+        model = build.build_model(cfg, task.image_shape, task.num_classes, task.context_dim)
+        trainer = build.build_trainer(cfg, mesh, model, schedule, tx, task.image_shape, task.condition(cfg, model))
     config_json = build.run_config_json(cfg, task.image_shape, model.num_classes, task.context_dim)
-    trainer = build.build_trainer(cfg, mesh, model, schedule, tx, task.image_shape, task.condition(cfg, model))
     run = build.Run(cfg=cfg, workdir=workdir, task=task, model=model, schedule=schedule, progress=progress)
     _say(f"data: {task.summary}")
 
@@ -227,7 +235,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
         while step < total:
             if batch is None:
                 batch = sharding_lib.shard_batch(next(iterator), mesh)
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch, *trainer.frozen)
             batch = None
             step += 1
             # Count a step when it has finished, keeping one step in flight: the bar moves with

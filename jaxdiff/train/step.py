@@ -127,14 +127,17 @@ def make_loss_fn(apply_fn: Callable, alphas_cumprod: jax.Array, *, prediction_ty
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
                     ema_decay: float = 0.999) -> Callable:
-    """Build `train_step(state, batch) -> (state, metrics)` from a `make_loss_fn` loss.
+    """Build `train_step(state, batch, *frozen) -> (state, metrics)` from a `make_loss_fn` loss.
 
     The step's randomness is `fold_in(state.rng, state.step)`: a function of the step alone.
+    frozen: arguments the loss reads but never trains, passed on as `loss_fn(params, batch, key,
+    *frozen)` (a LoRA run's base weights, `train/lora.py`); none for full training. They are
+    arguments rather than closed-over constants so the jitted step takes them as (sharded) inputs.
     """
 
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: dict, *frozen) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state.rng, state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, key)
+        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, key, *frozen)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(
