@@ -58,6 +58,12 @@ def cn_run(base, tmp_path_factory):
     return run, state
 
 
+@pytest.fixture(scope="module")
+def task(base, cn_run):
+    """The run's task (read once: the base, the cached latents and states, the controls)."""
+    return _task(base, cn_run[0])
+
+
 def test_controls_follow_the_digit():
     """Edges: the Sobel magnitude against its closed form on a square; skeleton: a 3-pixel-wide bar
     thins to its one-pixel centre line."""
@@ -79,9 +85,8 @@ def test_controls_follow_the_digit():
         cn_train.control_images("canny", img)
 
 
-def test_state_and_checkpoint_hold_only_the_controlnet(base, cn_run):
+def test_state_and_checkpoint_hold_only_the_controlnet(task, cn_run):
     run, state = cn_run
-    task = _task(base, run)
     net = task.controlnet
     fresh = cn_train.init_params(net, task.base_params, jax.random.PRNGKey(0))
     cn_shapes = {p: np.shape(v) for p, v in lora_lib.flat(fresh).items()}
@@ -97,11 +102,10 @@ def test_state_and_checkpoint_hold_only_the_controlnet(base, cn_run):
     assert decoder and not any(p.split("/", 1)[1] in decoder for p in big if "/" in p)  # no U-Net decoder saved
 
 
-def test_init_copies_the_encoder_and_the_controlled_unet_is_the_base(base, cn_run):
+def test_init_copies_the_encoder_and_the_controlled_unet_is_the_base(task, cn_run):
     """At step 0 the ControlNet's shared weights are the U-Net's (as diffusers' from_unet) and its
     zero convolutions make the controlled U-Net equal the base bit for bit; after training it does not."""
-    run, state = cn_run
-    task = _task(base, run)
+    _, state = cn_run
     net, unet, params = task.controlnet, task.model, jax.tree.map(jnp.asarray, task.base_params)
     fresh = cn_train.init_params(net, params, jax.random.PRNGKey(3))
     shared = [k for k in fresh if k not in cn_train.OWN]
@@ -117,13 +121,11 @@ def test_init_copies_the_encoder_and_the_controlled_unet_is_the_base(base, cn_ru
     assert float(jnp.abs(trained - plain).max()) > 1e-3
 
 
-def test_the_base_is_an_input_of_the_compiled_step(base, cn_run):
+def test_the_base_is_an_input_of_the_compiled_step(base, task):
     """The step takes the base's arrays as (non-donated) arguments: a changed base changes the
     loss without a recompile, and the base survives the step."""
-    run, _ = cn_run
     cfg = _cn_config(base)
     mesh = sharding_lib.make_mesh()
-    task = _task(base, run)
     trainer = cn_train.build_trainer(cfg, mesh, task, build.build_schedule(cfg), build.build_optimizer(cfg))
     batch = sharding_lib.shard_batch(next(task.iterator()), mesh)
     (frozen,) = trainer.frozen
@@ -139,7 +141,7 @@ def test_resume_is_bit_exact(base, tmp_path):
     assert_resumes_bit_exact(_cn_config(base), tmp_path / "full", tmp_path / "split", stop_at=2)
 
 
-def test_exported_controlnet_loads_in_diffusers_and_draws_what_jaxdiff_draws(base, cn_run, tmp_path):
+def test_exported_controlnet_loads_in_diffusers_and_draws_what_jaxdiff_draws(base, cn_run, task, tmp_path):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     from jaxdiff.pipelines.stable_diffusion import StableDiffusion
@@ -151,7 +153,6 @@ def test_exported_controlnet_loads_in_diffusers_and_draws_what_jaxdiff_draws(bas
     sd = ref_net.state_dict()
     np.testing.assert_array_equal(sd["controlnet_mid_block.weight"].numpy()[:, :, 0, 0],
                                   np.asarray(state.params["zero_mid"]["conv_0"]["kernel"])[0, 0].T)
-    task = _task(base, run)
     controls = task.controls[:2]                                          # [2, 16, 16, 3] in [0, 1]
     noise = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
     kwargs = {"num_steps": 6, "guidance_scale": 3.0, "latents": noise, "output_type": "np"}
