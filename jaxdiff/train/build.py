@@ -15,7 +15,7 @@ same builders to rebuild a saved run's network for sampling.
 from __future__ import annotations
 
 import json
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +28,9 @@ from jaxdiff.errors import ConfigError, TrainingError
 from jaxdiff.models import unet as unet_lib
 from jaxdiff.train import state as state_lib
 from jaxdiff.train import task as task_lib
+from jaxdiff.train.state import (
+    Trainer,  # defined beside TrainState; build.Trainer stays
+)
 from jaxdiff.train.step import make_loss_fn, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -81,10 +84,7 @@ def build_schedule(cfg: ml_collections.ConfigDict):
 
 
 def build_optimizer(cfg: ml_collections.ConfigDict):
-    o = cfg.optim
-    return state_lib.make_optimizer(o.learning_rate, warmup_steps=o.warmup_steps,
-                                    decay_steps=o.decay_steps, weight_decay=o.weight_decay,
-                                    b1=o.b1, b2=o.b2, grad_clip=o.grad_clip)
+    return state_lib.optimizer_from_config(cfg)
 
 
 def init_state_fn(model, tx, image_shape, seed: int):
@@ -172,27 +172,6 @@ def run_config_json(cfg, image_shape, num_classes, context_dim=None) -> str:
     if context_dim is not None:
         saved["data_signature"]["context_dim"] = context_dim
     return json.dumps(saved, indent=2, sort_keys=True)
-
-
-class Trainer(NamedTuple):
-    """The compiled pieces of a run on one mesh.
-
-    init: `() -> TrainState`, the fresh state, already laid out on the mesh.
-    step: `(state, batch) -> (state, metrics)`, jitted with the state's shardings; the input
-      state is donated.
-    abstract: the TrainState as `jax.ShapeDtypeStruct`s carrying their shardings (the target
-      for restoring a checkpoint onto this mesh, or for lowering without data).
-    state_sharding / batch_sharding: NamedSharding pytree of the state; the batch's sharding.
-    frozen: arrays the step reads but never trains, already on the mesh, passed after the batch:
-      `step(state, batch, *frozen)` (a LoRA or ControlNet run's base weights; none for full training).
-    """
-
-    init: Callable
-    step: Callable
-    abstract: Any
-    state_sharding: Any
-    batch_sharding: Any
-    frozen: tuple = ()
 
 
 def build_trainer(cfg: ml_collections.ConfigDict, mesh, model, schedule, tx, image_shape,

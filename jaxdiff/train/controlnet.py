@@ -243,14 +243,13 @@ def export_controlnet(path: str | os.PathLike, out: str | os.PathLike, step: int
     from jaxdiff.convert import controlnet as controlnet_convert
     from jaxdiff.convert import unet as unet_convert
     from jaxdiff.errors import CheckpointError
-    from jaxdiff.train.build import build_optimizer, is_controlnet
 
     directory, found = resolve(os.fspath(path))
     step = found if step is None else step
     ckpt = Checkpointer(directory, read_only=True)
     try:
         cfg = config_lib.from_json(json.dumps(ckpt.read_config(step)))
-        if not is_controlnet(cfg):
+        if "controlnet" not in cfg:
             raise CheckpointError(f"{path} is not a ControlNet run (its config has no controlnet section)")
         folder = os.path.join(cfg.controlnet.base, "unet")
         if not os.path.isdir(folder):
@@ -258,7 +257,7 @@ def export_controlnet(path: str | os.PathLike, out: str | os.PathLike, step: int
                                   "trained against it; restore the base folder or point controlnet.base at it)")
         unet, base = unet_convert.load(folder)
         net = make_controlnet(unet, cfg)
-        make_init = init_state_fn(net, cfg, build_optimizer(cfg), None)
+        make_init = init_state_fn(net, cfg, state_lib.optimizer_from_config(cfg), None)
         abstract = jax.eval_shape(lambda b: make_init(b)(), frozen_base.abstract_base(base))
         mesh = sharding_lib.inference_mesh("dp", jax.local_devices())
         state, _ = ckpt.restore(sharding_lib.with_shardings(abstract, sharding_lib.tree_shardings(abstract, mesh, "dp")),

@@ -31,6 +31,7 @@ import numpy as np
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.errors import ConfigError
 from jaxdiff.train import frozen, latent
+from jaxdiff.train.state import Trainer
 from jaxdiff.train.step import make_train_step
 
 
@@ -84,13 +85,11 @@ def abstract_base(base_params):
 
 def build_trainer(cfg: ml_collections.ConfigDict, mesh, base_params, make_init, loss, tx, *,
                   init_reads_base: bool = False):
-    """The `build.Trainer` of a frozen-base run: the state is what `make_init(base)` creates,
+    """The `Trainer` of a frozen-base run: the state is what `make_init(base)` creates,
     `frozen` = (the base on the mesh,), the step `make_train_step(loss)` with the base a sharded,
     non-donated argument. init_reads_base: `make_init(base)()` reads the base's values (a
     ControlNet copies the U-Net's encoder), so `Trainer.init` passes the placed base in;
     otherwise only its shapes."""
-    from jaxdiff.train.build import Trainer
-
     rules = sharding_lib.get_rules(cfg.mesh.rules)
     base_abstract = abstract_base(base_params)
     base_sharding = sharding_lib.tree_shardings(base_abstract, mesh, rules)

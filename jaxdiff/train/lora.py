@@ -174,14 +174,13 @@ def export_lora(path: str | os.PathLike, out: str | os.PathLike, step: int | Non
     from jaxdiff.convert import lora as lora_convert
     from jaxdiff.convert import unet as unet_convert
     from jaxdiff.errors import CheckpointError
-    from jaxdiff.train.build import build_optimizer, is_lora
 
     directory, found = resolve(os.fspath(path))
     step = found if step is None else step
     ckpt = Checkpointer(directory, read_only=True)
     try:
         cfg = config_lib.from_json(json.dumps(ckpt.read_config(step)))
-        if not is_lora(cfg):
+        if "lora" not in cfg:
             raise CheckpointError(f"{path} is not a LoRA run (its config has no lora section); export a "
                                   "latent text run with `jaxdiff export` instead")
         folder = os.path.join(cfg.lora.base, "unet")
@@ -189,7 +188,7 @@ def export_lora(path: str | os.PathLike, out: str | os.PathLike, step: int | Non
             raise CheckpointError(f"{path}: the run's base U-Net folder {folder} is missing (the adapters "
                                   "are saved against it; restore the base folder or point lora.base at it)")
         unet, base = unet_convert.load(folder)
-        abstract = jax.eval_shape(init_state_fn(frozen_base.abstract_base(base), build_optimizer(cfg), cfg))
+        abstract = jax.eval_shape(init_state_fn(frozen_base.abstract_base(base), state_lib.optimizer_from_config(cfg), cfg))
         mesh = sharding_lib.inference_mesh("dp", jax.local_devices())
         state, _ = ckpt.restore(sharding_lib.with_shardings(abstract, sharding_lib.tree_shardings(abstract, mesh, "dp")),
                                 step)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.struct
 import jax
@@ -48,3 +49,31 @@ def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, decay_steps: 
              optax.constant_schedule(learning_rate)], [max(warmup_steps, 1)])
     adam = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
     return optax.chain(optax.clip_by_global_norm(grad_clip), adam) if grad_clip > 0 else adam
+
+
+def optimizer_from_config(cfg):
+    """`make_optimizer` with the config's `optim` section."""
+    o = cfg.optim
+    return make_optimizer(o.learning_rate, warmup_steps=o.warmup_steps, decay_steps=o.decay_steps,
+                          weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, grad_clip=o.grad_clip)
+
+
+class Trainer(NamedTuple):
+    """The compiled pieces of a run on one mesh.
+
+    init: `() -> TrainState`, the fresh state, already laid out on the mesh.
+    step: `(state, batch) -> (state, metrics)`, jitted with the state's shardings; the input
+      state is donated.
+    abstract: the TrainState as `jax.ShapeDtypeStruct`s carrying their shardings (the target
+      for restoring a checkpoint onto this mesh, or for lowering without data).
+    state_sharding / batch_sharding: NamedSharding pytree of the state; the batch's sharding.
+    frozen: arrays the step reads but never trains, already on the mesh, passed after the batch:
+      `step(state, batch, *frozen)` (a LoRA or ControlNet run's base weights; none for full training).
+    """
+
+    init: Callable
+    step: Callable
+    abstract: Any
+    state_sharding: Any
+    batch_sharding: Any
+    frozen: tuple = ()
