@@ -12,7 +12,7 @@ The base is a digits_text run exported as a Stable Diffusion folder (`controlnet
 ControlNet (the base U-Net's encoder, copied, with zero convolutions; the base, its autoencoder
 and text encoder stay frozen) learns from each digit's Sobel edge map (`controlnet.control`,
 "edges"; or its one-pixel skeleton) under the digit's own caption, 10% of captions dropped to ""
-for guidance. The last `controlnet.holdout` digits are never trained on.
+for guidance. `controlnet.holdout` digits (every 25th) are never trained on.
 
 Run as a script, this file trains the ControlNet (resuming the work dir when it holds a run),
 writes it as a diffusers folder (WORKDIR/controlnet), and draws `digits_controlnet.png`: one
@@ -47,7 +47,7 @@ def get_config():
         "control": "edges",            # jaxdiff.config.CONTROLNET_CONTROLS lists the kinds
         "init": "unet",                # the base U-Net's encoder (diffusers' ControlNetModel.from_unet)
         "embedding_channels": (16, 32),  # two widths: one halving, 16x16 control -> 8x8 latents
-        "holdout": 200,                # the last 200 digits are never trained on
+        "holdout": 200,                # every 25th digit is never trained on
     }
     c.optim.learning_rate = 1e-3
     c.optim.warmup_steps = 20
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     folder = cn_train.export_controlnet(args.workdir, os.path.join(args.workdir, "controlnet"))
 
     # Held-out digits: `per_digit` of each class, in class order.
-    _, (images, labels, _, _) = cn_train.split(cfg, cn_train.load_examples(cfg))
+    _, (images, labels) = cn_train.split(cfg, cn_train.load_examples(cfg)[:2])
     pick = np.concatenate([np.flatnonzero(labels == d)[:args.per_digit] for d in range(10)])
     images, labels = images[pick], labels[pick]
     controls = cn_train.control_images(cfg.controlnet.control, images)                 # [N, H, W, 3]

@@ -331,7 +331,7 @@ def _check_controlnet(cfg) -> None:
             or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)):
         raise _bad("controlnet.embedding_channels", channels, "a non-empty list of positive integers (the control "
                    "embedding's widths; its length - 1 halvings take the image to the latent size)")
-    _check_int(cfg, "controlnet.holdout", 0, "an integer >= 0 (the last examples, kept out of training)")
+    _check_int(cfg, "controlnet.holdout", 0, "an integer >= 0 (examples kept out of training)")
     _check_float(cfg, "text.dropout", 0.0, 1.0, must="a probability in [0, 1]")
 
 

@@ -85,6 +85,19 @@ def test_controls_follow_the_digit():
         cn_train.control_images("canny", img)
 
 
+def test_held_out_digits_span_every_class_and_are_never_trained_on():
+    cfg = config_lib.load(EXPERIMENT)
+    arrays = cn_train.load_examples(cfg)[:3]
+    (train_images, train_labels, _), (held_images, held_labels, _) = cn_train.split(cfg, arrays)
+    assert len(held_labels) == cfg.controlnet.holdout and len(train_labels) + len(held_labels) == len(arrays[1])
+    assert np.bincount(held_labels, minlength=10).min() >= cfg.controlnet.holdout // 10 - 1   # the set is sorted by class
+    seen = {im.tobytes() for im in train_images}
+    assert sum(im.tobytes() in seen for im in held_images) <= 1        # (a duplicate digit at most)
+    cfg.controlnet.holdout = len(arrays[1])
+    with pytest.raises(ConfigError, match="leaves nothing to train on"):
+        cn_train.split(cfg, arrays)
+
+
 def test_state_and_checkpoint_hold_only_the_controlnet(task, cn_run):
     run, state = cn_run
     net = task.controlnet

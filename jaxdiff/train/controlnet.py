@@ -24,8 +24,9 @@ classifier-free guidance works with the ControlNet attached.
 
 Controls (`controlnet.control`), from each image [H, W, 1] in [-1, 1], as RGB [H, W, 3] in [0, 1]:
 "edges" the Sobel gradient magnitude divided by its largest value in the image; "skeleton" the
-digit's strokes (pixels above mid-grey) thinned to one pixel (Zhang & Suen 1984). The last
-`controlnet.holdout` examples are kept out of training (for the experiment's grid).
+digit's strokes (pixels above mid-grey) thinned to one pixel (Zhang & Suen 1984).
+`controlnet.holdout` examples, spread over the set, are kept out of training (for the
+experiment's grid).
 """
 
 from __future__ import annotations
@@ -191,13 +192,17 @@ def load_examples(cfg: ml_collections.ConfigDict):
 
 
 def split(cfg: ml_collections.ConfigDict, arrays):
-    """(training part, held-out part) of each array: the last `controlnet.holdout` rows are held out."""
-    n = len(arrays[0])
-    if cfg.controlnet.holdout >= n:
-        raise ConfigError(f"config key controlnet.holdout={cfg.controlnet.holdout} leaves nothing to train on "
+    """(training part, held-out part) of each per-example array: `controlnet.holdout` rows, every
+    (N // holdout)-th from the first, are held out (the embedded digits are sorted by class, so a
+    stride keeps every class in both parts)."""
+    n, k = len(arrays[0]), cfg.controlnet.holdout
+    if k >= n:
+        raise ConfigError(f"config key controlnet.holdout={k} leaves nothing to train on "
                           f"({n} examples); set --config.controlnet.holdout below {n}")
-    cut = n - cfg.controlnet.holdout
-    return [a[:cut] for a in arrays], [a[cut:] for a in arrays]
+    held = np.zeros(n, bool)
+    if k:
+        held[np.arange(k) * (n // k)] = True
+    return [a[~held] for a in arrays], [a[held] for a in arrays]
 
 
 def build_task(cfg: ml_collections.ConfigDict, workdir: str, *, batch_size: int, process_index: int,
@@ -205,7 +210,8 @@ def build_task(cfg: ml_collections.ConfigDict, workdir: str, *, batch_size: int,
     """Read the base folder, cache latents and caption states in `workdir`, derive the controls
     and build the batches {"image": latents, "label", "caption", "context", "control"}."""
     unet, unet_params, fparts = frozen_base.read_base(cfg, cfg.controlnet.base)
-    images, labels, caption_ids, captions = split(cfg, load_examples(cfg))[0]
+    images, labels, caption_ids, captions = load_examples(cfg)
+    (images, labels, caption_ids), _ = split(cfg, (images, labels, caption_ids))
     lat, states, null = frozen_base.cache_latents_and_texts(workdir, fparts, images, captions)
     net = make_controlnet(unet, cfg)
     if images.shape[1] != lat.shape[1] * net.control_factor:
