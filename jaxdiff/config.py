@@ -308,6 +308,33 @@ def _check_lora(cfg) -> None:
     _check_float(cfg, "text.dropout", 0.0, 1.0, must="a probability in [0, 1]")
 
 
+# A ControlNet run's `controlnet.control` (what control image is derived from each training image,
+# `train/controlnet.py`) and `controlnet.init` ("unet": the base U-Net's encoder, as diffusers'
+# ControlNetModel.from_unet; "random": a fresh encoder; the zero convolutions start at zero either way).
+CONTROLNET_CONTROLS = ("edges", "skeleton")
+CONTROLNET_INITS = ("unet", "random")
+
+
+def _check_controlnet(cfg) -> None:
+    """The `controlnet` section: base folder, control, init, embedding channels, held-out count."""
+    base = _lookup(cfg, "controlnet.base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config key controlnet.base must name a Stable Diffusion folder (what `jaxdiff export` "
+                          f"writes), got {base!r}; set --config.controlnet.base=FOLDER")
+    if not os.path.isdir(base):
+        raise ConfigError(f"config key controlnet.base: {base} is not a folder; export a latent text run with "
+                          "`jaxdiff export RUN --out FOLDER` and pass --config.controlnet.base=FOLDER")
+    _check_choice(cfg, "controlnet.control", CONTROLNET_CONTROLS)
+    _check_choice(cfg, "controlnet.init", CONTROLNET_INITS)
+    channels = _lookup(cfg, "controlnet.embedding_channels")
+    if (not isinstance(channels, (list, tuple)) or not channels
+            or not all(isinstance(c, int) and not isinstance(c, bool) and c > 0 for c in channels)):
+        raise _bad("controlnet.embedding_channels", channels, "a non-empty list of positive integers (the control "
+                   "embedding's widths; its length - 1 halvings take the image to the latent size)")
+    _check_int(cfg, "controlnet.holdout", 0, "an integer >= 0 (examples kept out of training)")
+    _check_float(cfg, "text.dropout", 0.0, 1.0, must="a probability in [0, 1]")
+
+
 def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None:
     """Refuse a config the trainer cannot run, before anything is loaded or compiled.
 
@@ -318,7 +345,8 @@ def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None
     `diffusion.label_dropout`, `model.dropout`, `text.dropout`), NaN or infinite float knobs
     (`sample.guidance_scale`, betas, min-SNR gamma, ...), and names that are not known (model,
     dtype, schedule, prediction type, remat policy, sharding rules, the sample sampler). With
-    `lora` section (a LoRA run), its base folder, rank, alpha, target and style names. With
+    `lora` section (a LoRA run), its base folder, rank, alpha, target and style names; with a
+    `controlnet` section, its base folder, control and init names, embedding widths. With
     `workdir`, also a work dir that cannot be written (probed with a temporary file, in the
     work dir or, when it does not exist yet, in its nearest existing parent: nothing is left
     behind).
@@ -382,6 +410,11 @@ def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None
         _check_float(cfg, "text.dropout", 0.0, 1.0, must="a probability in [0, 1]")
     if "lora" in cfg:
         _check_lora(cfg)
+    if "controlnet" in cfg:
+        if "lora" in cfg:
+            raise ConfigError("a config has a lora or a controlnet section, not both; delete one "
+                              "(--config.lora or --config.controlnet)")
+        _check_controlnet(cfg)
 
     if workdir is not None:
         check_writable(workdir)

@@ -28,7 +28,7 @@ from jaxdiff.errors import ConfigError, TrainingError
 from jaxdiff.models import unet as unet_lib
 from jaxdiff.train import state as state_lib
 from jaxdiff.train import task as task_lib
-from jaxdiff.train.state import Trainer
+from jaxdiff.train.state import Trainer  # noqa: F401  (defined beside TrainState; build.Trainer stays)
 from jaxdiff.train.step import make_loss_fn, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -82,10 +82,7 @@ def build_schedule(cfg: ml_collections.ConfigDict):
 
 
 def build_optimizer(cfg: ml_collections.ConfigDict):
-    o = cfg.optim
-    return state_lib.make_optimizer(o.learning_rate, warmup_steps=o.warmup_steps,
-                                    decay_steps=o.decay_steps, weight_decay=o.weight_decay,
-                                    b1=o.b1, b2=o.b2, grad_clip=o.grad_clip)
+    return state_lib.optimizer_from_config(cfg)
 
 
 def init_state_fn(model, tx, image_shape, seed: int):
@@ -116,21 +113,38 @@ def is_lora(cfg: ml_collections.ConfigDict) -> bool:
     return "lora" in cfg
 
 
+def is_controlnet(cfg: ml_collections.ConfigDict) -> bool:
+    """A config with a `controlnet` section trains a ControlNet on a frozen base (`train/controlnet.py`)."""
+    return "controlnet" in cfg
+
+
+def frozen_base_module(cfg: ml_collections.ConfigDict):
+    """The module that trains one part on a frozen base for this config (`train/lora.py`,
+    `train/controlnet.py`; both have `build_task` and `build_trainer`), or None for full training."""
+    if is_controlnet(cfg):
+        from jaxdiff.train import controlnet
+        return controlnet
+    if is_lora(cfg):
+        from jaxdiff.train import lora
+        return lora
+    return None
+
+
 def build_task(cfg: ml_collections.ConfigDict, mesh, *, workdir: str | None = None, process_index=None,
                process_count=None):
     """This process's task (see `train/task.py`): pixels (`jaxdiff.data.build`), for a config with
-    a `lora` section the adapters' task over a frozen base (`lora.build_task`), or for a config
+    a `lora` or `controlnet` section the task over a frozen base (`lora.build_task`,
+    `controlnet.build_task`), or for a config
     with a `vae` section cached latents and caption states (`latent.build`, which keeps its
     frozen parts and caches in `workdir`)."""
     local_batch = sharding_lib.check_batch_size(cfg.data.batch_size, mesh)
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    if is_lora(cfg):
-        from jaxdiff.train import lora
-
+    part = frozen_base_module(cfg)
+    if part is not None:
         if workdir is None:
-            raise TrainingError("a LoRA config keeps its caches in the work dir: pass workdir to build_task")
-        return lora.build_task(cfg, workdir, batch_size=local_batch, process_index=process_index,
+            raise TrainingError("a LoRA or ControlNet config keeps its caches in the work dir: pass workdir to build_task")
+        return part.build_task(cfg, workdir, batch_size=local_batch, process_index=process_index,
                                process_count=process_count)
     if is_latent_text(cfg):
         from jaxdiff.train import latent

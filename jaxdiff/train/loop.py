@@ -34,7 +34,7 @@ from jaxdiff.errors import CheckpointError, TrainingError
 from jaxdiff.train import build
 
 # Config sections that must agree between a run and the checkpoint it resumes from.
-_RESUME_SECTIONS = ("model", "diffusion", "data", "vae", "text", "lora")
+_RESUME_SECTIONS = ("model", "diffusion", "data", "vae", "text", "lora", "controlnet")
 
 
 def _check_resumable(saved: dict, cfg) -> None:
@@ -181,12 +181,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
     task = build.build_task(cfg, mesh, workdir=workdir)
     schedule = build.build_schedule(cfg)
     tx = build.build_optimizer(cfg)
-    if build.is_lora(cfg):
-        from jaxdiff.train import lora
-
-        model = task.model                        # the base's U-Net: only adapters train
-        trainer = lora.build_trainer(cfg, mesh, task, schedule, tx)
-        write_samples = None                      # samples come from the exported adapter (export-lora)
+    part = build.frozen_base_module(cfg)
+    if part is not None:
+        model = task.model                        # the base's U-Net: only the adapters / ControlNet train
+        trainer = part.build_trainer(cfg, mesh, task, schedule, tx)
+        write_samples = None                      # samples come from the exported part (export-lora, ...)
     else:
         model = build.build_model(cfg, task.image_shape, task.num_classes, task.context_dim)
         trainer = build.build_trainer(cfg, mesh, model, schedule, tx, task.image_shape, task.condition(cfg, model))

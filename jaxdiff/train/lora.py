@@ -34,7 +34,6 @@ captions stay as they were.
 
 from __future__ import annotations
 
-import os
 import re
 
 import jax
@@ -43,14 +42,13 @@ import ml_collections
 import numpy as np
 
 from jaxdiff import data as data_lib
-from jaxdiff import sharding as sharding_lib
 from jaxdiff.config import LORA_STYLES, LORA_TARGETS
-from jaxdiff.errors import ConfigError, DataError
+from jaxdiff.errors import DataError
 from jaxdiff.models import lora as lora_lib
-from jaxdiff.train import frozen, latent
+from jaxdiff.train import frozen_base
 from jaxdiff.train import state as state_lib
 from jaxdiff.train import task as task_lib
-from jaxdiff.train.step import context_condition, make_loss_fn, make_train_step
+from jaxdiff.train.step import context_condition, make_loss_fn
 
 # diffusers module name -> the jaxdiff kernel paths it means (regular expressions, matched at the end).
 TARGETS = {
@@ -112,38 +110,18 @@ def styled_examples(cfg, images, labels, caption_ids, captions):
             np.concatenate([len(captions) + labels, caption_ids[:keep]]).astype(np.int32), all_captions)
 
 
-def check_schedule(cfg, scheduler: dict, base: str) -> None:
-    """A ConfigError unless the run's diffusion settings are the base's scheduler's."""
-    pairs = {"schedule": "beta_schedule", "num_train_timesteps": "num_train_timesteps", "beta_start": "beta_start",
-             "beta_end": "beta_end", "prediction_type": "prediction_type"}
-    for ours, theirs in pairs.items():
-        if theirs in scheduler and scheduler[theirs] != cfg.diffusion[ours]:
-            raise ConfigError(f"diffusion.{ours}={cfg.diffusion[ours]!r} but the base {base} was trained with "
-                              f"{scheduler[theirs]!r}; set --config.diffusion.{ours}={scheduler[theirs]!r}")
-
-
-class LoraTask(latent.LatentTextTask):
+class LoraTask(frozen_base.FrozenBaseTask):
     """A latent text task over the base's own parts, plus the frozen U-Net: `model` (the `UNet`
     module) and `base_params` (its tree, numpy)."""
 
     kind = task_lib.LORA
-
-    def __init__(self, dataset, *, model, base_params, **kwargs):
-        super().__init__(dataset, **kwargs)
-        self.model = model
-        self.base_params = base_params
 
 
 def build_task(cfg: ml_collections.ConfigDict, workdir: str, *, batch_size: int, process_index: int,
                process_count: int) -> LoraTask:
     """Read the base folder, cache latents and caption states in `workdir` and build the batches
     (see the module docstring); `batch_size` is the per-process batch."""
-    from jaxdiff.convert import folder as folder_convert
-
-    parts = folder_convert.load_pretrained(cfg.lora.base)
-    check_schedule(cfg, parts["scheduler"], cfg.lora.base)
-    (unet, unet_params), (vae, vae_params), (text, text_params) = parts["unet"], parts["vae"], parts["text_encoder"]
-    fparts = frozen.FrozenParts(vae, vae_params, text, text_params, parts["tokenizer"])
+    unet, unet_params, fparts = frozen_base.read_base(cfg, cfg.lora.base)
     examples, captions = data_lib.load_examples(
         cfg.data.dataset, image_size=data_lib.resolve_image_size(cfg.data.dataset, cfg.data.image_size),
         channels=cfg.data.channels or None, data_dir=cfg.data.data_dir or None)
@@ -152,13 +130,7 @@ def build_task(cfg: ml_collections.ConfigDict, workdir: str, *, batch_size: int,
                         "(e.g. --config.data.dataset=captioned_digits)")
     images, labels, caption_ids, captions = styled_examples(
         cfg, examples["image"], examples["label"], examples["caption"], captions)
-    writer = jax.process_index() == 0
-    cache = os.path.join(workdir, latent.CACHE_DIR)
-    lat = latent._cached(os.path.join(cache, latent.LATENTS_FILE),
-                         lambda: {"latents": latent.encode_images(fparts, images)}, writer)["latents"]
-    text_cache = latent._cached(os.path.join(cache, latent.TEXT_FILE), lambda: {
-        "states": frozen.embed_texts(fparts, captions), "null": frozen.embed_texts(fparts, [""])[0]}, writer)
-    states, null = text_cache["states"], text_cache["null"]                  # [K, S, D], [S, D]
+    lat, states, null = frozen_base.cache_latents_and_texts(workdir, fparts, images, captions)  # [N, h, w, c], [K, S, D], [S, D]
     ds = data_lib.from_arrays(
         lat, labels, batch_size=batch_size, seed=cfg.seed,
         extras={"caption": caption_ids, "context": states[caption_ids]}, captions=captions,
@@ -178,22 +150,10 @@ def init_state_fn(base, tx, cfg):
 
 def build_trainer(cfg: ml_collections.ConfigDict, mesh, task: LoraTask, schedule, tx):
     """The `build.Trainer` of a LoRA run: state = adapters, `frozen` = (the base on the mesh,)."""
-    rules = sharding_lib.get_rules(cfg.mesh.rules)
-    base_abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.float32), task.base_params)
-    base_sharding = sharding_lib.tree_shardings(base_abstract, mesh, rules)
-    base = sharding_lib.place(jax.tree.map(lambda a: np.asarray(a, np.float32), task.base_params), base_sharding)
-    init = init_state_fn(base_abstract, tx, cfg)
-    abstract = jax.eval_shape(init)
-    state_sharding = sharding_lib.tree_shardings(abstract, mesh, rules)
     full_loss = make_loss_fn(task.model.apply, schedule.alphas_cumprod, prediction_type=cfg.diffusion.prediction_type,
                              min_snr_gamma=cfg.diffusion.min_snr_gamma,
                              condition=context_condition(cfg.text.dropout, task.null_context))
-    batch_sharding = sharding_lib.batch_sharding(mesh)
-    step = jax.jit(make_train_step(adapted_loss(full_loss, cfg.lora.alpha), tx, ema_decay=cfg.optim.ema_decay),
-                   donate_argnums=(0,), in_shardings=(state_sharding, batch_sharding, base_sharding),
-                   out_shardings=(state_sharding, sharding_lib.replicated(mesh)))
-    return state_lib.Trainer(init=jax.jit(init, out_shardings=state_sharding), step=step,
-                   abstract=sharding_lib.with_shardings(abstract, state_sharding),
-                   state_sharding=state_sharding, batch_sharding=batch_sharding, frozen=(base,))
+    return frozen_base.build_trainer(cfg, mesh, task.base_params, lambda base: init_state_fn(base, tx, cfg),
+                                     adapted_loss(full_loss, cfg.lora.alpha), tx)
 
 

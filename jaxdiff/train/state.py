@@ -36,7 +36,7 @@ class Trainer(NamedTuple):
       for restoring a checkpoint onto this mesh, or for lowering without data).
     state_sharding / batch_sharding: NamedSharding pytree of the state; the batch's sharding.
     frozen: arrays the step reads but never trains, already on the mesh, passed after the batch:
-      `step(state, batch, *frozen)` (a LoRA run's base weights; none for full training).
+      `step(state, batch, *frozen)` (a LoRA or ControlNet run's base weights; none for full training).
     """
 
     init: Callable
@@ -71,3 +71,10 @@ def make_optimizer(learning_rate: float, *, warmup_steps: int = 0, decay_steps: 
              optax.constant_schedule(learning_rate)], [max(warmup_steps, 1)])
     adam = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
     return optax.chain(optax.clip_by_global_norm(grad_clip), adam) if grad_clip > 0 else adam
+
+
+def optimizer_from_config(cfg):
+    """`make_optimizer` with the config's `optim` section."""
+    o = cfg.optim
+    return make_optimizer(o.learning_rate, warmup_steps=o.warmup_steps, decay_steps=o.decay_steps,
+                          weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, grad_clip=o.grad_clip)

@@ -3,7 +3,8 @@ only thing the trainer asks about the data:
 
     kind          "pixel" (images and class labels) | "latent_text" (autoencoder latents and
                   caption states; see `train/latent.py`) | "lora" (the same over a frozen
-                  Stable Diffusion base, training adapters only; see `train/lora.py`)
+                  Stable Diffusion base, training adapters only; see `train/lora.py`) |
+                  "controlnet" (the same, training a ControlNet; see `train/controlnet.py`)
     image_shape   (H, W, C) of what the network denoises (pixels, or latents)
     num_classes   the number of classes (None: no labels)
     context_dim   width D of the text context (None: no text)
@@ -26,6 +27,7 @@ from jaxdiff.train.step import label_condition
 PIXEL = "pixel"
 LATENT_TEXT = "latent_text"
 LORA = "lora"
+CONTROLNET = "controlnet"
 
 
 class Task(Protocol):
