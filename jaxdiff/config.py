@@ -278,15 +278,21 @@ LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out", "ff", "proj")
 LORA_STYLES = ("", "bold")
 
 
+def _check_base(cfg, section: str) -> None:
+    """`SECTION.base` of a LoRA / ControlNet run: an existing folder (a Stable Diffusion folder)."""
+    key = f"{section}.base"
+    base = _lookup(cfg, key)
+    if not isinstance(base, str) or not base:
+        raise ConfigError(f"config key {key} must name a Stable Diffusion folder (what `jaxdiff export` "
+                          f"writes), got {base!r}; set --config.{key}=FOLDER")
+    if not os.path.isdir(base):
+        raise ConfigError(f"config key {key}: {base} is not a folder; export a latent text run with "
+                          f"`jaxdiff export RUN --out FOLDER` and pass --config.{key}=FOLDER")
+
+
 def _check_lora(cfg) -> None:
     """The `lora` section: base folder, rank, alpha, targets, style, keep, text_encoder."""
-    base = _lookup(cfg, "lora.base")
-    if not isinstance(base, str) or not base:
-        raise ConfigError(f"config key lora.base must name a Stable Diffusion folder (what `jaxdiff export` "
-                          f"writes), got {base!r}; set --config.lora.base=FOLDER")
-    if not os.path.isdir(base):
-        raise ConfigError(f"config key lora.base: {base} is not a folder; export a latent text run with "
-                          "`jaxdiff export RUN --out FOLDER` and pass --config.lora.base=FOLDER")
+    _check_base(cfg, "lora")
     _check_int(cfg, "lora.rank", 1, "a positive integer (the adapters' rank r)")
     _check_float(cfg, "lora.alpha", 0.0, lo_open=True, must="a finite number > 0 (updates are scaled by alpha / rank)")
     targets = _lookup(cfg, "lora.targets")
@@ -317,13 +323,7 @@ CONTROLNET_INITS = ("unet", "random")
 
 def _check_controlnet(cfg) -> None:
     """The `controlnet` section: base folder, control, init, embedding channels, held-out count."""
-    base = _lookup(cfg, "controlnet.base")
-    if not isinstance(base, str) or not base:
-        raise ConfigError(f"config key controlnet.base must name a Stable Diffusion folder (what `jaxdiff export` "
-                          f"writes), got {base!r}; set --config.controlnet.base=FOLDER")
-    if not os.path.isdir(base):
-        raise ConfigError(f"config key controlnet.base: {base} is not a folder; export a latent text run with "
-                          "`jaxdiff export RUN --out FOLDER` and pass --config.controlnet.base=FOLDER")
+    _check_base(cfg, "controlnet")
     _check_choice(cfg, "controlnet.control", CONTROLNET_CONTROLS)
     _check_choice(cfg, "controlnet.init", CONTROLNET_INITS)
     channels = _lookup(cfg, "controlnet.embedding_channels")

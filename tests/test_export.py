@@ -8,9 +8,9 @@ import jax
 import numpy as np
 import pytest
 from conftest import run_cli, train_tiny_run
+from test_latent_train import _tiny_config as latent_train_config
 
 import jaxdiff
-from jaxdiff import config as config_lib
 from jaxdiff import data as data_lib
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.checkpoint import Checkpointer, resolve
@@ -20,22 +20,12 @@ from jaxdiff.pipelines.export import export_run
 from jaxdiff.pipelines.stable_diffusion import StableDiffusion
 from jaxdiff.train import build, loop
 
-EXPERIMENT = os.path.join(os.path.dirname(__file__), "..", "experiments", "digits_text.py")
 PROMPTS = ["a handwritten seven", "the digit 3"]
 
 
 def _tiny_config():
-    c = config_lib.load(EXPERIMENT)
-    c.vae.block_out_channels = (8, 16)
-    c.vae.steps = 2
-    c.vae.batch_size = 8
-    c.text.hidden_size = 16
-    c.text.intermediate_size = 32
-    c.text.num_layers = 1
-    c.text.num_heads = 2
-    c.model.unet.base_channels = 16
-    c.model.unet.num_heads = 2
-    c.data.batch_size = 8
+    c = latent_train_config()                   # tests/test_latent_train.py's shrunk digits_text
+    c.model.unet.attention_levels = (0, 1)      # cross-attention at both levels, as the experiment
     c.train.steps = 4
     c.train.log_every = 2
     c.train.checkpoint_every = 4
