@@ -15,12 +15,12 @@ base + LoRA, on the new and the old captions) and scores them: the digit classif
 `jaxdiff.metrics.digits` says whether the digits stay right, and the ink fraction (pixels above
 mid-grey) measures the strokes' thickness against the real digits and their bold versions.
 
-Measured (docs/digits_lora_eval.json; base: digits_text stopped at step 1,553 of 2,000; LoRA:
-600 steps of batch 32: 8 min 14 s in all on a heavily shared 2-core CPU (96 s compile, 4 min 26 s of steps); 40 images per set at
-guidance 4, 25 DDIM steps): "a bold <digit>" went from 12.5% right digits and ink 0.197 (the
-base has never seen "bold") to 47.5% right and ink 0.300 (real digits 0.133, their bold
-versions 0.289, on which the classifier is 88.5% right); the old captions went from 92.5% right,
-ink 0.158, to 85.0%, ink 0.190. Grids: docs/digits_lora_new.png and docs/digits_lora_old.png.
+Measured (docs/digits_lora_eval.json; base: a full digits_text run, 2,000 steps; LoRA: 600
+steps of batch 32; the five commands above took 6 min 17 s from a fresh clone on a 2-core CPU;
+40 images per set at guidance 4, 25 DDIM steps): "a bold <digit>" went from 15% right digits and
+ink 0.187 (the base has never seen "bold") to 57.5% right and ink 0.278 (real digits 0.133, their
+bold versions 0.289, on which the classifier is 88.5% right); the old captions went from 100%
+right, ink 0.148, to 97.5%, ink 0.171. Grids: docs/digits_lora_new.png and docs/digits_lora_old.png.
 """
 
 import argparse
