@@ -42,9 +42,9 @@ import numpy as np
 from jaxdiff import data as data_lib
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.config import CONTROLNET_CONTROLS
-from jaxdiff.errors import ConfigError, DataError
+from jaxdiff.errors import ConfigError
 from jaxdiff.models.controlnet import ControlNet
-from jaxdiff.train import frozen_base
+from jaxdiff.train import frozen_base, latent
 from jaxdiff.train import state as state_lib
 from jaxdiff.train import task as task_lib
 from jaxdiff.train.step import context_condition, make_loss_fn
@@ -182,12 +182,7 @@ class ControlNetTask(frozen_base.FrozenBaseTask):
 
 def load_examples(cfg: ml_collections.ConfigDict):
     """(images, labels, caption ids, captions) of the whole captioned set."""
-    examples, captions = data_lib.load_examples(
-        cfg.data.dataset, image_size=data_lib.resolve_image_size(cfg.data.dataset, cfg.data.image_size),
-        channels=cfg.data.channels or None, data_dir=cfg.data.data_dir or None)
-    if captions is None or "caption" not in examples:
-        raise DataError(f"dataset {cfg.data.dataset!r} has no captions; ControlNet training needs a captioned set "
-                        "(e.g. --config.data.dataset=captioned_digits)")
+    examples, captions = latent.captioned_examples(cfg, "ControlNet training")
     return examples["image"], examples["label"], examples["caption"], tuple(captions)
 
 

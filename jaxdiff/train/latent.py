@@ -101,17 +101,23 @@ class LatentTextTask:
         return context_condition(cfg.text.dropout, self.null_context)
 
 
-def build(cfg: ml_collections.ConfigDict, workdir: str, *, batch_size: int, process_index: int,
-          process_count: int) -> LatentTextTask:
-    """Frozen parts, caches and the pipeline for a latent run (see the module docstring);
-    `batch_size` is the per-process batch."""
+def captioned_examples(cfg: ml_collections.ConfigDict, what: str):
+    """(examples, captions) of the whole captioned set `cfg.data` names, as `data.load_examples`
+    returns them; a set without captions is one DataError saying `what` needs them."""
     examples, captions = data_lib.load_examples(
         cfg.data.dataset, image_size=data_lib.resolve_image_size(cfg.data.dataset, cfg.data.image_size),
         channels=cfg.data.channels or None, data_dir=cfg.data.data_dir or None)
     if captions is None or "caption" not in examples:
-        raise DataError(
-            f"dataset {cfg.data.dataset!r} has no captions; text-to-image training needs a "
-            "captioned set (e.g. --config.data.dataset=captioned_digits)")
+        raise DataError(f"dataset {cfg.data.dataset!r} has no captions; {what} needs a captioned set "
+                        "(e.g. --config.data.dataset=captioned_digits)")
+    return examples, captions
+
+
+def build(cfg: ml_collections.ConfigDict, workdir: str, *, batch_size: int, process_index: int,
+          process_count: int) -> LatentTextTask:
+    """Frozen parts, caches and the pipeline for a latent run (see the module docstring);
+    `batch_size` is the per-process batch."""
+    examples, captions = captioned_examples(cfg, "text-to-image training")
     images, labels = examples["image"], examples["label"]
     parts = frozen.build_or_load(cfg, workdir, images, captions)
     writer = jax.process_index() == 0

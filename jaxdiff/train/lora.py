@@ -43,9 +43,8 @@ import numpy as np
 
 from jaxdiff import data as data_lib
 from jaxdiff.config import LORA_STYLES, LORA_TARGETS
-from jaxdiff.errors import DataError
 from jaxdiff.models import lora as lora_lib
-from jaxdiff.train import frozen_base
+from jaxdiff.train import frozen_base, latent
 from jaxdiff.train import state as state_lib
 from jaxdiff.train import task as task_lib
 from jaxdiff.train.step import context_condition, make_loss_fn
@@ -122,12 +121,7 @@ def build_task(cfg: ml_collections.ConfigDict, workdir: str, *, batch_size: int,
     """Read the base folder, cache latents and caption states in `workdir` and build the batches
     (see the module docstring); `batch_size` is the per-process batch."""
     unet, unet_params, fparts = frozen_base.read_base(cfg, cfg.lora.base)
-    examples, captions = data_lib.load_examples(
-        cfg.data.dataset, image_size=data_lib.resolve_image_size(cfg.data.dataset, cfg.data.image_size),
-        channels=cfg.data.channels or None, data_dir=cfg.data.data_dir or None)
-    if captions is None or "caption" not in examples:
-        raise DataError(f"dataset {cfg.data.dataset!r} has no captions; LoRA training needs a captioned set "
-                        "(e.g. --config.data.dataset=captioned_digits)")
+    examples, captions = latent.captioned_examples(cfg, "LoRA training")
     images, labels, caption_ids, captions = styled_examples(
         cfg, examples["image"], examples["label"], examples["caption"], captions)
     lat, states, null = frozen_base.cache_latents_and_texts(workdir, fparts, images, captions)  # [N, h, w, c], [K, S, D], [S, D]
