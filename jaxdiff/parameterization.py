@@ -10,6 +10,16 @@ and any one of them, together with x_t, determines the others. This module is th
 does these conversions: samplers use it to read a prediction, the training loss to build its
 target. Names follow diffusers' `prediction_type`.
 
+Flow matching (rectified flow: Liu et al. 2022; Esser et al. 2024, "SD3") uses a different path
+between data and noise, a straight line with the noise level sigma in [0, 1]:
+
+    x_s = (1 - sigma) x0 + sigma eps                          (`flow_interpolate`)
+    "flow_prediction"  v = dx_s / dsigma = eps - x0           (`flow_velocity`)
+
+so x0 = x_s - sigma v and eps = x_s + (1 - sigma) v (`flow_x0_eps`). The flow path is the VP path
+rescaled: x_s = (1 - sigma) x_t / sqrt(abar) with sigma_vp = sigma / (1 - sigma), which is how
+`flow_to_alpha_bar` relates a flow level to a VP one.
+
 Shapes: `x_t`, `pred`, `x0`, `eps` are `[B, ...]` (any trailing dims). `alpha_bar` may be a
 scalar, `[B]` (one level per example, broadcast over the trailing dims) or already broadcastable
 to `x_t` (e.g. `[B, 1, 1, 1]`). The `*_coefs` variants take sqrt(abar) and sqrt(1 - abar)
@@ -22,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+FLOW_PREDICTION = "flow_prediction"
 
 
 def check_prediction_type(prediction_type: str) -> str:
@@ -137,3 +148,32 @@ def target(prediction_type: str, x0, eps, alpha_bar) -> jax.Array:
     regression target of the denoising loss. `[B, ...]`."""
     a, s = coefs(alpha_bar, x0)
     return target_coefs(prediction_type, x0, eps, a, s)
+
+
+# --------------------------------------------------------------------------------------------
+# Flow matching (rectified flow) on the straight path x_s = (1 - sigma) x0 + sigma eps.
+# --------------------------------------------------------------------------------------------
+
+def flow_interpolate(x0, eps, sigma):
+    """x_s = (1 - sigma) x0 + sigma eps `[B, ...]`; sigma scalar, `[B]` or broadcastable, in [0, 1]."""
+    sigma = expand_to(jnp.asarray(sigma, jnp.float32), x0)
+    return (1.0 - sigma) * x0 + sigma * eps
+
+
+def flow_velocity(x0, eps):
+    """The flow-matching target v = eps - x0 `[B, ...]` (the velocity dx_s / dsigma)."""
+    return eps - x0
+
+
+def flow_x0_eps(v, x_s, sigma):
+    """(x0_hat, eps_hat) from a velocity prediction v at x_s: x0 = x_s - sigma v,
+    eps = x_s + (1 - sigma) v."""
+    sigma = expand_to(jnp.asarray(sigma, jnp.float32), x_s)
+    return x_s - sigma * v, x_s + (1.0 - sigma) * v
+
+
+def flow_to_alpha_bar(sigma):
+    """The VP level of the flow level sigma: x_s / (1 - sigma) = x_t / sqrt(abar) at
+    abar = (1 - sigma)^2 / ((1 - sigma)^2 + sigma^2)."""
+    sigma = jnp.asarray(sigma, jnp.float32)
+    return jnp.square(1.0 - sigma) / (jnp.square(1.0 - sigma) + jnp.square(sigma))

@@ -75,3 +75,23 @@ def test_unknown_prediction_type():
         P.target("score", x0, eps, ab)
     with pytest.raises(ValueError, match="valid"):
         P.to_x0(x0, x0, ab, "eps")
+
+
+def test_flow_conversions_recover_x0_and_eps():
+    rng = np.random.default_rng(3)
+    x0 = rng.normal(size=(4, 3, 5)).astype(np.float32)
+    eps = rng.normal(size=(4, 3, 5)).astype(np.float32)
+    sigma = np.array([0.0, 0.25, 0.7, 1.0], np.float32)
+    x_s = P.flow_interpolate(x0, eps, sigma)
+    np.testing.assert_allclose(x_s[1], 0.75 * x0[1] + 0.25 * eps[1], rtol=1e-6)
+    np.testing.assert_allclose(x_s[0], x0[0], rtol=1e-6)
+    np.testing.assert_allclose(x_s[3], eps[3], rtol=1e-6)
+    v = P.flow_velocity(x0, eps)
+    x0_hat, eps_hat = P.flow_x0_eps(v, x_s, sigma)
+    np.testing.assert_allclose(x0_hat, x0, atol=1e-5)
+    np.testing.assert_allclose(eps_hat, eps, atol=1e-5)
+    # The straight path is the VP path rescaled: x_s / (1 - sigma) = x_t / sqrt(abar).
+    abar = np.asarray(P.flow_to_alpha_bar(sigma[1:3]))
+    x_t = P.diffuse(x0[1:3], eps[1:3], abar)
+    np.testing.assert_allclose(np.asarray(x_s[1:3]) / (1 - sigma[1:3, None, None]),
+                               np.asarray(x_t) / np.sqrt(abar)[:, None, None], rtol=1e-5)
