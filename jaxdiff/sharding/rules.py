@@ -77,6 +77,16 @@ PARAMETER_RULES = (
     ParamRule("transformer / attention / feed-forward output projection", r"proj_out|fc2|net_2", ROW),
     ParamRule("normalisation", r"norm|norm_\d+|norm_out|final_norm|layer_norm\d*", NORM),
     ParamRule("token / position / class embedding", r"token_embedding|position_embedding|class_embed", EMBEDDING),
+    # Flux transformer (models/flux.py): heads and MLP over `tensor`; its attention q/k/v,
+    # proj_out and feed-forward proj_in/proj_out are named by the rules above.
+    ParamRule("Flux: token / text embedding into the model width", r"x_embed|context_embed", COLUMN),
+    ParamRule("Flux: guidance / pooled-text MLP, first layer", r"(guidance_embed|pooled_embed)/dense_0", COLUMN),
+    ParamRule("Flux: guidance / pooled-text MLP, second layer", r"(guidance_embed|pooled_embed)/dense_1", ROW),
+    ParamRule("Flux: adaLN modulation (shift / scale / gate)", r"img_mod|txt_mod|mod|out_mod", COLUMN),
+    ParamRule("Flux: text-stream attention query / key / value", r"txt_(query|key|value)", COLUMN),
+    ParamRule("Flux: text-stream attention output", r"txt_proj_out", ROW),
+    ParamRule("Flux: single-block MLP input", r"mlp_in", COLUMN),
+    ParamRule("Flux: RMS query / key norm", r"(txt_)?(query|key)_norm", NORM),
 )
 
 # Which leaves (and their rank) each layout names.
