@@ -276,3 +276,89 @@ def test_every_parameter_has_logical_axes(converted):
     assert sharding.logical_axes(("layer_0", "attn", "out", "kernel"), (D, D)) == ("mlp", "embed")
     assert sharding.logical_axes(("relative_attention_bias", "embedding"), (32, 4)) == ("vocab", "embed")
     assert sharding.logical_axes(("final_norm", "scale"), (D,)) == ("norm",)
+
+
+# ------------------------------------------------------------------------------------------
+# the tokenizer
+
+PIECES = ["<pad>", "</s>", "<unk>", "\u2581", "\u2581a", "\u2581cat", "\u2581dog", "\u2581photo",
+          "\u2581of", "\u2581the", "\u2581on", "\u2581mat", "\u2581red", "ing", "s", "ed", ",", ".",
+          *"abcdefghijklmnopqrstuvwxyz"]
+PROMPTS = ["a photo of a cat", "the red dog  on the mat, purring.", "", "  leading and trailing  ",
+           "x" * 40, "a cat " * 30, "a dog</s> on a mat", "\u00dcn\u00efcode \ufb01 dogs!"]
+
+
+def _tokenizer_backend(transformers5_form: bool):
+    """A tiny T5-style Unigram tokenizer. transformers5_form: the pipeline transformers 5 rebuilds
+    from any T5 tokenizer.json (no normaliser here, whitespace split then Metaspace); else the
+    form transformers 4.x's converter wrote (a normaliser and Metaspace alone), which transformers
+    applies as written when handed the tokenizer object."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, processors
+
+    vocab = [(p, 0.0 if i < 3 else -1.0 - (i * 7) % 5) for i, p in enumerate(PIECES)]
+    tok = tokenizers.Tokenizer(models.Unigram(vocab, unk_id=2, byte_fallback=False))
+    metaspace = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    if transformers5_form:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), metaspace])
+    else:
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(), normalizers.Strip(left=False, right=True),
+                                               normalizers.Replace(tokenizers.Regex(" {2,}"), "\u2581")])
+        tok.pre_tokenizer = metaspace
+    tok.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always", split=True)
+    tok.post_processor = processors.TemplateProcessing(single=["$A", "</s>"], special_tokens=[("</s>", 1)])
+    tok.add_special_tokens(["<pad>", "</s>", "<unk>"])
+    return tok
+
+
+def _reference_tokens(reference, prompts, length):
+    out = reference(prompts, padding="max_length", max_length=length, truncation=True)
+    return np.asarray(out["input_ids"]), np.asarray(out["attention_mask"])
+
+
+@pytest.mark.parametrize("transformers5_form", [True, False], ids=["v5-file", "v4-file"])
+def test_tokenizer_matches_t5_tokenizer_fast(tmp_path, transformers5_form):
+    from jaxdiff.models.t5_tokenizer import T5Tokenizer
+
+    transformers = pytest.importorskip("transformers")
+    backend = _tokenizer_backend(transformers5_form)
+    theirs = transformers.T5TokenizerFast(tokenizer_object=backend, eos_token="</s>", pad_token="<pad>",
+                                          unk_token="<unk>", extra_ids=0)
+    theirs.save_pretrained(tmp_path)
+    if transformers5_form:  # what a pipeline gets from the saved folder
+        theirs = transformers.T5TokenizerFast.from_pretrained(tmp_path)
+    ours = T5Tokenizer.from_dir(tmp_path)
+    assert (ours.eos_token_id, ours.pad_token_id, ours.model_max_length) == (1, 0, 512)
+    for length in (16, 7):
+        got = ours(PROMPTS, max_length=length)
+        want_ids, want_mask = _reference_tokens(theirs, PROMPTS, length)
+        np.testing.assert_array_equal(got.input_ids, want_ids)
+        np.testing.assert_array_equal(got.attention_mask, want_mask)
+        assert got.input_ids.dtype == np.int32 and got.input_ids.shape == (len(PROMPTS), length)
+    long = ours("a cat " * 30, max_length=16)
+    assert long.input_ids[0, -1] == 1 and long.attention_mask.all()  # truncated, EOS kept last
+    empty = ours("", max_length=4)
+    np.testing.assert_array_equal(empty.input_ids, [[1, 0, 0, 0]])
+    np.testing.assert_array_equal(empty.attention_mask, [[1, 0, 0, 0]])
+    assert ours.decode(ours("a photo of a cat", max_length=8).input_ids[0]) == "a photo of a cat"
+
+
+def test_tokenizer_folder_errors(tmp_path):
+    from jaxdiff.models.t5_tokenizer import T5Tokenizer
+
+    with pytest.raises(CheckpointError, match="tokenizer folder not found"):
+        T5Tokenizer.from_dir(tmp_path / "nowhere")
+    (tmp_path / "tokenizer_3").mkdir()
+    (tmp_path / "tokenizer_3" / "spiece.model").write_bytes(b"\x00")
+    with pytest.raises(CheckpointError, match=r"holds spiece.model but no tokenizer.json") as e:
+        T5Tokenizer.from_dir(tmp_path / "tokenizer_3")
+    assert "\n" not in str(e.value)
+    with pytest.raises(CheckpointError, match=r"has no tokenizer.json .*tokenizer_3/ subfolder"):
+        T5Tokenizer.from_dir(tmp_path)
+    (tmp_path / "tokenizer_3" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot read .*tokenizer.json"):
+        T5Tokenizer.from_dir(tmp_path / "tokenizer_3")
+    _tokenizer_backend(True).save(str(tmp_path / "tokenizer_3" / "tokenizer.json"))
+    (tmp_path / "tokenizer_3" / "special_tokens_map.json").write_text(json.dumps({"pad_token": "<blank>"}))
+    with pytest.raises(CheckpointError, match="the pad token '<blank>' is not in the tokenizer's vocabulary"):
+        T5Tokenizer.from_dir(tmp_path / "tokenizer_3")
