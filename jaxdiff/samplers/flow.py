@@ -54,7 +54,7 @@ def _round32(x) -> np.ndarray:
 
 def _num_train_timesteps(schedule) -> int:
     if not isinstance(schedule, (schedules.FlowSchedule, schedules.DiscreteSchedule)):
-        raise ValueError(f"flow samplers need a schedules.FlowSchedule (or a DiscreteSchedule for its "
+        raise TypeError(f"flow samplers need a schedules.FlowSchedule (or a DiscreteSchedule for its "
                          f"num_train_timesteps), got {type(schedule).__name__}")
     return schedule.num_train_timesteps
 
@@ -140,9 +140,9 @@ def euler_plan(schedule, num_steps: int, *, shift=None, use_dynamic_shifting=Non
         levels = schedules.shift_sigmas(levels, shift)
     if shift_terminal:
         levels = stretch_to_terminal(levels, float(shift_terminal))
-    levels = _round32(respace(levels, dict(use_karras_sigmas=use_karras_sigmas,
-                                           use_exponential_sigmas=use_exponential_sigmas,
-                                           use_beta_sigmas=use_beta_sigmas)))
+    levels = _round32(respace(levels, {"use_karras_sigmas": use_karras_sigmas,
+                                           "use_exponential_sigmas": use_exponential_sigmas,
+                                           "use_beta_sigmas": use_beta_sigmas}))
     if invert_sigmas:
         levels = _round32(1.0 - levels)
     timesteps = _round32(levels * T)
