@@ -162,6 +162,27 @@ def test_multistep_flow_dynamic_shift_and_discrete_schedule_match_diffusers():
     _assert_match(ours, _reference(scheduler, 7, noise))
 
 
+def test_dpmpp_flow_mu_matches_diffusers():
+    """mu with dynamic shifting: the reference sets flow_shift = e^mu."""
+    noise = _noise()
+    scheduler = diffusers.DPMSolverMultistepScheduler(num_train_timesteps=T, use_flow_sigmas=True,
+                                                      use_dynamic_shifting=True, prediction_type="flow_prediction")
+    ours = _ours("dpmpp_2m", schedules.flow(T, use_dynamic_shifting=True), 6, noise, mu=0.9,
+                 prediction_type="flow_prediction")
+    _assert_match(ours, _reference(scheduler, 6, noise, mu=0.9))
+
+
+def test_flow_schedule_matches_the_reference_training_levels():
+    for shift in (1.0, 3.0):
+        scheduler = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=T, shift=shift)
+        schedule = schedules.flow(T, shift=shift)
+        np.testing.assert_allclose(np.asarray(schedule.sigmas)[::-1], scheduler.sigmas.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(schedule.timesteps)[::-1], scheduler.timesteps.numpy(), rtol=1e-6)
+    flux = schedules.flow(T, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    assert schedules.flow_mu(flux, 256) == pytest.approx(0.5) and schedules.flow_mu(flux, 4096) == pytest.approx(1.15)
+    assert schedules.flow_mu(flux, 1024) == pytest.approx(0.5 + 0.65 * 768 / 3840)
+
+
 def test_the_options_matter():
     """Parity above cannot be trivial: shift, spacing and order each change the trajectory."""
     noise = _noise()
