@@ -187,10 +187,11 @@ def _train(argv: list[str]) -> int:
     config_lib.validate(cfg, workdir)          # before anything is built (train() checks again)
     _maybe_init_distributed(args)
 
-    from jaxdiff.pipelines import write_run_samples
+    from jaxdiff.pipelines import evaluate, write_run_samples
     from jaxdiff.train import loop
 
-    state = loop.train(cfg, workdir, progress=not args.no_progress, write_samples=write_run_samples)
+    state = loop.train(cfg, workdir, progress=not args.no_progress, write_samples=write_run_samples,
+                       evaluate=evaluate.evaluate_run)
     if int(state.step) < cfg.train.steps:  # preempted: saved, message printed, resume later
         return 0
     written = [f"{what} in {path}" for what, path in (("samples", os.path.join(workdir, "samples.png")),

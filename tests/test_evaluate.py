@@ -78,3 +78,23 @@ def test_cli_eval_writes_the_report(run_dir, tmp_path):
     assert "fid" in proc.stdout and "min" in proc.stdout
     bad = run_cli("eval", "--checkpoint", run_dir, "--metric", "fdi")
     assert bad.returncode == 2 and "unknown metric" in bad.stderr and len(bad.stderr.strip().splitlines()) <= 2
+
+
+def test_training_evaluates_the_ema_weights(small_config, tmp_path):
+    """train.eval_every: FID-digits rows in metrics.jsonl at those steps and at the end, from the
+    EMA weights the trainer hands over (equal to evaluating the saved run afterwards)."""
+    from jaxdiff.train import loop
+
+    cfg = small_config
+    cfg.train.steps, cfg.train.eval_every, cfg.train.checkpoint_every = 4, 2, 4
+    cfg.eval.num = 16
+    loop.train(cfg, str(tmp_path), progress=False, write_samples=None, evaluate=evaluate.evaluate_run)
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval_fid_digits" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    model = jaxdiff.load(str(tmp_path))
+    again = evaluate.evaluate(model, num=16, seeds=[cfg.seed], sampler=cfg.sample.sampler,
+                              num_steps=cfg.sample.steps, guidance_scale=cfg.sample.guidance_scale)
+    assert evals[-1]["eval_fid_digits"] == pytest.approx(again["fid"]["min"], rel=1e-5)
+    assert evals[0]["eval_fid_digits"] != evals[1]["eval_fid_digits"]
+    assert (tmp_path / "loss.png").exists()

@@ -141,3 +141,24 @@ def format_report(report: dict) -> str:
 def is_finite_report(report: dict) -> bool:
     return all(math.isfinite(v) for k in ("fid", "kid", "precision", "recall") if k in report
                for v in report[k]["per_seed"])
+
+
+def evaluate_run(run, params) -> dict[str, float]:
+    """The trainer's evaluation (`jaxdiff.train.loop.train(..., evaluate=evaluate_run)`): FID-digits
+    of `run.cfg.eval.num` images drawn with `params` (the EMA weights) as the sample grid is drawn
+    (its sampler, steps, guidance and the run's seed) -> {"fid_digits": value}. Runs whose images
+    the shipped feature network cannot read (not digit-sized, or not a pixel run) get {}."""
+    from jaxdiff.pipelines import pixel
+    from jaxdiff.train import task as task_lib
+
+    cfg = run.cfg
+    num = int(cfg.get("eval", {}).get("num", 0))
+    if (num < 2 or run.task.kind == task_lib.LATENT_TEXT
+            or tuple(run.task.image_shape) != features.DIGIT_IMAGE_SHAPE):
+        return {}
+    model = pixel.DiffusionModel(config=cfg, module=run.model, schedule=run.schedule, params=params,
+                                 ema_params=params, image_shape=run.task.image_shape)
+    guidance = cfg.sample.guidance_scale if model.num_classes else None
+    report = evaluate(model, metrics=("fid",), num=num, seeds=[int(cfg.seed)], sampler=cfg.sample.sampler,
+                      num_steps=cfg.sample.steps, guidance_scale=guidance)
+    return {"fid_digits": report["fid"]["min"]}

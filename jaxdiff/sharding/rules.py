@@ -77,6 +77,11 @@ PARAMETER_RULES = (
     ParamRule("transformer / attention / feed-forward output projection", r"proj_out|fc2|net_2", ROW),
     ParamRule("normalisation", r"norm|norm_\d+|norm_out|final_norm|layer_norm\d*", NORM),
     ParamRule("token / position / class embedding", r"token_embedding|position_embedding|class_embed", EMBEDDING),
+    # T5 text encoder (models/t5.py; its attention, norms and token embedding fall under the rules
+    # above). The bias table [buckets, heads] is tiny: no rule table splits it over `tensor`.
+    ParamRule("T5 feed-forward input projections", r"mlp/(wi|wi_0|wi_1)", COLUMN),
+    ParamRule("T5 feed-forward output projection", r"mlp/wo", ROW),
+    ParamRule("T5 relative position bias table", r"relative_attention_bias", EMBEDDING),
     # Flux transformer (models/flux.py): heads and MLP over `tensor`; its attention q/k/v,
     # proj_out and feed-forward proj_in/proj_out are named by the rules above.
     ParamRule("Flux: token / text embedding into the model width", r"x_embed|context_embed", COLUMN),
