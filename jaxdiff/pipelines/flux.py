@@ -173,9 +173,9 @@ class Flux:
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         self.scheduler_config = dict(scheduler_config)
-        cls = self.scheduler_config.get("_class_name")
-        if cls not in scheduler_convert.FLOW_SCHEDULERS:
-            raise CheckpointError(f"scheduler {cls!r} is not a flow-matching scheduler; a Flux model samples with "
+        kind = self.scheduler_config.get("_class_name")
+        if kind not in scheduler_convert.FLOW_SCHEDULERS:
+            raise CheckpointError(f"scheduler {kind!r} is not a flow-matching scheduler; a Flux model samples with "
                                   f"{' or '.join(scheduler_convert.FLOW_SCHEDULERS)}")
         self.schedule = scheduler_convert.schedule_from_config(self.scheduler_config)
         self.default_sampler = scheduler_convert.default_sampler(self.scheduler_config)
