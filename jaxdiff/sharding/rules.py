@@ -87,6 +87,11 @@ PARAMETER_RULES = (
     ParamRule("joint attention context query / key / value", r"context_query|context_key|context_value", COLUMN),
     ParamRule("joint attention context output", r"context_out", ROW),
     ParamRule("query / key RMS normalisation", r"norm_q|norm_k|norm_context_q|norm_context_k", NORM),
+    # T5 text encoder (models/t5.py; its attention, norms and token embedding fall under the rules
+    # above). The bias table [buckets, heads] is tiny: no rule table splits it over `tensor`.
+    ParamRule("T5 feed-forward input projections", r"mlp/(wi|wi_0|wi_1)", COLUMN),
+    ParamRule("T5 feed-forward output projection", r"mlp/wo", ROW),
+    ParamRule("T5 relative position bias table", r"relative_attention_bias", EMBEDDING),
 )
 
 # Which leaves (and their rank) each layout names.
