@@ -124,6 +124,23 @@ def test_pooled_text_context_and_time_each_change_the_output(sd3):
     assert _rel(run(**longer), out) > 1e-3
 
 
+def test_the_blocked_attention_kernel_gives_the_same_output(sd35):
+    """The joint sequence (64 image + 5 text tokens) through the online-softmax kernel in blocks of
+    16 queries and keys, padded and masked at the end, as through XLA's attention."""
+    from jaxdiff.models import flash
+
+    _, module, params, _ = sd35
+    inputs = _inputs(10, 1, 16, 16, 8)
+    out = module.clone(attention_impl="xla").apply({"params": params}, **inputs)
+    old = flash.BLOCK_Q, flash.BLOCK_K
+    flash.BLOCK_Q = flash.BLOCK_K = 16
+    try:
+        blocked = module.clone(attention_impl="blocked").apply({"params": params}, **inputs)
+    finally:
+        flash.BLOCK_Q, flash.BLOCK_K = old
+    assert _rel(blocked, np.asarray(out)) < 1e-5
+
+
 def test_bfloat16_stays_close(sd3):
     _, module, params, _ = sd3
     inputs = _inputs(7, 2, 8, 8, 4)
