@@ -290,3 +290,27 @@ def test_flow_samplers_converge_at_their_order(name, options, lo, hi):
     slope = np.polyfit(np.log(steps), np.log(errs), 1)[0]
     assert lo < slope < hi, (slope, errs)
     assert errs[-1] < 5e-3, errs
+
+
+def test_flow_scheduler_configs_convert():
+    """A folder's FlowMatch scheduler config gives the flow schedule, sampler and options diffusers uses."""
+    import warnings
+
+    from jaxdiff.convert import scheduler as scheduler_convert
+    diffusers = pytest.importorskip("diffusers")
+
+    for cls, name in ((diffusers.FlowMatchEulerDiscreteScheduler, "flow_euler"),
+                      (diffusers.FlowMatchHeunDiscreteScheduler, "flow_heun")):
+        ref = cls(shift=3.0)
+        config = dict(ref.config, _class_name=cls.__name__)
+        schedule = scheduler_convert.schedule_from_config(config)
+        assert isinstance(schedule, schedules.FlowSchedule)
+        np.testing.assert_allclose(np.asarray(schedule.sigmas)[::-1], ref.sigmas.numpy()[:1000], rtol=1e-6)
+        assert scheduler_convert.default_sampler(config) == name
+        assert scheduler_convert.sampler_options(name, config)["shift"] == 3.0
+    config = dict(diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, use_beta_sigmas=True).config,
+                  _class_name="FlowMatchEulerDiscreteScheduler")
+    assert scheduler_convert.schedule_from_config(config).use_dynamic_shifting
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # flow_euler implements use_beta_sigmas: no warning
+        scheduler_convert.warn_unsupported(config)
