@@ -23,8 +23,8 @@ The negative prompt (default "") is embedded the same way at full depth; N = P *
 each prompt's consecutive. A thin front end of the sampling core (`pipelines/core.py`): the
 transformer predicts the flow velocity at t = sigma * 1000; classifier-free guidance (one batched
 call on [uncond; cond]) runs when guidance_scale > 1; the sampler is the folder's scheduler
-(`flow_euler`, its shift and options) unless `sampler=` names another; images =
-VAE.decode(latents / scaling_factor + shift_factor).
+(flow_euler or flow_heun with its shift and options, `convert/scheduler.py`) unless `sampler=`
+names another; images = VAE.decode(latents / scaling_factor + shift_factor).
 
 Compilation: the parameters, the text embeddings, noise and guidance scale are traced leaves of
 one jitted sampling loop (plans padded to `max_steps`), so new prompts, seeds, scales or step
@@ -47,6 +47,7 @@ from jaxdiff import images as images_lib
 from jaxdiff import samplers, schedules
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.convert import clip as clip_convert
+from jaxdiff.convert import scheduler as scheduler_convert
 from jaxdiff.convert import sd3 as sd3_convert
 from jaxdiff.convert import tensors
 from jaxdiff.convert import vae as vae_convert
@@ -62,10 +63,6 @@ SCHEDULER_CONFIG = "scheduler_config.json"
 PIPELINE_CLASS = "StableDiffusion3Pipeline"
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 T5_PARTS = ("text_encoder_3", "tokenizer_3")
-DEFAULT_SAMPLER = "flow_euler"
-# scheduler config keys the schedule itself takes (the rest go to the sampler when it knows them)
-_SCHEDULE_KEYS = ("num_train_timesteps", "shift", "use_dynamic_shifting", "base_shift", "max_shift",
-                  "base_image_seq_len", "max_image_seq_len", "time_shift_type")
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,16 +144,14 @@ def _load_t5(folder: str, tokenizer_folder: str, dtype, variant: str | None):
     return t5_convert.load(folder, dtype, variant=variant), t5_tokenizer.T5Tokenizer.from_dir(tokenizer_folder)
 
 
-def schedule_and_options(config: dict) -> tuple[Any, dict]:
-    """(the flow schedule, the sampler options) of a FlowMatchEulerDiscreteScheduler config."""
+def _flow_scheduler(config: dict) -> dict:
+    """`config` (a scheduler_config.json) if it is a flow-matching scheduler's; one-line
+    CheckpointError otherwise."""
     name = config.get("_class_name", "FlowMatchEulerDiscreteScheduler")
-    if not name.startswith("FlowMatch"):
+    if name not in scheduler_convert.FLOW_SCHEDULERS:
         raise CheckpointError(f"the scheduler is a {name}; SD3 samples with a flow-matching scheduler "
-                              "(FlowMatchEulerDiscreteScheduler)")
-    given = {k: config[k] for k in _SCHEDULE_KEYS if config.get(k) is not None}
-    schedule = schedules.flow(**given)
-    options = {k: v for k, v in config.items() if not k.startswith("_") and k not in _SCHEDULE_KEYS}
-    return schedule, options
+                              f"({', '.join(scheduler_convert.FLOW_SCHEDULERS)})")
+    return {**config, "_class_name": name}
 
 
 # --------------------------------------------------------------------------------------------
@@ -178,9 +173,9 @@ class StableDiffusion3:
         self.transformer, self.vae = transformer, vae
         self.text_encoders, self.tokenizers = tuple(text_encoders), tuple(tokenizers)
         self.t5, self.t5_tokenizer = t5, t5_tokenizer
-        self.scheduler_config = dict(scheduler_config)
-        self.schedule, self._sampler_defaults = schedule_and_options(self.scheduler_config)
-        self.default_sampler = DEFAULT_SAMPLER
+        self.scheduler_config = _flow_scheduler(dict(scheduler_config))
+        self.schedule = scheduler_convert.schedule_from_config(self.scheduler_config)
+        self.default_sampler = scheduler_convert.default_sampler(self.scheduler_config)
         self.max_steps = int(max_steps)
         self.mesh = sharding_lib.inference_mesh(rules, devices) if mesh is None else mesh
         self.rules = rules
@@ -221,6 +216,7 @@ class StableDiffusion3:
             (t5, params["text_encoder_3"]), t5_tokenizer = _load_t5(sub("text_encoder_3"), sub("tokenizer_3"),
                                                                     dtype, variant)
         config = tensors.read_json(tensors.inside(sub("scheduler"), SCHEDULER_CONFIG))
+        scheduler_convert.warn_unsupported(config)
         return cls(transformer=transformer, vae=vae, text_encoders=[m for m, _ in clips], tokenizers=tokenizers,
                    params=params, scheduler_config=config, t5=t5, t5_tokenizer=t5_tokenizer, max_steps=max_steps,
                    vae_float32=vae_float32, devices=devices, mesh=mesh, rules=rules)
@@ -313,14 +309,14 @@ class StableDiffusion3:
     # Sampling.
 
     def plan(self, name: str | None, num_steps: int, options: dict | None = None, image_tokens: int | None = None):
-        """The sampler of a call: `name` (default: flow_euler) with the scheduler config's options
-        it knows, `options` over them; padded to `max_steps`. With dynamic shifting, mu follows
+        """The sampler of a call: `name` (default: the folder's, `default_sampler`) with the
+        scheduler config's options it knows (`convert/scheduler.py`), `options` over them; padded to `max_steps`. With dynamic shifting, mu follows
         the image's `image_tokens` (diffusers' calculate_shift) unless `options` give it."""
         name = name or self.default_sampler
         if name not in samplers.names():
             raise ValueError(f"unknown sampler {name!r}; valid samplers: {', '.join(samplers.names())}")
         valid = samplers.options(name)
-        opts = {k: v for k, v in self._sampler_defaults.items() if k in valid}
+        opts = scheduler_convert.sampler_options(name, self.scheduler_config)
         if self.schedule.use_dynamic_shifting and "mu" in valid and image_tokens is not None:
             opts["mu"] = schedules.flow_mu(self.schedule, image_tokens)
         opts.update(options or {})
