@@ -77,6 +77,16 @@ PARAMETER_RULES = (
     ParamRule("transformer / attention / feed-forward output projection", r"proj_out|fc2|net_2", ROW),
     ParamRule("normalisation", r"norm|norm_\d+|norm_out|final_norm|layer_norm\d*", NORM),
     ParamRule("token / position / class embedding", r"token_embedding|position_embedding|class_embed", EMBEDDING),
+    # MMDiT (SD3 / SD3.5; models/mmdit.py): the layers the rules above do not already name.
+    ParamRule("MMDiT patch embedding", r"patch_embed", COLUMN),
+    ParamRule("MMDiT position table", r"pos_embed", EMBEDDING),
+    ParamRule("MMDiT pooled-text MLP, first layer", r"pooled_embed/dense_0", COLUMN),
+    ParamRule("MMDiT pooled-text MLP, second layer", r"pooled_embed/dense_1", ROW),
+    ParamRule("MMDiT context projection", r"context_embed", COLUMN),
+    ParamRule("adaLN modulation", r"adaln|context_adaln|final_adaln", COLUMN),
+    ParamRule("joint attention context query / key / value", r"context_query|context_key|context_value", COLUMN),
+    ParamRule("joint attention context output", r"context_out", ROW),
+    ParamRule("query / key RMS normalisation", r"norm_q|norm_k|norm_context_q|norm_context_k", NORM),
     # T5 text encoder (models/t5.py; its attention, norms and token embedding fall under the rules
     # above). The bias table [buckets, heads] is tiny: no rule table splits it over `tensor`.
     ParamRule("T5 feed-forward input projections", r"mlp/(wi|wi_0|wi_1)", COLUMN),
