@@ -417,10 +417,10 @@ def _export_lora(argv: list[str]) -> int:
 
 def _generate_parser() -> _Parser:
     parser = _Parser(prog="jaxdiff generate",
-                     description="Text to image with a Stable Diffusion (diffusers-format) folder.")
-    parser.add_argument("--model", required=True, metavar="SD_FOLDER",
-                        help="local diffusers Stable Diffusion folder (model_index.json, unet/, vae/, "
-                             "text_encoder/, tokenizer/, scheduler/)")
+                     description="Text to image with a diffusers-format folder: Stable Diffusion 1.x / 2.x / XL, "
+                                 "Stable Diffusion 3 or Flux (the family is read from its model_index.json).")
+    parser.add_argument("--model", required=True, metavar="FOLDER",
+                        help="local diffusers pipeline folder (model_index.json and its parts)")
     parser.add_argument("--prompt", required=True, help="the text to draw")
     parser.add_argument("--negative_prompt", default=None,
                         help="the text guidance steers away from (default: the empty prompt)")
@@ -428,8 +428,9 @@ def _generate_parser() -> _Parser:
                         metavar="N", help="sampler steps (default: 30)")
     parser.add_argument("--sampler", type=_sampler_name, default=None, metavar="NAME",
                         help=f"one of {_sampler_names()} (default: the folder's scheduler)")
-    parser.add_argument("--guidance_scale", type=_finite_float, default=7.5, metavar="S",
-                        help="classifier-free guidance scale, on when > 1 (default: 7.5)")
+    parser.add_argument("--guidance_scale", type=_finite_float, default=None, metavar="S",
+                        help="guidance scale, classifier-free guidance on when > 1 (default: the family's: "
+                             "7.5 Stable Diffusion, 7 SD3, 3.5 Flux)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
     parser.add_argument("--num", "--num_images_per_prompt", dest="num", type=_positive_int, default=1, metavar="N",
                         help="number of images (several go into one grid; default: 1)")
@@ -458,15 +459,17 @@ def _generate(argv: list[str]) -> int:
 
     import jax.numpy as jnp
 
+    import jaxdiff
     from jaxdiff import images
-    from jaxdiff.pipelines.stable_diffusion import StableDiffusion
 
     quiet = args.no_progress or not _is_main_process()
-    pipe = StableDiffusion.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), progress=not quiet,
-                                           rules=args.rules)
+    pipe = jaxdiff.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), progress=not quiet, rules=args.rules)
+    # Options only some families take are passed only when given (SD3 and Flux have no clip skip).
+    given = (("eta", args.eta), ("clip_skip", args.clip_skip), ("guidance_scale", args.guidance_scale))
+    extra = {k: v for k, v in given if v is not None}
     pixels = pipe(args.prompt, negative_prompt=args.negative_prompt, num_steps=args.steps, sampler=args.sampler,
-                  guidance_scale=args.guidance_scale, seed=args.seed, num_images=args.num, height=args.height,
-                  width=args.width, eta=args.eta, clip_skip=args.clip_skip, output_type="uint8", progress=not quiet)
+                  seed=args.seed, num_images=args.num, height=args.height,
+                  width=args.width, output_type="uint8", progress=not quiet, **extra)
     if not _is_main_process():
         return 0
     images.save_grid(pixels, args.out, upscale=1)
