@@ -234,7 +234,7 @@ def preprocess(images, size: int = 224, crop_size: int = 224, mean=CLIP_MEAN, st
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"images must be [N, H, W, 3] RGB, got shape {tuple(x.shape)}")
     x = x.astype(np.float32) / 255.0 if x.dtype == np.uint8 else x.astype(np.float32)
-    _n, height, width, _ = x.shape
+    height, width = x.shape[1:3]
     h, w = resized_shape(height, width, size)
     if crop and (h < crop_size or w < crop_size):
         raise ValueError(f"crop_size={crop_size} is larger than the resized image {h}x{w} (size={size})")
