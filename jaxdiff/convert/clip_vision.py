@@ -19,7 +19,7 @@ Public API:
     read_preprocessor(folder) -> ImageTransform            # preprocessor_config.json (or defaults)
 
 Names (see models/clip_vision.py for the table): the encoder layers use the text tower's rules
-(`convert.clip._LAYER`); `embeddings.class_embedding` is a bare tensor (no `.weight`), read as
+(`convert.clip.LAYER`); `embeddings.class_embedding` is a bare tensor (no `.weight`), read as
 the flax leaf `class_embedding`. `prefix` is `vision_model.` in every transformers file (the
 safety checker nests one more, `vision_model.vision_model.`), the head never carries it. The
 `position_ids` buffer some files hold is ignored, as is a CLIPModel's `logit_scale`.
@@ -130,7 +130,7 @@ NAMES = names.Rules([
     ("patch_embedding", "embeddings.patch_embedding"),
     ("position_embedding", "embeddings.position_embedding"),
     ("pre_norm", "pre_layrnorm"),
-    (r"layer_(\d+)/(.+)", lambda i, m: f"encoder.layers.{i}.{clip_convert._LAYER(m)}"),
+    (r"layer_(\d+)/(.+)", lambda i, m: f"encoder.layers.{i}.{clip_convert.LAYER(m)}"),
     ("post_norm", "post_layernorm"),
 ])
 
