@@ -85,7 +85,7 @@ from jaxdiff import sharding as sharding_lib
 from jaxdiff.convert import scheduler as scheduler_convert
 from jaxdiff.models import vae as vae_lib
 from jaxdiff.pipelines import controlnet as controlnet_lib, core, lora as lora_pipe, options as options_lib
-from jaxdiff.pipelines import prompts as prompts_lib
+from jaxdiff.pipelines import prompts as prompts_lib, safety as safety_lib
 
 DEFAULT_MAX_STEPS = 50
 
@@ -237,7 +237,8 @@ class StableDiffusion(lora_pipe.LoraMixin):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=jnp.float32, *, max_steps: int = DEFAULT_MAX_STEPS,
                         vae_float32: bool = True, progress: bool = False, devices=None, mesh=None,
-                        rules: str = "dp", variant: str | None = None, controlnet=None) -> "StableDiffusion":
+                        rules: str = "dp", variant: str | None = None, controlnet=None,
+                        safety_checker: bool = True) -> "StableDiffusion":
         """Load a diffusers Stable Diffusion 1.x / 2.x / XL folder (see the module docstring).
 
         dtype: compute dtype of the networks (parameters are float32 whatever the files hold).
@@ -247,6 +248,7 @@ class StableDiffusion(lora_pipe.LoraMixin):
             the class); in a multi-process run every process loads the folder.
         variant: e.g. "fp16" to read every network's `*.fp16.safetensors`.
         controlnet: a diffusers ControlNet folder, or a list of them (their residuals are summed).
+        safety_checker: run the folder's safety checker (if listed) on outputs (`pipelines/safety.py`).
         Raises `CheckpointError` naming the missing or unreadable part.
         """
         from jaxdiff.convert import folder as folder_convert
@@ -261,6 +263,7 @@ class StableDiffusion(lora_pipe.LoraMixin):
                    params={k: p for k, (_, p) in nets.items()},
                    schedule=scheduler_convert.schedule_from_config(config), scheduler_config=config,
                    max_steps=max_steps, vae_float32=vae_float32, devices=devices, mesh=mesh, rules=rules)
+        safety_lib.attach(pipe, path, dtype, safety_checker)
         if controlnet is not None:
             controlnet_lib.attach(pipe, controlnet, dtype)
         return pipe
@@ -393,7 +396,8 @@ class StableDiffusion(lora_pipe.LoraMixin):
                        noise=None if opts.latents is None else np.asarray(opts.latents, np.float32),
                        x0=x0, keep=keep, decode=functools.partial(self._decode_fn, self.params["vae"]),
                        image_shape=(height, width, 3), peak_bytes=peak)
-        return core.run(job, self.mesh, output_type=opts.output_type, progress=opts.progress)
+        return safety_lib.screen(self, core.run(job, self.mesh, output_type=opts.output_type, progress=opts.progress),
+                                 opts.output_type)
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                  **options: Any):
