@@ -132,9 +132,8 @@ import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxdiff import config as config_lib, sharding
 from jaxdiff.errors import ConfigError
-from jaxdiff.train import build
 from jaxdiff.train import state as state_lib
-from jaxdiff.train.step import make_train_step
+from jaxdiff.train.step import accumulation_options, make_train_step
 from test_grad_accum import MODEL, drawn_loss, fresh_state, make_batch
 
 mesh = sharding.make_mesh(data=2, fsdp=4)
@@ -149,7 +148,7 @@ c.data.batch_size = 32
 out = {{}}
 for k in (1, 4):
     c.train.grad_accum_steps = k
-    step = jax.jit(make_train_step(drawn_loss(model), tx, **build.accumulation(c, mesh)), donate_argnums=(0,),
+    step = jax.jit(make_train_step(drawn_loss(model), tx, **accumulation_options(c, mesh)), donate_argnums=(0,),
                    in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, sharding.replicated(mesh)))
     state = jax.device_put(fresh_state(model, tx), state_sh)
     new, _ = step(state, jax.device_put(batch, batch_sh))
@@ -158,7 +157,7 @@ diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(out[1]
 print("DIFF", diff)
 c.train.grad_accum_steps = 8
 try:
-    build.accumulation(c, mesh)
+    accumulation_options(c, mesh)
 except ConfigError as e:
     print("REFUSED", e)
 """

@@ -29,7 +29,7 @@ from jaxdiff.models import unet as unet_lib
 from jaxdiff.train import state as state_lib
 from jaxdiff.train import task as task_lib
 from jaxdiff.train.state import Trainer  # noqa: F401  (defined beside TrainState; build.Trainer stays)
-from jaxdiff.train.step import make_loss_fn, make_train_step
+from jaxdiff.train.step import accumulation_options, make_loss_fn, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -172,19 +172,6 @@ def run_config_json(cfg, image_shape, num_classes, context_dim=None) -> str:
     return json.dumps(saved, indent=2, sort_keys=True)
 
 
-def accumulation(cfg: ml_collections.ConfigDict, mesh) -> dict:
-    """`make_train_step` keywords for `cfg.train.grad_accum_steps` (k): each update averages k
-    micro-batches of data.batch_size / k, split over the mesh like the batch. A config without
-    the key trains on whole batches."""
-    k = int(cfg.train.get("grad_accum_steps", 1))
-    shards = sharding_lib.batch_shards(mesh)
-    if k > 1 and cfg.data.batch_size % (k * shards):
-        raise ConfigError(f"train.grad_accum_steps={k}: data.batch_size={cfg.data.batch_size} must be a multiple of "
-                          f"{k} x {shards} batch shards (each micro-batch split over every device)")
-    micro = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding_lib.BATCH_AXES))
-    return {"grad_accum_steps": k, "micro_sharding": micro}
-
-
 def build_trainer(cfg: ml_collections.ConfigDict, mesh, model, schedule, tx, image_shape,
                   condition=None) -> Trainer:
     """Lay the TrainState out on `mesh` with the rule table `cfg.mesh.rules` and jit the step.
@@ -199,7 +186,7 @@ def build_trainer(cfg: ml_collections.ConfigDict, mesh, model, schedule, tx, ima
         prediction_type=cfg.diffusion.prediction_type, min_snr_gamma=cfg.diffusion.min_snr_gamma,
         condition=condition or task_lib.class_condition(cfg, model))
     batch_sharding = sharding_lib.batch_sharding(mesh)
-    step = jax.jit(make_train_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay, **accumulation(cfg, mesh)),
+    step = jax.jit(make_train_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay, **accumulation_options(cfg, mesh)),
                    donate_argnums=(0,),
                    in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, sharding_lib.replicated(mesh)))

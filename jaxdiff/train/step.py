@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxdiff import parameterization
+from jaxdiff import sharding as sharding_lib
+from jaxdiff.errors import ConfigError
 from jaxdiff.train.state import TrainState
 
 
@@ -161,6 +163,19 @@ def accumulated_value_and_grad(loss_fn: Callable, k: int, sharding=None) -> Call
         return jax.tree.map(lambda a: a / k, total)
 
     return value_and_grad
+
+
+def accumulation_options(cfg, mesh) -> dict:
+    """`make_train_step` keywords for `cfg.train.grad_accum_steps` (k): each update averages k
+    micro-batches of data.batch_size / k, split over the mesh like the batch. A config without
+    the key trains on whole batches."""
+    k = int(cfg.train.get("grad_accum_steps", 1))
+    shards = sharding_lib.batch_shards(mesh)
+    if k > 1 and cfg.data.batch_size % (k * shards):
+        raise ConfigError(f"train.grad_accum_steps={k}: data.batch_size={cfg.data.batch_size} must be a multiple of "
+                          f"{k} x {shards} batch shards (each micro-batch split over every device)")
+    micro = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding_lib.BATCH_AXES))
+    return {"grad_accum_steps": k, "micro_sharding": micro}
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
