@@ -59,7 +59,7 @@ def test_a_repeated_request_skips_the_text_encoder(pipe, calls):
     assert len(calls) == 3
     pipe.encode_prompt([PROMPT, "a dog"])                        # another prompt list: encoded
     assert len(calls) == 4
-    cond, uncond = pipe.encode_prompt(PROMPT, guidance=False)    # no negative: its own entry
+    _, uncond = pipe.encode_prompt(PROMPT, guidance=False)       # no negative: its own entry
     assert len(calls) == 5 and uncond is None
     np.testing.assert_array_equal(pipe(PROMPT, **RUN), first)
     assert len(calls) == 5
