@@ -99,6 +99,7 @@ class GenerateOptions:
         config's, and `sampler_options` (any other keyword argument) override them.
     guidance_scale: classifier-free guidance scale; <= 1 runs the conditional model alone.
     guidance_rescale: Lin et al. 2023's rescale phi in [0, 1]. clip_skip: diffusers' clip_skip.
+    guidance_end: guide only the first fraction in [0, 1] of the steps (`core.Job.guidance_end`).
     seed: the run's seed (noise, VAE posterior samples, stochastic samplers).
     num_images: images per prompt; N = len(prompts) * num_images, each prompt's consecutive.
     height, width: pixels (default: the U-Net's sample_size x the VAE factor; for img2img and
@@ -118,6 +119,7 @@ class GenerateOptions:
     sampler: str | None = None
     guidance_scale: float = 7.5
     guidance_rescale: float = 0.0
+    guidance_end: float | None = None
     seed: int = 0
     num_images: int = 1
     height: int | None = None
@@ -148,6 +150,7 @@ class GenerateOptions:
         options_lib.check_steps(self.num_steps)
         core.check_scale("guidance_scale", self.guidance_scale, optional=True)
         core.check_scale("guidance_rescale", self.guidance_rescale, lo=0.0, hi=1.0)
+        core.check_scale("guidance_end", self.guidance_end, lo=0.0, hi=1.0, optional=True)
         core.check_scale("eta", self.eta, lo=0.0, hi=1.0, optional=True)
         core.check_scale("lora_scale", self.lora_scale, optional=True)
         options_lib.check_count("num_images", self.num_images)
@@ -390,7 +393,7 @@ class StableDiffusion(lora_pipe.LoraMixin):
         shape, peak = self._latents(height, width, opts.guidance_scale)
         network, params = self._unet_fn, self._lora_params("unet", opts.lora_scale)
         network, params, cond, uncond = controlnet_lib.wire(self, opts, plan, network, params, cond, uncond, height, width)
-        job = core.Job(network=network, params=params, sampler=plan, shape=shape,
+        job = core.Job(network=network, params=params, sampler=plan, shape=shape, guidance_end=opts.guidance_end,
                        num=cond["context"].shape[0], seed=opts.seed, cond=cond, uncond=uncond,
                        guidance_scale=opts.guidance_scale, guidance_rescale=opts.guidance_rescale,
                        noise=None if opts.latents is None else np.asarray(opts.latents, np.float32),

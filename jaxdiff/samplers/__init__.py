@@ -20,6 +20,7 @@ so that `get(..., max_steps=M)` knows the length to pad to without building an M
     pndm                      pndm           x_t                   N + 9 (N + 1) [5, B, ...]
     flow_euler                flow           x_sigma (flow)        N             -
     flow_heun                 flow           x_sigma (flow)        2N - 1        [2, B, ...]
+    lcm                       lcm            x_t                   N             -
 
 Samplers on x_t / sqrt(abar) (the "sigma-space" ones, `samplers/sigma.py`) set `init_sigma` to
 the largest sigma of their plan (sqrt(sigma_max^2 + 1) with "leading" spacing, as the reference)
@@ -38,7 +39,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
-from jaxdiff.samplers import base, ddim, ddpm, dpm_solver, euler, flow, heun, lms, pndm, sigma, unipc
+from jaxdiff.samplers import base, ddim, ddpm, dpm_solver, euler, flow, heun, lcm, lms, pndm, sigma, unipc
 from jaxdiff.samplers.base import Sampler, SamplerState
 
 _REGISTRY: dict[str, Callable[..., Sampler]] = {
@@ -57,6 +58,7 @@ _REGISTRY: dict[str, Callable[..., Sampler]] = {
     "edm": heun.edm,
     "flow_euler": flow.flow_euler,
     "flow_heun": flow.flow_heun,
+    "lcm": lcm.lcm,
 }
 
 # The plan length of families that do not call the network once per step.
