@@ -126,3 +126,15 @@ def test_padded_plans_keep_their_results():
     padded = [sampling.sample(samplers.get("lcm", sched, n, max_steps=8), MODEL, _noise(), KEY) for n in (2, 4)]
     for e, p in zip(exact, padded):
         np.testing.assert_allclose(p, e, rtol=1e-6, atol=1e-6)
+
+
+def test_an_lcm_folder_config_picks_the_lcm_sampler():
+    diffusers = pytest.importorskip("diffusers")
+    from jaxdiff.convert import scheduler as scheduler_convert
+
+    config = dict(diffusers.LCMScheduler(original_inference_steps=40, timestep_scaling=5.0).config,
+                  _class_name="LCMScheduler")
+    name = scheduler_convert.default_sampler(config)
+    assert name == "lcm"
+    opts = scheduler_convert.sampler_options(name, config)
+    assert opts["original_inference_steps"] == 40 and opts["timestep_scaling"] == 5.0

@@ -35,6 +35,7 @@ SCHEDULER_SAMPLERS = {
     "LMSDiscreteScheduler": "lms",
     "UniPCMultistepScheduler": "unipc",
     "DPMSolverMultistepScheduler": "dpmpp_2m",   # algorithm_type refines it, see _default_sampler
+    "LCMScheduler": "lcm",
     "FlowMatchEulerDiscreteScheduler": "flow_euler",
     "FlowMatchHeunDiscreteScheduler": "flow_heun",
 }
