@@ -16,6 +16,7 @@ from jaxdiff.provenance.recipe import (  # noqa: F401
     RecipeError,
     adapter,
     check_recipe,
+    command_args,
     checkpoint_fingerprint,
     enabled,
     format_recipe,

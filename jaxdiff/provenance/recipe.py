@@ -356,3 +356,39 @@ def format_recipe(recipe: Mapping) -> str:
         rows.append((k.replace("_", " "), v))
     width = max(len(k) for k, _ in rows) + 2
     return "\n".join(f"{(k + ':').ljust(width)}{v}" for k, v in rows)
+
+
+# --------------------------------------------------------------------------------------------
+# Replaying.
+# --------------------------------------------------------------------------------------------
+
+def command_args(recipe: Mapping, command: str) -> list[str]:
+    """The `jaxdiff <command>` flags that make the recipe's picture again ("generate" or "sample"),
+    as `--flag=value` strings (so a prompt starting with "-" stays a value); the command parses
+    and checks them like typed flags, and flags typed after them win. One-line RecipeError for a
+    recipe of another kind, or one the command cannot replay (LoRA / ControlNet)."""
+    kind = recipe["kind"]
+    if kind != command:
+        hint = {"generate": "jaxdiff generate", "sample": "jaxdiff sample"}.get(kind)
+        raise RecipeError(f"the recipe was made by {kind!r}, not {command!r}"
+                          + (f"; replay it with {hint} --recipe" if hint else
+                             "; a training sample grid is replayed by sampling the run's checkpoint (jaxdiff sample)"))
+    if recipe.get("loras") or recipe.get("controlnets"):
+        raise RecipeError("the recipe used LoRA / ControlNet adapters, which the command line does not load; "
+                          "replay it from Python with StableDiffusion.load_lora / controlnet=")
+    opts = recipe.get("options") or {}
+    flags = {"seed": recipe.get("seed"), "num": recipe.get("num_images"), "sampler": recipe.get("sampler"),
+             "steps": recipe.get("steps"), "guidance_scale": recipe.get("guidance_scale"),
+             "eta": (recipe.get("sampler_options") or {}).get("eta")}
+    if command == "generate":
+        flags.update({"model": recipe.get("model"), "prompt": recipe.get("prompt"),
+                      "negative_prompt": recipe.get("negative_prompt"), "height": recipe.get("height"),
+                      "width": recipe.get("width"), "clip_skip": opts.get("clip_skip"), "dtype": opts.get("dtype")})
+    else:
+        flags.update({"checkpoint": recipe.get("model"), "labels": opts.get("labels")})
+    args = [f"--{k}={v!r}" if isinstance(v, float) else f"--{k}={v}" for k, v in flags.items() if v is not None]
+    if command == "generate" and opts.get("watermark") is False:
+        args.append("--no-watermark")
+    if command == "sample" and opts.get("use_ema") is False:
+        args.append("--no-ema")
+    return args

@@ -48,27 +48,54 @@ MAX_BIT_ERRORS = 4
 MIN_WIDTH, MIN_AREA = 256, 256 * 256
 
 
+def _fma(a, b, c) -> np.ndarray:
+    """a * b + c rounded once to float32, as OpenCV's vectorised colour conversion computes it."""
+    return (np.asarray(a, np.float64) * np.float32(b) + np.asarray(c, np.float64)).astype(np.float32)
+
+
 def _yuv(bgr: np.ndarray, delta: float):
-    """bgr: [H, W, 3] floats -> (Y, U, V) planes [H, W] (OpenCV's BGR2YUV coefficients)."""
+    """bgr: [H, W, 3] float32 -> (Y, U, V) planes [H, W] float32, by OpenCV's BGR2YUV for floats
+    (the same coefficients and fused multiply-adds, so ties between cA entries break alike)."""
     b, g, r = bgr[..., 0], bgr[..., 1], bgr[..., 2]
-    y = 0.299 * r + 0.587 * g + 0.114 * b
-    return y, 0.492 * (b - y) + delta, 0.877 * (r - y) + delta
+    y = _fma(b, 0.114, _fma(g, 0.587, r * np.float32(0.299)))
+    return y, _fma(b - y, 0.492, np.float32(delta)), _fma(r - y, 0.877, np.float32(delta))
 
 
 def _bgr(y: np.ndarray, u: np.ndarray, v: np.ndarray, delta: float) -> np.ndarray:
-    """(Y, U, V) planes [H, W] -> bgr [H, W, 3] (OpenCV's YUV2BGR coefficients)."""
-    du, dv = u - delta, v - delta
-    return np.stack([y + 2.032 * du, y - 0.395 * du - 0.581 * dv, y + 1.140 * dv], axis=-1)
+    """(Y, U, V) planes [H, W] float32 -> bgr [H, W, 3] float32, by OpenCV's YUV2BGR for floats."""
+    du, dv = u - np.float32(delta), v - np.float32(delta)
+    return np.stack([_fma(du, 2.032, y), _fma(dv, -0.581, _fma(du, -0.395, y)), _fma(dv, 1.140, y)], axis=-1)
+
+
+def _dwt(x: np.ndarray, axis: int):
+    """One Haar step along `axis` (even length n) -> (approximation, detail), each n/2 long there,
+    rounded as PyWavelets computes them: x0 c + x1 c and x0 c - x1 c, c = sqrt(1/2)."""
+    x = np.moveaxis(x, axis, 0)
+    c = x.dtype.type(np.sqrt(0.5)) if x.dtype.kind == "f" else np.sqrt(0.5)
+    a, d = x[0::2] * c + x[1::2] * c, x[0::2] * c - x[1::2] * c
+    return np.moveaxis(a, 0, axis), np.moveaxis(d, 0, axis)
+
+
+def _idwt(a: np.ndarray, d: np.ndarray, axis: int) -> np.ndarray:
+    """The inverse of `_dwt` along `axis`, rounded as PyWavelets computes it."""
+    a, d = np.moveaxis(a, axis, 0), np.moveaxis(d, axis, 0)
+    c = a.dtype.type(np.sqrt(0.5))
+    out = np.empty((2 * a.shape[0],) + a.shape[1:], a.dtype)
+    out[0::2], out[1::2] = a * c + d * c, a * c - d * c
+    return np.moveaxis(out, 0, axis)
+
+
+def _haar2(plane: np.ndarray):
+    """plane: [H, W] (H, W even) -> (cA, cH, cV, cD), each [H/2, W/2]: down the rows first, then
+    along them, as `pywt.dwt2(plane, "haar")`. cA is each 2x2 block's sum / 2."""
+    lo, hi = _dwt(plane, 0)
+    (aa, ad), (da, dd) = _dwt(lo, 1), _dwt(hi, 1)
+    return aa, da, ad, dd
 
 
 def _haar_approx(plane: np.ndarray) -> np.ndarray:
-    """plane: [H, W] (H, W even) -> the Haar approximation band cA [H/2, W/2], each 2x2 block's
-    sum / 2, rounded as PyWavelets computes it (down the rows, then along them, each step
-    x0 c + x1 c with c = sqrt(1/2) in the plane's dtype), so that values on a cell boundary fall
-    on the same side as in the reference."""
-    c = plane.dtype.type(np.sqrt(0.5)) if plane.dtype.kind == "f" else np.sqrt(0.5)
-    rows = plane[0::2] * c + plane[1::2] * c                               # [H/2, W]
-    return rows[:, 0::2] * c + rows[:, 1::2] * c                           # [H/2, W/2]
+    """The cA band [H/2, W/2] of `_haar2`."""
+    return _dwt(_dwt(plane, 0)[0], 1)[0]
 
 
 def _blocks(ca: np.ndarray) -> tuple[np.ndarray, int, int]:
@@ -105,23 +132,20 @@ def _embed_one(rgb255: np.ndarray, bits: np.ndarray) -> np.ndarray:
     bgr = rgb255[..., ::-1]
     y, u, v = _yuv(bgr, 0.5)
     h4, w4 = h // 4 * 4, w // 4 * 4
-    crop = u[:h4, :w4]                                                              # [h4, w4]
-    ca = _haar_approx(crop)                                                         # [h4/2, w4/2]
+    ca, ch, cv, cd = _haar2(u[:h4, :w4])                                          # [h4/2, w4/2] each
     blocks, nbi, nbj = _blocks(ca)
     rows = np.arange(len(blocks))
     pos = _chosen(blocks)
     value = blocks[rows, pos]
     bit = bits[rows % len(bits)].astype(np.float32)
-    moved = (np.floor(np.abs(value) / SCALE) + 0.25 + 0.5 * bit) * SCALE
-    new_blocks = blocks.copy()
-    new_blocks[rows, pos] = np.where(value >= 0, moved, -moved)
-    new_ca = ca.copy()
-    new_ca[:nbi * BLOCK, :nbj * BLOCK] = (new_blocks.reshape(nbi, nbj, BLOCK, BLOCK)
-                                          .transpose(0, 2, 1, 3).reshape(nbi * BLOCK, nbj * BLOCK))
-    # Inverse Haar with the detail bands swapped: each 2x2 block transposed, plus the cA change / 2.
-    swapped = crop.reshape(h4 // 2, 2, w4 // 2, 2).transpose(0, 3, 2, 1).reshape(h4, w4)
+    moved = (np.floor_divide(np.abs(value), np.float32(SCALE)) + 0.25 + 0.5 * bit) * np.float32(SCALE)
+    blocks[rows, pos] = np.where(value >= 0, moved, -moved)
+    ca = ca.copy()
+    ca[:nbi * BLOCK, :nbj * BLOCK] = (blocks.reshape(nbi, nbj, BLOCK, BLOCK)
+                                      .transpose(0, 2, 1, 3).reshape(nbi * BLOCK, nbj * BLOCK))
+    # The inverse transform as the reference calls it: cH and cV trade places.
     u = u.copy()
-    u[:h4, :w4] = swapped + np.repeat(np.repeat((new_ca - ca) / 2, 2, axis=0), 2, axis=1)
+    u[:h4, :w4] = _idwt(_idwt(ca, ch, 1), _idwt(cv, cd, 1), 0)
     return _bgr(y, u, v, 0.5)[..., ::-1]
 
 
