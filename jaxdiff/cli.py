@@ -7,7 +7,7 @@
     jaxdiff generate --model SD_FOLDER --prompt "..." [--negative_prompt "..."] [--steps 30]
                      [--sampler dpmpp_2m] [--guidance_scale 7.5] [--seed 0] [--num 1]
                      [--height H --width W] [--dtype bfloat16] [--rules fsdp] [--out generated.png]
-                     [--recipe PNG] [--no-recipe] [--no-watermark]
+                     [--lora FILE[:SCALE] ...] [--recipe PNG] [--no-recipe] [--no-watermark]
     jaxdiff info     IMAGE.png     what made a picture jaxdiff wrote (its recipe)
     jaxdiff convert  --single_file model.safetensors --out SD_FOLDER [--tokenizer DIR]
                      [--prediction_type v_prediction]
@@ -500,6 +500,9 @@ def _generate_parser() -> _Parser:
     parser.add_argument("--eta", type=_finite_float, default=None, help="DDIM eta (0: deterministic)")
     parser.add_argument("--clip_skip", type=_nonnegative_int, default=None, metavar="N",
                         help="take the text states N layers before the last (default: 0, the last)")
+    parser.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                        help="a LoRA (diffusers/PEFT or kohya .safetensors, or a folder holding one) at SCALE "
+                             "(default 1); repeat the flag for several")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of the networks (bfloat16 on GPU/TPU; default: float32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -512,6 +515,17 @@ def _generate_parser() -> _Parser:
     _add_answers(parser)
     _add_distributed_args(parser, rules=True)
     return parser
+
+
+def _lora_spec(parser: argparse.ArgumentParser, spec: str) -> tuple[str, float]:
+    """"FILE" or "FILE:SCALE" -> (FILE, SCALE) (scale 1 by default)."""
+    path, _, scale = spec.rpartition(":")
+    if path and not os.path.exists(spec):
+        try:
+            return path, _finite_float(scale)
+        except argparse.ArgumentTypeError:
+            pass
+    return spec, 1.0
 
 
 def _generate(argv: list[str]) -> int:
@@ -530,19 +544,23 @@ def _generate(argv: list[str]) -> int:
     quiet = args.no_progress or not _is_main_process()
     pipe = StableDiffusion.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), progress=not quiet,
                                            rules=args.rules, add_watermarker=False if args.no_watermark else None)
+    loras = [_lora_spec(parser, spec) for spec in args.lora or []]
+    for path, scale in loras:
+        pipe.load_lora(path, scale=scale)
     pixels = pipe(args.prompt, negative_prompt=args.negative_prompt, num_steps=args.steps, sampler=args.sampler,
                   guidance_scale=args.guidance_scale, seed=args.seed, num_images=args.num, height=args.height,
                   width=args.width, eta=args.eta, clip_skip=args.clip_skip, output_type="uint8", progress=not quiet)
     if not _is_main_process():
         return 0
     weights = provenance.weights_fingerprint(args.model)
+    loras = [provenance.adapter(_model_name(path), scale, path) for path, scale in loras]
     _check_replay(args.recipe, weights)
     recipe = None if not provenance.enabled(args.no_recipe) else provenance.make_recipe(
         "generate", model=_model_name(args.model), weights=weights, prompt=args.prompt,
         negative_prompt=args.negative_prompt, seed=args.seed, num_images=args.num, index=0 if args.num == 1 else None,
         sampler=args.sampler or pipe.default_sampler, sampler_options={"eta": args.eta}, steps=args.steps,
         guidance_scale=args.guidance_scale, height=int(pixels.shape[1]), width=int(pixels.shape[2]),
-        options={"dtype": args.dtype, "clip_skip": args.clip_skip, "watermark": pipe.watermark})
+        loras=loras, options={"dtype": args.dtype, "clip_skip": args.clip_skip, "watermark": pipe.watermark})
     provenance.save_png(pixels, args.out, recipe, upscale=1)
     print(f"wrote {args.num} image(s) to {args.out}{_devices_note(pipe.mesh)}")
     return 0
@@ -568,7 +586,7 @@ def _info(argv: list[str]) -> int:
         mark = provenance.detect_watermark(img) if min(img.size) >= 256 else None
     print(provenance.format_recipe(recipe))
     if mark is not None:
-        print(f"watermark: {'SDXL invisible watermark found' if mark else 'none found'}")
+        print(f"watermark detected: {'yes (the SDXL invisible watermark)' if mark else 'no'}")
     return 0
 
 

@@ -93,8 +93,12 @@ def test_replay_flags_parse_as_typed_flags():
     assert args.guidance_scale == 0.1 + 0.2 and args.model == "sd-tiny" and args.no_watermark
     with pytest.raises(provenance.RecipeError, match="made by 'generate'"):
         recipe_lib.command_args(recipe, "sample")
-    with pytest.raises(provenance.RecipeError, match="LoRA"):
-        recipe_lib.command_args(_recipe(loras=[provenance.adapter("s", 1.0, None)]), "generate")
+    with_lora = recipe_lib.command_args(_recipe(loras=[provenance.adapter("s.safetensors", 0.7, None)]), "generate")
+    assert "--lora=s.safetensors:0.7" in with_lora
+    assert cli._lora_spec(None, "s.safetensors:0.7") == ("s.safetensors", 0.7)
+    assert cli._lora_spec(None, "s.safetensors") == ("s.safetensors", 1.0)
+    with pytest.raises(provenance.RecipeError, match="ControlNet"):
+        recipe_lib.command_args(_recipe(controlnets=[provenance.adapter("c", 1.0, None)]), "generate")
 
 
 def test_weights_fingerprint_sees_values_not_only_shapes(tmp_path):
@@ -129,19 +133,40 @@ def _pixels(path):
         return np.asarray(img)
 
 
+def _write_lora(folder, path) -> str:  # noqa: F811
+    """A rank-2 LoRA on the tiny U-Net's attention queries and output convolution (zero at
+    initialisation, so a LoRA elsewhere would not show), with non-zero up weights so it matters."""
+    import jax
+
+    from jaxdiff import save_lora
+    from jaxdiff.models import lora as lora_lib
+    from jaxdiff.pipelines.stable_diffusion import StableDiffusion
+
+    pipe = StableDiffusion.from_pretrained(folder)
+    targets = sorted({"/".join(e.flax) for name, e in pipe._lora_tables["unet"].items() if name.endswith(("to_q", "conv_out"))})
+    assert targets
+    adapters = lora_lib.init(pipe.params["unet"], targets, 2, jax.random.key(0))
+    adapters = {k: w._replace(up=jax.random.normal(jax.random.key(i), w.up.shape)) for i, (k, w) in enumerate(adapters.items())}
+    return save_lora(path, {"unet": adapters}, unet=pipe.unet)
+
+
 def test_generate_info_and_bit_identical_replay(folder, tmp_path, monkeypatch, capsys):  # noqa: F811
     first, again, other = (str(tmp_path / n) for n in ("first.png", "again.png", "other.png"))
+    lora = _write_lora(folder, tmp_path / "style.safetensors")
+    monkeypatch.chdir(tmp_path)                                     # the LoRA is named as typed: a relative path
     flags = ["--steps", "2", "--num", "2", "--seed", "5", "--guidance_scale", "3", "--no-progress"]
-    assert _cli(monkeypatch, "generate", "--model", str(folder), "--prompt", "-a cat", *flags, "--out", first) == 0
+    assert _cli(monkeypatch, "generate", "--model", str(folder), "--prompt", "-a cat", *flags, "--out", first,
+                "--lora", "style.safetensors:0.5") == 0
     recipe = provenance.read_recipe(first)
     assert (recipe["prompt"], recipe["seed"], recipe["num_images"], recipe["index"]) == ("-a cat", 5, 2, None)
+    assert recipe["loras"] == [{"name": "style.safetensors", "scale": 0.5, "hash": provenance.weights_fingerprint(lora)}]
     assert recipe["weights"] == provenance.weights_fingerprint(folder) and recipe["sampler"] == "ddim"
     assert str(tmp_path) not in json.dumps(recipe)                           # no absolute path of this machine
 
     capsys.readouterr()
     assert _cli(monkeypatch, "info", first) == 0
     shown = capsys.readouterr().out
-    assert "prompt:" in shown and "-a cat" in shown and "seed:" in shown and "ddim" in shown
+    assert "prompt:" in shown and "-a cat" in shown and "seed:" in shown and "ddim" in shown and "scale 0.5" in shown
 
     assert _cli(monkeypatch, "generate", "--recipe", first, "--model", str(folder), "--no-progress",
                 "--out", again) == 0
@@ -153,6 +178,10 @@ def test_generate_info_and_bit_identical_replay(folder, tmp_path, monkeypatch, c
     assert not np.array_equal(_pixels(first), _pixels(other))
     with pytest.raises(provenance.RecipeError, match="no jaxdiff recipe"):
         provenance.read_recipe(other)
+    # and so does the LoRA scale: the adapter is part of what the recipe must name
+    assert _cli(monkeypatch, "generate", "--model", str(folder), "--prompt", "-a cat", *flags, "--out", other,
+                "--lora", "style.safetensors:0") == 0
+    assert not np.array_equal(_pixels(first), _pixels(other))
 
 
 def test_info_and_replay_refuse_in_one_line(tmp_path):

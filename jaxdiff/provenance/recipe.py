@@ -353,7 +353,7 @@ def format_recipe(recipe: Mapping) -> str:
         for a in recipe.get(part) or []:
             rows.append((part[:-1], f"{a['name']} at scale {a['scale']:g} ({a['hash']})"))
     for k, v in (recipe.get("options") or {}).items():
-        rows.append((k.replace("_", " "), v))
+        rows.append(("watermark embedded" if k == "watermark" else k.replace("_", " "), v))
     width = max(len(k) for k, _ in rows) + 2
     return "\n".join(f"{(k + ':').ljust(width)}{v}" for k, v in rows)
 
@@ -365,17 +365,19 @@ def format_recipe(recipe: Mapping) -> str:
 def command_args(recipe: Mapping, command: str) -> list[str]:
     """The `jaxdiff <command>` flags that make the recipe's picture again ("generate" or "sample"),
     as `--flag=value` strings (so a prompt starting with "-" stays a value); the command parses
-    and checks them like typed flags, and flags typed after them win. One-line RecipeError for a
-    recipe of another kind, or one the command cannot replay (LoRA / ControlNet)."""
+    and checks them like typed flags, and flags typed after them win (a --lora typed after them
+    adds a LoRA). LoRAs are named as the recipe names them (the path as typed when relative).
+    One-line RecipeError for a recipe of another kind, or one the command cannot replay
+    (ControlNet; LoRA for `sample`)."""
     kind = recipe["kind"]
     if kind != command:
         hint = {"generate": "jaxdiff generate", "sample": "jaxdiff sample"}.get(kind)
         raise RecipeError(f"the recipe was made by {kind!r}, not {command!r}"
                           + (f"; replay it with {hint} --recipe" if hint else
                              "; a training sample grid is replayed by sampling the run's checkpoint (jaxdiff sample)"))
-    if recipe.get("loras") or recipe.get("controlnets"):
-        raise RecipeError("the recipe used LoRA / ControlNet adapters, which the command line does not load; "
-                          "replay it from Python with StableDiffusion.load_lora / controlnet=")
+    if recipe.get("controlnets") or (recipe.get("loras") and command != "generate"):
+        raise RecipeError("the recipe used ControlNet / LoRA adapters, which this command does not load; "
+                          "replay it from Python (StableDiffusion.load_lora, controlnet=)")
     opts = recipe.get("options") or {}
     flags = {"seed": recipe.get("seed"), "num": recipe.get("num_images"), "sampler": recipe.get("sampler"),
              "steps": recipe.get("steps"), "guidance_scale": recipe.get("guidance_scale"),
@@ -387,6 +389,8 @@ def command_args(recipe: Mapping, command: str) -> list[str]:
     else:
         flags.update({"checkpoint": recipe.get("model"), "labels": opts.get("labels")})
     args = [f"--{k}={v!r}" if isinstance(v, float) else f"--{k}={v}" for k, v in flags.items() if v is not None]
+    if command == "generate":
+        args += [f"--lora={a['name']}:{a['scale']!r}" for a in recipe.get("loras") or []]
     if command == "generate" and opts.get("watermark") is False:
         args.append("--no-watermark")
     if command == "sample" and opts.get("use_ema") is False:
