@@ -168,7 +168,8 @@ def _train_parser(cfg, config_path: str | None) -> _Parser:
         usage="jaxdiff train [--config FILE] [--config.KEY=VALUE ...] [--workdir DIR] [--no-progress]\n"
               "                     [--coordinator_address HOST:PORT --num_processes N --process_id I]",
         description="Train a diffusion model, or resume the run in --workdir. At the end the work dir holds\n"
-                    "checkpoints/, metrics.jsonl, tb/ (TensorBoard), samples.png and loss.png.",
+                    "checkpoints/, metrics.jsonl, tb/ (TensorBoard), samples.png, loss.png, provenance.json (what\n"
+                    "produced the run, appended at every start and resume) and MODEL_CARD.md.",
         epilog=_OVERRIDES_HELP + "\n" + _config_keys_help(cfg, config_path))
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="Python file with get_config() (default: the digits demo, jaxdiff.config.get_config); "
