@@ -185,6 +185,16 @@ def test_generate_info_and_bit_identical_replay(folder, tmp_path, monkeypatch, c
     assert not np.array_equal(_pixels(first), _pixels(other))
 
 
+def test_replaying_with_other_weights_warns(tmp_path):
+    from jaxdiff import cli
+    from jaxdiff.errors import JaxdiffWarning
+
+    path = provenance.save_png(np.zeros((1, 8, 8, 3), np.uint8), tmp_path / "r.png", _recipe(weights="st-sample-sha256:1"))
+    with pytest.warns(JaxdiffWarning, match="the picture will differ"):
+        cli._check_replay(path, "st-sample-sha256:2")
+    cli._check_replay(path, "st-sample-sha256:1")                         # the same weights: silent
+
+
 def test_info_and_replay_refuse_in_one_line(tmp_path):
     (tmp_path / "text.png").write_text("not a picture")
     hostile = _png_with_chunk(tmp_path / "hostile.png", json.dumps(
