@@ -342,3 +342,9 @@ def test_pipeline_watermark_is_applied_to_the_decoded_images(folder, monkeypatch
     marked = StableDiffusion.from_pretrained(folder, add_watermarker=True)("a cat", **kwargs)
     assert np.array_equal(marked, wm.embed_watermark(decoded)) and not np.array_equal(marked, decoded)
     assert wm.detect_watermark(marked[0])
+    # Two text encoders make it an SDXL pipeline: the watermark is on unless turned off, as in diffusers.
+    parts = {"unet": pipe.unet, "vae": pipe.vae, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer,
+             "text_encoder_2": pipe.text_encoder, "tokenizer_2": pipe.tokenizer, "schedule": pipe.schedule,
+             "scheduler_config": pipe.scheduler_config,
+             "params": {**pipe.params, "text_encoder_2": pipe.params["text_encoder"]}}
+    assert StableDiffusion(**parts).watermark and not StableDiffusion(**parts, add_watermarker=False).watermark

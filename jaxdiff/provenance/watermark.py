@@ -32,7 +32,10 @@ it far more often (see `watermark_scores`). `detect_watermark` accepts at most `
 (an unmarked image passes by chance with probability ~2e-10).
 
 Images narrower than 256 pixels are left as they are (diffusers skips them), as are images
-under 256 x 256 pixels in area (the reference refuses those).
+under 256 x 256 pixels in area (the reference refuses those). `StableDiffusion` marks the decoded
+images after they are clipped to [0, 1], diffusers before its clamp: where the VAE decodes a
+pixel outside [-1, 1] the two can differ there; elsewhere the pixels are the reference's, bit for
+bit (tests/test_provenance.py).
 """
 
 from __future__ import annotations
