@@ -13,6 +13,8 @@
                      [--prediction_type v_prediction]
     jaxdiff export   RUN_DIR --out SD_FOLDER [--step N] [--no-ema]
     jaxdiff export-lora LORA_RUN_DIR --out FILE_OR_DIR [--step N] [--no-ema]
+    jaxdiff eval     --checkpoint DIR [--metric fid,kid,pr] [--num 1000] [--seeds 3] [--ref STATS.npz]
+                     [--inception WEIGHTS.safetensors] [--sampler ddim] [--steps 50] [--out report.json]
     jaxdiff COMMAND --help     every flag of COMMAND (for train: every config key and its value)
     jaxdiff --version
 
@@ -195,10 +197,11 @@ def _train(argv: list[str]) -> int:
     config_lib.validate(cfg, workdir)          # before anything is built (train() checks again)
     _maybe_init_distributed(args)
 
-    from jaxdiff.pipelines import write_run_samples
+    from jaxdiff.pipelines import evaluate, write_run_samples
     from jaxdiff.train import loop
 
-    state = loop.train(cfg, workdir, progress=not args.no_progress, write_samples=write_run_samples)
+    state = loop.train(cfg, workdir, progress=not args.no_progress, write_samples=write_run_samples,
+                       evaluate=evaluate.evaluate_run)
     if int(state.step) < cfg.train.steps:  # preempted: saved, message printed, resume later
         return 0
     written = [f"{what} in {path}" for what, path in (("samples", os.path.join(workdir, "samples.png")),
@@ -478,10 +481,10 @@ def _export_lora(argv: list[str]) -> int:
 
 def _generate_parser() -> _Parser:
     parser = _Parser(prog="jaxdiff generate",
-                     description="Text to image with a Stable Diffusion (diffusers-format) folder.")
-    parser.add_argument("--model", default=None, metavar="SD_FOLDER",
-                        help="local diffusers Stable Diffusion folder (model_index.json, unet/, vae/, "
-                             "text_encoder/, tokenizer/, scheduler/)")
+                     description="Text to image with a diffusers-format folder: Stable Diffusion 1.x / 2.x / XL, "
+                                 "Stable Diffusion 3 or Flux (the family is read from its model_index.json).")
+    parser.add_argument("--model", default=None, metavar="FOLDER",
+                        help="local diffusers pipeline folder (model_index.json and its parts)")
     parser.add_argument("--prompt", default=None, help="the text to draw (required unless --recipe gives it)")
     parser.add_argument("--negative_prompt", default=None,
                         help="the text guidance steers away from (default: the empty prompt)")
@@ -489,8 +492,9 @@ def _generate_parser() -> _Parser:
                         metavar="N", help="sampler steps (default: 30)")
     parser.add_argument("--sampler", type=_sampler_name, default=None, metavar="NAME",
                         help=f"one of {_sampler_names()} (default: the folder's scheduler)")
-    parser.add_argument("--guidance_scale", type=_finite_float, default=7.5, metavar="S",
-                        help="classifier-free guidance scale, on when > 1 (default: 7.5)")
+    parser.add_argument("--guidance_scale", type=_finite_float, default=None, metavar="S",
+                        help="guidance scale, classifier-free guidance on when > 1 (default: the family's: "
+                             "7.5 Stable Diffusion, 7 SD3, 3.5 Flux)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
     parser.add_argument("--num", "--num_images_per_prompt", dest="num", type=_positive_int, default=1, metavar="N",
                         help="number of images (several go into one grid; default: 1)")
@@ -539,18 +543,24 @@ def _generate(argv: list[str]) -> int:
 
     import jax.numpy as jnp
 
+    import jaxdiff
     from jaxdiff import provenance
-    from jaxdiff.pipelines.stable_diffusion import StableDiffusion
 
     quiet = args.no_progress or not _is_main_process()
-    pipe = StableDiffusion.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), progress=not quiet,
-                                           rules=args.rules, add_watermarker=False if args.no_watermark else None)
+    pipe = jaxdiff.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), progress=not quiet, rules=args.rules)
+    if args.no_watermark and hasattr(pipe, "watermark"):
+        pipe.watermark = False
     loras = [_lora_spec(parser, spec) for spec in args.lora or []]
+    if loras and not hasattr(pipe, "load_lora"):
+        parser.error(f"argument --lora: {type(pipe).__name__} pipelines take no LoRA here (Stable Diffusion ones do)")
     for path, scale in loras:
         pipe.load_lora(path, scale=scale)
+    # Options only some families take are passed only when given (SD3 and Flux have no clip skip).
+    given = (("eta", args.eta), ("clip_skip", args.clip_skip), ("guidance_scale", args.guidance_scale))
+    extra = {k: v for k, v in given if v is not None}
     pixels = pipe(args.prompt, negative_prompt=args.negative_prompt, num_steps=args.steps, sampler=args.sampler,
-                  guidance_scale=args.guidance_scale, seed=args.seed, num_images=args.num, height=args.height,
-                  width=args.width, eta=args.eta, clip_skip=args.clip_skip, output_type="uint8", progress=not quiet)
+                  seed=args.seed, num_images=args.num, height=args.height,
+                  width=args.width, output_type="uint8", progress=not quiet, **extra)
     if not _is_main_process():
         return 0
     weights = provenance.weights_fingerprint(args.model)
@@ -559,11 +569,72 @@ def _generate(argv: list[str]) -> int:
     recipe = None if not provenance.enabled(args.no_recipe) else provenance.make_recipe(
         "generate", model=_model_name(args.model), weights=weights, prompt=args.prompt,
         negative_prompt=args.negative_prompt, seed=args.seed, num_images=args.num, index=0 if args.num == 1 else None,
-        sampler=args.sampler or pipe.default_sampler, sampler_options={"eta": args.eta}, steps=args.steps,
+        sampler=args.sampler or getattr(pipe, "default_sampler", None), sampler_options={"eta": args.eta}, steps=args.steps,
         guidance_scale=args.guidance_scale, height=int(pixels.shape[1]), width=int(pixels.shape[2]),
-        loras=loras, options={"dtype": args.dtype, "clip_skip": args.clip_skip, "watermark": pipe.watermark})
+        loras=loras, options={"dtype": args.dtype, "clip_skip": args.clip_skip, "watermark": getattr(pipe, "watermark", False)})
     provenance.save_png(pixels, args.out, recipe, upscale=1)
     print(f"wrote {args.num} image(s) to {args.out}{_devices_note(pipe.mesh)}")
+    return 0
+
+
+def _eval_parser() -> _Parser:
+    parser = _Parser(prog="jaxdiff eval",
+                     description="Score a trained model: FID / KID / precision-recall over several seeds (the "
+                                 "minimum and the spread, as EDM reports). Digit-sized runs use the shipped "
+                                 "digit feature network against the held-out digits (FID-digits).")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="work dir, its checkpoints/ or checkpoints/<step> (default: the latest step)")
+    parser.add_argument("--metric", default="fid", metavar="LIST",
+                        help="comma-separated: fid, kid, pr (default: fid)")
+    parser.add_argument("--num", type=_positive_int, default=1000, metavar="N",
+                        help="images per seed (default: 1000; papers use 50000)")
+    parser.add_argument("--seeds", type=_positive_int, default=3, metavar="K", help="seeds 0..K-1 (default: 3)")
+    parser.add_argument("--ref", default=None, metavar="STATS.npz",
+                        help="reference statistics (jaxdiff.metrics.reference); default for digit-sized "
+                             "runs: the 1,000 held-out digits")
+    parser.add_argument("--inception", default=None, metavar="WEIGHTS",
+                        help="FID Inception-v3 weights (safetensors) for images that are not digit-sized")
+    parser.add_argument("--sampler", type=_sampler_name, default=None, metavar="NAME",
+                        help=f"one of {_sampler_names()} (default: the model's)")
+    parser.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="sampler steps (default: 50)")
+    parser.add_argument("--guidance_scale", type=_finite_float, default=None, metavar="S",
+                        help="classifier-free guidance scale, on when > 1 (default: off)")
+    parser.add_argument("--batch_size", type=_positive_int, default=500, metavar="B",
+                        help="images per compiled sampling call (default: 500)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--out", default=None, metavar="JSON", help="also write the report as JSON")
+    _add_distributed_args(parser, rules=True)
+    return parser
+
+
+def _eval(argv: list[str]) -> int:
+    parser = _eval_parser()
+    args = parser.parse_args(argv)
+    from jaxdiff.pipelines import evaluate
+
+    try:
+        metrics = evaluate.parse_metrics(args.metric)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.out is not None:
+        _check_out(parser, args.out)
+    _maybe_init_distributed(args)
+
+    import json
+
+    import jaxdiff
+    from jaxdiff import files
+
+    model = jaxdiff.load(args.checkpoint, rules=args.rules)
+    report = evaluate.evaluate(model, metrics=metrics, num=args.num, seeds=args.seeds, ref=args.ref,
+                               inception=args.inception, sampler=args.sampler, num_steps=args.steps,
+                               guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+                               progress=not args.no_progress and _is_main_process())
+    if _is_main_process():
+        print(evaluate.format_report(report))
+        if args.out is not None:
+            files.write_text(args.out, json.dumps(report, indent=2) + "\n")
+            print(f"wrote {args.out}")
     return 0
 
 
@@ -596,7 +667,7 @@ def _info(argv: list[str]) -> int:
 # --------------------------------------------------------------------------------------------
 
 COMMANDS = {"train": _train, "sample": _sample, "generate": _generate, "convert": _convert, "export": _export,
-            "export-lora": _export_lora, "info": _info}
+            "export-lora": _export_lora, "eval": _eval, "info": _info}
 # What to lower when a command runs out of host memory.
 _LOWER = {"train": "lower --config.data.batch_size or the image size",
           "sample": "ask for fewer images (--num)",
@@ -604,6 +675,7 @@ _LOWER = {"train": "lower --config.data.batch_size or the image size",
           "convert": "convert on a machine with more memory",
           "export": "export on a machine with more memory",
           "export-lora": "export on a machine with more memory",
+          "eval": "lower --batch_size",
           "info": "read the picture on a machine with more memory"}
 
 
@@ -631,7 +703,7 @@ def _warnings_as_lines(command: str) -> None:
 
 # Commands that compile networks: they share compiled programs across runs through JAX's
 # persistent cache (see compile_cache.py; JAXDIFF_COMPILATION_CACHE=off turns it off).
-CACHED_COMMANDS = ("train", "sample", "generate")
+CACHED_COMMANDS = ("train", "sample", "generate", "eval")
 
 
 def main(argv: list[str] | None = None) -> int:
