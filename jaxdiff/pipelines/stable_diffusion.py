@@ -66,6 +66,14 @@ the VAE posterior samples) is drawn on the host for the N requested images only,
 stochastic samplers' in-loop draws do not depend on the layout, so a seed gives the same images
 on 1 device, 8, or 2 processes x 4 (up to float rounding). In a multi-process run every process
 calls the pipeline (it is a collective) and every process gets all N images.
+
+Outputs: the folder's safety checker screens them (`pipelines/safety.py`); SDXL folders embed
+the invisible watermark diffusers' SDXL pipelines embed (`add_watermarker`, `jaxdiff.provenance`).
+
+Why this file is long: it is the one front end of the whole Stable Diffusion family (text to
+image, img2img, inpainting, SD 1/2/XL folders) and the place where each output hook (LoRA,
+ControlNet, safety checker, watermark) joins the sampling core; the hooks themselves live in
+their own modules.
 """
 
 from __future__ import annotations
@@ -86,6 +94,7 @@ from jaxdiff.convert import scheduler as scheduler_convert
 from jaxdiff.models import vae as vae_lib
 from jaxdiff.pipelines import controlnet as controlnet_lib, core, lora as lora_pipe, options as options_lib
 from jaxdiff.pipelines import prompts as prompts_lib, safety as safety_lib
+from jaxdiff.provenance import watermark as watermark_lib
 
 DEFAULT_MAX_STEPS = 50
 
@@ -210,13 +219,15 @@ class StableDiffusion(lora_pipe.LoraMixin):
 
     def __init__(self, *, unet, vae, text_encoder, params: dict, tokenizer, schedule, scheduler_config: dict,
                  max_steps: int = DEFAULT_MAX_STEPS, vae_float32: bool = True, devices=None, mesh=None,
-                 rules: str = "dp", text_encoder_2=None, tokenizer_2=None, xl_options: dict | None = None):
+                 rules: str = "dp", text_encoder_2=None, tokenizer_2=None, xl_options: dict | None = None,
+                 add_watermarker: bool | None = None):
         self.unet = unet
         self.vae = vae
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         xl = dict(xl_options or {})
         self.xl = text_encoder_2 is not None
+        self.watermark = self.xl if add_watermarker is None else bool(add_watermarker)   # SDXL's, as diffusers
         pairs = [(k, m, t) for k, m, t in (("text_encoder", text_encoder, tokenizer),
                                            ("text_encoder_2", text_encoder_2, tokenizer_2)) if m is not None]
         self._text_keys = tuple(k for k, _, _ in pairs)
@@ -241,7 +252,7 @@ class StableDiffusion(lora_pipe.LoraMixin):
     def from_pretrained(cls, path: str | os.PathLike, dtype=jnp.float32, *, max_steps: int = DEFAULT_MAX_STEPS,
                         vae_float32: bool = True, progress: bool = False, devices=None, mesh=None,
                         rules: str = "dp", variant: str | None = None, controlnet=None,
-                        safety_checker: bool = True) -> "StableDiffusion":
+                        safety_checker: bool = True, add_watermarker: bool | None = None) -> "StableDiffusion":
         """Load a diffusers Stable Diffusion 1.x / 2.x / XL folder (see the module docstring).
 
         dtype: compute dtype of the networks (parameters are float32 whatever the files hold).
@@ -252,6 +263,7 @@ class StableDiffusion(lora_pipe.LoraMixin):
         variant: e.g. "fp16" to read every network's `*.fp16.safetensors`.
         controlnet: a diffusers ControlNet folder, or a list of them (their residuals are summed).
         safety_checker: run the folder's safety checker (if listed) on outputs (`pipelines/safety.py`).
+        add_watermarker: SDXL's invisible watermark (`provenance.watermark`); None: on for SDXL folders.
         Raises `CheckpointError` naming the missing or unreadable part.
         """
         from jaxdiff.convert import folder as folder_convert
@@ -265,7 +277,8 @@ class StableDiffusion(lora_pipe.LoraMixin):
                    tokenizer_2=parts.get("tokenizer_2"), xl_options=parts["options"],
                    params={k: p for k, (_, p) in nets.items()},
                    schedule=scheduler_convert.schedule_from_config(config), scheduler_config=config,
-                   max_steps=max_steps, vae_float32=vae_float32, devices=devices, mesh=mesh, rules=rules)
+                   max_steps=max_steps, vae_float32=vae_float32, devices=devices, mesh=mesh, rules=rules,
+                   add_watermarker=add_watermarker)
         safety_lib.attach(pipe, path, dtype, safety_checker)
         if controlnet is not None:
             controlnet_lib.attach(pipe, controlnet, dtype)
@@ -399,8 +412,10 @@ class StableDiffusion(lora_pipe.LoraMixin):
                        noise=None if opts.latents is None else np.asarray(opts.latents, np.float32),
                        x0=x0, keep=keep, decode=functools.partial(self._decode_fn, self.params["vae"]),
                        image_shape=(height, width, 3), peak_bytes=peak)
-        return safety_lib.screen(self, core.run(job, self.mesh, output_type=opts.output_type, progress=opts.progress),
-                                 opts.output_type)
+        marked = self.watermark and opts.output_type != "latent"    # then [N, H, W, 3] in [0, 1], marked
+        out = core.run(job, self.mesh, output_type="np" if marked else opts.output_type, progress=opts.progress)
+        out = images_lib.to_output(watermark_lib.embed_watermark(out), opts.output_type) if marked else out
+        return safety_lib.screen(self, out, opts.output_type)
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                  **options: Any):
