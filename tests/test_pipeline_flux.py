@@ -150,3 +150,24 @@ def test_sizes_and_folders_are_checked(tiny, tmp_path):
 def test_pack_round_trip_in_the_network_layout():
     x = _noise()
     np.testing.assert_array_equal(np.asarray(flux_lib.unpack(flux_lib.pack(x), H // 2, W // 2)), x)
+
+
+def test_jaxdiff_generate_opens_a_flux_folder(tiny, tmp_path):
+    """The command line reaches Flux through jaxdiff.from_pretrained, with the family's default
+    guidance, and records the recipe in the PNG."""
+    from PIL import Image
+
+    from conftest import run_cli
+
+    folder, _, pipe, guidance = tiny
+    if not guidance:
+        pytest.skip("one family member through the command line is enough")
+    out = tmp_path / "flux.png"
+    proc = run_cli("generate", "--model", str(folder), "--prompt", PROMPT, "--steps", "2", "--height", str(H),
+                   "--width", str(W), "--seed", "3", "--no-progress", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    want = pipe(PROMPT, num_steps=2, height=H, width=W, seed=3, output_type="uint8")[0]
+    got = np.asarray(Image.open(out))
+    assert got.shape == want.shape and np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    info = run_cli("info", str(out))
+    assert info.returncode == 0 and PROMPT in info.stdout
