@@ -15,6 +15,7 @@
     jaxdiff export-lora LORA_RUN_DIR --out FILE_OR_DIR [--step N] [--no-ema]
     jaxdiff eval     --checkpoint DIR [--metric fid,kid,pr] [--num 1000] [--seeds 3] [--ref STATS.npz]
                      [--inception WEIGHTS.safetensors] [--sampler ddim] [--steps 50] [--out report.json]
+    jaxdiff eval     --model FOLDER --prompts FILE --clip CLIP_FOLDER [--metric clip_score,fid] [--seeds 1]
     jaxdiff COMMAND --help     every flag of COMMAND (for train: every config key and its value)
     jaxdiff --version
 
@@ -582,10 +583,17 @@ def _eval_parser() -> _Parser:
                      description="Score a trained model: FID / KID / precision-recall over several seeds (the "
                                  "minimum and the spread, as EDM reports). Digit-sized runs use the shipped "
                                  "digit feature network against the held-out digits (FID-digits).")
-    parser.add_argument("--checkpoint", required=True, metavar="DIR",
-                        help="work dir, its checkpoints/ or checkpoints/<step> (default: the latest step)")
-    parser.add_argument("--metric", default="fid", metavar="LIST",
-                        help="comma-separated: fid, kid, pr (default: fid)")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint", metavar="DIR",
+                      help="a trained run: work dir, its checkpoints/ or checkpoints/<step> (default: the latest step)")
+    what.add_argument("--model", metavar="FOLDER",
+                      help="a text-to-image pipeline folder (SD 1/2/XL, SD3, Flux), scored on --prompts")
+    parser.add_argument("--prompts", default=None, metavar="FILE", help="with --model: one prompt per line")
+    parser.add_argument("--clip", default=None, metavar="FOLDER",
+                        help="with --model: a local transformers CLIP model folder for clip_score")
+    parser.add_argument("--metric", default=None, metavar="LIST",
+                        help="comma-separated: fid, kid, pr for --checkpoint (default: fid); clip_score, fid "
+                             "for --model (default: clip_score)")
     parser.add_argument("--num", type=_positive_int, default=1000, metavar="N",
                         help="images per seed (default: 1000; papers use 50000)")
     parser.add_argument("--seeds", type=_positive_int, default=3, metavar="K", help="seeds 0..K-1 (default: 3)")
@@ -612,30 +620,69 @@ def _eval(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     from jaxdiff.pipelines import evaluate
 
+    if args.model is not None:
+        return _eval_prompts(parser, args)
     try:
-        metrics = evaluate.parse_metrics(args.metric)
+        metrics = evaluate.parse_metrics(args.metric or "fid")
     except ValueError as e:
         parser.error(str(e))
     if args.out is not None:
         _check_out(parser, args.out)
     _maybe_init_distributed(args)
 
-    import json
-
     import jaxdiff
-    from jaxdiff import files
 
     model = jaxdiff.load(args.checkpoint, rules=args.rules)
     report = evaluate.evaluate(model, metrics=metrics, num=args.num, seeds=args.seeds, ref=args.ref,
                                inception=args.inception, sampler=args.sampler, num_steps=args.steps,
                                guidance_scale=args.guidance_scale, batch_size=args.batch_size,
                                progress=not args.no_progress and _is_main_process())
+    _write_report(args, evaluate.format_report(report), report)
+    return 0
+
+
+def _eval_prompts(parser: argparse.ArgumentParser, args) -> int:
+    """`jaxdiff eval --model FOLDER --prompts FILE`: CLIP score (and FID) of a pipeline on a prompt set."""
+    from jaxdiff.pipelines import evaluate
+
+    if args.prompts is None:
+        parser.error("--model needs --prompts FILE (one prompt per line)")
+    try:
+        prompts = evaluate.read_prompts(args.prompts)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.out is not None:
+        _check_out(parser, args.out)
+    _maybe_init_distributed(args)
+
+    import jaxdiff
+
+    pipe = jaxdiff.from_pretrained(args.model, rules=args.rules)
+    options = {"num_steps": args.steps}
+    if args.guidance_scale is not None:
+        options["guidance_scale"] = args.guidance_scale
+    if args.sampler is not None:
+        options["sampler"] = args.sampler
+    report = evaluate.evaluate_prompts(pipe, prompts, metrics=args.metric or "clip_score", seeds=args.seeds,
+                                       clip=args.clip, inception=args.inception, ref=args.ref,
+                                       batch_size=min(args.batch_size, 8), **options)
+    lines = [f"{len(prompts)} prompts x {len(report['seeds'])} seeds, {args.steps} steps"]
+    lines += [f"{k:<10} min {r['min']:.3f}   mean {r['mean']:.3f} +- {r['std']:.3f}"
+              for k, r in report.items() if isinstance(r, dict)]
+    _write_report(args, "\n".join(lines), report)
+    return 0
+
+
+def _write_report(args, text: str, report: dict) -> None:
+    import json
+
+    from jaxdiff import files
+
     if _is_main_process():
-        print(evaluate.format_report(report))
+        print(text)
         if args.out is not None:
             files.write_text(args.out, json.dumps(report, indent=2) + "\n")
             print(f"wrote {args.out}")
-    return 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -441,3 +441,28 @@ def test_cli_generate_writes_a_png_with_the_batch_split_over_two_devices(tiny, p
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("jaxdiff generate: error:")]
     assert len(lines) == 1 and "not found" in lines[0], proc.stderr[-2000:]
+
+
+def test_cli_eval_scores_a_pipeline_on_a_prompt_set(tiny, tmp_path):
+    """`jaxdiff eval --model FOLDER --prompts FILE --clip CLIP`: the CLIP score of the pipeline's
+    images, equal to scoring what the pipeline draws for those prompts and seeds by hand."""
+    from test_clip_vision import _clip_model
+
+    from jaxdiff.metrics.clip_score import ClipScore
+
+    _clip_model(tmp_path)
+    (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps({"size": 32, "crop_size": 32}))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\na red car\n")
+    out = tmp_path / "clip.json"
+    proc = run_cli("eval", "--model", str(tiny[0]), "--prompts", str(prompts), "--clip", str(tmp_path / "clip"),
+                   "--seeds", "1", "--steps", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(out.read_text())
+    pipe = StableDiffusion.from_pretrained(tiny[0])
+    images = pipe(["a photo of a cat", "a red car"], num_steps=2, seed=0, output_type="uint8")
+    want = ClipScore.from_pretrained(tmp_path / "clip").scores(images, ["a photo of a cat", "a red car"]).mean()
+    assert report["clip_score"]["per_seed"][0] == pytest.approx(float(want), rel=1e-4, abs=1e-3)
+    assert "clip_score" in proc.stdout
+    missing = run_cli("eval", "--model", str(tiny[0]))
+    assert missing.returncode == 2 and "--prompts" in missing.stderr
