@@ -64,7 +64,7 @@ class ParamRule(NamedTuple):
 
 
 # One rule per kind of layer of jaxdiff's networks (U-Net incl. the Stable Diffusion topologies,
-# VAE, CLIP text encoder). A few patterns also hold the names diffusers / transformers give the same
+# DiT, VAE, CLIP text encoder). A few patterns also hold the names diffusers / transformers give the same
 # layers (to_q, out_proj, net_2, layer_norm1, ...), so such a tree shards alike.
 PARAMETER_RULES = (
     ParamRule("convolution", r"conv|conv_\d+|conv_in|conv_out|skip|quant_conv|post_quant_conv", COLUMN),
@@ -77,6 +77,11 @@ PARAMETER_RULES = (
     ParamRule("transformer / attention / feed-forward output projection", r"proj_out|fc2|net_2", ROW),
     ParamRule("normalisation", r"norm|norm_\d+|norm_out|final_norm|layer_norm\d*", NORM),
     ParamRule("token / position / class embedding", r"token_embedding|position_embedding|class_embed", EMBEDDING),
+    # DiT (models/dit.py): the patch embedding is the network's input convolution; the adaLN
+    # modulation maps the conditioning vector to 6 (2 in the final layer) shifts, scales and gates.
+    # Its attention (query/key/value/proj_out) and MLP (proj_in/proj_out) use the rules above.
+    ParamRule("DiT patch embedding", r"patch_embed", COLUMN),
+    ParamRule("DiT adaLN modulation", r"adaln", COLUMN),
 )
 
 # Which leaves (and their rank) each layout names.
