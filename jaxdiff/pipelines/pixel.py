@@ -27,9 +27,11 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -37,7 +39,9 @@ from jaxdiff import images as images_lib
 from jaxdiff import samplers
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.errors import CheckpointError
-from jaxdiff.pipelines import core, options as options_lib
+from jaxdiff.models.dit import DiT
+from jaxdiff.pipelines import core
+from jaxdiff.pipelines import options as options_lib
 
 # The sampler of `sample()` when none is named.
 DEFAULT_SAMPLER = "ddim"
@@ -52,14 +56,34 @@ DEFAULT_SAMPLER = "ddim"
 PIXEL_SAMPLER_OPTIONS = {"use_clipped_model_output": True}
 
 
+# The sampler of a flow-matching run's `sample()` when none is named, and the prefix of the samplers
+# that integrate the flow ODE (x unscaled, t = sigma T, velocity out).
+DEFAULT_FLOW_SAMPLER = "flow_euler"
+FLOW_SAMPLER_PREFIX = "flow_"
+
+
 def _network(module, params, x, t, labels):
-    """The network's prediction at (x [B, H, W, C], t [B]) for class ids `labels` [B] (or None)."""
-    return module.apply({"params": params}, x, t, labels)
+    """The network's prediction at (x [B, H, W, C], t [B]) for class ids `labels` [B] (or None):
+    the first C channels (a learned-sigma network's variance half is not a prediction)."""
+    return module.apply({"params": params}, x, t, labels)[..., :x.shape[-1]]
+
+
+def peak_bytes(module, height: int, width: int, guided_call: bool):
+    """`rows -> bytes`, a lower bound of one network call's peak memory: the U-Net's
+    (`core.unet_peak_bytes`), or for a DiT three token activations [T, D] and, off GPU, the
+    [heads, T, T] float32 attention logits per image."""
+    if not isinstance(module, DiT):
+        return core.unet_peak_bytes(module, height, width, guided_call)
+    tokens = (height // module.patch_size) * (width // module.patch_size)
+    act = 3 * tokens * module.hidden_size * jnp.dtype(module.dtype).itemsize
+    logits = module.num_heads * tokens * tokens * 4 if jax.default_backend() != "gpu" else 0
+    factor = 2 if guided_call else 1
+    return lambda rows: factor * rows * (act + logits)
 
 
 class DiffusionModel:
-    """A U-Net with its parameters, EMA parameters, noise schedule and the config it was trained
-    with. Attributes: `config`, `module`, `schedule`, `params`, `ema_params` (laid out on `mesh`
+    """A U-Net or DiT with its parameters, EMA parameters, noise schedule (a flow schedule for a
+    flow-matching run) and the config it was trained with. Attributes: `config`, `module`, `schedule`, `params`, `ema_params` (laid out on `mesh`
     by `rules`), `image_shape`, `mesh`, `rules`.
 
     mesh: where sampling runs; None: every device of *this process* (a model built by hand, e.g.
@@ -75,7 +99,7 @@ class DiffusionModel:
         self.schedule = schedule
         self.mesh = sharding_lib.inference_mesh(rules, jax.local_devices()) if mesh is None else mesh
         self.rules = rules
-        place = lambda tree: sharding_lib.place(tree, sharding_lib.tree_shardings(tree, self.mesh, rules))  # noqa: E731
+        place = lambda tree: sharding_lib.place(tree, sharding_lib.tree_shardings(tree, self.mesh, rules))
         self.params = place(params)
         self.ema_params = place(ema_params)
         self.image_shape = tuple(image_shape)              # (H, W, C)
@@ -86,8 +110,18 @@ class DiffusionModel:
         return self.module.num_classes
 
     @property
+    def is_flow(self) -> bool:
+        """A flow-matching run (`diffusion.objective="flow"`): sampled with a flow sampler."""
+        return self.config.diffusion.get("objective", "ddpm") == "flow"
+
+    @property
     def prediction_type(self) -> str:
-        return self.config.diffusion.prediction_type
+        return "flow_prediction" if self.is_flow else self.config.diffusion.prediction_type
+
+    @property
+    def default_sampler(self) -> str:
+        """The sampler `sample()` uses when none is named: DDIM, or flow Euler for a flow run."""
+        return DEFAULT_FLOW_SAMPLER if self.is_flow else DEFAULT_SAMPLER
 
     def grid_labels(self, num: int) -> np.ndarray | None:
         """Labels 0, 1, ..., K-1, 0, 1, ... so a grid with K columns shows one class per column."""
@@ -121,7 +155,7 @@ class DiffusionModel:
         scale = core.check_scale("guidance_scale", guidance_scale, optional=True)
         num = options_lib.check_count("the number of images", num)
         h, w = self.image_shape[:2]
-        peak = core.unet_peak_bytes(self.module, h, w, core.guided(scale))
+        peak = peak_bytes(self.module, h, w, core.guided(scale))
         core.check_memory(self.mesh, num, self.image_shape, rows=min(batch_size or num, num), peak_bytes=peak)
         labels = self._check_labels(labels, num)
         plan = self.plan(sampler, num_steps, **sampler_options)
@@ -133,13 +167,20 @@ class DiffusionModel:
         return core.run(job, self.mesh, output_type=output_type, progress=progress)
 
     def plan(self, sampler: str | None = None, num_steps: int = 50, **options: Any):
-        """The sampler `sample` would use: `samplers.get(sampler or DEFAULT_SAMPLER, ...)` with
-        this model's prediction type and `PIXEL_SAMPLER_OPTIONS` under `options`."""
-        name = sampler or DEFAULT_SAMPLER
+        """The sampler `sample` would use: `samplers.get(sampler or self.default_sampler, ...)`
+        with this model's prediction type and `PIXEL_SAMPLER_OPTIONS` under `options`. A
+        flow-matching run takes only the flow samplers (its schedule is `schedules.flow`)."""
+        name = sampler or self.default_sampler
         valid = samplers.options(name)                      # an unknown name: one line naming the valid ones
+        if self.is_flow != name.startswith(FLOW_SAMPLER_PREFIX):
+            flows = [n for n in samplers.names() if n.startswith(FLOW_SAMPLER_PREFIX)]
+            raise ValueError(f"sampler {name!r} cannot sample this model: it was trained "
+                             + (f"by flow matching; use one of {', '.join(flows)}" if self.is_flow else
+                                f"with the DDPM objective; flow samplers ({', '.join(flows)}) need a flow-matching run"))
         opts = {k: v for k, v in PIXEL_SAMPLER_OPTIONS.items() if k in valid}
         opts.update(options)
-        opts.setdefault("prediction_type", self.prediction_type)
+        if "prediction_type" in valid:
+            opts.setdefault("prediction_type", self.prediction_type)
         return samplers.get(name, self.schedule, options_lib.check_steps(num_steps), **opts)
 
     def _check_labels(self, labels, num):
