@@ -8,7 +8,7 @@
     sched = schedules.discrete("linear")
     x0 = sampling.sample(samplers.get("ddim", sched, num_steps=50), model_fn, noise, key)
 
-    pipe = jaxdiff.StableDiffusion.from_pretrained("path/to/stable-diffusion-v1-5")  # diffusers folder
+    pipe = jaxdiff.from_pretrained("path/to/stable-diffusion-v1-5")   # any diffusers folder: SD 1/2/XL, SD3, Flux
     pictures = pipe("a photo of a cat", num_steps=30, guidance_scale=7.5, seed=0)     # list of PIL images
     pipe.load_lora("path/to/lora.safetensors", scale=0.7)     # diffusers/PEFT or kohya LoRA files
 
@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 _SUBMODULES = {"schedules", "parameterization", "samplers", "sampling", "models", "data",
                "sharding", "checkpoint", "config", "images", "pipelines", "train", "errors",
                "convert"}
-_EXPORTS = {"load": "jaxdiff.pipelines.pixel", "DiffusionModel": "jaxdiff.pipelines.pixel",
+_EXPORTS = {"from_pretrained": "jaxdiff.pipelines.auto", "load": "jaxdiff.pipelines.pixel", "DiffusionModel": "jaxdiff.pipelines.pixel",
             "StableDiffusion": "jaxdiff.pipelines.stable_diffusion", "save_lora": "jaxdiff.pipelines.lora"}
 
 __all__ = sorted(_SUBMODULES | set(_EXPORTS))

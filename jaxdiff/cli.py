@@ -11,6 +11,8 @@
                      [--prediction_type v_prediction]
     jaxdiff export   RUN_DIR --out SD_FOLDER [--step N] [--no-ema]
     jaxdiff export-lora LORA_RUN_DIR --out FILE_OR_DIR [--step N] [--no-ema]
+    jaxdiff eval     --checkpoint DIR [--metric fid,kid,pr] [--num 1000] [--seeds 3] [--ref STATS.npz]
+                     [--inception WEIGHTS.safetensors] [--sampler ddim] [--steps 50] [--out report.json]
     jaxdiff COMMAND --help     every flag of COMMAND (for train: every config key and its value)
     jaxdiff --version
 
@@ -185,10 +187,11 @@ def _train(argv: list[str]) -> int:
     config_lib.validate(cfg, workdir)          # before anything is built (train() checks again)
     _maybe_init_distributed(args)
 
-    from jaxdiff.pipelines import write_run_samples
+    from jaxdiff.pipelines import evaluate, write_run_samples
     from jaxdiff.train import loop
 
-    state = loop.train(cfg, workdir, progress=not args.no_progress, write_samples=write_run_samples)
+    state = loop.train(cfg, workdir, progress=not args.no_progress, write_samples=write_run_samples,
+                       evaluate=evaluate.evaluate_run)
     if int(state.step) < cfg.train.steps:  # preempted: saved, message printed, resume later
         return 0
     written = [f"{what} in {path}" for what, path in (("samples", os.path.join(workdir, "samples.png")),
@@ -471,19 +474,81 @@ def _generate(argv: list[str]) -> int:
     return 0
 
 
+def _eval_parser() -> _Parser:
+    parser = _Parser(prog="jaxdiff eval",
+                     description="Score a trained model: FID / KID / precision-recall over several seeds (the "
+                                 "minimum and the spread, as EDM reports). Digit-sized runs use the shipped "
+                                 "digit feature network against the held-out digits (FID-digits).")
+    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+                        help="work dir, its checkpoints/ or checkpoints/<step> (default: the latest step)")
+    parser.add_argument("--metric", default="fid", metavar="LIST",
+                        help="comma-separated: fid, kid, pr (default: fid)")
+    parser.add_argument("--num", type=_positive_int, default=1000, metavar="N",
+                        help="images per seed (default: 1000; papers use 50000)")
+    parser.add_argument("--seeds", type=_positive_int, default=3, metavar="K", help="seeds 0..K-1 (default: 3)")
+    parser.add_argument("--ref", default=None, metavar="STATS.npz",
+                        help="reference statistics (jaxdiff.metrics.reference); default for digit-sized "
+                             "runs: the 1,000 held-out digits")
+    parser.add_argument("--inception", default=None, metavar="WEIGHTS",
+                        help="FID Inception-v3 weights (safetensors) for images that are not digit-sized")
+    parser.add_argument("--sampler", type=_sampler_name, default=None, metavar="NAME",
+                        help=f"one of {_sampler_names()} (default: the model's)")
+    parser.add_argument("--steps", type=_positive_int, default=50, metavar="N", help="sampler steps (default: 50)")
+    parser.add_argument("--guidance_scale", type=_finite_float, default=None, metavar="S",
+                        help="classifier-free guidance scale, on when > 1 (default: off)")
+    parser.add_argument("--batch_size", type=_positive_int, default=500, metavar="B",
+                        help="images per compiled sampling call (default: 500)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--out", default=None, metavar="JSON", help="also write the report as JSON")
+    _add_distributed_args(parser, rules=True)
+    return parser
+
+
+def _eval(argv: list[str]) -> int:
+    parser = _eval_parser()
+    args = parser.parse_args(argv)
+    from jaxdiff.pipelines import evaluate
+
+    try:
+        metrics = evaluate.parse_metrics(args.metric)
+    except ValueError as e:
+        parser.error(str(e))
+    if args.out is not None:
+        _check_out(parser, args.out)
+    _maybe_init_distributed(args)
+
+    import json
+
+    import jaxdiff
+    from jaxdiff import files
+
+    model = jaxdiff.load(args.checkpoint, rules=args.rules)
+    report = evaluate.evaluate(model, metrics=metrics, num=args.num, seeds=args.seeds, ref=args.ref,
+                               inception=args.inception, sampler=args.sampler, num_steps=args.steps,
+                               guidance_scale=args.guidance_scale, batch_size=args.batch_size,
+                               progress=not args.no_progress and _is_main_process())
+    if _is_main_process():
+        print(evaluate.format_report(report))
+        if args.out is not None:
+            files.write_text(args.out, json.dumps(report, indent=2) + "\n")
+            print(f"wrote {args.out}")
+    return 0
+
+
 # --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
 
 COMMANDS = {"train": _train, "sample": _sample, "generate": _generate, "convert": _convert, "export": _export,
-            "export-lora": _export_lora}
+            "export-lora": _export_lora, "eval": _eval}
 # What to lower when a command runs out of host memory.
 _LOWER = {"train": "lower --config.data.batch_size or the image size",
           "sample": "ask for fewer images (--num)",
           "generate": "ask for fewer (--num) or smaller (--height / --width) images",
           "convert": "convert on a machine with more memory",
           "export": "export on a machine with more memory",
-          "export-lora": "export on a machine with more memory"}
+          "export-lora": "export on a machine with more memory",
+          "eval": "lower --batch_size"}
 
 
 def _synopsis() -> str:
@@ -510,7 +575,7 @@ def _warnings_as_lines(command: str) -> None:
 
 # Commands that compile networks: they share compiled programs across runs through JAX's
 # persistent cache (see compile_cache.py; JAXDIFF_COMPILATION_CACHE=off turns it off).
-CACHED_COMMANDS = ("train", "sample", "generate")
+CACHED_COMMANDS = ("train", "sample", "generate", "eval")
 
 
 def main(argv: list[str] | None = None) -> int:

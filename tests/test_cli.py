@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import json
+
 import numpy as np
 import pytest
 from conftest import run_cli
@@ -78,7 +80,10 @@ def trained(tmp_path_factory):
 
 def test_train_writes_checkpoints_logs_and_pictures(trained):
     assert sorted(p.name for p in (trained / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
-    assert len((trained / "metrics.jsonl").read_text().splitlines()) == 4
+    rows = [json.loads(line) for line in (trained / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    # The closing evaluation: FID-digits of the EMA weights at the last step (eval.num images).
+    assert [(r["step"], sorted(r)) for r in rows if "loss" not in r] == [(4, ["eval_fid_digits", "step"])]
     assert any((trained / "tb").iterdir())
     grid = np.asarray(Image.open(trained / "samples.png"))
     # 20 samples in 10 columns (one class per column) of 16x16 digits, 2px gaps, upscaled x4.

@@ -11,8 +11,19 @@ from conftest import train_tiny_run
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return jaxdiff.load(train_tiny_run(tmp_path_factory.mktemp("run"), batch_size=16, steps=4))
+def run_dir(tmp_path_factory):
+    return train_tiny_run(tmp_path_factory.mktemp("run"), batch_size=16, steps=4)
+
+
+@pytest.fixture(scope="module")
+def model(run_dir):
+    return jaxdiff.load(run_dir)
+
+
+def test_from_pretrained_opens_a_training_run(run_dir, model):
+    other = jaxdiff.from_pretrained(run_dir)
+    assert isinstance(other, jaxdiff.DiffusionModel)
+    np.testing.assert_array_equal(other.sample(2, num_steps=3, seed=5), model.sample(2, num_steps=3, seed=5))
 
 
 def test_loaded_model_has_config_params_and_ema(model):

@@ -96,6 +96,11 @@ def pipe(tiny):
     return StableDiffusion.from_pretrained(tiny[0])
 
 
+def test_from_pretrained_dispatches_a_stable_diffusion_folder(tiny):
+    import jaxdiff
+    assert type(jaxdiff.from_pretrained(tiny[0])) is StableDiffusion
+
+
 def _noise(seed=0):
     return np.random.RandomState(seed).randn(*LATENT).astype(np.float32)
 

@@ -82,6 +82,11 @@ PARAMETER_RULES = (
     # Its attention (query/key/value/proj_out) and MLP (proj_in/proj_out) use the rules above.
     ParamRule("DiT patch embedding", r"patch_embed", COLUMN),
     ParamRule("DiT adaLN modulation", r"adaln", COLUMN),
+    # T5 text encoder (models/t5.py; its attention, norms and token embedding fall under the rules
+    # above). The bias table [buckets, heads] is tiny: no rule table splits it over `tensor`.
+    ParamRule("T5 feed-forward input projections", r"mlp/(wi|wi_0|wi_1)", COLUMN),
+    ParamRule("T5 feed-forward output projection", r"mlp/wo", ROW),
+    ParamRule("T5 relative position bias table", r"relative_attention_bias", EMBEDDING),
 )
 
 # Which leaves (and their rank) each layout names.

@@ -154,13 +154,16 @@ def _say(message: str) -> None:
 
 
 def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progress: bool = True,
-          write_samples: Callable | None = None):
+          write_samples: Callable | None = None, evaluate: Callable | None = None):
     """Train (or resume) the run described by `cfg` in `workdir`; returns the final TrainState.
 
     The mesh is `cfg.mesh` over `devices` (default: every device of every process).
     write_samples: `write_samples(run: build.Run, params, name: str, final: bool)`, called on
     process 0 with the EMA parameters (gathered from every process) every `cfg.train.sample_every`
-    steps and at the end (None: no samples). On SIGTERM / SIGINT (or a multi-host preemption
+    steps and at the end (None: no samples).
+    evaluate: `evaluate(run, params) -> {name: value}` (e.g. FID-digits), called like
+    write_samples every `cfg.train.eval_every` steps (0: at the end only) and at the end; its
+    values go to metrics.jsonl and TensorBoard as `eval_<name>` at that step. On SIGTERM / SIGINT (or a multi-host preemption
     notice) the current step is checkpointed and the state returned early, its `step` below
     `cfg.train.steps`; running the same command again resumes.
     """
@@ -190,7 +193,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
     if part is not None:
         model = task.model                        # the base's U-Net: only the adapters / ControlNet train
         trainer = part.build_trainer(cfg, mesh, task, schedule, tx)
-        write_samples = None                      # samples come from the exported part (export-lora, ...)
+        write_samples = evaluate = None           # samples come from the exported part (export-lora, ...)
     else:
         model = build.build_model(cfg, task.image_shape, task.num_classes, task.context_dim)
         trainer = build.build_trainer(cfg, mesh, model, schedule, tx, task.image_shape, task.condition(cfg, model))
@@ -271,6 +274,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
                 break
             if cfg.train.sample_every and step % cfg.train.sample_every == 0 and write_samples:
                 _write_samples(write_samples, run, state, f"samples_{step:07d}.png", final=False)
+            if evaluate and cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
+                _evaluate(evaluate, run, state, step, logger)
         if pending is not None:
             jax.block_until_ready(pending)
             bar.update(1)
@@ -295,20 +300,41 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
     if write_samples:
         _say("writing samples")
         _write_samples(write_samples, run, state, "samples.png", final=True)
+    if evaluate and step > start:
+        final_logger = _Logger(workdir, is_main)
+        try:
+            _evaluate(evaluate, run, state, step, final_logger)
+        finally:
+            final_logger.close()
     if is_main:
         plot_loss_curve(logger.path, os.path.join(workdir, "loss.png"))
     return state
 
 
-def _write_samples(write_samples: Callable, run: build.Run, state, name: str, final: bool) -> None:
-    """Hand the EMA weights to the sample writer on process 0 (every process must call this: in
-    a multi-host run the sharded weights are first gathered to every host)."""
+def _on_main(fn: Callable, run: build.Run, state, *args):
+    """`fn(run, ema_params, *args)` on process 0, its result there (None elsewhere). Every process
+    must call this: in a multi-host run the sharded weights are first gathered to every host."""
     params = state.ema_params
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         params = multihost_utils.process_allgather(params, tiled=True)
     if jax.process_index() == 0:
-        write_samples(run, params, name, final)
+        return fn(run, params, *args)
+    return None
+
+
+def _write_samples(write_samples: Callable, run: build.Run, state, name: str, final: bool) -> None:
+    """Hand the EMA weights to the sample writer on process 0."""
+    _on_main(write_samples, run, state, name, final)
+
+
+def _evaluate(evaluate: Callable, run: build.Run, state, step: int, logger: _Logger) -> None:
+    """Score the EMA weights at `step`; log `eval_<name>` rows and one line per evaluation."""
+    _say(f"evaluating at step {step}")
+    scores = _on_main(evaluate, run, state) or {}
+    if scores:
+        logger.write(step, {f"eval_{k}": float(v) for k, v in scores.items()})
+        _say("step {}: {}".format(step, ", ".join(f"{k} {v:.3f}" for k, v in scores.items())))
 
 
 def plot_loss_curve(metrics_path: str, out_path: str) -> None:
@@ -321,6 +347,7 @@ def plot_loss_curve(metrics_path: str, out_path: str) -> None:
         return
     with open(metrics_path) as f:
         rows = [json.loads(line) for line in f if line.strip()]
+    rows = [r for r in rows if "loss" in r]              # evaluation rows carry eval_* only
     if not rows:
         return
     steps = np.array([r["step"] for r in rows])

@@ -1,0 +1,164 @@
+"""Evaluate a trained model the way papers report it: `jaxdiff eval`.
+
+    from jaxdiff.pipelines import evaluate
+    report = evaluate.evaluate(jaxdiff.load("runs/digits"), metrics=("fid", "kid", "pr"),
+                               num=1000, seeds=3)
+    report["fid"]["min"], report["fid"]["per_seed"]
+
+Protocol (Karras et al. 2022, "EDM", sec. 5 and their released evaluation): for each of `seeds`
+seeds draw `num` images (class-conditional models get the classes in equal shares, 0, 1, ..., K-1,
+0, ...), compute the features of every image, compare with the reference, and report every seed's
+value, the minimum (what EDM quotes) and the mean and standard deviation over seeds (the spread a
+reader needs to judge a difference).
+
+Feature networks and references:
+
+* Digit-sized models ([16, 16, 1], the embedded digits): the shipped digit feature network
+  (`metrics.features.digit_features`), "FID-digits". Without `ref` the reference is the 1,000
+  held-out digits the feature network never saw (`features.digit_split`); KID and precision /
+  recall compare against their features too.
+* Any other image size: the FID Inception-v3 from a weights file you supply (`inception`) and a
+  reference statistics file (`ref`, `.npz`, see `metrics.reference`; made once from the real data
+  with `stats` + `reference.save_reference`). A statistics file holds (mu, sigma) only, so KID and
+  precision / recall, which need the real features themselves, are available with the digit
+  reference only; asking for them otherwise is a one-line error.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from jaxdiff.metrics import distribution, features, reference, stats
+
+METRICS = ("fid", "kid", "pr")
+
+
+def parse_metrics(text: str | Sequence[str]) -> tuple[str, ...]:
+    """"fid,kid" or ["fid", "kid"] -> ("fid", "kid"); one-line ValueError for an unknown name."""
+    names = [m.strip().lower() for m in (text.split(",") if isinstance(text, str) else text) if m.strip()]
+    unknown = [m for m in names if m not in METRICS]
+    if unknown or not names:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; valid: {', '.join(METRICS)}")
+    return tuple(dict.fromkeys(names))
+
+
+def digits_heldout_features() -> np.ndarray:
+    """float32 [1000, 128]: digit-net features of the 1,000 held-out embedded digits at 16x16."""
+    from jaxdiff.data import digits
+
+    source = digits.digits_source(16, 1, None)
+    images, _ = source.load(np.sort(features.digit_split(source.num_examples)[1]))   # [1000, 16, 16, 1]
+    return features.digit_features(images)
+
+
+class _Features:
+    """The feature network for images of `image_shape`, its identity, and the reference."""
+
+    def __init__(self, image_shape, ref: str | None, inception: str | None, metrics: tuple[str, ...]):
+        self.real = None
+        if tuple(image_shape) == features.DIGIT_IMAGE_SHAPE and inception is None:
+            self.name, self.dim, self.fn = features.DIGIT_FEATURE_NET, features.DIGIT_FEATURE_DIM, features.digit_features
+            if ref is None:
+                self.real = digits_heldout_features()
+                self.ref = stats.from_features(self.real)
+                return
+        elif inception is not None:
+            self.name, self.dim = features.inception_feature_net(inception), 2048
+            self.fn = lambda images: features.inception_features(images, inception)
+        else:
+            raise ValueError(f"images of shape {tuple(image_shape)} need the FID Inception weights "
+                             "(inception=PATH.safetensors) and a reference statistics file (ref=STATS.npz)")
+        if ref is None:
+            raise ValueError("give a reference statistics file (ref=STATS.npz) made with the same feature network")
+        needs_real = [m for m in metrics if m in ("kid", "pr")]
+        if needs_real:
+            raise ValueError(f"{' and '.join(needs_real)} need the real features, not only a statistics file; "
+                             "they are available against the held-out digits (no ref, digit-sized models)")
+        self.ref = reference.load_reference(ref, feature_net=self.name, dim=self.dim)
+
+
+def _summary(values: list[float]) -> dict:
+    arr = np.asarray(values, np.float64)
+    return {"per_seed": [float(v) for v in arr], "min": float(arr.min()), "mean": float(arr.mean()),
+            "std": float(arr.std(ddof=1)) if len(arr) > 1 else 0.0}
+
+
+def evaluate(model, *, metrics: Sequence[str] | str = ("fid",), num: int = 1000, seeds: int | Sequence[int] = 3,
+             ref: str | None = None, inception: str | None = None, sampler: str | None = None,
+             num_steps: int = 50, guidance_scale: float | None = None, batch_size: int | None = 500,
+             progress: bool = False, **sampler_options) -> dict:
+    """Draw `num` images per seed from `model` (a `DiffusionModel`, e.g. `jaxdiff.load(run)`),
+    and score them (see the module docstring). seeds: a count (seeds 0..n-1) or the seeds.
+
+    Returns {"fid": {"per_seed", "min", "mean", "std"}, "kid": {... of the KID mean},
+    "precision": {...}, "recall": {...}, "num", "seeds", "feature_net", "sampler", "num_steps",
+    "guidance_scale"}, for the metrics asked for.
+    """
+    metrics = parse_metrics(metrics)
+    seeds = list(range(int(seeds))) if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must be a positive count or a non-empty list of seeds")
+    if int(num) != num or num < 2:
+        raise ValueError(f"num must be an integer >= 2 (images per seed), got {num}")
+    feats = _Features(model.image_shape, ref, inception, metrics)
+    labels = model.grid_labels(int(num))
+    values: dict[str, list[float]] = {k: [] for k in ("fid", "kid", "precision", "recall")}
+    for seed in seeds:
+        images = model.sample(int(num), sampler=sampler, num_steps=num_steps, seed=seed, labels=labels,
+                              guidance_scale=guidance_scale, batch_size=batch_size, progress=progress,
+                              output_type="np", **sampler_options)                      # [N, H, W, C] in [0, 1]
+        fake = feats.fn(np.asarray(images, np.float32) * 2.0 - 1.0)                    # [N, D]
+        if "fid" in metrics:
+            values["fid"].append(distribution.fid(feats.ref, stats.from_features(fake)))
+        if "kid" in metrics:
+            size = min(1000, len(fake), len(feats.real))
+            values["kid"].append(distribution.kid(feats.real, fake, subset_size=size, seed=seed)[0])
+        if "pr" in metrics:
+            p, r = distribution.precision_recall(feats.real, fake)
+            values["precision"].append(p)
+            values["recall"].append(r)
+    report = {k: _summary(v) for k, v in values.items() if v}
+    report.update(num=int(num), seeds=seeds, feature_net=feats.name, sampler=sampler or "default",
+                  num_steps=int(num_steps), guidance_scale=guidance_scale)
+    return report
+
+
+def format_report(report: dict) -> str:
+    """The report as lines a person reads: metric, min, mean +- std over the seeds."""
+    rows = [f"{report['num']} images x {len(report['seeds'])} seeds, {report['sampler']} sampler, "
+            f"{report['num_steps']} steps, features {report['feature_net'].split(':')[0]}"]
+    for key in ("fid", "kid", "precision", "recall"):
+        if key in report:
+            r = report[key]
+            digits = 5 if key == "kid" else 3
+            rows.append(f"{key:<10} min {r['min']:.{digits}f}   mean {r['mean']:.{digits}f} +- {r['std']:.{digits}f}")
+    return "\n".join(rows)
+
+
+def is_finite_report(report: dict) -> bool:
+    return all(math.isfinite(v) for k in ("fid", "kid", "precision", "recall") if k in report
+               for v in report[k]["per_seed"])
+
+
+def evaluate_run(run, params) -> dict[str, float]:
+    """The trainer's evaluation (`jaxdiff.train.loop.train(..., evaluate=evaluate_run)`): FID-digits
+    of `run.cfg.eval.num` images drawn with `params` (the EMA weights) as the sample grid is drawn
+    (its sampler, steps, guidance and the run's seed) -> {"fid_digits": value}. Runs whose images
+    the shipped feature network cannot read (not digit-sized, or not a pixel run) get {}."""
+    from jaxdiff.pipelines import pixel
+    from jaxdiff.train import task as task_lib
+
+    cfg = run.cfg
+    num = int(cfg.get("eval", {}).get("num", 0))
+    if (num < 2 or run.task.kind == task_lib.LATENT_TEXT
+            or tuple(run.task.image_shape) != features.DIGIT_IMAGE_SHAPE):
+        return {}
+    model = pixel.DiffusionModel(config=cfg, module=run.model, schedule=run.schedule, params=params,
+                                 ema_params=params, image_shape=run.task.image_shape)
+    guidance = cfg.sample.guidance_scale if model.num_classes else None
+    report = evaluate(model, metrics=("fid",), num=num, seeds=[int(cfg.seed)], sampler=cfg.sample.sampler,
+                      num_steps=cfg.sample.steps, guidance_scale=guidance)
+    return {"fid_digits": report["fid"]["min"]}
