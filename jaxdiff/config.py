@@ -368,9 +368,9 @@ def _check_model_and_objective(cfg) -> None:
     if kind not in MODEL_KINDS:
         _check_choice(cfg, "model.kind", MODEL_KINDS)
     _check_choice(cfg, "model.name", unet.CONFIGS if kind == "unet" else dit.CONFIGS)
-    if kind == "dit" and ("text" in cfg or "lora" in cfg or "controlnet" in cfg):
+    if kind == "dit" and ("lora" in cfg or "controlnet" in cfg):
         raise ConfigError("model.kind=dit is class-conditional and trains on pixels or on a vae section's "
-                          "latents; it takes no text, lora or controlnet section (delete it or use model.kind=unet)")
+                          "latents; it takes no lora or controlnet section (delete it or use model.kind=unet)")
     if cfg.diffusion.get("objective", "ddpm") not in OBJECTIVES:
         _check_choice(cfg, "diffusion.objective", OBJECTIVES)
     if cfg.diffusion.objective != "flow":

@@ -27,7 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -40,6 +40,7 @@ from jaxdiff import samplers
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.errors import CheckpointError
 from jaxdiff.models.dit import DiT
+from jaxdiff.models.vae import decode_latents
 from jaxdiff.pipelines import core
 from jaxdiff.pipelines import options as options_lib
 
@@ -86,6 +87,8 @@ class DiffusionModel:
     flow-matching run) and the config it was trained with. Attributes: `config`, `module`, `schedule`, `params`, `ema_params` (laid out on `mesh`
     by `rules`), `image_shape`, `mesh`, `rules`.
 
+    decode: for a latent model (a DiT trained on autoencoder latents), a jitted function of
+    latents [rows, h, w, c] -> images [rows, H, W, C] in [-1, 1]; decoded_shape: (H, W, C).
     mesh: where sampling runs; None: every device of *this process* (a model built by hand, e.g.
     from weights gathered onto one host; `load` defaults to the devices of all processes).
     rules: "dp" (parameters replicated), "fsdp" or "fsdp_tp" (split as in training, see
@@ -93,8 +96,11 @@ class DiffusionModel:
     """
 
     def __init__(self, *, config: ml_collections.ConfigDict, module, schedule, params, ema_params,
-                 image_shape: Sequence[int], mesh=None, rules: str = "dp"):
+                 image_shape: Sequence[int], mesh=None, rules: str = "dp", decode: Callable | None = None,
+                 decoded_shape: Sequence[int] | None = None):
         self.config = config
+        self.decode = decode                               # latents -> images in [-1, 1], or None
+        self.decoded_shape = None if decoded_shape is None else tuple(decoded_shape)
         self.module = module
         self.schedule = schedule
         self.mesh = sharding_lib.inference_mesh(rules, jax.local_devices()) if mesh is None else mesh
@@ -163,7 +169,8 @@ class DiffusionModel:
         job = core.Job(
             network=self._network, params=params, sampler=plan, shape=self.image_shape, num=num, seed=seed,
             cond=labels, uncond=None if labels is None else np.full((1,), self.num_classes, np.int32),
-            guidance_scale=scale, batch_size=batch_size, peak_bytes=peak)
+            guidance_scale=scale, batch_size=batch_size, peak_bytes=peak, decode=self.decode,
+            image_shape=self.decoded_shape)
         return core.run(job, self.mesh, output_type=output_type, progress=progress)
 
     def plan(self, sampler: str | None = None, num_steps: int = 50, **options: Any):
@@ -178,6 +185,8 @@ class DiffusionModel:
                              + (f"by flow matching; use one of {', '.join(flows)}" if self.is_flow else
                                 f"with the DDPM objective; flow samplers ({', '.join(flows)}) need a flow-matching run"))
         opts = {k: v for k, v in PIXEL_SAMPLER_OPTIONS.items() if k in valid}
+        if self.decode is not None and "clip_sample" in valid:
+            opts["clip_sample"] = False                 # latents are not confined to [-1, 1]
         opts.update(options)
         if "prediction_type" in valid:
             opts.setdefault("prediction_type", self.prediction_type)
@@ -221,6 +230,9 @@ def load(path: str, step: int | None = None, *, mesh=None, rules: str = "dp") ->
     ckpt = Checkpointer(directory, read_only=True)
     try:
         cfg = config_lib.from_json(json.dumps(ckpt.read_config(step)))
+        if build.is_latent_text(cfg) and build.model_kind(cfg) == "dit":
+            raise CheckpointError(f"{path} is a DiT trained on autoencoder latents (its config has a vae section); "
+                                  "jaxdiff.load reads pixel runs only: its samples are the run's samples.png")
         if build.is_latent_text(cfg):
             raise CheckpointError(f"{path} is a latent text-to-image run (its config has a vae section); "
                                   f"write it as a Stable Diffusion folder with `jaxdiff export {path} --out DIR` "
@@ -247,12 +259,23 @@ def _data_signature(cfg) -> tuple[tuple[int, int, int], int | None]:
     return tuple(sig["image_shape"]), sig["num_classes"]
 
 
+@functools.lru_cache(maxsize=4)
+def _decoder(vae):
+    """One jitted `decode(vae_params, latents)` per autoencoder module: jit's cache key."""
+    return jax.jit(functools.partial(decode_latents, vae))
+
+
 def write_run_samples(run, params, name: str, final: bool = True) -> str:
-    """The trainer's sample grid of a pixel run: `cfg.sample.num` samples with `params` (the EMA
-    weights), one class per column for a class-conditional model, written to `run.workdir/name`."""
-    cfg = run.cfg
+    """The trainer's sample grid of a pixel run (or of a class-conditional DiT on autoencoder
+    latents, decoded): `cfg.sample.num` samples with `params` (the EMA weights), one class per
+    column for a class-conditional model, written to `run.workdir/name`."""
+    cfg, parts = run.cfg, getattr(run.task, "parts", None)
+    latent = {}
+    if parts is not None:                              # a class-conditional DiT on autoencoder latents
+        latent = {"decode": functools.partial(_decoder(parts.vae), parts.vae_params),
+                  "decoded_shape": run.task.pixel_shape}
     model = DiffusionModel(config=cfg, module=run.model, schedule=run.schedule, params=params,
-                           ema_params=params, image_shape=run.task.image_shape)
+                           ema_params=params, image_shape=run.task.image_shape, **latent)
     labels = model.grid_labels(cfg.sample.num)
     pictures = model.sample(cfg.sample.num, sampler=cfg.sample.sampler, num_steps=cfg.sample.steps,
                             seed=cfg.seed, labels=labels,
