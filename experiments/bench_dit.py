@@ -51,7 +51,7 @@ def _jax_side(module, params, x, t, y, reps):
         return optax.apply_updates(p, updates), opt, value
 
     step = jax.jit(step, donate_argnums=(0, 1))
-    state = {"p": jax.tree.map(jnp.asarray, params), "opt": tx.init(params)}
+    state = {"p": jax.tree.map(jnp.array, params), "opt": tx.init(params)}   # copies: the step donates them
 
     def one_step():
         state["p"], state["opt"], v = step(state["p"], state["opt"], x, t, y)
@@ -104,14 +104,17 @@ def main():
         num_attention_heads=preset.num_heads, attention_head_dim=preset.hidden_size // preset.num_heads,
         in_channels=args.channels, out_channels=2 * args.channels, num_layers=preset.depth,
         sample_size=args.size, patch_size=preset.patch_size, num_embeds_ada_norm=1000)
+    model.eval()                  # train mode would drop labels at random (diffusers' CFG label dropout)
     with torch.no_grad():                              # non-zero adaLN / output layers, tied embedders
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))
         for block in model.transformer_blocks[1:]:
             block.norm1.emb.load_state_dict(model.transformer_blocks[0].norm1.emb.state_dict())
-    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    # Copies: converted leaves may share memory with their source, and the donated jitted train
+    # step would then write its updates into the PyTorch model's own tensors.
+    state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     module = dit_convert.module_from_config(dict(model.config))
-    params = dit_convert.params_from_torch(state, module)
+    params = jax.tree.map(np.array, dit_convert.params_from_torch(state, module))
     n_params = sum(v.size for v in jax.tree.leaves(params))
 
     rs = np.random.RandomState(0)

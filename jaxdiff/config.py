@@ -396,8 +396,10 @@ def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None
     negative `sample_every`), a non-positive batch, a learning rate that is not a positive finite
     number, probabilities and decays outside their range (`optim.ema_decay`, `optim.b1/b2`,
     `diffusion.label_dropout`, `model.dropout`, `text.dropout`), NaN or infinite float knobs
-    (`sample.guidance_scale`, betas, min-SNR gamma, ...), and names that are not known (model,
-    dtype, schedule, prediction type, remat policy, sharding rules, the sample sampler). With
+    (`sample.guidance_scale`, betas, min-SNR gamma, ...), and names that are not known (model
+    kind and name, dtype, schedule, prediction type, objective, remat policy, sharding rules,
+    the sample sampler). With `diffusion.objective="flow"`, its timestep density, logit-normal
+    std, mode scale, shift and weighting, and a sample sampler that is not a flow sampler. With
     `lora` section (a LoRA run), its base folder, rank, alpha, target and style names; with a
     `controlnet` section, its base folder, control and init names, embedding widths. With
     `workdir`, also a work dir that cannot be written (probed with a temporary file, in the
