@@ -21,9 +21,10 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {"schedules", "parameterization", "samplers", "sampling", "models", "data",
                "sharding", "checkpoint", "config", "images", "pipelines", "train", "errors",
-               "convert"}
-_EXPORTS = {"from_pretrained": "jaxdiff.pipelines.auto", "load": "jaxdiff.pipelines.pixel", "DiffusionModel": "jaxdiff.pipelines.pixel",
-            "StableDiffusion": "jaxdiff.pipelines.stable_diffusion", "save_lora": "jaxdiff.pipelines.lora"}
+               "convert", "metrics", "provenance"}
+_EXPORTS = {"from_pretrained": "jaxdiff.pipelines.auto", "load": "jaxdiff.pipelines.pixel",
+            "DiffusionModel": "jaxdiff.pipelines.pixel", "StableDiffusion": "jaxdiff.pipelines.stable_diffusion",
+            "StableDiffusion3": "jaxdiff.pipelines.sd3", "Flux": "jaxdiff.pipelines.flux", "save_lora": "jaxdiff.pipelines.lora"}
 
 __all__ = sorted(_SUBMODULES | set(_EXPORTS))
 

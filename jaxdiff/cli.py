@@ -3,10 +3,12 @@
     jaxdiff train    [--config experiments/X.py] [--config.a.b=value ...] [--workdir DIR]
     jaxdiff sample   --checkpoint DIR [--num 64] [--sampler ddim] [--steps 50] [--seed 0]
                      [--labels 0,1,2 | --labels grid] [--guidance_scale 2.0] [--rules fsdp]
-                     [--out grid.png]
+                     [--out grid.png] [--recipe PNG] [--no-recipe]
     jaxdiff generate --model SD_FOLDER --prompt "..." [--negative_prompt "..."] [--steps 30]
                      [--sampler dpmpp_2m] [--guidance_scale 7.5] [--seed 0] [--num 1]
                      [--height H --width W] [--dtype bfloat16] [--rules fsdp] [--out generated.png]
+                     [--lora FILE[:SCALE] ...] [--recipe PNG] [--no-recipe] [--no-watermark]
+    jaxdiff info     IMAGE.png     what made a picture jaxdiff wrote (its recipe)
     jaxdiff convert  --single_file model.safetensors --out SD_FOLDER [--tokenizer DIR]
                      [--prediction_type v_prediction]
     jaxdiff export   RUN_DIR --out SD_FOLDER [--step N] [--no-ema]
@@ -33,6 +35,13 @@ JAXDIFF_DEBUG=1 to see the full traceback instead.
 `train`, `sample` and `generate` keep compiled programs in JAX's persistent cache
 ($XDG_CACHE_HOME/jaxdiff/xla or ~/.cache/jaxdiff/xla; JAXDIFF_COMPILATION_CACHE=DIR moves it,
 JAXDIFF_COMPILATION_CACHE=off turns it off), so a second run with the same shapes skips compiling.
+
+Provenance: every PNG `sample`, `generate` and `train` write carries its recipe in PNG text
+chunks (model and weights fingerprint, prompt, seed, sampler, steps, guidance, size, versions;
+`jaxdiff info IMAGE.png` prints it); `--recipe IMAGE.png` replays it (flags given as well
+override it), `--no-recipe` (or JAXDIFF_RECIPE=off) writes none. `generate` embeds SDXL's
+invisible watermark in pictures from SDXL folders, as diffusers does; `--no-watermark` leaves it
+out. See `jaxdiff.provenance`.
 
 Why this file is long: it is the whole command line, one parser and one short handler per
 command, next to the flag types and the error handling they share; splitting it would scatter
@@ -161,7 +170,8 @@ def _train_parser(cfg, config_path: str | None) -> _Parser:
         usage="jaxdiff train [--config FILE] [--config.KEY=VALUE ...] [--workdir DIR] [--no-progress]\n"
               "                     [--coordinator_address HOST:PORT --num_processes N --process_id I]",
         description="Train a diffusion model, or resume the run in --workdir. At the end the work dir holds\n"
-                    "checkpoints/, metrics.jsonl, tb/ (TensorBoard), samples.png and loss.png.",
+                    "checkpoints/, metrics.jsonl, tb/ (TensorBoard), samples.png, loss.png, provenance.json (what\n"
+                    "produced the run, appended at every start and resume) and MODEL_CARD.md.",
         epilog=_OVERRIDES_HELP + "\n" + _config_keys_help(cfg, config_path))
     parser.add_argument("--config", default=None, metavar="FILE",
                         help="Python file with get_config() (default: the digits demo, jaxdiff.config.get_config); "
@@ -256,7 +266,7 @@ def _check_out(parser: argparse.ArgumentParser, out: str) -> None:
 def _sample_parser() -> _Parser:
     parser = _Parser(prog="jaxdiff sample",
                      description="Sample a trained pixel model (a `jaxdiff train` work dir) into a PNG grid.")
-    parser.add_argument("--checkpoint", required=True, metavar="DIR",
+    parser.add_argument("--checkpoint", default=None, metavar="DIR",
                         help="work dir, its checkpoints/ or checkpoints/<step> (default: the latest step)")
     parser.add_argument("--num", "--num_images_per_prompt", dest="num", type=_positive_int, default=64, metavar="N",
                         help="number of images (default: 64)")
@@ -275,6 +285,7 @@ def _sample_parser() -> _Parser:
     parser.add_argument("--no-ema", action="store_true", help="use the raw rather than the EMA parameters")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", default="samples.png", metavar="PNG", help="the grid to write (default: samples.png)")
+    _add_recipe_args(parser)
     _add_answers(parser)
     _add_distributed_args(parser, rules=True)
     return parser
@@ -295,15 +306,56 @@ def _parse_labels(parser: argparse.ArgumentParser, text: str | None, num: int):
     return labels
 
 
+def _add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipe", default=None, metavar="PNG",
+                        help="make the picture a jaxdiff PNG was made from again: its recipe gives every "
+                             "flag, flags given here override it")
+    parser.add_argument("--no-recipe", action="store_true",
+                        help="write no recipe into the PNG (JAXDIFF_RECIPE=off does it for every command)")
+
+
+def _with_recipe(parser: argparse.ArgumentParser, argv: list[str], command: str, required: str):
+    """Parse argv; with --recipe, parse the recipe's flags first and argv's over them. The flag
+    `required` must come from one or the other."""
+    args = parser.parse_args(argv)
+    if args.recipe is not None:
+        from jaxdiff import provenance
+
+        args = parser.parse_args(provenance.command_args(provenance.read_recipe(args.recipe), command) + argv)
+    if getattr(args, required) is None:
+        parser.error(f"the following arguments are required: --{required} (or --recipe PNG)")
+    return args
+
+
+def _check_replay(recipe_path: str | None, weights: str) -> None:
+    """Warn when the weights used differ from those the replayed recipe names."""
+    if recipe_path is None:
+        return
+    import warnings
+
+    from jaxdiff import provenance
+    from jaxdiff.errors import JaxdiffWarning
+
+    recorded = provenance.read_recipe(recipe_path).get("weights")
+    if recorded and recorded != weights:
+        warnings.warn(JaxdiffWarning(f"the weights differ from those {recipe_path} was made with ({weights} here, "
+                                     f"{recorded} in the recipe): the picture will differ"), stacklevel=2)
+
+
+def _model_name(path: str) -> str:
+    """The model as a recipe names it: the path as typed when relative, else its last part (no
+    absolute path of this machine goes into a picture)."""
+    return os.path.basename(os.path.normpath(path)) if os.path.isabs(path) else os.path.normpath(path)
+
+
 def _sample(argv: list[str]) -> int:
     parser = _sample_parser()
-    args = parser.parse_args(argv)
+    args = _with_recipe(parser, argv, "sample", "checkpoint")
     labels = _parse_labels(parser, args.labels, args.num)
     _check_out(parser, args.out)
     _maybe_init_distributed(args)
 
     import jaxdiff
-    from jaxdiff import images
 
     model = jaxdiff.load(args.checkpoint, rules=args.rules)
     if args.labels == "grid":
@@ -313,8 +365,20 @@ def _sample(argv: list[str]) -> int:
                         labels=labels, guidance_scale=args.guidance_scale, use_ema=not args.no_ema,
                         progress=not args.no_progress and _is_main_process(), **options)
     if _is_main_process():
+        from jaxdiff import provenance
+        from jaxdiff.checkpoint import resolve
+
+        directory, step = resolve(args.checkpoint)
+        step = step if step is not None else max(int(d) for d in os.listdir(directory) if d.isdigit())
+        weights = provenance.checkpoint_fingerprint(os.path.join(directory, str(step)))
+        _check_replay(args.recipe, weights)
+        recipe = None if not provenance.enabled(args.no_recipe) else provenance.make_recipe(
+            "sample", model=_model_name(args.checkpoint), weights=weights, seed=args.seed, num_images=args.num,
+            index=0 if args.num == 1 else None, sampler=args.sampler, sampler_options={"eta": args.eta},
+            steps=args.steps, guidance_scale=args.guidance_scale, height=int(imgs.shape[1]), width=int(imgs.shape[2]),
+            options={"labels": args.labels, "use_ema": not args.no_ema, "step": step})
         ncols = model.num_classes if args.labels == "grid" else None
-        images.save_grid(imgs, args.out, ncols=ncols)
+        provenance.save_png(imgs, args.out, recipe, ncols=ncols)
         print(f"wrote {args.num} samples to {args.out}{_devices_note(model.mesh)}")
     return 0
 
@@ -417,19 +481,20 @@ def _export_lora(argv: list[str]) -> int:
 
 def _generate_parser() -> _Parser:
     parser = _Parser(prog="jaxdiff generate",
-                     description="Text to image with a Stable Diffusion (diffusers-format) folder.")
-    parser.add_argument("--model", required=True, metavar="SD_FOLDER",
-                        help="local diffusers Stable Diffusion folder (model_index.json, unet/, vae/, "
-                             "text_encoder/, tokenizer/, scheduler/)")
-    parser.add_argument("--prompt", required=True, help="the text to draw")
+                     description="Text to image with a diffusers-format folder: Stable Diffusion 1.x / 2.x / XL, "
+                                 "Stable Diffusion 3 or Flux (the family is read from its model_index.json).")
+    parser.add_argument("--model", default=None, metavar="FOLDER",
+                        help="local diffusers pipeline folder (model_index.json and its parts)")
+    parser.add_argument("--prompt", default=None, help="the text to draw (required unless --recipe gives it)")
     parser.add_argument("--negative_prompt", default=None,
                         help="the text guidance steers away from (default: the empty prompt)")
     parser.add_argument("--steps", "--num_inference_steps", dest="steps", type=_positive_int, default=30,
                         metavar="N", help="sampler steps (default: 30)")
     parser.add_argument("--sampler", type=_sampler_name, default=None, metavar="NAME",
                         help=f"one of {_sampler_names()} (default: the folder's scheduler)")
-    parser.add_argument("--guidance_scale", type=_finite_float, default=7.5, metavar="S",
-                        help="classifier-free guidance scale, on when > 1 (default: 7.5)")
+    parser.add_argument("--guidance_scale", type=_finite_float, default=None, metavar="S",
+                        help="guidance scale, classifier-free guidance on when > 1 (default: the family's: "
+                             "7.5 Stable Diffusion, 7 SD3, 3.5 Flux)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise (default: 0)")
     parser.add_argument("--num", "--num_images_per_prompt", dest="num", type=_positive_int, default=1, metavar="N",
                         help="number of images (several go into one grid; default: 1)")
@@ -440,36 +505,74 @@ def _generate_parser() -> _Parser:
     parser.add_argument("--eta", type=_finite_float, default=None, help="DDIM eta (0: deterministic)")
     parser.add_argument("--clip_skip", type=_nonnegative_int, default=None, metavar="N",
                         help="take the text states N layers before the last (default: 0, the last)")
+    parser.add_argument("--lora", action="append", default=None, metavar="FILE[:SCALE]",
+                        help="a LoRA (diffusers/PEFT or kohya .safetensors, or a folder holding one) at SCALE "
+                             "(default 1); repeat the flag for several")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of the networks (bfloat16 on GPU/TPU; default: float32)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", default="generated.png", metavar="PNG",
                         help="the picture (a grid for several) to write (default: generated.png)")
+    _add_recipe_args(parser)
+    parser.add_argument("--no-watermark", action="store_true",
+                        help="no invisible watermark (embedded by default in pictures of SDXL folders at least "
+                             "256 pixels wide, as diffusers does; see jaxdiff.provenance.watermark)")
     _add_answers(parser)
     _add_distributed_args(parser, rules=True)
     return parser
 
 
+def _lora_spec(parser: argparse.ArgumentParser, spec: str) -> tuple[str, float]:
+    """"FILE" or "FILE:SCALE" -> (FILE, SCALE) (scale 1 by default)."""
+    path, _, scale = spec.rpartition(":")
+    if path and not os.path.exists(spec):
+        try:
+            return path, _finite_float(scale)
+        except argparse.ArgumentTypeError:
+            pass
+    return spec, 1.0
+
+
 def _generate(argv: list[str]) -> int:
     parser = _generate_parser()
-    args = parser.parse_args(argv)
+    args = _with_recipe(parser, argv, "generate", "model")
+    if args.prompt is None:
+        parser.error("the following arguments are required: --prompt (or --recipe PNG)")
     _check_out(parser, args.out)
     _maybe_init_distributed(args)
 
     import jax.numpy as jnp
 
-    from jaxdiff import images
-    from jaxdiff.pipelines.stable_diffusion import StableDiffusion
+    import jaxdiff
+    from jaxdiff import provenance
 
     quiet = args.no_progress or not _is_main_process()
-    pipe = StableDiffusion.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), progress=not quiet,
-                                           rules=args.rules)
+    pipe = jaxdiff.from_pretrained(args.model, dtype=getattr(jnp, args.dtype), progress=not quiet, rules=args.rules)
+    if args.no_watermark and hasattr(pipe, "watermark"):
+        pipe.watermark = False
+    loras = [_lora_spec(parser, spec) for spec in args.lora or []]
+    if loras and not hasattr(pipe, "load_lora"):
+        parser.error(f"argument --lora: {type(pipe).__name__} pipelines take no LoRA here (Stable Diffusion ones do)")
+    for path, scale in loras:
+        pipe.load_lora(path, scale=scale)
+    # Options only some families take are passed only when given (SD3 and Flux have no clip skip).
+    given = (("eta", args.eta), ("clip_skip", args.clip_skip), ("guidance_scale", args.guidance_scale))
+    extra = {k: v for k, v in given if v is not None}
     pixels = pipe(args.prompt, negative_prompt=args.negative_prompt, num_steps=args.steps, sampler=args.sampler,
-                  guidance_scale=args.guidance_scale, seed=args.seed, num_images=args.num, height=args.height,
-                  width=args.width, eta=args.eta, clip_skip=args.clip_skip, output_type="uint8", progress=not quiet)
+                  seed=args.seed, num_images=args.num, height=args.height,
+                  width=args.width, output_type="uint8", progress=not quiet, **extra)
     if not _is_main_process():
         return 0
-    images.save_grid(pixels, args.out, upscale=1)
+    weights = provenance.weights_fingerprint(args.model)
+    loras = [provenance.adapter(_model_name(path), scale, path) for path, scale in loras]
+    _check_replay(args.recipe, weights)
+    recipe = None if not provenance.enabled(args.no_recipe) else provenance.make_recipe(
+        "generate", model=_model_name(args.model), weights=weights, prompt=args.prompt,
+        negative_prompt=args.negative_prompt, seed=args.seed, num_images=args.num, index=0 if args.num == 1 else None,
+        sampler=args.sampler or getattr(pipe, "default_sampler", None), sampler_options={"eta": args.eta}, steps=args.steps,
+        guidance_scale=args.guidance_scale, height=int(pixels.shape[1]), width=int(pixels.shape[2]),
+        loras=loras, options={"dtype": args.dtype, "clip_skip": args.clip_skip, "watermark": getattr(pipe, "watermark", False)})
+    provenance.save_png(pixels, args.out, recipe, upscale=1)
     print(f"wrote {args.num} image(s) to {args.out}{_devices_note(pipe.mesh)}")
     return 0
 
@@ -536,11 +639,35 @@ def _eval(argv: list[str]) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# info
+# --------------------------------------------------------------------------------------------
+
+def _info(argv: list[str]) -> int:
+    parser = _Parser(prog="jaxdiff info",
+                     description="Print what made a picture jaxdiff wrote: the recipe in its PNG text chunks, and "
+                                 "whether it carries the SDXL invisible watermark.")
+    parser.add_argument("image", metavar="IMAGE.png", help="a PNG written by jaxdiff sample / generate / train")
+    args = parser.parse_args(argv)
+
+    from PIL import Image
+
+    from jaxdiff import provenance
+
+    recipe = provenance.read_recipe(args.image)       # one line for a non-image or an image without one
+    with Image.open(args.image) as img:
+        mark = provenance.detect_watermark(img) if min(img.size) >= 256 else None
+    print(provenance.format_recipe(recipe))
+    if mark is not None:
+        print(f"watermark detected: {'yes (the SDXL invisible watermark)' if mark else 'no'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------------
 
 COMMANDS = {"train": _train, "sample": _sample, "generate": _generate, "convert": _convert, "export": _export,
-            "export-lora": _export_lora, "eval": _eval}
+            "export-lora": _export_lora, "eval": _eval, "info": _info}
 # What to lower when a command runs out of host memory.
 _LOWER = {"train": "lower --config.data.batch_size or the image size",
           "sample": "ask for fewer images (--num)",
@@ -548,7 +675,8 @@ _LOWER = {"train": "lower --config.data.batch_size or the image size",
           "convert": "convert on a machine with more memory",
           "export": "export on a machine with more memory",
           "export-lora": "export on a machine with more memory",
-          "eval": "lower --batch_size"}
+          "eval": "lower --batch_size",
+          "info": "read the picture on a machine with more memory"}
 
 
 def _synopsis() -> str:

@@ -94,6 +94,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.train.sample_every = 0           # 0: sample only at the end
     c.train.eval_every = 0             # 0: evaluate only at the end (see c.eval)
     c.train.remat = "none"             # U-Net levels recomputed in the backward pass: none | dots | full
+    c.train.grad_accum_steps = 1       # k > 1: each update averages k micro-batches of batch_size / k
 
     c.mesh = ml_collections.ConfigDict()
     c.mesh.data = -1                   # device mesh sizes (data x fsdp x tensor = device count);
@@ -446,6 +447,11 @@ def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None
     _check_int(cfg, "train.eval_every", 0, "an integer >= 0 (0: evaluate only at the end)")
     _check_int(cfg, "eval.num", 0, "an integer >= 0 (images per evaluation; 0: no evaluation)")
     _check_choice(cfg, "train.remat", unet.REMAT_POLICIES)
+    if "grad_accum_steps" in cfg.train:
+        _check_int(cfg, "train.grad_accum_steps", 1, "a positive integer (micro-batches per update)")
+        if cfg.data.batch_size % cfg.train.grad_accum_steps:
+            raise _bad("train.grad_accum_steps", cfg.train.grad_accum_steps,
+                       f"a divisor of data.batch_size={cfg.data.batch_size} (micro-batches per update)")
 
     _check_choice(cfg, "mesh.rules", sharding.RULES)
 

@@ -172,10 +172,12 @@ def make_grid(images: np.ndarray, ncols: int | None = None, pad: int = 2, pad_va
     return grid
 
 
-def save_grid(images: np.ndarray, path: str, ncols: int | None = None, upscale: int | None = None) -> str:
+def save_grid(images: np.ndarray, path: str, ncols: int | None = None, upscale: int | None = None,
+              pnginfo=None) -> str:
     """Write uint8 images [N, H, W, C] as one PNG grid (one image alone is written as it is);
     small images are enlarged (nearest) so a grid of 16x16 digits is legible on a screen. The
-    file appears whole or not at all (written beside it, then renamed)."""
+    file appears whole or not at all (written beside it, then renamed). pnginfo: PIL `PngInfo`
+    text chunks to embed (the writers pass the recipe, `jaxdiff.provenance.save_png`)."""
     from PIL import Image
 
     images = np.asarray(images)
@@ -189,6 +191,6 @@ def save_grid(images: np.ndarray, path: str, ncols: int | None = None, upscale: 
     path = os.path.abspath(path)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}.png"
-    Image.fromarray(np.ascontiguousarray(grid)).save(tmp)
+    Image.fromarray(np.ascontiguousarray(grid)).save(tmp, format="PNG", pnginfo=pnginfo)
     os.replace(tmp, path)
     return path

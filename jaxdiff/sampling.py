@@ -38,6 +38,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.samplers import base
 
@@ -166,7 +167,8 @@ def _run(sampler: base.Sampler, model_fn: jax.tree_util.Partial, noise: jax.Arra
 # Classifier-free guidance.
 # --------------------------------------------------------------------------------------------
 
-def cfg(model_fn: Callable, guidance_scale, cond, uncond, guidance_rescale=0.0) -> jax.tree_util.Partial:
+def cfg(model_fn: Callable, guidance_scale, cond, uncond, guidance_rescale=0.0, *,
+        guidance_cutoff=None) -> jax.tree_util.Partial:
     """Classifier-free guidance (Ho & Salimans 2022) as a model_fn wrapper, for every sampler.
 
     model_fn(x [2B, ...], t [2B], cond) -> [2B, ...]: the conditional network; `cond` is any pytree
@@ -186,9 +188,37 @@ def cfg(model_fn: Callable, guidance_scale, cond, uncond, guidance_rescale=0.0) 
         result = phi rescaled + (1 - phi) guided
 
     with std over each example's elements. w = 1 gives the conditional model; phi = 0 plain CFG.
+
+    guidance_cutoff: truncated guidance (`guidance_cutoff(sampler, guidance_end)`), a traced
+    training-scale timestep: calls at t > cutoff are guided, later ones (t <= cutoff) return the
+    conditional prediction alone, from a call on the B conditional rows only (`lax.cond`), so the
+    unguided steps cost half the network work. The loop then holds the network twice (batch 2B
+    and B), which roughly doubles its compile time, once for every cutoff; None (the default)
+    keeps the one-branch program.
     """
-    return jax.tree_util.Partial(_guided, _as_partial(model_fn), cond, uncond, jnp.asarray(guidance_scale, jnp.float32),
-                                 jnp.asarray(guidance_rescale, jnp.float32))
+    args = (_as_partial(model_fn), cond, uncond, jnp.asarray(guidance_scale, jnp.float32),
+            jnp.asarray(guidance_rescale, jnp.float32))
+    if guidance_cutoff is None:
+        return jax.tree_util.Partial(_guided, *args)
+    return jax.tree_util.Partial(_guided_until, *args, jnp.asarray(guidance_cutoff, jnp.float32))
+
+
+def guidance_cutoff(sampler: base.Sampler, guidance_end) -> float:
+    """The `cfg(..., guidance_cutoff=)` that guides the first `guidance_end` fraction (in [0, 1])
+    of a run's model calls: with n calls from the plan's start (`start_step` and padding
+    counted), the first round(guidance_end * n) are guided. Returns the timestep of the first
+    unguided call (-inf when every call is guided), computed on the host from the plan, so a new
+    fraction is a new traced value, not a new program. Calls sharing that timestep (a two-call
+    solver such as Heun evaluates each level twice) are unguided as well."""
+    fraction = float(guidance_end)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"guidance_end must lie in [0, 1], got {fraction:g}")
+    plan = sampler.plan
+    start, stop = int(plan.index), int(plan.num_calls)
+    guided_calls = round(fraction * (stop - start))
+    if guided_calls >= stop - start:
+        return -float("inf")
+    return float(np.asarray(plan.timesteps)[start + guided_calls])
 
 
 def _guided(model_fn, cond, uncond, guidance_scale, guidance_rescale, x, t):
@@ -199,6 +229,17 @@ def _guided(model_fn, cond, uncond, guidance_scale, guidance_rescale, x, t):
     out_u, out_c = out[:batch].astype(jnp.float32), out[batch:].astype(jnp.float32)
     guided = out_u + guidance_scale * (out_c - out_u)
     return rescale_guidance(guided, out_c, guidance_rescale)
+
+
+def _guided_until(model_fn, cond, uncond, guidance_scale, guidance_rescale, cutoff, x, t):
+    """`_guided` while t > cutoff, then the conditional network alone (t is one level for the batch)."""
+    def conditional(x, t):
+        return model_fn(x, t, cond).astype(jnp.float32)                                # [B, ...]
+
+    def guided(x, t):
+        return _guided(model_fn, cond, uncond, guidance_scale, guidance_rescale, x, t)  # [B, ...]
+
+    return jax.lax.cond(t[0] > cutoff, guided, conditional, x, t)
 
 
 def rescale_guidance(guided, cond_out, guidance_rescale):

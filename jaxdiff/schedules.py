@@ -241,3 +241,106 @@ def timestep_from_sigma(schedule: DiscreteSchedule, sigma):
     w = (log_sigma - log_sigmas[lo]) / (log_sigmas[hi] - log_sigmas[lo])
     w = jnp.clip(w, 0.0, 1.0)
     return (lo + w).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# Flow matching (rectified flow).
+# --------------------------------------------------------------------------------------------
+#
+# The flow path is x_s = (1 - sigma) x0 + sigma eps with sigma in [0, 1] (parameterization.py).
+# Training levels are sigma_i = (i + 1) / T, i = 0..T-1, bent towards noise by a shift
+# (Esser et al. 2024, "SD3", eq. 23): sigma -> shift sigma / (1 + (shift - 1) sigma); with dynamic
+# shifting the bend depends on the image size through mu, sigma -> e^mu / (e^mu + (1 / sigma - 1)),
+# which is the same map with shift = e^mu. The network is called at t = sigma * T.
+
+TIME_SHIFT_TYPES = ("exponential", "linear")
+
+
+@struct.dataclass
+class FlowSchedule:
+    """The training levels of a flow-matching model (t = 0 is the least noisy, as `DiscreteSchedule`).
+
+    sigmas: [T] float32, sigma_t = shift((t + 1) / T) (unshifted when `use_dynamic_shifting`, whose
+        shift is chosen per image size at sampling time); the network sees t = sigma * T.
+    shift, use_dynamic_shifting, base_shift, max_shift, base_image_seq_len, max_image_seq_len,
+        time_shift_type: static; names and meanings as diffusers' `FlowMatchEulerDiscreteScheduler`
+        (base/max shift and the sequence lengths only serve `flow_mu`, which pipelines call).
+    """
+
+    sigmas: jax.Array
+    shift: float = struct.field(pytree_node=False, default=1.0)
+    use_dynamic_shifting: bool = struct.field(pytree_node=False, default=False)
+    base_shift: float = struct.field(pytree_node=False, default=0.5)
+    max_shift: float = struct.field(pytree_node=False, default=1.15)
+    base_image_seq_len: int = struct.field(pytree_node=False, default=256)
+    max_image_seq_len: int = struct.field(pytree_node=False, default=4096)
+    time_shift_type: str = struct.field(pytree_node=False, default="exponential")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.sigmas.shape[0]
+
+    @property
+    def timesteps(self) -> jax.Array:
+        """[T] the training-scale timesteps sigma_t * T the network is called with."""
+        return self.sigmas * self.num_train_timesteps
+
+    @property
+    def alphas_cumprod(self) -> jax.Array:
+        """[T] the VP level of each flow level (`parameterization.flow_to_alpha_bar`): same log-SNR."""
+        s = self.sigmas
+        return jnp.square(1.0 - s) / (jnp.square(1.0 - s) + jnp.square(s))
+
+
+def shift_sigmas(sigmas, shift: float):
+    """shift sigma / (1 + (shift - 1) sigma) (SD3 eq. 23); shift 1 is the identity. Host float64 in,
+    float64 out (any array; numpy)."""
+    sigmas = np.asarray(sigmas, np.float64)
+    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
+def time_shift(sigmas, mu: float, time_shift_type: str = "exponential"):
+    """Resolution-dependent shift: e^mu / (e^mu + (1 / sigma - 1)) ("exponential", = `shift_sigmas`
+    with shift e^mu) or mu / (mu + (1 / sigma - 1)) ("linear"). Host float64; sigma = 0 maps to 0."""
+    if time_shift_type not in TIME_SHIFT_TYPES:
+        raise ValueError(f"time_shift_type={time_shift_type!r} is not valid; choose one of: "
+                         f"{', '.join(TIME_SHIFT_TYPES)}")
+    sigmas = np.asarray(sigmas, np.float64)
+    m = math.exp(mu) if time_shift_type == "exponential" else float(mu)
+    with np.errstate(divide="ignore"):
+        return np.where(sigmas > 0, m / (m + (1.0 / np.maximum(sigmas, 1e-300) - 1.0)), 0.0)
+
+
+def flow(num_train_timesteps: int = 1000, shift: float = 1.0, *, use_dynamic_shifting: bool = False,
+         base_shift: float = 0.5, max_shift: float = 1.15, base_image_seq_len: int = 256,
+         max_image_seq_len: int = 4096, time_shift_type: str = "exponential") -> FlowSchedule:
+    """The flow-matching schedule of diffusers' `FlowMatchEulerDiscreteScheduler` with the same
+    options: sigma_t = shift((t + 1) / T) for t = 0..T-1 (computed in float64, stored float32)."""
+    if int(num_train_timesteps) != num_train_timesteps or num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps must be an integer >= 2, got {num_train_timesteps}")
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    if time_shift_type not in TIME_SHIFT_TYPES:
+        raise ValueError(f"time_shift_type={time_shift_type!r} is not valid; choose one of: "
+                         f"{', '.join(TIME_SHIFT_TYPES)}")
+    sigmas = np.arange(1, num_train_timesteps + 1, dtype=np.float64) / num_train_timesteps   # [T]
+    if not use_dynamic_shifting:
+        sigmas = shift_sigmas(sigmas, shift)
+    return FlowSchedule(sigmas=jnp.asarray(sigmas, jnp.float32), shift=float(shift),
+                        use_dynamic_shifting=bool(use_dynamic_shifting), base_shift=float(base_shift),
+                        max_shift=float(max_shift), base_image_seq_len=int(base_image_seq_len),
+                        max_image_seq_len=int(max_image_seq_len), time_shift_type=time_shift_type)
+
+
+def flow_sigmas_float64(schedule: FlowSchedule) -> np.ndarray:
+    """[T] float64 training sigmas recomputed on the host (the stored ones are float32)."""
+    T = schedule.num_train_timesteps
+    sigmas = np.arange(1, T + 1, dtype=np.float64) / T
+    return sigmas if schedule.use_dynamic_shifting else shift_sigmas(sigmas, schedule.shift)
+
+
+def flow_mu(schedule: FlowSchedule, image_seq_len: int) -> float:
+    """mu for dynamic shifting at `image_seq_len` tokens: linear from base_shift at
+    base_image_seq_len to max_shift at max_image_seq_len (as diffusers' Flux pipelines compute it)."""
+    slope = (schedule.max_shift - schedule.base_shift) / (schedule.max_image_seq_len - schedule.base_image_seq_len)
+    return float(image_seq_len * slope + schedule.base_shift - slope * schedule.base_image_seq_len)

@@ -175,7 +175,7 @@ def test_every_parameter_is_named_for_sharding():
     mlp = sharding.logical_axes(("block_3", "mlp", "proj_in", "kernel"), (384, 1536))
     assert heads == ("embed", "mlp") and mlp == ("embed", "mlp")
     assert sharding.logical_axes(("block_3", "mlp", "proj_out", "kernel"), (1536, 384)) == ("mlp", "embed")
-    assert sharding.parameter_rule(("block_0", "adaln", "kernel"), (384, 2304)).name == "DiT adaLN modulation"
+    assert sharding.parameter_rule(("block_0", "adaln", "kernel"), (384, 2304)).name == "adaLN modulation"
 
 
 def test_remat_keeps_loss_and_gradients():

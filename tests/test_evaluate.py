@@ -98,3 +98,43 @@ def test_training_evaluates_the_ema_weights(small_config, tmp_path):
     assert evals[-1]["eval_fid_digits"] == pytest.approx(again["fid"]["min"], rel=1e-5)
     assert evals[0]["eval_fid_digits"] != evals[1]["eval_fid_digits"]
     assert (tmp_path / "loss.png").exists()
+
+
+class _FakePipe:
+    """A text-to-image pipeline stand-in: deterministic images from (prompt, seed), and a log of calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, prompts, seed=0, output_type="uint8", progress=False, **options):
+        self.calls.append((list(prompts), seed, options))
+        rows = [np.random.default_rng([seed, sum(map(ord, p))]).integers(0, 256, (32, 32, 3)) for p in prompts]
+        return np.stack(rows).astype(np.uint8)
+
+
+def test_prompt_set_clip_score_over_seeds(tmp_path):
+    from test_clip_vision import _clip_model
+
+    from jaxdiff.metrics.clip_score import ClipScore
+
+    _clip_model(tmp_path)
+    (tmp_path / "clip" / "preprocessor_config.json").write_text(json.dumps({"size": 32, "crop_size": 32}))
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a cat\n\ntwo dogs\na red car\n")
+    prompts = evaluate.read_prompts(str(prompts_file))
+    assert prompts == ["a cat", "two dogs", "a red car"]
+    pipe = _FakePipe()
+    report = evaluate.evaluate_prompts(pipe, prompts, metrics="clip_score", seeds=2, clip=str(tmp_path / "clip"),
+                                       batch_size=2, num_steps=3)
+    assert [len(p) for p, _, _ in pipe.calls] == [2, 1, 2, 1] and pipe.calls[0][2] == {"num_steps": 3}
+    # By hand for seed 1: the same images, scored pair by pair with the same CLIP model.
+    scorer = ClipScore.from_pretrained(tmp_path / "clip")
+    images = np.concatenate([pipe(prompts[:2], seed=pipe.calls[2][1]), pipe(prompts[2:], seed=pipe.calls[3][1])])
+    assert report["clip_score"]["per_seed"][1] == pytest.approx(scorer.scores(images, prompts).mean(), rel=1e-5)
+    assert report["clip_score"]["per_seed"][0] != report["clip_score"]["per_seed"][1]
+    with pytest.raises(ValueError, match="needs a local CLIP model"):
+        evaluate.evaluate_prompts(pipe, prompts, metrics="clip_score")
+    with pytest.raises(ValueError, match="unknown metric.*kid"):
+        evaluate.evaluate_prompts(pipe, prompts, metrics="kid", clip="x")
+    with pytest.raises(ValueError, match="not found"):
+        evaluate.read_prompts(str(tmp_path / "none.txt"))

@@ -125,3 +125,15 @@ def test_cli_examples(line, workdir, classifier):
         wanted, ncols = np.resize(values, num), math.ceil(math.sqrt(num))
     cells = _cells(os.path.join(workdir, out), num, ncols)
     assert _accuracy(classifier, cells, wanted) >= THRESHOLD, line
+
+
+def test_the_training_run_ends_with_its_fid_digits(workdir):
+    """The README's first command closes with an evaluation: FID-digits of the EMA weights at the
+    last step, logged beside the losses and said on stderr."""
+    import json
+
+    rows = [json.loads(line) for line in (workdir / RUN / "metrics.jsonl").read_text().splitlines()]
+    scores = [r for r in rows if "eval_fid_digits" in r]
+    assert [r["step"] for r in scores] == [STEPS]
+    # A run of 800 steps draws digits (see above), far from noise (FID-digits ~2,500) or one class (~350).
+    assert 0 < scores[0]["eval_fid_digits"] < 100

@@ -20,7 +20,7 @@ from conftest import run_python
 from jaxdiff import sharding
 from jaxdiff.checkpoint import Checkpointer
 from jaxdiff import config as config_lib
-from jaxdiff.models import t5, text, unet, vae
+from jaxdiff.models import flux, mmdit, t5, text, unet, vae
 from jaxdiff.train import build, loop
 from jaxdiff.train import state as state_lib
 
@@ -94,7 +94,8 @@ def test_logical_axes_of_text_encoder_and_vae_style_names():
 def _network_params():
     """Abstract parameter trees of jaxdiff's networks: every U-Net config (the pixel ones also
     class-conditional and with ADM's scale-shift norm and ResBlock resampling), the Stable
-    Diffusion VAE, both CLIP text encoders and the T5 encoder."""
+    Diffusion VAE, both CLIP text encoders, the T5 encoder, an SD3.5 MMDiT and a tiny Flux
+    transformer."""
     def shapes(module, *args, **kwargs):
         return jax.eval_shape(lambda: module.init(jax.random.key(0), *args, **kwargs))["params"]
 
@@ -109,13 +110,17 @@ def _network_params():
     trees["vae"] = shapes(vae.StableDiffusionVAE(), jnp.zeros((1, 8, 8, 3)))
     for name, encoder in (("sd1", text.SD1TextEncoder), ("sd2", text.SD2TextEncoder)):
         trees[f"text.{name}"] = shapes(encoder(), jnp.zeros((1, 1), jnp.int32))
+    sd35 = mmdit.SD35Medium(num_layers=2, dual_attention_layers=(0,))
+    trees["mmdit.sd35_medium"] = shapes(sd35, **sd35.example_inputs())
     trees["text.t5xxl"] = shapes(t5.T5XXLEncoder(), jnp.zeros((1, 1), jnp.int32))
+    tiny_flux = flux.FluxDev(num_layers=1, num_single_layers=1, num_heads=2, head_dim=8, axes_dims_rope=(2, 2, 4))
+    trees["flux"] = shapes(tiny_flux, **tiny_flux.example_inputs())
     return trees
 
 
 def test_a_rule_names_every_parameter_of_every_network():
     trees = _network_params()
-    assert len(trees) == 13
+    assert len(trees) == 15
     for name, tree in trees.items():
         assert sharding.unnamed_parameters(tree) == [], name
     # The rules used, and their layouts on the SD U-Net and the text encoder.

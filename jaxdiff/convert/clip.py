@@ -148,6 +148,9 @@ _LAYER = names.Rules([
     ("attn/value", "self_attn.v_proj"), ("attn/out", "self_attn.out_proj"),
     (r"mlp/(fc1|fc2)", r"mlp.\1"),
 ])
+# One encoder layer's names, shared with the image tower (convert/clip_vision.py).
+LAYER = _LAYER
+
 NAMES = names.Rules([
     ("token_embedding", "embeddings.token_embedding"),
     ("position_embedding", "embeddings.position_embedding"),

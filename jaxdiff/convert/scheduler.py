@@ -35,14 +35,22 @@ SCHEDULER_SAMPLERS = {
     "LMSDiscreteScheduler": "lms",
     "UniPCMultistepScheduler": "unipc",
     "DPMSolverMultistepScheduler": "dpmpp_2m",   # algorithm_type refines it, see _default_sampler
+    "LCMScheduler": "lcm",
+    "FlowMatchEulerDiscreteScheduler": "flow_euler",
+    "FlowMatchHeunDiscreteScheduler": "flow_heun",
 }
+# Scheduler classes of flow-matching models: their config defines a `schedules.flow` schedule.
+FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler")
+# Keys of a flow scheduler config that define the schedule (`schedules.flow`'s keywords).
+_FLOW_KEYS = ("shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+              "max_image_seq_len", "time_shift_type")
 
 # Keys of scheduler configs that define the noise schedule rather than a sampler option.
 _SCHEDULE_KEYS = ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule", "trained_betas",
                   "rescale_betas_zero_snr")
 # Scheduler options jaxdiff does not implement, with the value under which ignoring them is exact.
 _UNSUPPORTED = {"use_exponential_sigmas": False, "use_beta_sigmas": False, "use_lu_lambdas": False,
-                "use_flow_sigmas": False, "interpolation_type": "linear", "timestep_type": "discrete",
+                "interpolation_type": "linear", "timestep_type": "discrete",
                 "lambda_min_clipped": -float("inf")}
 _SOLVER_TYPES = {"unipc": ("bh1", "bh2"), "dpmpp_2m": ("midpoint", "heun"), "dpmpp_2m_sde": ("midpoint", "heun"),
                  "dpmpp_3m_sde": ("midpoint", "heun")}
@@ -52,8 +60,13 @@ _SOLVER_TYPES = {"unipc": ("bh1", "bh2"), "dpmpp_2m": ("midpoint", "heun"), "dpm
 # Scheduler config -> schedule, default sampler, sampler options.
 # --------------------------------------------------------------------------------------------
 
-def schedule_from_config(config: dict) -> schedules.DiscreteSchedule:
-    """The noise schedule of a diffusers scheduler config (its beta keys)."""
+def schedule_from_config(config: dict):
+    """The noise schedule of a diffusers scheduler config: a `schedules.FlowSchedule` for the
+    flow-matching schedulers (shift, dynamic shifting), else a `DiscreteSchedule` from its beta
+    keys."""
+    if config.get("_class_name") in FLOW_SCHEDULERS:
+        given = {k: config[k] for k in _FLOW_KEYS if config.get(k) is not None}
+        return schedules.flow(int(config.get("num_train_timesteps", 1000)), **given)
     if config.get("trained_betas") is not None:
         betas = np.asarray(config["trained_betas"], np.float64)
         if config.get("rescale_betas_zero_snr"):
@@ -107,8 +120,13 @@ def sampler_options(name: str, config: dict) -> dict:
 
 
 def warn_unsupported(config: dict) -> None:
-    """Warn about every option of `config` that jaxdiff does not implement (and ignores)."""
+    """Warn about every option of `config` that jaxdiff does not implement (and ignores); options
+    the config's own sampler takes (e.g. flow_euler's use_beta_sigmas) are implemented."""
+    own = SCHEDULER_SAMPLERS.get(config.get("_class_name", ""))
+    taken = set(samplers.options(own)) if own else set()
     for key, exact in _UNSUPPORTED.items():
+        if key in taken:
+            continue
         value = config.get(key, exact)
         if value is not None and value != exact:
             warnings.warn(JaxdiffWarning(f"scheduler option {key}={value!r} is not implemented in jaxdiff and is ignored "

@@ -102,6 +102,9 @@ class Job:
     cond: pytree of [N, ...] arrays, the conditioning (None: unconditional network).
     uncond: pytree like `cond` with leading axis N or 1: the unconditional input of guidance.
     guidance_scale, guidance_rescale: classifier-free guidance (`guided`) and Lin et al.'s rescale.
+    guidance_end: guide only the first fraction in [0, 1] of the model calls, the conditional
+        network alone after (`sampling.guidance_cutoff`; traced: fractions share one program,
+        one other than None's); None guides every call.
     noise: [N, *shape] standard-normal start noise instead of the seed's.
     x0: [N, *shape] clean latents to start from (img2img: the sampler's `start_step` sets the level).
     keep: (mask [N, ..., 1] with 1 = generate, known latents [N, *shape]): inpainting by blending.
@@ -123,6 +126,7 @@ class Job:
     uncond: Any = None
     guidance_scale: float | None = None
     guidance_rescale: float = 0.0
+    guidance_end: float | None = None
     noise: np.ndarray | None = None
     x0: np.ndarray | None = None
     keep: tuple | None = None
@@ -142,7 +146,8 @@ def model_fn(job: Job, cond, uncond) -> jax.tree_util.Partial:
     network = jax.tree_util.Partial(job.network, job.params)
     if not guided(job.guidance_scale):
         return jax.tree_util.Partial(_conditional, network, cond)
-    return sampling.cfg(network, job.guidance_scale, cond, uncond, job.guidance_rescale)
+    cutoff = None if job.guidance_end is None else sampling.guidance_cutoff(job.sampler, job.guidance_end)
+    return sampling.cfg(network, job.guidance_scale, cond, uncond, job.guidance_rescale, guidance_cutoff=cutoff)
 
 
 def check(job: Job) -> None:
@@ -152,6 +157,7 @@ def check(job: Job) -> None:
         options_lib.check_count("batch_size", job.batch_size)
     check_scale("guidance_scale", job.guidance_scale, optional=True)
     check_scale("guidance_rescale", job.guidance_rescale, lo=0.0, hi=1.0)
+    check_scale("guidance_end", job.guidance_end, lo=0.0, hi=1.0, optional=True)
     if guided(job.guidance_scale) and job.uncond is None:
         raise ValueError("classifier-free guidance (guidance_scale > 1) needs a conditional model and its "
                          "unconditional input; leave guidance_scale unset for this model")

@@ -162,3 +162,75 @@ def evaluate_run(run, params) -> dict[str, float]:
     report = evaluate(model, metrics=("fid",), num=num, seeds=[int(cfg.seed)], sampler=cfg.sample.sampler,
                       num_steps=cfg.sample.steps, guidance_scale=guidance)
     return {"fid_digits": report["fid"]["min"]}
+
+
+PROMPT_METRICS = ("clip_score", "fid")
+
+
+def read_prompts(path: str) -> list[str]:
+    """One prompt per non-empty line of a UTF-8 text file (at most 100,000); one-line errors."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    except FileNotFoundError:
+        raise ValueError(f"prompts file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read the prompts file {path} as UTF-8 text ({type(e).__name__})") from None
+    if not prompts:
+        raise ValueError(f"{path} holds no prompt (one per line)")
+    if len(prompts) > 100_000:
+        raise ValueError(f"{path} holds {len(prompts)} prompts; at most 100,000 per evaluation")
+    return prompts
+
+
+def evaluate_prompts(pipe, prompts: Sequence[str], *, metrics: Sequence[str] | str = ("clip_score",),
+                     seeds: int | Sequence[int] = 1, clip: str | None = None, inception: str | None = None,
+                     ref: str | None = None, batch_size: int = 8, progress: bool = False, **call_options) -> dict:
+    """Score a text-to-image pipeline (`jaxdiff.from_pretrained(folder)`) on a prompt set: one
+    image per prompt and seed (`pipe(prompts[i:i+batch_size], seed=...)`, `call_options` such
+    as num_steps / guidance_scale passed through).
+
+    clip_score: 100 * max(cos(image, caption), 0) averaged over the pairs (Hessel et al. 2021, as
+        torchmetrics defines it), with the CLIP model of the local transformers folder `clip`.
+    fid: against `ref` (statistics of real images made with the same Inception weights).
+    Returns {"clip_score": {"per_seed", "min", "mean", "std"}, "fid": {...}, "num", "seeds"}.
+    """
+    names = [m.strip().lower() for m in (metrics.split(",") if isinstance(metrics, str) else metrics) if m.strip()]
+    unknown = [m for m in names if m not in PROMPT_METRICS]
+    if unknown or not names:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown) or '(none given)'} for a prompt set; "
+                         f"valid: {', '.join(PROMPT_METRICS)}")
+    if "clip_score" in names and clip is None:
+        raise ValueError("clip_score needs a local CLIP model folder (clip=PATH, e.g. clip-vit-large-patch14)")
+    if "fid" in names and (inception is None or ref is None):
+        raise ValueError("fid of a prompt set needs the Inception weights (inception=) and reference statistics (ref=)")
+    seeds = list(range(int(seeds))) if isinstance(seeds, (int, np.integer)) else [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("seeds must be a positive count or a non-empty list of seeds")
+    scorer = None
+    if "clip_score" in names:
+        from jaxdiff.metrics.clip_score import ClipScore
+        scorer = ClipScore.from_pretrained(clip)
+    fid_ref = None
+    if "fid" in names:
+        fid_ref = reference.load_reference(ref, feature_net=features.inception_feature_net(inception), dim=2048)
+    values: dict[str, list[float]] = {k: [] for k in names}
+    for seed in seeds:
+        if scorer is not None:
+            scorer.reset()
+        s = stats.init(2048) if fid_ref is not None else None
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start:start + batch_size])
+            images = np.asarray(pipe(chunk, seed=seed * 1_000_003 + start, output_type="uint8", progress=progress,
+                                     **call_options))                                 # [n, H, W, 3] uint8
+            if scorer is not None:
+                scorer.update(images, chunk)
+            if s is not None:
+                s = stats.update(s, features.inception_features(images.astype(np.float32) / 127.5 - 1.0, inception))
+        if scorer is not None:
+            values["clip_score"].append(scorer.compute())
+        if s is not None:
+            values["fid"].append(distribution.fid(fid_ref, s))
+    report = {k: _summary(v) for k, v in values.items()}
+    report.update(num=len(prompts), seeds=seeds)
+    return report

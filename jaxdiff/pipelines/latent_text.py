@@ -25,13 +25,13 @@ import jax
 import numpy as np
 
 from jaxdiff import data as data_lib
-from jaxdiff import files
+from jaxdiff import files, provenance, samplers
 from jaxdiff import images as images_lib
-from jaxdiff import samplers
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.metrics import digits as digits_metric
 from jaxdiff.models.vae import decode_latents
 from jaxdiff.pipelines import core
+from jaxdiff.provenance import run as provenance_run
 from jaxdiff.train.latent import encode_images
 
 
@@ -98,7 +98,10 @@ def write_run_samples(run, params, name: str = "samples.png", final: bool = True
     for s in scales:
         pictures = sample_images(run, params, ids, s, cfg.seed, progress=final and run.progress)        # [N, H, W, C] in [0, 1]
         path = name if s == scales[0] else f"samples_guidance_{s:g}.png"
-        images_lib.save_grid(images_lib.to_uint8(pictures), os.path.join(workdir, path), ncols=10)
+        recipe = provenance_run.grid_recipe(
+            run, params, path, final, sampler=cfg.sample.sampler, steps=cfg.sample.steps, guidance_scale=s, num=num,
+            height=pictures.shape[1], width=pictures.shape[2], captions=[task.captions[i] for i in ids])
+        provenance.save_png(images_lib.to_uint8(pictures), os.path.join(workdir, path), recipe, ncols=10)
         if classifier is not None:
             result["accuracy"][f"{s:g}"] = digits_metric.accuracy(classifier, pictures * 2 - 1, wanted)
             result.setdefault("grids", {})[f"{s:g}"] = path

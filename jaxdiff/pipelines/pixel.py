@@ -35,14 +35,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxdiff import images as images_lib
-from jaxdiff import samplers
+from jaxdiff import provenance, samplers
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.errors import CheckpointError
 from jaxdiff.models.dit import DiT
 from jaxdiff.models.vae import decode_latents
 from jaxdiff.pipelines import core
 from jaxdiff.pipelines import options as options_lib
+from jaxdiff.provenance import run as provenance_run
 
 # The sampler of `sample()` when none is named.
 DEFAULT_SAMPLER = "ddim"
@@ -281,5 +281,10 @@ def write_run_samples(run, params, name: str, final: bool = True) -> str:
                             seed=cfg.seed, labels=labels,
                             guidance_scale=cfg.sample.guidance_scale if labels is not None else None,
                             progress=final and run.progress)
-    return images_lib.save_grid(pictures, os.path.join(run.workdir, name),
-                                ncols=model.num_classes if labels is not None else None)
+    shown = model.decoded_shape or model.image_shape                      # (H, W, C) of the pictures
+    recipe = provenance_run.grid_recipe(
+        run, params, name, final, sampler=cfg.sample.sampler, steps=cfg.sample.steps, num=cfg.sample.num,
+        guidance_scale=cfg.sample.guidance_scale if labels is not None else None, height=shown[0],
+        width=shown[1], labels=None if labels is None else "grid")
+    return provenance.save_png(pictures, os.path.join(run.workdir, name), recipe,
+                               ncols=model.num_classes if labels is not None else None)

@@ -32,12 +32,19 @@ positive crop corner.
 Every array here is a traced leaf of the sampling loop, so new prompts, sizes or scores reuse the
 compiled program; the encoders compile once per clip_skip value and kind of negative (encoded,
 zeros, none).
+
+Requests repeat prompts (a server, a seed sweep, a guidance study), so the encoder's outputs are
+kept in a small LRU cache (`EmbeddingCache`) keyed by the texts each encoder reads, the negatives,
+clip_skip and the identity of the encoder parameters (new weights, a loaded LoRA or another LoRA
+scale miss the cache): a repeated request runs no text encoder.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -169,6 +176,72 @@ def _encode_text(modules, xl: bool, params, ids, neg_ids, skip: int):
     return one(ids, skip), None if neg_ids is None else one(neg_ids, 0)
 
 
+class EmbeddingCache:
+    """A bounded LRU map from a request's text key to the text encoders' host outputs.
+
+    The key holds the identity of the encoder parameters: each array leaf by `id`, checked on a
+    hit against a weak reference (a freed tree's id may be reused by a new one, which must miss),
+    and small host leaves (LoRA scales) by value. Entries hold no strong reference to the weights.
+    size: the most entries kept (0 disables the cache).
+    """
+
+    def __init__(self, size: int = 32):
+        self.size = int(size)
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+
+    @staticmethod
+    def params_key(params) -> tuple[tuple, tuple]:
+        """(hashable identity of a parameter pytree, weak references that keep it honest)."""
+        key, refs = [], []
+        for leaf in jax.tree.leaves(params):
+            if np.size(leaf) <= 16 and not isinstance(leaf, jax.Array):
+                a = np.asarray(leaf)
+                key.append((a.dtype.str, a.shape, a.tobytes()))
+            else:
+                key.append(id(leaf))
+                refs.append(weakref.ref(leaf))
+        return tuple(key), tuple(refs)
+
+    def get(self, key, refs):
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        held, value = entry
+        if any(r() is None for r in held) or any(a() is not b() for a, b in zip(held, refs)):
+            del self._entries[key]                       # the weights it was made from are gone
+            return None
+        self._entries.move_to_end(key)
+        return value
+
+    def put(self, key, refs, value) -> None:
+        if self.size <= 0:
+            return
+        self._entries[key] = (refs, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.size:
+            self._entries.popitem(last=False)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def _texts_key(lists):
+    """Per-encoder lists of texts (or None) as a hashable key."""
+    return None if lists is None else tuple(tuple(t) for t in lists)
+
+
+def _frozen(tree):
+    """Host copies of a tree of arrays, read-only (a cached value is shared between requests)."""
+    def one(a):
+        a = np.array(a)
+        a.setflags(write=False)
+        return a
+    return jax.tree.map(one, tree)
+
+
 class PromptEncoder:
     """One CLIP text encoder (SD 1.x / 2.x) or two (SDXL; a refiner has one) with their
     tokenizers: text -> (cond, uncond) dicts, see the module docstring.
@@ -176,14 +249,16 @@ class PromptEncoder:
     encoders: [(CLIPTextEncoder, CLIPTokenizer), ...] in the order of their parameter trees.
     xl: SDXL conditioning (penultimate states, pooled text_embeds, time_ids).
     force_zeros: SDXL's force_zeros_for_empty_prompt. aesthetics: requires_aesthetics_score.
+    cache_size: encoder outputs kept for repeated requests (`EmbeddingCache`; 0: none).
     """
 
     def __init__(self, encoders: Sequence[tuple[Any, Any]], *, xl: bool = False, force_zeros: bool = False,
-                 aesthetics: bool = False):
+                 aesthetics: bool = False, cache_size: int = 32):
         self.modules = tuple(m for m, _ in encoders)
         self.tokenizers = tuple(t for _, t in encoders)
         self.xl, self.force_zeros, self.aesthetics = bool(xl), bool(force_zeros), bool(aesthetics)
         self._fn = jax.jit(functools.partial(_encode_text, self.modules, self.xl), static_argnames="skip")
+        self.cache = EmbeddingCache(cache_size)
 
     @property
     def max_skip(self) -> int:
@@ -210,16 +285,14 @@ class PromptEncoder:
         second = _per_prompt(text.prompt_2, n, "prompt_2") if text.prompt_2 else prompts
         texts = [prompts, second][:len(self.modules)]
         zeros = self.xl and self.force_zeros and text.negative_prompt is None
-        neg_ids = None
+        neg_texts = None
         if guidance and not zeros:
             negatives = _per_prompt("" if text.negative_prompt is None else text.negative_prompt, n,
                                     "negative prompt")
             negatives_2 = _per_prompt(text.negative_prompt_2, n, "negative_prompt_2") if text.negative_prompt_2 \
                 else negatives
             neg_texts = [negatives, negatives_2][:len(self.modules)]
-            neg_ids = [jnp.asarray(tok(t)) for tok, t in zip(self.tokenizers, neg_texts)]
-        ids = [jnp.asarray(tok(t)) for tok, t in zip(self.tokenizers, texts)]
-        (context, pooled), neg = sharding_lib.gather(self._fn(tuple(params), ids, neg_ids, skip=skip))
+        (context, pooled), neg = self._encode(tuple(params), texts, neg_texts, skip)
         cond = {"context": context}
         if self.xl:
             cond["text_embeds"] = pooled
@@ -240,3 +313,17 @@ class PromptEncoder:
         if uncond is not None:
             uncond = {k: np.repeat(np.asarray(v, np.float32), rep, axis=0) for k, v in uncond.items()}
         return cond, uncond
+
+    def _encode(self, params: tuple, texts, neg_texts, skip: int):
+        """((context, pooled), negatives or None) of the encoders, host float32, from the cache
+        when the same texts, clip_skip and parameters were encoded before."""
+        held_key, refs = EmbeddingCache.params_key(params)
+        key = (_texts_key(texts), _texts_key(neg_texts), skip, held_key)
+        hit = self.cache.get(key, refs)
+        if hit is not None:
+            return hit
+        neg_ids = None if neg_texts is None else [jnp.asarray(tok(t)) for tok, t in zip(self.tokenizers, neg_texts)]
+        ids = [jnp.asarray(tok(t)) for tok, t in zip(self.tokenizers, texts)]
+        out = _frozen(sharding_lib.gather(self._fn(params, ids, neg_ids, skip=skip)))
+        self.cache.put(key, refs, out)
+        return out

@@ -66,6 +66,14 @@ the VAE posterior samples) is drawn on the host for the N requested images only,
 stochastic samplers' in-loop draws do not depend on the layout, so a seed gives the same images
 on 1 device, 8, or 2 processes x 4 (up to float rounding). In a multi-process run every process
 calls the pipeline (it is a collective) and every process gets all N images.
+
+Outputs: the folder's safety checker screens them (`pipelines/safety.py`); SDXL folders embed
+the invisible watermark diffusers' SDXL pipelines embed (`add_watermarker`, `jaxdiff.provenance`).
+
+Why this file is long: it is the one front end of the whole Stable Diffusion family (text to
+image, img2img, inpainting, SD 1/2/XL folders) and the place where each output hook (LoRA,
+ControlNet, safety checker, watermark) joins the sampling core; the hooks themselves live in
+their own modules.
 """
 
 from __future__ import annotations
@@ -85,7 +93,8 @@ from jaxdiff import sharding as sharding_lib
 from jaxdiff.convert import scheduler as scheduler_convert
 from jaxdiff.models import vae as vae_lib
 from jaxdiff.pipelines import controlnet as controlnet_lib, core, lora as lora_pipe, options as options_lib
-from jaxdiff.pipelines import prompts as prompts_lib
+from jaxdiff.pipelines import prompts as prompts_lib, safety as safety_lib
+from jaxdiff.provenance import watermark as watermark_lib
 
 DEFAULT_MAX_STEPS = 50
 
@@ -99,6 +108,7 @@ class GenerateOptions:
         config's, and `sampler_options` (any other keyword argument) override them.
     guidance_scale: classifier-free guidance scale; <= 1 runs the conditional model alone.
     guidance_rescale: Lin et al. 2023's rescale phi in [0, 1]. clip_skip: diffusers' clip_skip.
+    guidance_end: guide only the first fraction in [0, 1] of the steps (`core.Job.guidance_end`).
     seed: the run's seed (noise, VAE posterior samples, stochastic samplers).
     num_images: images per prompt; N = len(prompts) * num_images, each prompt's consecutive.
     height, width: pixels (default: the U-Net's sample_size x the VAE factor; for img2img and
@@ -118,6 +128,7 @@ class GenerateOptions:
     sampler: str | None = None
     guidance_scale: float = 7.5
     guidance_rescale: float = 0.0
+    guidance_end: float | None = None
     seed: int = 0
     num_images: int = 1
     height: int | None = None
@@ -148,6 +159,7 @@ class GenerateOptions:
         options_lib.check_steps(self.num_steps)
         core.check_scale("guidance_scale", self.guidance_scale, optional=True)
         core.check_scale("guidance_rescale", self.guidance_rescale, lo=0.0, hi=1.0)
+        core.check_scale("guidance_end", self.guidance_end, lo=0.0, hi=1.0, optional=True)
         core.check_scale("eta", self.eta, lo=0.0, hi=1.0, optional=True)
         core.check_scale("lora_scale", self.lora_scale, optional=True)
         options_lib.check_count("num_images", self.num_images)
@@ -207,13 +219,15 @@ class StableDiffusion(lora_pipe.LoraMixin):
 
     def __init__(self, *, unet, vae, text_encoder, params: dict, tokenizer, schedule, scheduler_config: dict,
                  max_steps: int = DEFAULT_MAX_STEPS, vae_float32: bool = True, devices=None, mesh=None,
-                 rules: str = "dp", text_encoder_2=None, tokenizer_2=None, xl_options: dict | None = None):
+                 rules: str = "dp", text_encoder_2=None, tokenizer_2=None, xl_options: dict | None = None,
+                 add_watermarker: bool | None = None):
         self.unet = unet
         self.vae = vae
         self.text_encoder, self.text_encoder_2 = text_encoder, text_encoder_2
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
         xl = dict(xl_options or {})
         self.xl = text_encoder_2 is not None
+        self.watermark = self.xl if add_watermarker is None else bool(add_watermarker)   # SDXL's, as diffusers
         pairs = [(k, m, t) for k, m, t in (("text_encoder", text_encoder, tokenizer),
                                            ("text_encoder_2", text_encoder_2, tokenizer_2)) if m is not None]
         self._text_keys = tuple(k for k, _, _ in pairs)
@@ -237,7 +251,8 @@ class StableDiffusion(lora_pipe.LoraMixin):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=jnp.float32, *, max_steps: int = DEFAULT_MAX_STEPS,
                         vae_float32: bool = True, progress: bool = False, devices=None, mesh=None,
-                        rules: str = "dp", variant: str | None = None, controlnet=None) -> "StableDiffusion":
+                        rules: str = "dp", variant: str | None = None, controlnet=None,
+                        safety_checker: bool = True, add_watermarker: bool | None = None) -> "StableDiffusion":
         """Load a diffusers Stable Diffusion 1.x / 2.x / XL folder (see the module docstring).
 
         dtype: compute dtype of the networks (parameters are float32 whatever the files hold).
@@ -247,6 +262,8 @@ class StableDiffusion(lora_pipe.LoraMixin):
             the class); in a multi-process run every process loads the folder.
         variant: e.g. "fp16" to read every network's `*.fp16.safetensors`.
         controlnet: a diffusers ControlNet folder, or a list of them (their residuals are summed).
+        safety_checker: run the folder's safety checker (if listed) on outputs (`pipelines/safety.py`).
+        add_watermarker: SDXL's invisible watermark (`provenance.watermark`); None: on for SDXL folders.
         Raises `CheckpointError` naming the missing or unreadable part.
         """
         from jaxdiff.convert import folder as folder_convert
@@ -260,7 +277,9 @@ class StableDiffusion(lora_pipe.LoraMixin):
                    tokenizer_2=parts.get("tokenizer_2"), xl_options=parts["options"],
                    params={k: p for k, (_, p) in nets.items()},
                    schedule=scheduler_convert.schedule_from_config(config), scheduler_config=config,
-                   max_steps=max_steps, vae_float32=vae_float32, devices=devices, mesh=mesh, rules=rules)
+                   max_steps=max_steps, vae_float32=vae_float32, devices=devices, mesh=mesh, rules=rules,
+                   add_watermarker=add_watermarker)
+        safety_lib.attach(pipe, path, dtype, safety_checker)
         if controlnet is not None:
             controlnet_lib.attach(pipe, controlnet, dtype)
         return pipe
@@ -387,13 +406,16 @@ class StableDiffusion(lora_pipe.LoraMixin):
         shape, peak = self._latents(height, width, opts.guidance_scale)
         network, params = self._unet_fn, self._lora_params("unet", opts.lora_scale)
         network, params, cond, uncond = controlnet_lib.wire(self, opts, plan, network, params, cond, uncond, height, width)
-        job = core.Job(network=network, params=params, sampler=plan, shape=shape,
+        job = core.Job(network=network, params=params, sampler=plan, shape=shape, guidance_end=opts.guidance_end,
                        num=cond["context"].shape[0], seed=opts.seed, cond=cond, uncond=uncond,
                        guidance_scale=opts.guidance_scale, guidance_rescale=opts.guidance_rescale,
                        noise=None if opts.latents is None else np.asarray(opts.latents, np.float32),
                        x0=x0, keep=keep, decode=functools.partial(self._decode_fn, self.params["vae"]),
                        image_shape=(height, width, 3), peak_bytes=peak)
-        return core.run(job, self.mesh, output_type=opts.output_type, progress=opts.progress)
+        marked = self.watermark and opts.output_type != "latent"    # then [N, H, W, 3] in [0, 1], marked
+        out = core.run(job, self.mesh, output_type="np" if marked else opts.output_type, progress=opts.progress)
+        out = images_lib.to_output(watermark_lib.embed_watermark(out), opts.output_type) if marked else out
+        return safety_lib.screen(self, out, opts.output_type)
 
     def __call__(self, prompt: str | Sequence[str], negative_prompt: str | Sequence[str] | None = None,
                  **options: Any):

@@ -18,10 +18,20 @@ so that `get(..., max_steps=M)` knows the length to pad to without building an M
     dpmpp_2m(_sde), dpmpp_3m_sde  dpm_solver x_t                   N             [order, B, ...]
     unipc                     unipc          x_t                   N             [order + 1, B, ...]
     pndm                      pndm           x_t                   N + 9 (N + 1) [5, B, ...]
+    flow_euler                flow           x_sigma (flow)        N             -
+    flow_heun                 flow           x_sigma (flow)        2N - 1        [2, B, ...]
+    lcm                       lcm            x_t                   N             -
 
 Samplers on x_t / sqrt(abar) (the "sigma-space" ones, `samplers/sigma.py`) set `init_sigma` to
 the largest sigma of their plan (sqrt(sigma_max^2 + 1) with "leading" spacing, as the reference)
 and `input_scales` to 1 / sqrt(sigma^2 + 1), so the network is handed x_t either way.
+
+Flow-matching models (`schedules.flow(...)`, x_sigma = (1 - sigma) x0 + sigma eps, the network
+called at t = sigma T and returning the velocity eps - x0) sample with flow_euler / flow_heun,
+and with dpmpp_2m / unipc given a FlowSchedule (or use_flow_sigmas=True) and
+prediction_type="flow_prediction"; all of them hand the network x unscaled, init_sigma 1:
+
+    sampler = samplers.get("flow_euler", schedules.flow(1000, shift=3.0), 28)
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
-from jaxdiff.samplers import base, ddim, ddpm, dpm_solver, euler, heun, lms, pndm, sigma, unipc
+from jaxdiff.samplers import base, ddim, ddpm, dpm_solver, euler, flow, heun, lcm, lms, pndm, sigma, unipc
 from jaxdiff.samplers.base import Sampler, SamplerState
 
 _REGISTRY: dict[str, Callable[..., Sampler]] = {
@@ -46,11 +56,14 @@ _REGISTRY: dict[str, Callable[..., Sampler]] = {
     "unipc": unipc.unipc,
     "pndm": pndm.pndm,
     "edm": heun.edm,
+    "flow_euler": flow.flow_euler,
+    "flow_heun": flow.flow_heun,
+    "lcm": lcm.lcm,
 }
 
 # The plan length of families that do not call the network once per step.
 _MODEL_CALLS: dict[str, Callable[..., int]] = {"heun": heun.model_calls, "edm": heun.model_calls,
-                                                "pndm": pndm.model_calls}
+                                                "pndm": pndm.model_calls, "flow_heun": flow.heun_model_calls}
 
 
 def register(name: str, factory: Callable[..., Sampler], model_calls: Callable[..., int] | None = None) -> None:
@@ -115,5 +128,5 @@ def _factory(name: str) -> Callable[..., Sampler]:
     return _REGISTRY[name]
 
 
-__all__ = ["Sampler", "SamplerState", "base", "ddim", "ddpm", "dpm_solver", "euler", "get", "heun", "lms",
+__all__ = ["Sampler", "SamplerState", "base", "ddim", "ddpm", "dpm_solver", "euler", "flow", "get", "heun", "lms",
            "model_calls", "names", "options", "pndm", "register", "sigma", "unipc"]

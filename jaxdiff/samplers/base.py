@@ -328,10 +328,15 @@ class DenoiseOptions:
 
 def denoise_options(*, prediction_type: str, clip_sample: bool, clip_sample_range: float,
                     thresholding: bool, dynamic_thresholding_ratio: float,
-                    sample_max_value: float) -> DenoiseOptions:
+                    sample_max_value: float, flow: bool = False) -> DenoiseOptions:
     """Validated `DenoiseOptions` (names and meanings as diffusers' scheduler options; like there,
-    `thresholding` takes precedence over `clip_sample`)."""
-    check_choice("prediction_type", prediction_type, parameterization.PREDICTION_TYPES)
+    `thresholding` takes precedence over `clip_sample`). flow: the sampler runs on flow levels
+    (a = 1 - sigma, s = sigma), where "flow_prediction" (the velocity eps - x0) is also read."""
+    if prediction_type == parameterization.FLOW_PREDICTION and not flow:
+        raise ValueError("prediction_type='flow_prediction' needs flow sigmas: pass a schedules.flow(...) "
+                         "schedule (or use_flow_sigmas=True)")
+    choices = parameterization.PREDICTION_TYPES + ((parameterization.FLOW_PREDICTION,) if flow else ())
+    check_choice("prediction_type", prediction_type, choices)
     check_choice("clip_sample", clip_sample, (True, False))
     check_choice("thresholding", thresholding, (True, False))
     check_range("clip_sample_range", clip_sample_range, 0.0, float("inf"))
@@ -344,13 +349,17 @@ def denoise_options(*, prediction_type: str, clip_sample: bool, clip_sample_rang
 
 
 def denoise(model_output, x, sqrt_alpha_bar, sqrt_one_minus_alpha_bar, options: DenoiseOptions):
-    """(x0_hat, eps_hat) `[B, ...]` float32 from the network output at x_t = x.
+    """(x0_hat, eps_hat) `[B, ...]` float32 from the network output at x_t = x (for
+    "flow_prediction" the level is a flow level, sqrt_alpha_bar = 1 - sigma, sqrt_one_minus = sigma).
 
     x0_hat is then dynamically thresholded (if `thresholding`) or clipped to
     [-clip_range, clip_range] (a no-op for clip_range = inf); eps_hat is the unclipped one.
     """
-    x0, eps = parameterization.x0_eps_coefs(model_output, x, sqrt_alpha_bar, sqrt_one_minus_alpha_bar,
-                                            options.prediction_type)
+    if options.prediction_type == parameterization.FLOW_PREDICTION:   # flow levels: a = 1 - s
+        x0, eps = parameterization.flow_x0_eps(model_output, x, sqrt_one_minus_alpha_bar)
+    else:
+        x0, eps = parameterization.x0_eps_coefs(model_output, x, sqrt_alpha_bar, sqrt_one_minus_alpha_bar,
+                                                options.prediction_type)
     if options.thresholding:
         x0 = dynamic_threshold(x0, options.dynamic_thresholding_ratio, options.sample_max_value)
     else:

@@ -58,6 +58,11 @@ the history is a fixed-size buffer [K, B, ...] of x0 predictions in `state.memor
 Plans follow diffusers' `DPMSolverMultistepScheduler` (its own timestep spacings, Karras sigmas
 with rounded timesteps, `final_sigmas_type`, `lower_order_final`, `euler_at_final`). The model is
 handed x_t unscaled (input scale 1, init_sigma 1).
+
+Flow mode (a `schedules.FlowSchedule`, or `use_flow_sigmas=True`, as the reference's option): the
+latent is the flow latent x = (1 - sigma) x0 + sigma eps, i.e. alpha = 1 - sigma and sigma = sigma in
+everything above (lambda = log((1 - sigma) / sigma)); the solver is unchanged, only the plan
+(`flow.multistep_plan`) and the reading of a velocity prediction (x0 = x - sigma v) differ.
 """
 
 from __future__ import annotations
@@ -67,8 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxdiff import schedules
-from jaxdiff.samplers import base, sigma as sig
+from jaxdiff.samplers import base, flow, sigma as sig
 
 SOLVER_TYPES = ("midpoint", "heun")
 
@@ -178,21 +182,35 @@ def step_coefficients(lam, alpha, sigma, i: int, order: int, num_slots: int, *, 
     return A, alpha[i + 1] * (w0 * d0 + w1 * d1 + w2 * d2), C
 
 
-def dpm_solver(schedule: schedules.DiscreteSchedule, num_steps: int, *, stochastic: bool, solver_order: int,
+def dpm_solver(schedule, num_steps: int, *, stochastic: bool, solver_order: int,
                solver_type: str, lower_order_final: bool, euler_at_final: bool, use_karras_sigmas: bool,
                final_sigmas_type: str, timestep_spacing: str, steps_offset: int, prediction_type: str,
                thresholding: bool, dynamic_thresholding_ratio: float, sample_max_value: float,
+               use_flow_sigmas: bool | None = None, flow_shift: float | None = None, mu: float | None = None,
                start_step: int = 0) -> base.Sampler:
     """A DPM-Solver++ sampler (the registered names fix `stochastic` and default `solver_order`).
     start_step: skip the first steps (img2img); the multistep history warms up again from there,
-    as the reference does after `set_begin_index`."""
+    as the reference does after `set_begin_index`.
+
+    Flow sigmas (on for a `schedules.FlowSchedule`, or `use_flow_sigmas=True` over a discrete one):
+    the levels are flow levels x = (1 - sigma) x0 + sigma eps, planned as the reference with
+    use_flow_sigmas=True (`flow.multistep_plan`, shift `flow_shift`, default the schedule's, or
+    e^mu given `mu`), alpha = 1 - sigma, and the network, handed x at t = floor(sigma T), may return
+    the velocity (prediction_type="flow_prediction")."""
     base.check_choice("solver_order", solver_order, (1, 2, 3))
     base.check_choice("solver_type", solver_type, SOLVER_TYPES)
     for name, value in [("lower_order_final", lower_order_final), ("euler_at_final", euler_at_final)]:
         base.check_choice(name, value, (True, False))
-    ts, sigmas = sig.multistep_plan(schedule, num_steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
-                                    use_karras_sigmas=use_karras_sigmas, final_sigmas_type=final_sigmas_type)
-    alpha, s_vp, lam = sig.vp_coordinates(sigmas)
+    on_flow = flow.flow_mode(schedule, use_flow_sigmas)
+    if on_flow:
+        ts, sigmas = flow.multistep_plan(schedule, num_steps, family="dpm", flow_shift=flow_shift, mu=mu,
+                                         final_sigmas_type=final_sigmas_type, use_karras_sigmas=use_karras_sigmas)
+        alpha, s_vp, lam = flow.coordinates(sigmas)
+    else:
+        ts, sigmas = sig.multistep_plan(schedule, num_steps, timestep_spacing=timestep_spacing,
+                                        steps_offset=steps_offset, use_karras_sigmas=use_karras_sigmas,
+                                        final_sigmas_type=final_sigmas_type)
+        alpha, s_vp, lam = sig.vp_coordinates(sigmas)
     K = solver_order
     start = base.check_start_step(start_step, num_steps)
     orders = _orders(num_steps, K, lower_order_final, euler_at_final, final_sigmas_type == "zero", start)
@@ -210,26 +228,27 @@ def dpm_solver(schedule: schedules.DiscreteSchedule, num_steps: int, *, stochast
     options = DPMOptions(denoise=base.denoise_options(prediction_type=prediction_type, clip_sample=False,
                                                       clip_sample_range=1.0, thresholding=thresholding,
                                                       dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-                                                      sample_max_value=sample_max_value),
+                                                      sample_max_value=sample_max_value, flow=on_flow),
                          stochastic=stochastic)
     return base.Sampler(plan=state, prepare=jax.tree_util.Partial(base.history_init),
                         step=jax.tree_util.Partial(dpm_solver_step, options))
 
 
 def _factory(stochastic: bool, default_order: int):
-    def factory(schedule: schedules.DiscreteSchedule, num_steps: int, *, solver_order: int = default_order,
+    def factory(schedule, num_steps: int, *, solver_order: int = default_order,
                 solver_type: str = "midpoint", lower_order_final: bool = True, euler_at_final: bool = False,
                 use_karras_sigmas: bool = False, final_sigmas_type: str = "zero",
                 timestep_spacing: str = "linspace", steps_offset: int = 0, prediction_type: str = "epsilon",
                 thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-                sample_max_value: float = 1.0, start_step: int = 0) -> base.Sampler:
+                sample_max_value: float = 1.0, use_flow_sigmas: bool | None = None, flow_shift: float | None = None,
+                mu: float | None = None, start_step: int = 0) -> base.Sampler:
         return dpm_solver(schedule, num_steps, stochastic=stochastic, solver_order=solver_order,
                           solver_type=solver_type, lower_order_final=lower_order_final,
                           euler_at_final=euler_at_final, use_karras_sigmas=use_karras_sigmas,
                           final_sigmas_type=final_sigmas_type, timestep_spacing=timestep_spacing,
                           steps_offset=steps_offset, prediction_type=prediction_type, thresholding=thresholding,
                           dynamic_thresholding_ratio=dynamic_thresholding_ratio, sample_max_value=sample_max_value,
-                          start_step=start_step)
+                          use_flow_sigmas=use_flow_sigmas, flow_shift=flow_shift, mu=mu, start_step=start_step)
     return factory
 
 

@@ -24,6 +24,10 @@ coefficients per step (float64, with the warm-up, `lower_order_final` and `disab
 folded in), and the traced step is two linear combinations. `state.memory` is one fixed buffer
 [K + 1, B, ...]: slots 0..K-1 the last K predictions (newest first), slot K the last corrected
 sample. Plans follow diffusers' `UniPCMultistepScheduler` (with predict_x0=True).
+
+Flow mode (a `schedules.FlowSchedule`, or `use_flow_sigmas=True`): the latent is the flow latent
+x = (1 - sigma) x0 + sigma eps, so alpha_t = 1 - sigma and sigma_t = sigma above; only the plan
+(`flow.multistep_plan`) and the reading of a velocity prediction (x0 = x - sigma v) change.
 """
 
 from __future__ import annotations
@@ -34,8 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxdiff import schedules
-from jaxdiff.samplers import base, sigma as sig
+from jaxdiff.samplers import base, flow, sigma as sig
 
 SOLVER_TYPES = ("bh1", "bh2")
 
@@ -120,23 +123,41 @@ def _update(alpha, s_vp, lam, level, order, K, solver_type, corrector):
     return s_vp[level + 1] / s_vp[level], w, new
 
 
-def unipc(schedule: schedules.DiscreteSchedule, num_steps: int, *, solver_order: int = 2, solver_type: str = "bh2",
+def unipc(schedule, num_steps: int, *, solver_order: int = 2, solver_type: str = "bh2",
           lower_order_final: bool = True, disable_corrector: tuple = (), use_karras_sigmas: bool = False,
           final_sigmas_type: str = "zero", timestep_spacing: str = "linspace", steps_offset: int = 0,
           prediction_type: str = "epsilon", thresholding: bool = False, dynamic_thresholding_ratio: float = 0.995,
-          sample_max_value: float = 1.0, start_step: int = 0) -> base.Sampler:
+          sample_max_value: float = 1.0, use_flow_sigmas: bool | None = None, flow_shift: float | None = None,
+          mu: float | None = None, shift_terminal: float | None = None, sigmas=None,
+          start_step: int = 0) -> base.Sampler:
     """UniPC over `num_steps` model calls (deterministic; order `solver_order` predictor and
     corrector). Options and defaults as diffusers' `UniPCMultistepScheduler` (predict_x0=True);
     `disable_corrector`: step indices whose prediction is not corrected. `start_step`: skip the
     first steps (img2img); predictor and corrector warm up again from there, as the reference does
-    after `set_begin_index`."""
+    after `set_begin_index`.
+
+    Flow sigmas (on for a `schedules.FlowSchedule`, or `use_flow_sigmas=True` over a discrete one):
+    levels planned as the reference with use_flow_sigmas=True (`flow.multistep_plan`: shift
+    `flow_shift`, default the schedule's, or the time shift by `mu`; `shift_terminal`; custom
+    `sigmas` [num_steps]), alpha = 1 - sigma, the network handed x at t = floor(sigma T) and
+    possibly returning the velocity (prediction_type="flow_prediction")."""
     base.check_choice("solver_order", solver_order, (1, 2, 3))
     base.check_choice("solver_type", solver_type, SOLVER_TYPES)
     base.check_choice("lower_order_final", lower_order_final, (True, False))
     disabled = {int(i) for i in disable_corrector}
-    ts, sigmas = sig.multistep_plan(schedule, num_steps, timestep_spacing=timestep_spacing, steps_offset=steps_offset,
-                                    use_karras_sigmas=use_karras_sigmas, final_sigmas_type=final_sigmas_type)
-    alpha, s_vp, lam = sig.vp_coordinates(sigmas)
+    on_flow = flow.flow_mode(schedule, use_flow_sigmas)
+    if on_flow:
+        ts, sigmas = flow.multistep_plan(schedule, num_steps, family="unipc", flow_shift=flow_shift, mu=mu,
+                                         shift_terminal=shift_terminal, sigmas=sigmas,
+                                         final_sigmas_type=final_sigmas_type, use_karras_sigmas=use_karras_sigmas)
+        alpha, s_vp, lam = flow.coordinates(sigmas)
+    else:
+        if shift_terminal is not None or sigmas is not None:
+            raise ValueError("shift_terminal and sigmas need flow sigmas (a FlowSchedule or use_flow_sigmas=True)")
+        ts, sigmas = sig.multistep_plan(schedule, num_steps, timestep_spacing=timestep_spacing,
+                                        steps_offset=steps_offset, use_karras_sigmas=use_karras_sigmas,
+                                        final_sigmas_type=final_sigmas_type)
+        alpha, s_vp, lam = sig.vp_coordinates(sigmas)
     K, n = solver_order, num_steps
     start = base.check_start_step(start_step, num_steps)
     # Predictor order of step i: warm-up (i - start + 1 predictions available), lowered near the end.
@@ -163,7 +184,7 @@ def unipc(schedule: schedules.DiscreteSchedule, num_steps: int, *, solver_order:
                      pred_hist=base.f32(pred_hist))
     options = base.denoise_options(prediction_type=prediction_type, clip_sample=False, clip_sample_range=1.0,
                                    thresholding=thresholding, dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-                                   sample_max_value=sample_max_value)
+                                   sample_max_value=sample_max_value, flow=on_flow)
     state = base.new_state(ts, plan, memory=jnp.zeros((K + 1,), jnp.float32), levels=(alpha[:-1], s_vp[:-1]),
                            start_call=start)
     return base.Sampler(plan=state, prepare=jax.tree_util.Partial(base.history_init),

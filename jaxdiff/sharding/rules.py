@@ -77,16 +77,33 @@ PARAMETER_RULES = (
     ParamRule("transformer / attention / feed-forward output projection", r"proj_out|fc2|net_2", ROW),
     ParamRule("normalisation", r"norm|norm_\d+|norm_out|final_norm|layer_norm\d*", NORM),
     ParamRule("token / position / class embedding", r"token_embedding|position_embedding|class_embed", EMBEDDING),
-    # DiT (models/dit.py): the patch embedding is the network's input convolution; the adaLN
-    # modulation maps the conditioning vector to 6 (2 in the final layer) shifts, scales and gates.
-    # Its attention (query/key/value/proj_out) and MLP (proj_in/proj_out) use the rules above.
-    ParamRule("DiT patch embedding", r"patch_embed", COLUMN),
-    ParamRule("DiT adaLN modulation", r"adaln", COLUMN),
+    # MMDiT (SD3 / SD3.5; models/mmdit.py): the layers the rules above do not already name. DiT
+    # (models/dit.py) needs two of them, the patch embedding and the adaLN modulation.
+    ParamRule("MMDiT patch embedding", r"patch_embed", COLUMN),
+    ParamRule("MMDiT position table", r"pos_embed", EMBEDDING),
+    ParamRule("MMDiT pooled-text MLP, first layer", r"pooled_embed/dense_0", COLUMN),
+    ParamRule("MMDiT pooled-text MLP, second layer", r"pooled_embed/dense_1", ROW),
+    ParamRule("MMDiT context projection", r"context_embed", COLUMN),
+    ParamRule("adaLN modulation", r"adaln|context_adaln|final_adaln", COLUMN),
+    ParamRule("joint attention context query / key / value", r"context_query|context_key|context_value", COLUMN),
+    ParamRule("joint attention context output", r"context_out", ROW),
+    ParamRule("query / key RMS normalisation", r"norm_q|norm_k|norm_context_q|norm_context_k", NORM),
     # T5 text encoder (models/t5.py; its attention, norms and token embedding fall under the rules
     # above). The bias table [buckets, heads] is tiny: no rule table splits it over `tensor`.
     ParamRule("T5 feed-forward input projections", r"mlp/(wi|wi_0|wi_1)", COLUMN),
     ParamRule("T5 feed-forward output projection", r"mlp/wo", ROW),
     ParamRule("T5 relative position bias table", r"relative_attention_bias", EMBEDDING),
+    # Flux transformer (models/flux.py): heads and MLP over `tensor`; its attention q/k/v,
+    # proj_out, feed-forward proj_in/proj_out, context_embed and pooled_embed are named by the
+    # rules above (the MMDiT's context / pooled-text rows have the same layout).
+    ParamRule("Flux: packed-token embedding into the model width", r"x_embed", COLUMN),
+    ParamRule("Flux: guidance MLP, first layer", r"guidance_embed/dense_0", COLUMN),
+    ParamRule("Flux: guidance MLP, second layer", r"guidance_embed/dense_1", ROW),
+    ParamRule("Flux: adaLN modulation (shift / scale / gate)", r"img_mod|txt_mod|mod|out_mod", COLUMN),
+    ParamRule("Flux: text-stream attention query / key / value", r"txt_(query|key|value)", COLUMN),
+    ParamRule("Flux: text-stream attention output", r"txt_proj_out", ROW),
+    ParamRule("Flux: single-block MLP input", r"mlp_in", COLUMN),
+    ParamRule("Flux: RMS query / key norm", r"(txt_)?(query|key)_norm", NORM),
 )
 
 # Which leaves (and their rank) each layout names.

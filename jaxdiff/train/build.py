@@ -31,7 +31,7 @@ from jaxdiff.train import flow as flow_lib
 from jaxdiff.train import state as state_lib
 from jaxdiff.train import task as task_lib
 from jaxdiff.train.state import Trainer
-from jaxdiff.train.step import make_loss_fn, make_train_step
+from jaxdiff.train.step import accumulation_options, make_loss_fn, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -219,7 +219,8 @@ def build_trainer(cfg: ml_collections.ConfigDict, mesh, model, schedule, tx, ima
             prediction_type=cfg.diffusion.prediction_type, min_snr_gamma=cfg.diffusion.min_snr_gamma,
             condition=condition)
     batch_sharding = sharding_lib.batch_sharding(mesh)
-    step = jax.jit(make_train_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay), donate_argnums=(0,),
+    step = jax.jit(make_train_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay, **accumulation_options(cfg, mesh)),
+                   donate_argnums=(0,),
                    in_shardings=(state_sharding, batch_sharding),
                    out_shardings=(state_sharding, sharding_lib.replicated(mesh)))
     return Trainer(init=jax.jit(init, out_shardings=state_sharding), step=step,

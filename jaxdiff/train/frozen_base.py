@@ -32,7 +32,7 @@ from jaxdiff import sharding as sharding_lib
 from jaxdiff.errors import ConfigError
 from jaxdiff.train import frozen, latent
 from jaxdiff.train.state import Trainer
-from jaxdiff.train.step import make_train_step
+from jaxdiff.train.step import accumulation_options, make_train_step
 
 
 def check_schedule(cfg, scheduler: dict, base: str) -> None:
@@ -106,7 +106,7 @@ def build_trainer(cfg: ml_collections.ConfigDict, mesh, base_params, make_init, 
     else:
         init = jax.jit(make_init(base_abstract), out_shardings=state_sharding)
     batch_sharding = sharding_lib.batch_sharding(mesh)
-    step = jax.jit(make_train_step(loss, tx, ema_decay=cfg.optim.ema_decay),
+    step = jax.jit(make_train_step(loss, tx, ema_decay=cfg.optim.ema_decay, **accumulation_options(cfg, mesh)),
                    donate_argnums=(0,), in_shardings=(state_sharding, batch_sharding, base_sharding),
                    out_shardings=(state_sharding, sharding_lib.replicated(mesh)))
     return Trainer(init=init, step=step, abstract=sharding_lib.with_shardings(abstract, state_sharding),

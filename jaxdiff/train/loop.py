@@ -31,6 +31,7 @@ from jaxdiff import files
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.checkpoint import Checkpointer, checkpoint_dir
 from jaxdiff.errors import CheckpointError, TrainingError
+from jaxdiff.provenance import run as provenance_run
 from jaxdiff.train import build
 
 # Config sections that must agree between a run and the checkpoint it resumes from.
@@ -220,6 +221,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
     logger.truncate_after(start)
     if is_main:
         files.write_text(os.path.join(workdir, "config.json"), config_json)
+        provenance_run.record_run(workdir, cfg, task, start)      # provenance.json: appended, never rewritten
 
     total = cfg.train.steps
     last_saved = start
@@ -308,6 +310,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, devices=None, progres
             final_logger.close()
     if is_main:
         plot_loss_curve(logger.path, os.path.join(workdir, "loss.png"))
+        provenance_run.write_model_card(workdir, cfg, task, int(state.step))
     return state
 
 

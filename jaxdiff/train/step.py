@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import optax
 
 from jaxdiff import parameterization
+from jaxdiff import sharding as sharding_lib
+from jaxdiff.errors import ConfigError
 from jaxdiff.train.state import TrainState
 
 
@@ -126,19 +128,75 @@ def make_loss_fn(apply_fn: Callable, alphas_cumprod: jax.Array, *, prediction_ty
     return loss_fn
 
 
+def micro_batches(batch: dict, k: int, sharding=None) -> dict:
+    """Split a batch `[B, ...]` into `k` micro-batches `[k, B/k, ...]`; micro-batch i holds the
+    examples i, i+k, i+2k, ... (a strided split: each device's contiguous shard of the batch keeps
+    its own rows, so nothing moves between devices when B/k is a multiple of the batch shards).
+    sharding: the `[k, B/k, ...]` stack's sharding (micro-batch axis replicated, rows split like
+    the batch), applied as a constraint; None leaves the layout to XLA."""
+
+    def split(x):
+        x = x.reshape((x.shape[0] // k, k) + x.shape[1:])            # [B/k, k, ...]
+        x = jnp.swapaxes(x, 0, 1)                                    # [k, B/k, ...]
+        return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+    return jax.tree.map(split, batch)
+
+
+def accumulated_value_and_grad(loss_fn: Callable, k: int, sharding=None) -> Callable:
+    """`value_and_grad(params, batch, key, *frozen) -> (loss, grads)` of `loss_fn` averaged over
+    `k` equal micro-batches (`micro_batches`), one `lax.scan` so only one micro-batch's
+    activations live at a time. Micro-batch i draws with `fold_in(key, i)`. The mean of the
+    micro-batch means is the big batch's mean, so a loss whose draws follow the examples gives
+    the big batch's loss and gradient; `k = 1` is plain `jax.value_and_grad(loss_fn)`."""
+    grad_fn = jax.value_and_grad(loss_fn)
+    if k == 1:
+        return grad_fn
+
+    def value_and_grad(params, batch, key, *frozen):
+        def one(carry, inputs):
+            i, micro = inputs
+            loss, grads = grad_fn(params, micro, jax.random.fold_in(key, i), *frozen)
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+        total, _ = jax.lax.scan(one, zero, (jnp.arange(k), micro_batches(batch, k, sharding)))
+        return jax.tree.map(lambda a: a / k, total)
+
+    return value_and_grad
+
+
+def accumulation_options(cfg, mesh) -> dict:
+    """`make_train_step` keywords for `cfg.train.grad_accum_steps` (k): each update averages k
+    micro-batches of data.batch_size / k, split over the mesh like the batch. A config without
+    the key trains on whole batches."""
+    k = int(cfg.train.get("grad_accum_steps", 1))
+    shards = sharding_lib.batch_shards(mesh)
+    if k > 1 and cfg.data.batch_size % (k * shards):
+        raise ConfigError(f"train.grad_accum_steps={k}: data.batch_size={cfg.data.batch_size} must be a multiple of "
+                          f"{k} x {shards} batch shards (each micro-batch split over every device)")
+    micro = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, sharding_lib.BATCH_AXES))
+    return {"grad_accum_steps": k, "micro_sharding": micro}
+
+
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation, *,
-                    ema_decay: float = 0.999) -> Callable:
+                    ema_decay: float = 0.999, grad_accum_steps: int = 1,
+                    micro_sharding=None) -> Callable:
     """Build `train_step(state, batch, *frozen) -> (state, metrics)` from a `make_loss_fn` loss.
 
     The step's randomness is `fold_in(state.rng, state.step)`: a function of the step alone.
     frozen: arguments the loss reads but never trains, passed on as `loss_fn(params, batch, key,
     *frozen)` (a LoRA run's base weights, `train/lora.py`); none for full training. They are
     arguments rather than closed-over constants so the jitted step takes them as (sharded) inputs.
+    grad_accum_steps: k > 1 averages the gradient of k micro-batches of B/k examples
+    (`accumulated_value_and_grad`, sharded like `micro_sharding`) before the one optimizer
+    update; the step count and the EMA advance once per update.
     """
+    value_and_grad = accumulated_value_and_grad(loss_fn, grad_accum_steps, micro_sharding)
 
     def train_step(state: TrainState, batch: dict, *frozen) -> tuple[TrainState, dict]:
         key = jax.random.fold_in(state.rng, state.step)
-        loss, grads = jax.value_and_grad(loss_fn)(state.params, batch, key, *frozen)
+        loss, grads = value_and_grad(state.params, batch, key, *frozen)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         new_state = state.replace(
