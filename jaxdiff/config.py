@@ -65,9 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.prediction_type = "v_prediction"   # "epsilon" | "sample" | "v_prediction"
     c.diffusion.min_snr_gamma = 5.0           # 0 disables min-SNR-gamma loss weighting
     c.diffusion.label_dropout = 0.1           # P(label -> null class) in training, for guidance
-    # The objective: "ddpm" (the discrete schedule above, prediction_type, min-SNR) or "flow"
-    # (flow matching, train/flow.py: x_s = (1 - sigma) x0 + sigma eps, velocity target, the network
-    # called at t = sigma * num_train_timesteps; the options below are read only by "flow").
+    # "ddpm" (the schedule above, prediction_type, min-SNR) or "flow" (flow matching, train/flow.py:
+    # velocity target, network called at t = sigma * num_train_timesteps; only "flow" reads the rest).
     c.diffusion.objective = "ddpm"
     c.diffusion.flow_timesteps = "logit_normal"   # "uniform" | "logit_normal" | "mode" (SD3 sec. 3.1)
     c.diffusion.logit_mean = 0.0
@@ -117,11 +116,10 @@ def get_config() -> ml_collections.ConfigDict:
 
 # The compute dtypes a config may name (`jaxdiff.train.build.DTYPES` maps them to jnp dtypes).
 MODEL_DTYPES = ("bfloat16", "float16", "float32")
-# Network families (`model.kind`) and training objectives (`diffusion.objective`).
+# Network families (`model.kind`), objectives (`diffusion.objective`), and flow matching's timestep
+# densities, loss weightings and the mode density's valid scales (`train/flow.py`).
 MODEL_KINDS = ("unet", "dit")
 OBJECTIVES = ("ddpm", "flow")
-# Flow matching's timestep densities, loss weightings and the mode density's valid scales
-# (`train/flow.py`).
 FLOW_TIMESTEP_DENSITIES = ("uniform", "logit_normal", "mode")
 FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
 FLOW_MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))   # where the mode map stays monotone
@@ -365,15 +363,12 @@ def _check_model_and_objective(cfg) -> None:
     from jaxdiff import samplers
     from jaxdiff.models import dit, unet
 
-    kind = cfg.model.get("kind", "unet")
-    if kind not in MODEL_KINDS:
-        _check_choice(cfg, "model.kind", MODEL_KINDS)
-    _check_choice(cfg, "model.name", unet.CONFIGS if kind == "unet" else dit.CONFIGS)
-    if kind == "dit" and ("lora" in cfg or "controlnet" in cfg):
+    _check_choice(cfg, "model.kind", MODEL_KINDS)
+    _check_choice(cfg, "model.name", unet.CONFIGS if cfg.model.kind == "unet" else dit.CONFIGS)
+    if cfg.model.kind == "dit" and ("lora" in cfg or "controlnet" in cfg):
         raise ConfigError("model.kind=dit is class-conditional and trains on pixels or on a vae section's "
                           "latents; it takes no lora or controlnet section (delete it or use model.kind=unet)")
-    if cfg.diffusion.get("objective", "ddpm") not in OBJECTIVES:
-        _check_choice(cfg, "diffusion.objective", OBJECTIVES)
+    _check_choice(cfg, "diffusion.objective", OBJECTIVES)
     if cfg.diffusion.objective != "flow":
         return
     _check_choice(cfg, "diffusion.flow_timesteps", FLOW_TIMESTEP_DENSITIES)
@@ -383,8 +378,7 @@ def _check_model_and_objective(cfg) -> None:
     _check_float(cfg, "diffusion.mode_scale", lo, hi, must=f"in [{lo:g}, {hi:.4f}] (where the mode density is monotone)")
     _check_float(cfg, "diffusion.shift", 0.0, lo_open=True, must="a finite number > 0 (1: no shift)")
     _check_choice(cfg, "diffusion.flow_weighting", FLOW_WEIGHTINGS)
-    sampler = cfg.sample.sampler
-    if sampler in samplers.names() and not sampler.startswith("flow_"):
+    if (sampler := cfg.sample.sampler) in samplers.names() and not sampler.startswith("flow_"):
         raise ConfigError(f"config key sample.sampler={sampler!r} cannot sample a flow-matching run "
                           "(diffusion.objective=flow); set --config.sample.sampler=flow_euler (or flow_heun)")
 
