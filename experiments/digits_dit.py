@@ -11,7 +11,10 @@ tokens), width 96, 4 blocks of 4 heads, 0.72 M parameters (the U-Net demo's has 
 
 The second command samples 200 digits (20 per class) from the run's EMA weights at each guidance
 scale and reads them with the digit classifier the other demos use (`metrics.digits`, an SVM
-fitted on the real digits, 95% right on held-out real ones).
+fitted on the real digits, 95% right on held-out real ones). Measured on a 2,000-step run of this
+config (25 flow Euler steps, seed 1): 90.5% right without guidance, 99.0% at guidance 2, 100% at 4
+(the U-Net demo: about 92% and 100%). The 2,000 steps took 28 minutes on a shared, heavily
+loaded 2-core machine (about 10 CPU-minutes of training).
 """
 
 import argparse
