@@ -50,7 +50,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.data.data_dir = ""               # TFDS data_dir ("" = TFDS default)
 
     c.model = ml_collections.ConfigDict()
-    c.model.name = "tiny"              # a key of jaxdiff.models.unet.CONFIGS
+    c.model.kind = "unet"              # "unet" | "dit" (models/dit.py): the family model.name is from
+    c.model.name = "tiny"              # a key of jaxdiff.models.unet.CONFIGS (or dit.CONFIGS)
     c.model.dropout = 0.0
     c.model.class_conditional = True   # learn p(x | label) with a null class for guidance
     c.model.dtype = "float32"          # compute dtype (one of MODEL_DTYPES); params always float32
@@ -64,6 +65,15 @@ def get_config() -> ml_collections.ConfigDict:
     c.diffusion.prediction_type = "v_prediction"   # "epsilon" | "sample" | "v_prediction"
     c.diffusion.min_snr_gamma = 5.0           # 0 disables min-SNR-gamma loss weighting
     c.diffusion.label_dropout = 0.1           # P(label -> null class) in training, for guidance
+    # "ddpm" (the schedule above, prediction_type, min-SNR) or "flow" (flow matching, train/flow.py:
+    # velocity target, network called at t = sigma * num_train_timesteps; only "flow" reads the rest).
+    c.diffusion.objective = "ddpm"
+    c.diffusion.flow_timesteps = "logit_normal"   # "uniform" | "logit_normal" | "mode" (SD3 sec. 3.1)
+    c.diffusion.logit_mean = 0.0
+    c.diffusion.logit_std = 1.0
+    c.diffusion.mode_scale = 1.29
+    c.diffusion.shift = 1.0                   # sigma -> shift sigma / (1 + (shift - 1) sigma), training and sampling
+    c.diffusion.flow_weighting = "none"       # "none" | "sigma_sqrt" | "cosmap"
 
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 2e-3
@@ -106,6 +116,13 @@ def get_config() -> ml_collections.ConfigDict:
 
 # The compute dtypes a config may name (`jaxdiff.train.build.DTYPES` maps them to jnp dtypes).
 MODEL_DTYPES = ("bfloat16", "float16", "float32")
+# Network families (`model.kind`), objectives (`diffusion.objective`), and flow matching's timestep
+# densities, loss weightings and the mode density's valid scales (`train/flow.py`).
+MODEL_KINDS = ("unet", "dit")
+OBJECTIVES = ("ddpm", "flow")
+FLOW_TIMESTEP_DENSITIES = ("uniform", "logit_normal", "mode")
+FLOW_WEIGHTINGS = ("none", "sigma_sqrt", "cosmap")
+FLOW_MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))   # where the mode map stays monotone
 
 
 def load(path: str | None) -> ml_collections.ConfigDict:
@@ -341,6 +358,31 @@ def _check_controlnet(cfg) -> None:
     _check_float(cfg, "text.dropout", 0.0, 1.0, must="a probability in [0, 1]")
 
 
+def _check_model_and_objective(cfg) -> None:
+    """model.kind / model.name, and the flow-matching options of diffusion.objective="flow"."""
+    from jaxdiff import samplers
+    from jaxdiff.models import dit, unet
+
+    _check_choice(cfg, "model.kind", MODEL_KINDS)
+    _check_choice(cfg, "model.name", unet.CONFIGS if cfg.model.kind == "unet" else dit.CONFIGS)
+    if cfg.model.kind == "dit" and ("lora" in cfg or "controlnet" in cfg):
+        raise ConfigError("model.kind=dit is class-conditional and trains on pixels or on a vae section's "
+                          "latents; it takes no lora or controlnet section (delete it or use model.kind=unet)")
+    _check_choice(cfg, "diffusion.objective", OBJECTIVES)
+    if cfg.diffusion.objective != "flow":
+        return
+    _check_choice(cfg, "diffusion.flow_timesteps", FLOW_TIMESTEP_DENSITIES)
+    _check_float(cfg, "diffusion.logit_mean")
+    _check_float(cfg, "diffusion.logit_std", 0.0, lo_open=True, must="a finite number > 0")
+    lo, hi = FLOW_MODE_SCALE_RANGE
+    _check_float(cfg, "diffusion.mode_scale", lo, hi, must=f"in [{lo:g}, {hi:.4f}] (where the mode density is monotone)")
+    _check_float(cfg, "diffusion.shift", 0.0, lo_open=True, must="a finite number > 0 (1: no shift)")
+    _check_choice(cfg, "diffusion.flow_weighting", FLOW_WEIGHTINGS)
+    if (sampler := cfg.sample.sampler) in samplers.names() and not sampler.startswith("flow_"):
+        raise ConfigError(f"config key sample.sampler={sampler!r} cannot sample a flow-matching run "
+                          "(diffusion.objective=flow); set --config.sample.sampler=flow_euler (or flow_heun)")
+
+
 def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None:
     """Refuse a config the trainer cannot run, before anything is loaded or compiled.
 
@@ -349,8 +391,10 @@ def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None
     negative `sample_every`), a non-positive batch, a learning rate that is not a positive finite
     number, probabilities and decays outside their range (`optim.ema_decay`, `optim.b1/b2`,
     `diffusion.label_dropout`, `model.dropout`, `text.dropout`), NaN or infinite float knobs
-    (`sample.guidance_scale`, betas, min-SNR gamma, ...), and names that are not known (model,
-    dtype, schedule, prediction type, remat policy, sharding rules, the sample sampler). With
+    (`sample.guidance_scale`, betas, min-SNR gamma, ...), and names that are not known (model
+    kind and name, dtype, schedule, prediction type, objective, remat policy, sharding rules,
+    the sample sampler). With `diffusion.objective="flow"`, its timestep density, logit-normal
+    std, mode scale, shift and weighting, and a sample sampler that is not a flow sampler. With
     `lora` section (a LoRA run), its base folder, rank, alpha, target and style names; with a
     `controlnet` section, its base folder, control and init names, embedding widths. With
     `workdir`, also a work dir that cannot be written (probed with a temporary file, in the
@@ -368,7 +412,7 @@ def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None
     _check_int(cfg, "data.image_size", -1, "-1 (by dataset), 0 (native size) or a positive size")
     _check_choice(cfg, "data.channels", (0, 1, 3))
 
-    _check_choice(cfg, "model.name", unet.CONFIGS)
+    _check_model_and_objective(cfg)
     _check_choice(cfg, "model.dtype", MODEL_DTYPES)
     _check_float(cfg, "model.dropout", 0.0, 1.0, hi_open=True, must="a probability in [0, 1)")
 

@@ -27,16 +27,21 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from jaxdiff import provenance, samplers
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.errors import CheckpointError
-from jaxdiff.pipelines import core, options as options_lib
+from jaxdiff.models.dit import DiT
+from jaxdiff.models.vae import decode_latents
+from jaxdiff.pipelines import core
+from jaxdiff.pipelines import options as options_lib
 from jaxdiff.provenance import run as provenance_run
 
 # The sampler of `sample()` when none is named.
@@ -52,16 +57,38 @@ DEFAULT_SAMPLER = "ddim"
 PIXEL_SAMPLER_OPTIONS = {"use_clipped_model_output": True}
 
 
+# The sampler of a flow-matching run's `sample()` when none is named, and the prefix of the samplers
+# that integrate the flow ODE (x unscaled, t = sigma T, velocity out).
+DEFAULT_FLOW_SAMPLER = "flow_euler"
+FLOW_SAMPLER_PREFIX = "flow_"
+
+
 def _network(module, params, x, t, labels):
-    """The network's prediction at (x [B, H, W, C], t [B]) for class ids `labels` [B] (or None)."""
-    return module.apply({"params": params}, x, t, labels)
+    """The network's prediction at (x [B, H, W, C], t [B]) for class ids `labels` [B] (or None):
+    the first C channels (a learned-sigma network's variance half is not a prediction)."""
+    return module.apply({"params": params}, x, t, labels)[..., :x.shape[-1]]
+
+
+def peak_bytes(module, height: int, width: int, guided_call: bool):
+    """`rows -> bytes`, a lower bound of one network call's peak memory: the U-Net's
+    (`core.unet_peak_bytes`), or for a DiT three token activations [T, D] and, off GPU, the
+    [heads, T, T] float32 attention logits per image."""
+    if not isinstance(module, DiT):
+        return core.unet_peak_bytes(module, height, width, guided_call)
+    tokens = (height // module.patch_size) * (width // module.patch_size)
+    act = 3 * tokens * module.hidden_size * jnp.dtype(module.dtype).itemsize
+    logits = module.num_heads * tokens * tokens * 4 if jax.default_backend() != "gpu" else 0
+    factor = 2 if guided_call else 1
+    return lambda rows: factor * rows * (act + logits)
 
 
 class DiffusionModel:
-    """A U-Net with its parameters, EMA parameters, noise schedule and the config it was trained
-    with. Attributes: `config`, `module`, `schedule`, `params`, `ema_params` (laid out on `mesh`
+    """A U-Net or DiT with its parameters, EMA parameters, noise schedule (a flow schedule for a
+    flow-matching run) and the config it was trained with. Attributes: `config`, `module`, `schedule`, `params`, `ema_params` (laid out on `mesh`
     by `rules`), `image_shape`, `mesh`, `rules`.
 
+    decode: for a latent model (a DiT trained on autoencoder latents), a jitted function of
+    latents [rows, h, w, c] -> images [rows, H, W, C] in [-1, 1]; decoded_shape: (H, W, C).
     mesh: where sampling runs; None: every device of *this process* (a model built by hand, e.g.
     from weights gathered onto one host; `load` defaults to the devices of all processes).
     rules: "dp" (parameters replicated), "fsdp" or "fsdp_tp" (split as in training, see
@@ -69,13 +96,16 @@ class DiffusionModel:
     """
 
     def __init__(self, *, config: ml_collections.ConfigDict, module, schedule, params, ema_params,
-                 image_shape: Sequence[int], mesh=None, rules: str = "dp"):
+                 image_shape: Sequence[int], mesh=None, rules: str = "dp", decode: Callable | None = None,
+                 decoded_shape: Sequence[int] | None = None):
         self.config = config
+        self.decode = decode                               # latents -> images in [-1, 1], or None
+        self.decoded_shape = None if decoded_shape is None else tuple(decoded_shape)
         self.module = module
         self.schedule = schedule
         self.mesh = sharding_lib.inference_mesh(rules, jax.local_devices()) if mesh is None else mesh
         self.rules = rules
-        place = lambda tree: sharding_lib.place(tree, sharding_lib.tree_shardings(tree, self.mesh, rules))  # noqa: E731
+        place = lambda tree: sharding_lib.place(tree, sharding_lib.tree_shardings(tree, self.mesh, rules))
         self.params = place(params)
         self.ema_params = place(ema_params)
         self.image_shape = tuple(image_shape)              # (H, W, C)
@@ -86,8 +116,18 @@ class DiffusionModel:
         return self.module.num_classes
 
     @property
+    def is_flow(self) -> bool:
+        """A flow-matching run (`diffusion.objective="flow"`): sampled with a flow sampler."""
+        return self.config.diffusion.get("objective", "ddpm") == "flow"
+
+    @property
     def prediction_type(self) -> str:
-        return self.config.diffusion.prediction_type
+        return "flow_prediction" if self.is_flow else self.config.diffusion.prediction_type
+
+    @property
+    def default_sampler(self) -> str:
+        """The sampler `sample()` uses when none is named: DDIM, or flow Euler for a flow run."""
+        return DEFAULT_FLOW_SAMPLER if self.is_flow else DEFAULT_SAMPLER
 
     def grid_labels(self, num: int) -> np.ndarray | None:
         """Labels 0, 1, ..., K-1, 0, 1, ... so a grid with K columns shows one class per column."""
@@ -121,7 +161,7 @@ class DiffusionModel:
         scale = core.check_scale("guidance_scale", guidance_scale, optional=True)
         num = options_lib.check_count("the number of images", num)
         h, w = self.image_shape[:2]
-        peak = core.unet_peak_bytes(self.module, h, w, core.guided(scale))
+        peak = peak_bytes(self.module, h, w, core.guided(scale))
         core.check_memory(self.mesh, num, self.image_shape, rows=min(batch_size or num, num), peak_bytes=peak)
         labels = self._check_labels(labels, num)
         plan = self.plan(sampler, num_steps, **sampler_options)
@@ -129,17 +169,27 @@ class DiffusionModel:
         job = core.Job(
             network=self._network, params=params, sampler=plan, shape=self.image_shape, num=num, seed=seed,
             cond=labels, uncond=None if labels is None else np.full((1,), self.num_classes, np.int32),
-            guidance_scale=scale, batch_size=batch_size, peak_bytes=peak)
+            guidance_scale=scale, batch_size=batch_size, peak_bytes=peak, decode=self.decode,
+            image_shape=self.decoded_shape)
         return core.run(job, self.mesh, output_type=output_type, progress=progress)
 
     def plan(self, sampler: str | None = None, num_steps: int = 50, **options: Any):
-        """The sampler `sample` would use: `samplers.get(sampler or DEFAULT_SAMPLER, ...)` with
-        this model's prediction type and `PIXEL_SAMPLER_OPTIONS` under `options`."""
-        name = sampler or DEFAULT_SAMPLER
+        """The sampler `sample` would use: `samplers.get(sampler or self.default_sampler, ...)`
+        with this model's prediction type and `PIXEL_SAMPLER_OPTIONS` under `options`. A
+        flow-matching run takes only the flow samplers (its schedule is `schedules.flow`)."""
+        name = sampler or self.default_sampler
         valid = samplers.options(name)                      # an unknown name: one line naming the valid ones
+        if self.is_flow != name.startswith(FLOW_SAMPLER_PREFIX):
+            flows = [n for n in samplers.names() if n.startswith(FLOW_SAMPLER_PREFIX)]
+            raise ValueError(f"sampler {name!r} cannot sample this model: it was trained "
+                             + (f"by flow matching; use one of {', '.join(flows)}" if self.is_flow else
+                                f"with the DDPM objective; flow samplers ({', '.join(flows)}) need a flow-matching run"))
         opts = {k: v for k, v in PIXEL_SAMPLER_OPTIONS.items() if k in valid}
+        if self.decode is not None and "clip_sample" in valid:
+            opts["clip_sample"] = False                 # latents are not confined to [-1, 1]
         opts.update(options)
-        opts.setdefault("prediction_type", self.prediction_type)
+        if "prediction_type" in valid:
+            opts.setdefault("prediction_type", self.prediction_type)
         return samplers.get(name, self.schedule, options_lib.check_steps(num_steps), **opts)
 
     def _check_labels(self, labels, num):
@@ -180,6 +230,9 @@ def load(path: str, step: int | None = None, *, mesh=None, rules: str = "dp") ->
     ckpt = Checkpointer(directory, read_only=True)
     try:
         cfg = config_lib.from_json(json.dumps(ckpt.read_config(step)))
+        if build.is_latent_text(cfg) and build.model_kind(cfg) == "dit":
+            raise CheckpointError(f"{path} is a DiT trained on autoencoder latents (its config has a vae section); "
+                                  "jaxdiff.load reads pixel runs only: its samples are the run's samples.png")
         if build.is_latent_text(cfg):
             raise CheckpointError(f"{path} is a latent text-to-image run (its config has a vae section); "
                                   f"write it as a Stable Diffusion folder with `jaxdiff export {path} --out DIR` "
@@ -206,20 +259,32 @@ def _data_signature(cfg) -> tuple[tuple[int, int, int], int | None]:
     return tuple(sig["image_shape"]), sig["num_classes"]
 
 
+@functools.lru_cache(maxsize=4)
+def _decoder(vae):
+    """One jitted `decode(vae_params, latents)` per autoencoder module: jit's cache key."""
+    return jax.jit(functools.partial(decode_latents, vae))
+
+
 def write_run_samples(run, params, name: str, final: bool = True) -> str:
-    """The trainer's sample grid of a pixel run: `cfg.sample.num` samples with `params` (the EMA
-    weights), one class per column for a class-conditional model, written to `run.workdir/name`."""
-    cfg = run.cfg
+    """The trainer's sample grid of a pixel run (or of a class-conditional DiT on autoencoder
+    latents, decoded): `cfg.sample.num` samples with `params` (the EMA weights), one class per
+    column for a class-conditional model, written to `run.workdir/name`."""
+    cfg, parts = run.cfg, getattr(run.task, "parts", None)
+    latent = {}
+    if parts is not None:                              # a class-conditional DiT on autoencoder latents
+        latent = {"decode": functools.partial(_decoder(parts.vae), parts.vae_params),
+                  "decoded_shape": run.task.pixel_shape}
     model = DiffusionModel(config=cfg, module=run.model, schedule=run.schedule, params=params,
-                           ema_params=params, image_shape=run.task.image_shape)
+                           ema_params=params, image_shape=run.task.image_shape, **latent)
     labels = model.grid_labels(cfg.sample.num)
     pictures = model.sample(cfg.sample.num, sampler=cfg.sample.sampler, num_steps=cfg.sample.steps,
                             seed=cfg.seed, labels=labels,
                             guidance_scale=cfg.sample.guidance_scale if labels is not None else None,
                             progress=final and run.progress)
+    shown = model.decoded_shape or model.image_shape                      # (H, W, C) of the pictures
     recipe = provenance_run.grid_recipe(
         run, params, name, final, sampler=cfg.sample.sampler, steps=cfg.sample.steps, num=cfg.sample.num,
-        guidance_scale=cfg.sample.guidance_scale if labels is not None else None, height=model.image_shape[0],
-        width=model.image_shape[1], labels=None if labels is None else "grid")
+        guidance_scale=cfg.sample.guidance_scale if labels is not None else None, height=shown[0],
+        width=shown[1], labels=None if labels is None else "grid")
     return provenance.save_png(pictures, os.path.join(run.workdir, name), recipe,
                                ncols=model.num_classes if labels is not None else None)

@@ -64,7 +64,7 @@ class ParamRule(NamedTuple):
 
 
 # One rule per kind of layer of jaxdiff's networks (U-Net incl. the Stable Diffusion topologies,
-# VAE, CLIP text encoder). A few patterns also hold the names diffusers / transformers give the same
+# DiT, VAE, CLIP text encoder). A few patterns also hold the names diffusers / transformers give the same
 # layers (to_q, out_proj, net_2, layer_norm1, ...), so such a tree shards alike.
 PARAMETER_RULES = (
     ParamRule("convolution", r"conv|conv_\d+|conv_in|conv_out|skip|quant_conv|post_quant_conv", COLUMN),
@@ -77,7 +77,8 @@ PARAMETER_RULES = (
     ParamRule("transformer / attention / feed-forward output projection", r"proj_out|fc2|net_2", ROW),
     ParamRule("normalisation", r"norm|norm_\d+|norm_out|final_norm|layer_norm\d*", NORM),
     ParamRule("token / position / class embedding", r"token_embedding|position_embedding|class_embed", EMBEDDING),
-    # MMDiT (SD3 / SD3.5; models/mmdit.py): the layers the rules above do not already name.
+    # MMDiT (SD3 / SD3.5; models/mmdit.py): the layers the rules above do not already name. DiT
+    # (models/dit.py) needs two of them, the patch embedding and the adaLN modulation.
     ParamRule("MMDiT patch embedding", r"patch_embed", COLUMN),
     ParamRule("MMDiT position table", r"pos_embed", EMBEDDING),
     ParamRule("MMDiT pooled-text MLP, first layer", r"pooled_embed/dense_0", COLUMN),

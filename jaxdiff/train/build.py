@@ -25,10 +25,12 @@ from jaxdiff import data as data_lib
 from jaxdiff import schedules
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.errors import ConfigError, TrainingError
+from jaxdiff.models import dit as dit_lib
 from jaxdiff.models import unet as unet_lib
+from jaxdiff.train import flow as flow_lib
 from jaxdiff.train import state as state_lib
 from jaxdiff.train import task as task_lib
-from jaxdiff.train.state import Trainer  # noqa: F401  (defined beside TrainState; build.Trainer stays)
+from jaxdiff.train.state import Trainer
 from jaxdiff.train.step import accumulation_options, make_loss_fn, make_train_step
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -46,24 +48,46 @@ class Run(NamedTuple):
     progress: bool = True
 
 
-def _model_overrides(cfg: ml_collections.ConfigDict) -> dict:
-    """`cfg.model.unet`: UNet fields that replace the named preset's (lists read back from a
-    saved config become tuples again)."""
-    overrides = cfg.model.get("unet") or {}
+def _model_overrides(cfg: ml_collections.ConfigDict, kind: str = "unet") -> dict:
+    """`cfg.model.unet` (or `cfg.model.dit`): module fields that replace the named preset's (lists
+    read back from a saved config become tuples again)."""
+    overrides = cfg.model.get(kind) or {}
     return {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in overrides.items()}
 
 
+def model_kind(cfg: ml_collections.ConfigDict) -> str:
+    """"unet" or "dit": the network family `cfg.model.name` is from."""
+    return cfg.model.get("kind", "unet")
+
+
+def is_flow(cfg: ml_collections.ConfigDict) -> bool:
+    """Whether the run trains (and samples) by flow matching rather than the DDPM objective."""
+    return cfg.diffusion.get("objective", "ddpm") == "flow"
+
+
 def build_model(cfg: ml_collections.ConfigDict, image_shape, num_classes, context_dim=None):
-    """The U-Net named by `cfg.model` (with the fields `cfg.model.unet` overrides), channels and
-    classes taken from the data, and cross-attention on a `context_dim`-wide text context when
-    that is given."""
+    """The network named by `cfg.model`: a U-Net (with the fields `cfg.model.unet` overrides),
+    channels and classes taken from the data, and cross-attention on a `context_dim`-wide text
+    context when that is given; or with `model.kind="dit"` a DiT (`cfg.model.dit` overrides),
+    class-conditional or unconditional, never text-conditioned."""
+    kind = model_kind(cfg)
+    configs = dit_lib.CONFIGS if kind == "dit" else unet_lib.CONFIGS
     try:
-        factory = unet_lib.CONFIGS[cfg.model.name]
+        factory = configs[cfg.model.name]
     except KeyError:
-        raise ConfigError(f"unknown model '{cfg.model.name}'; choose one of {sorted(unet_lib.CONFIGS)}") from None
+        raise ConfigError(f"unknown {kind} model '{cfg.model.name}'; choose one of {sorted(configs)}") from None
     if cfg.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype must be one of {sorted(DTYPES)}, got {cfg.model.dtype!r}")
-    extra = _model_overrides(cfg)
+    extra = _model_overrides(cfg, kind)
+    if kind == "dit":
+        if context_dim is not None:
+            raise ConfigError("model.kind=dit takes class labels, not a text context; use model.kind=unet")
+        try:
+            return factory(in_channels=image_shape[-1],
+                           num_classes=num_classes if cfg.model.class_conditional else None,
+                           dtype=DTYPES[cfg.model.dtype], remat=cfg.train.remat, **extra)
+        except TypeError as e:
+            raise ConfigError(f"bad cfg.model.dit field: {e}") from None
     if context_dim is not None:
         extra["context_dim"] = int(context_dim)
     try:
@@ -75,7 +99,12 @@ def build_model(cfg: ml_collections.ConfigDict, image_shape, num_classes, contex
 
 
 def build_schedule(cfg: ml_collections.ConfigDict):
+    """The run's noise schedule: the discrete DDPM one, or for a flow-matching run the flow
+    schedule (`schedules.flow`, with the shift training draws its levels with) that flow samplers
+    plan on."""
     d = cfg.diffusion
+    if is_flow(cfg):
+        return schedules.flow(d.num_train_timesteps, shift=d.shift)
     return schedules.discrete(d.schedule, num_train_timesteps=d.num_train_timesteps,
                               beta_start=d.beta_start, beta_end=d.beta_end,
                               rescale_betas_zero_snr=d.rescale_betas_zero_snr)
@@ -181,10 +210,14 @@ def build_trainer(cfg: ml_collections.ConfigDict, mesh, model, schedule, tx, ima
     init = init_state_fn(model, tx, image_shape, cfg.seed)
     abstract = jax.eval_shape(init)
     state_sharding = sharding_lib.tree_shardings(abstract, mesh, rules)
-    loss_fn = make_loss_fn(
-        model.apply, schedule.alphas_cumprod,
-        prediction_type=cfg.diffusion.prediction_type, min_snr_gamma=cfg.diffusion.min_snr_gamma,
-        condition=condition or task_lib.class_condition(cfg, model))
+    condition = condition or task_lib.class_condition(cfg, model)
+    if is_flow(cfg):
+        loss_fn = flow_lib.loss_from_config(cfg, model.apply, condition)
+    else:
+        loss_fn = make_loss_fn(
+            model.apply, schedule.alphas_cumprod,
+            prediction_type=cfg.diffusion.prediction_type, min_snr_gamma=cfg.diffusion.min_snr_gamma,
+            condition=condition)
     batch_sharding = sharding_lib.batch_sharding(mesh)
     step = jax.jit(make_train_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay, **accumulation_options(cfg, mesh)),
                    donate_argnums=(0,),

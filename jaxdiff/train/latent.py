@@ -15,6 +15,9 @@ experiments/digits_text.py; `build.is_latent_text` is the one place that decides
    pixel data): `{"image": latents [B, h, w, c], "label": [B], "caption": [B],
    "context": [B, S, D]}`.
 
+With `model.kind="dit"` the task is `LatentClassTask`: the same latents, conditioned on the
+digit labels (a class-conditional DiT takes no text).
+
 The U-Net is then trained by the ordinary trainer with `step.context_condition` (caption states
 replaced by the empty caption's with probability `text.dropout`). Its samples (one column per
 digit, with classifier-free guidance, decoded by the autoencoder and scored by a digit
@@ -101,6 +104,24 @@ class LatentTextTask:
         return context_condition(cfg.text.dropout, self.null_context)
 
 
+class LatentClassTask(LatentTextTask):
+    """The same cached latents, conditioned on the digit labels instead of the captions: the
+    task of a class-conditional DiT (`model.kind="dit"`) with a `vae` section. num_classes: the
+    labels' count; no text context (the caption states stay cached but are not read)."""
+
+    kind = task_lib.LATENT_CLASS
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.num_classes = int(np.max(self.labels)) + 1
+        self.context_dim = None
+        self.summary = self.summary.replace(f"with {len(self.captions)} distinct captions", "with class labels")
+
+    def condition(self, cfg: ml_collections.ConfigDict, model=None):
+        """The training step's conditioning: class labels, dropped to the null class."""
+        return task_lib.class_condition(cfg, model)
+
+
 def captioned_examples(cfg: ml_collections.ConfigDict, what: str):
     """(examples, captions) of the whole captioned set `cfg.data` names, as `data.load_examples`
     returns them; a set without captions is one DataError saying `what` needs them."""
@@ -134,5 +155,6 @@ def build(cfg: ml_collections.ConfigDict, workdir: str, *, batch_size: int, proc
         extras={"caption": examples["caption"], "context": context}, captions=captions,
         description=f"latents of {cfg.data.dataset}", process_index=process_index,
         process_count=process_count)
-    return LatentTextTask(ds, null_context=null, captions=captions, caption_states=states,
-                      parts=parts, images=images, labels=labels)
+    kind = LatentClassTask if cfg.model.get("kind", "unet") == "dit" else LatentTextTask
+    return kind(ds, null_context=null, captions=captions, caption_states=states,
+                parts=parts, images=images, labels=labels)

@@ -46,8 +46,13 @@ def _check_resumable(saved: dict, cfg) -> None:
         raise TrainingError(
             f"the run in the work dir used seed {saved['seed']}, this config has seed {current.get('seed')}; "
             f"pass --config.seed={saved['seed']} to resume it, or use a new --workdir")
+    from jaxdiff import config as config_lib
+
+    defaults = config_lib.get_config().to_dict()
     for section in _RESUME_SECTIONS:
-        old, new = saved.get(section, {}), current.get(section, {})
+        # a key the saved run predates reads as its default (as `config.from_json` rebuilds it)
+        old = {**defaults.get(section, {}), **saved.get(section, {})} if section in saved else {}
+        new = current.get(section, {})
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
             k = diff[0]

@@ -119,6 +119,7 @@ def make_loss_fn(apply_fn: Callable, alphas_cumprod: jax.Array, *, prediction_ty
         cond = condition(batch, k_lab)
         pred = apply_fn({"params": params}, x_t, t.astype(jnp.float32),
                         train=True, rngs={"dropout": k_drop}, **cond)
+        pred = pred[..., :x0.shape[-1]]          # a learned-sigma network's variance half gets no loss
         target = parameterization.target(prediction_type, x0, eps, abar)
         per_example = jnp.mean(jnp.square(pred.astype(jnp.float32) - target),
                                axis=tuple(range(1, x0.ndim)))          # [B]

@@ -2,7 +2,8 @@
 only thing the trainer asks about the data:
 
     kind          "pixel" (images and class labels) | "latent_text" (autoencoder latents and
-                  caption states; see `train/latent.py`) | "lora" (the same over a frozen
+                  caption states; see `train/latent.py`) | "latent_class" (the same latents
+                  with class labels, for a class-conditional DiT) | "lora" (the same over a frozen
                   Stable Diffusion base, training adapters only; see `train/lora.py`) |
                   "controlnet" (the same, training a ControlNet; see `train/controlnet.py`)
     image_shape   (H, W, C) of what the network denoises (pixels, or latents)
@@ -18,7 +19,8 @@ command line passes `jaxdiff.pipelines.write_run_samples`, which picks a writer 
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import ml_collections
 
@@ -26,6 +28,7 @@ from jaxdiff.train.step import label_condition
 
 PIXEL = "pixel"
 LATENT_TEXT = "latent_text"
+LATENT_CLASS = "latent_class"
 LORA = "lora"
 CONTROLNET = "controlnet"
 
