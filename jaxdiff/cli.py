@@ -271,8 +271,9 @@ def _sample_parser() -> _Parser:
                         help="work dir, its checkpoints/ or checkpoints/<step> (default: the latest step)")
     parser.add_argument("--num", "--num_images_per_prompt", dest="num", type=_positive_int, default=64, metavar="N",
                         help="number of images (default: 64)")
-    parser.add_argument("--sampler", type=_sampler_name, default="ddim", metavar="NAME",
-                        help=f"one of {_sampler_names()} (default: ddim)")
+    parser.add_argument("--sampler", type=_sampler_name, default=None, metavar="NAME",
+                        help=f"one of {_sampler_names()} (default: the model's: ddim, or flow_euler for a "
+                             "flow-matching run)")
     parser.add_argument("--steps", "--num_inference_steps", dest="steps", type=_positive_int, default=50,
                         metavar="N", help="sampler steps (default: 50)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise: the same seed gives the same "
@@ -375,8 +376,9 @@ def _sample(argv: list[str]) -> int:
         _check_replay(args.recipe, weights)
         recipe = None if not provenance.enabled(args.no_recipe) else provenance.make_recipe(
             "sample", model=_model_name(args.checkpoint), weights=weights, seed=args.seed, num_images=args.num,
-            index=0 if args.num == 1 else None, sampler=args.sampler, sampler_options={"eta": args.eta},
-            steps=args.steps, guidance_scale=args.guidance_scale, height=int(imgs.shape[1]), width=int(imgs.shape[2]),
+            index=0 if args.num == 1 else None, sampler=args.sampler or model.default_sampler,
+            sampler_options={"eta": args.eta}, steps=args.steps, guidance_scale=args.guidance_scale,
+            height=int(imgs.shape[1]), width=int(imgs.shape[2]),
             options={"labels": args.labels, "use_ema": not args.no_ema, "step": step})
         ncols = model.num_classes if args.labels == "grid" else None
         provenance.save_png(imgs, args.out, recipe, ncols=ncols)
