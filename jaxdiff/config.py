@@ -378,9 +378,10 @@ def _check_model_and_objective(cfg) -> None:
     _check_float(cfg, "diffusion.mode_scale", lo, hi, must=f"in [{lo:g}, {hi:.4f}] (where the mode density is monotone)")
     _check_float(cfg, "diffusion.shift", 0.0, lo_open=True, must="a finite number > 0 (1: no shift)")
     _check_choice(cfg, "diffusion.flow_weighting", FLOW_WEIGHTINGS)
-    if (sampler := cfg.sample.sampler) in samplers.names() and not sampler.startswith("flow_"):
+    if (sampler := cfg.sample.sampler) in samplers.names() and not samplers.samples_flow(sampler):
         raise ConfigError(f"config key sample.sampler={sampler!r} cannot sample a flow-matching run "
-                          "(diffusion.objective=flow); set --config.sample.sampler=flow_euler (or flow_heun)")
+                          "(diffusion.objective=flow); set --config.sample.sampler=flow_euler (or flow_heun, "
+                          "dpmpp_2m, unipc)")
 
 
 def validate(cfg: ml_collections.ConfigDict, workdir: str | None = None) -> None:

@@ -221,3 +221,13 @@ def test_a_flow_dit_trains_on_autoencoder_latents_and_writes_a_decoded_grid(tmp_
     assert saved == {"image_shape": [8, 8, 4], "num_classes": 10}
     grid = np.asarray(Image.open(tmp_path / "samples.png"))
     assert grid.ndim == 2 and grid.std() > 0               # decoded one-channel digits, not latents
+
+
+def test_flow_mode_samplers_are_accepted_for_flow_runs_and_flow_only_ones_refused_elsewhere():
+    from jaxdiff import samplers
+
+    assert all(samplers.samples_flow(n) for n in ("flow_euler", "flow_heun", "dpmpp_2m", "unipc"))
+    assert not any(samplers.samples_flow(n) for n in ("ddim", "euler", "pndm", "lcm"))
+    c = config_lib.load(str(Path(__file__).parents[1] / "experiments" / "digits_dit.py"))
+    c.sample.sampler = "unipc"
+    config_lib.validate(c)                               # a flow mode: accepted

@@ -57,10 +57,9 @@ DEFAULT_SAMPLER = "ddim"
 PIXEL_SAMPLER_OPTIONS = {"use_clipped_model_output": True}
 
 
-# The sampler of a flow-matching run's `sample()` when none is named, and the prefix of the samplers
-# that integrate the flow ODE (x unscaled, t = sigma T, velocity out).
+# The sampler of a flow-matching run's `sample()` when none is named (`samplers.samples_flow` says
+# which others can: the flow-only ones and those with a flow mode).
 DEFAULT_FLOW_SAMPLER = "flow_euler"
-FLOW_SAMPLER_PREFIX = "flow_"
 
 
 def _network(module, params, x, t, labels):
@@ -176,11 +175,12 @@ class DiffusionModel:
     def plan(self, sampler: str | None = None, num_steps: int = 50, **options: Any):
         """The sampler `sample` would use: `samplers.get(sampler or self.default_sampler, ...)`
         with this model's prediction type and `PIXEL_SAMPLER_OPTIONS` under `options`. A
-        flow-matching run takes only the flow samplers (its schedule is `schedules.flow`)."""
+        flow-matching run takes the flow samplers and those with a flow mode (`samplers.FLOW_MODE`: its
+        schedule is `schedules.flow`); a DDPM run refuses the flow-only ones."""
         name = sampler or self.default_sampler
         valid = samplers.options(name)                      # an unknown name: one line naming the valid ones
-        if self.is_flow != name.startswith(FLOW_SAMPLER_PREFIX):
-            flows = [n for n in samplers.names() if n.startswith(FLOW_SAMPLER_PREFIX)]
+        if (self.is_flow and not samplers.samples_flow(name)) or (name in samplers.FLOW_ONLY and not self.is_flow):
+            flows = list(samplers.FLOW_ONLY + samplers.FLOW_MODE)
             raise ValueError(f"sampler {name!r} cannot sample this model: it was trained "
                              + (f"by flow matching; use one of {', '.join(flows)}" if self.is_flow else
                                 f"with the DDPM objective; flow samplers ({', '.join(flows)}) need a flow-matching run"))

@@ -66,6 +66,17 @@ _MODEL_CALLS: dict[str, Callable[..., int]] = {"heun": heun.model_calls, "edm": 
                                                 "pndm": pndm.model_calls, "flow_heun": flow.heun_model_calls}
 
 
+# Samplers that sample a flow-matching model: the flow-only ones, and those with diffusers'
+# flow mode (use_flow_sigmas), which a `schedules.FlowSchedule` turns on.
+FLOW_ONLY = ("flow_euler", "flow_heun")
+FLOW_MODE = ("dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc")
+
+
+def samples_flow(name: str) -> bool:
+    """Whether sampler `name` can sample a flow-matching (velocity) model."""
+    return name in FLOW_ONLY or name in FLOW_MODE
+
+
 def register(name: str, factory: Callable[..., Sampler], model_calls: Callable[..., int] | None = None) -> None:
     """Make `get(name, ...)` build samplers with `factory(schedule, num_steps, **options)`.
 
@@ -128,5 +139,5 @@ def _factory(name: str) -> Callable[..., Sampler]:
     return _REGISTRY[name]
 
 
-__all__ = ["Sampler", "SamplerState", "base", "ddim", "ddpm", "dpm_solver", "euler", "flow", "get", "heun", "lms",
-           "model_calls", "names", "options", "pndm", "register", "sigma", "unipc"]
+__all__ = ["FLOW_MODE", "FLOW_ONLY", "Sampler", "SamplerState", "base", "ddim", "ddpm", "dpm_solver", "euler", "flow",
+           "get", "heun", "lms", "model_calls", "names", "options", "pndm", "register", "samples_flow", "sigma", "unipc"]
