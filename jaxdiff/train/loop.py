@@ -333,7 +333,6 @@ def _write_samples(write_samples: Callable, run: build.Run, state, name: str, fi
 
 def _evaluate(evaluate: Callable, run: build.Run, state, step: int, logger: _Logger) -> None:
     """Score the EMA weights at `step`; log `eval_<name>` rows and one line per evaluation."""
-    _say(f"evaluating at step {step}")
     scores = _on_main(evaluate, run, state) or {}
     if scores:
         logger.write(step, {f"eval_{k}": float(v) for k, v in scores.items()})
