@@ -57,9 +57,14 @@ _DTYPE_BYTES = {"f64": 8, "f32": 4, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "s6
 
 def param_count(name: str, image_shape) -> int:
     model = unet.CONFIGS[name]()
-    x, t, cond = _example_args(model, 1, image_shape)
-    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), x, t, context=cond))["params"]
-    return sum(x.size for x in jax.tree.leaves(shapes))
+    return sum(x.size for x in jax.tree.leaves(abstract_params(model, image_shape)))
+
+
+def abstract_params(model, image_shape):
+    """The parameter tree as ShapeDtypeStructs (jax.eval_shape of init: nothing is allocated)."""
+    b = example_batch(model, 1, image_shape)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), b["image"], b["t"],
+                                             **model_kwargs(b)))["params"]
 
 
 def default_model() -> str:
@@ -79,6 +84,27 @@ def _example_args(model, batch: int, image_shape, as_struct=False):
     return x, t, cond
 
 
+def example_batch(model, batch: int, image_shape, as_struct=False) -> dict:
+    """The bench's batch: image [B, H, W, C], t [B], and what the network's conditioning needs:
+    cond [B, 77, context_dim] (text context) and, for SDXL's added conditioning, text_embeds
+    [B, D] and time_ids [B, 6]. Zeros, or ShapeDtypeStructs with as_struct."""
+    mk = (lambda s, d: jax.ShapeDtypeStruct(s, d)) if as_struct else (lambda s, d: jnp.zeros(s, d))
+    x, t, cond = _example_args(model, batch, image_shape, as_struct)
+    out = {"image": x, "t": t} | ({"cond": cond} if cond is not None else {})
+    if getattr(model, "addition_embed_dim", None) is not None:
+        n_ids = 6
+        out["text_embeds"] = mk((batch, model.addition_embed_dim - n_ids * model.addition_time_embed_dim),
+                                jnp.float32)
+        out["time_ids"] = mk((batch, n_ids), jnp.float32)
+    return out
+
+
+def model_kwargs(batch: dict) -> dict:
+    """Keyword conditioning of `model.apply` from an `example_batch`."""
+    names = {"cond": "context", "text_embeds": "text_embeds", "time_ids": "time_ids"}
+    return {names[k]: v for k, v in batch.items() if k in names}
+
+
 def make_loss(model):
     """eps-prediction MSE (Ho et al. 2020 eq. 14, fixed schedule value): the cost of a step does
     not depend on the schedule, so keep the bench independent of the trainer's conditioning."""
@@ -88,7 +114,7 @@ def make_loss(model):
         x0 = batch["image"]                                            # [B, H, W, C]
         eps = jax.random.normal(k_eps, x0.shape)
         x_t = 0.7 * x0 + 0.71 * eps
-        pred = model.apply({"params": params}, x_t, batch["t"], context=batch.get("cond"), train=True,
+        pred = model.apply({"params": params}, x_t, batch["t"], **model_kwargs(batch), train=True,
                            rngs={"dropout": k_drop})
         return jnp.mean(jnp.square(pred.astype(jnp.float32) - eps))
 
@@ -139,14 +165,13 @@ def bench(name: str, rules: str, n_devices: int, batch: int, image_shape, remat:
     tx = build.build_optimizer(cfg)
 
     def init():
-        x, t, cond = _example_args(model, 1, image_shape)
-        params = model.init(jax.random.PRNGKey(0), x, t, context=cond)["params"]
+        b = example_batch(model, 1, image_shape)
+        params = model.init(jax.random.PRNGKey(0), b["image"], b["t"], **model_kwargs(b))["params"]
         return state_lib.create(params, tx, jax.random.PRNGKey(1))
 
     abstract = jax.eval_shape(init)
     state_sh = sharding.tree_shardings(abstract, mesh, rules)
-    x, t, cond = _example_args(model, batch, image_shape, as_struct=True)
-    batch_abs = {"image": x, "t": t} | ({"cond": cond} if cond is not None else {})
+    batch_abs = example_batch(model, batch, image_shape, as_struct=True)
     batch_sh = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch_abs)
     step = jax.jit(make_train_step(make_loss(model), tx, ema_decay=0.999), donate_argnums=(0,),
                    in_shardings=(state_sh, batch_sh),
