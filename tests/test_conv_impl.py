@@ -77,7 +77,8 @@ def test_conv_module_has_nn_conv_parameters_and_outputs():
 def test_conv_impl_refusal_is_one_line():
     with pytest.raises(ValueError, match="conv impl must be one of"):
         conv_lib.resolve_impl("winograd")
-    assert conv_lib.resolve_impl("auto") in ("xla", "im2col")
+    assert conv_lib.resolve_impl("auto") == "xla"
+    assert conv_lib.resolve_impl("shifted") == "shifted"
 
 
 @pytest.mark.parametrize("shape,groups", [((2, 6, 5, 32), 8), ((3, 4, 4, 12), 3), ((2, 10, 16), 4)])

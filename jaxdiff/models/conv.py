@@ -1,8 +1,9 @@
 """2-D convolution written as plain matrix products, for backends whose convolutions are slow.
 
-XLA's CPU backend runs `lax.conv_general_dilated` (and above all its gradients) well below the
-speed of its own 2-D matrix product, and bfloat16 convolutions never reach the CPU's bf16
-matrix units. A k x k convolution is the same sum written as products of 2-D matrices:
+On some CPUs XLA runs `lax.conv_general_dilated` (and above all its gradients) well below the
+speed of its own 2-D matrix product, and bfloat16 convolutions do not reach the CPU's bf16
+matrix units (AMX), which XLA uses only for 2-D dots. A k x k convolution is the same sum
+written as products of 2-D matrices:
 
     y[b, p, q, o] = sum_{i, j, c} x_pad[b, s*p + i, s*q + j, c] * w[i, j, c, o]
 
@@ -12,7 +13,7 @@ matrix units. A k x k convolution is the same sum written as products of 2-D mat
 - "xla": `lax.conv_general_dilated` itself.
 
 Their gradients are again 2-D products (the weight gradient is patches^T x dy) plus the
-transpose of slicing (pads and adds), which XLA's CPU backend runs near its matmul speed.
+transpose of slicing (pads and adds).
 In bfloat16 / float16 every product accumulates in float32 (`preferred_element_type`), which is
 the form XLA lowers to the CPU's bf16 dot instructions; the result is cast back to the compute
 dtype, as a convolution in that dtype would return.
@@ -38,13 +39,16 @@ IMPLS = ("auto", "xla", "im2col", "shifted")
 
 
 def resolve_impl(impl: str) -> str:
-    """The formulation "auto" stands for on the current default backend: "im2col" on CPU
-    (measured faster there, see experiments/bench_conv.py), "xla" elsewhere."""
+    """The formulation "auto" stands for: "xla" on every backend for now.
+
+    On the 2-core development CPU (jax 0.10.2, whose CPU backend hands convolutions and dots to
+    XNNPACK's YNN fusions) neither matmul form beat XLA's convolution on the U-Nets' layer
+    shapes in float32, forward or backward (experiments/bench_conv.py); in bfloat16 "shifted"
+    won only at 8x8-32x32 resolutions. The formulations stay for measuring other CPUs.
+    """
     if impl not in IMPLS:
         raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    return "im2col" if jax.default_backend() == "cpu" else "xla"
+    return "xla" if impl == "auto" else impl
 
 
 def _matmul(a: Array, b: Array) -> Array:
