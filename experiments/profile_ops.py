@@ -15,7 +15,9 @@ forward at batch 1 with random weights):
    per executed HLO instruction (its `hlo_op` name). The per-instruction time is the median over
    the calls (robust to other jobs on a shared machine), summed per class.
 3. The floor: the program's FLOPs over the f32 2-D matmul peak measured in the same process
-   ([2048, 2048] x [2048, 2048], jitted, median).
+   ([2048, 2048] x [2048, 2048], jitted, median). The table's GFLOP column counts loop bodies
+   (the blocked attention's) once per trip; `cost_analysis` counts them once, so its total can
+   be lower than the column's sum.
 
 Classes: "conv fwd" (a convolution traced from the forward `conv_general_dilated`), "conv grad"
 (the convolutions autodiff made: input and kernel gradients), "matmul/attention" (fusions with a
@@ -253,7 +255,7 @@ def matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
     return 2.0 * n ** 3 / median_wall(lambda: f(a, a), repeats) / 1e9
 
 
-def profile(name: str, fn, args, repeats: int, peak: float, reference=None) -> dict:
+def profile(name: str, fn, args, repeats: int, peak: float, reference=None, top: int = 0) -> dict:
     """Compile fn(*args), time it (interleaved with `reference()` when given), trace it, and
     print the per-class table."""
     jitted = jax.jit(fn)
@@ -292,6 +294,7 @@ def profile(name: str, fn, args, repeats: int, peak: float, reference=None) -> d
             cls, fl = classify(i, instrs, comps)
             by_class[cls][1] += fl * times
     total_s = sum(v[0] for v in by_class.values()) + unknown
+    heaviest = sorted(((s, op) for op, s in op_s.items() if op in instrs), reverse=True)[:top]
     total_flops = float(cost.get("flops", 0.0))
     print(f"\n### {name}\n")
     print(f"wall {wall * 1e3:.1f} ms per call (median of {repeats}); compile {compile_s:.1f} s; "
@@ -318,6 +321,10 @@ def profile(name: str, fn, args, repeats: int, peak: float, reference=None) -> d
         print(f"| {c} | {share:.1%} | {t * 1e3:.1f} | {fl / 1e9:.2f} | {rate} | {fl / (peak * 1e9) * 1e3:.1f} |")
     print(f"| total | 100% | {wall * 1e3:.1f} | {sum(v[1] for v in by_class.values()) / 1e9:.2f} | "
           f"{total_flops / 1e9 / wall:.0f} | {floor * 1e3:.1f} |", flush=True)
+    for s, op in heaviest:
+        i = instrs[op]
+        print(f"  {s / total_s:6.1%}  {classify(i, instrs, comps)[0]:16s} {op} {i.opcode} "
+              f"{'x'.join(map(str, i.shape or ()))} {i.op_name[-90:]}")
     return {"wall_s": wall, "reference_s": statistics.median(refs) if refs else None, "classes": rows}
 
 
@@ -462,6 +469,7 @@ def main():
     ap.add_argument("--batch", type=int, default=16, help="batch of the CIFAR-10 targets")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--reference", action="store_true", help="also time diffusers (PyTorch), interleaved")
+    ap.add_argument("--top", type=int, default=0, help="also list the N instructions that took longest")
     args = ap.parse_args()
     dtype = DTYPES[args.dtype]
     peak = matmul_peak()
@@ -473,7 +481,7 @@ def main():
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in args.targets.split(","):
         title, fn, fargs, ref = TARGETS[name](args, dtype)
-        profile(title, fn, fargs, args.repeats, peak, ref)
+        profile(title, fn, fargs, args.repeats, peak, ref, args.top)
 
 
 if __name__ == "__main__":
