@@ -66,7 +66,8 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$")
 _SHAPE = re.compile(r"^(\w+)\[([\d,]*)\]")
 _NORM_SCOPE = re.compile(r"/(norm\w*|\w*_norm|GroupNorm\w*|LayerNorm\w*|ln_\w+)/")
-_ATTN_CORE = re.compile(r"softmax|/attend|flash|dot_product_attention|BNTS", re.IGNORECASE)
+_ATTN_CORE = re.compile(r"softmax|/attend|flash|dot_product_attention|BNTS|attn\w*/while", re.IGNORECASE)
+_CONTAINERS = {"while", "call", "conditional"}
 
 
 @dataclass
@@ -287,6 +288,8 @@ def profile(name: str, fn, args, repeats: int, peak: float, reference=None, top:
         if instr is None:
             unknown += s
             continue
+        if instr.opcode in _CONTAINERS:          # its event spans its body's, traced on their own
+            continue
         cls, fl = classify(instr, instrs, comps)
         by_class[cls][0] += s
     for i, times in executed(instrs, comps, entry):
@@ -294,7 +297,9 @@ def profile(name: str, fn, args, repeats: int, peak: float, reference=None, top:
             cls, fl = classify(i, instrs, comps)
             by_class[cls][1] += fl * times
     total_s = sum(v[0] for v in by_class.values()) + unknown
-    heaviest = sorted(((s, op) for op, s in op_s.items() if op in instrs), reverse=True)[:top]
+    total_s = total_s or 1e-9
+    heaviest = sorted(((s, op) for op, s in op_s.items()
+                       if op in instrs and instrs[op].opcode not in _CONTAINERS), reverse=True)[:top]
     total_flops = float(cost.get("flops", 0.0))
     print(f"\n### {name}\n")
     print(f"wall {wall * 1e3:.1f} ms per call (median of {repeats}); compile {compile_s:.1f} s; "
