@@ -1,0 +1,114 @@
+"""The 2-D-matmul formulations of convolution and the CPU-friendly GroupNorm match what they
+replace: `lax.conv_general_dilated` and `flax.linen.GroupNorm`, in values and gradients."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff.models import conv as conv_lib
+from jaxdiff.models.layers import GroupNorm
+
+# (x shape, kernel (kh, kw, C, O), strides, padding): the U-Net's 3x3 / stride-2 / 1x1 cases,
+# Downsample's bottom-right padding, and odd, non-square sizes.
+CASES = [
+    ((2, 8, 8, 4), (3, 3, 4, 8), (1, 1), ((1, 1), (1, 1))),
+    ((2, 8, 8, 4), (3, 3, 4, 6), (2, 2), ((1, 1), (1, 1))),
+    ((1, 8, 6, 3), (3, 3, 3, 5), (2, 2), ((0, 1), (0, 1))),
+    ((2, 7, 5, 6), (1, 1, 6, 4), (1, 1), ((0, 0), (0, 0))),
+    ((1, 9, 7, 2), (3, 2, 2, 3), (2, 1), ((2, 0), (1, 1))),
+]
+
+
+def _xla(x, w, strides, padding):
+    return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("impl", ["im2col", "shifted"])
+def test_conv2d_matches_lax_conv_values_and_gradients(impl):
+    rng = np.random.RandomState(0)
+    for xs, ws, strides, padding in CASES:
+        x = jnp.asarray(rng.randn(*xs), jnp.float32)
+        w = jnp.asarray(rng.randn(*ws), jnp.float32)
+        ref = _xla(x, w, strides, padding)
+        out = conv_lib.conv2d(x, w, strides=strides, padding=padding, impl=impl)
+        assert out.shape == ref.shape
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * float(jnp.abs(ref).max()))
+        g = jnp.asarray(rng.randn(*ref.shape), jnp.float32)          # a cotangent that is not all ones
+
+        def loss(fn):
+            return lambda x, w: jnp.sum(fn(x, w) * g)
+        gref = jax.grad(loss(lambda x, w: _xla(x, w, strides, padding)), argnums=(0, 1))(x, w)
+        gout = jax.grad(loss(lambda x, w: conv_lib.conv2d(x, w, strides=strides, padding=padding, impl=impl)),
+                        argnums=(0, 1))(x, w)
+        for a, b in zip(gout, gref):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+        # The windows matter: the same kernel with its taps reversed gives another answer.
+        if ws[0] * ws[1] > 1:
+            flipped = conv_lib.conv2d(x, w[::-1, ::-1], strides=strides, padding=padding, impl=impl)
+            assert float(jnp.abs(flipped - ref).max()) > 1e-2
+
+
+def test_conv2d_bf16_accumulates_in_float32():
+    rng = np.random.RandomState(1)
+    x = jnp.asarray(rng.randn(2, 8, 8, 64), jnp.float32)
+    w = jnp.asarray(rng.randn(3, 3, 64, 16) / 24, jnp.float32)
+    ref = _xla(x, w, (1, 1), ((1, 1), (1, 1)))
+    for impl in ("im2col", "shifted"):
+        out = conv_lib.conv2d(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), padding=((1, 1), (1, 1)), impl=impl)
+        assert out.dtype == jnp.bfloat16
+        rel = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
+        assert rel < 1e-2, (impl, rel)
+
+
+def test_conv_module_has_nn_conv_parameters_and_outputs():
+    x = jnp.asarray(np.random.RandomState(2).randn(2, 8, 8, 3), jnp.float32)
+    ref_mod = nn.Conv(5, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    params = ref_mod.init(jax.random.PRNGKey(0), x)
+    params = jax.tree.map(lambda p: p + 0.1, params)                   # a non-zero bias
+    for impl in ("xla", "im2col", "shifted", "auto"):
+        mod = conv_lib.Conv(5, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)), impl=impl)
+        mine = mod.init(jax.random.PRNGKey(0), x)
+        assert jax.tree.map(jnp.shape, mine) == jax.tree.map(jnp.shape, params)
+        np.testing.assert_allclose(mod.apply(params, x), ref_mod.apply(params, x), rtol=1e-5, atol=1e-5)
+
+
+def test_conv_impl_refusal_is_one_line():
+    with pytest.raises(ValueError, match="conv impl must be one of"):
+        conv_lib.resolve_impl("winograd")
+    assert conv_lib.resolve_impl("auto") == "xla"
+    assert conv_lib.resolve_impl("shifted") == "shifted"
+
+
+@pytest.mark.parametrize("shape,groups", [((2, 6, 5, 32), 8), ((3, 4, 4, 12), 3), ((2, 10, 16), 4)])
+def test_group_norm_matches_flax_values_and_gradients(shape, groups):
+    rng = np.random.RandomState(3)
+    x = jnp.asarray(rng.randn(*shape) * 3 + 2, jnp.float32)          # off-centre, so the mean matters
+    params = {"params": {"scale": jnp.asarray(rng.rand(shape[-1]) + 0.5, jnp.float32),
+                         "bias": jnp.asarray(rng.randn(shape[-1]), jnp.float32)}}
+    ref_mod = nn.GroupNorm(num_groups=groups, epsilon=1e-5, use_fast_variance=False)
+    mod = GroupNorm(num_groups=groups, epsilon=1e-5)
+    assert jax.tree.map(jnp.shape, mod.init(jax.random.PRNGKey(0), x)) == jax.tree.map(jnp.shape, params)
+    ref, out = ref_mod.apply(params, x), mod.apply(params, x)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    # Groups matter: normalising with one group gives another answer.
+    other = GroupNorm(num_groups=1, epsilon=1e-5).apply(params, x)
+    assert float(jnp.abs(other - ref).max()) > 1e-2
+    g = jnp.asarray(rng.randn(*shape), jnp.float32)
+
+    def grads(m):
+        return jax.grad(lambda p, x: jnp.sum(m.apply(p, x) * g), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(grads(mod)), jax.tree.leaves(grads(ref_mod))):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
+
+
+def test_group_norm_bf16_and_refusal():
+    x = jnp.asarray(np.random.RandomState(4).randn(2, 4, 4, 16) * 50, jnp.float32)
+    p = GroupNorm(num_groups=4).init(jax.random.PRNGKey(0), x)
+    ref = GroupNorm(num_groups=4).apply(p, x)
+    out = GroupNorm(num_groups=4, dtype=jnp.bfloat16).apply(p, x.astype(jnp.bfloat16))
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=3e-2)
+    with pytest.raises(ValueError, match="not divisible into 5 groups"):
+        GroupNorm(num_groups=5).init(jax.random.PRNGKey(0), x)
