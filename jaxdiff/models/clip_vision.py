@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.models.text import ACTIVATIONS, CLIPMLP
+from jaxdiff.models.text import ACTIVATIONS, CLIPEncoderLayer
 
 Array = jax.Array
 Dtype = Any
@@ -82,50 +82,6 @@ class CLIPVisionOutput(NamedTuple):
     last_hidden_state: Array
     pooled: Array
     image_embeds: Array | None = None
-
-
-class VisionAttention(nn.Module):
-    """Full multi-head self-attention: [B, T, D] -> [B, T, D], scaled by 1/sqrt(D / num_heads).
-    Parameter names as the text tower's `CLIPAttention` (query, key, value, out)."""
-
-    num_heads: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        B, T, D = x.shape
-        if D % self.num_heads:
-            raise ValueError(f"width {D} is not divisible by num_heads={self.num_heads}")
-        d = D // self.num_heads
-
-        def proj(name):
-            return nn.Dense(D, dtype=self.dtype, param_dtype=jnp.float32, name=name)
-
-        q = proj("query")(x).reshape(B, T, self.num_heads, d)  # [B, T, N, d]
-        k = proj("key")(x).reshape(B, T, self.num_heads, d)  # [B, T, N, d]
-        v = proj("value")(x).reshape(B, T, self.num_heads, d)  # [B, T, N, d]
-        o = jax.nn.dot_product_attention(q, k, v)  # [B, T, N, d]
-        return proj("out")(o.reshape(B, T, D))  # [B, T, D]
-
-
-class VisionEncoderLayer(nn.Module):
-    """Pre-LN transformer layer, x + Attn(LN_1(x)), then + MLP(LN_2(.)): [B, T, D] -> [B, T, D]."""
-
-    num_heads: int
-    intermediate_size: int
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: Array) -> Array:
-        def norm(name):
-            return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
-                                param_dtype=jnp.float32, name=name)
-
-        x = x + VisionAttention(self.num_heads, dtype=self.dtype, name="attn")(norm("norm_1")(x))
-        mlp = CLIPMLP(self.intermediate_size, self.hidden_act, dtype=self.dtype, name="mlp")
-        return x + mlp(norm("norm_2")(x))
 
 
 class CLIPVisionEncoder(nn.Module):
@@ -191,8 +147,8 @@ class CLIPVisionEncoder(nn.Module):
 
         h = norm("pre_norm")(h).astype(jnp.float32)
         for i in range(self.num_layers):
-            h = VisionEncoderLayer(self.num_heads, self.intermediate_size, self.hidden_act,
-                                   self.layer_norm_eps, dtype=self.dtype, name=f"layer_{i}")(h)
+            h = CLIPEncoderLayer(self.num_heads, self.intermediate_size, self.hidden_act, self.layer_norm_eps,
+                                 dtype=self.dtype, causal=False, name=f"layer_{i}")(h)
         pooled = norm("post_norm")(h[:, 0])  # [B, D]
         embeds = None
         if self.projection_dim is not None:

@@ -109,15 +109,18 @@ class CLIPTextOutput(NamedTuple):
 
 
 class CLIPAttention(nn.Module):
-    """Causal multi-head self-attention: [B, T, D] -> [B, T, D], scaled by 1/sqrt(D / num_heads).
+    """Multi-head self-attention: [B, T, D] -> [B, T, D], scaled by 1/sqrt(D / num_heads).
 
     Attributes:
       num_heads: heads; must divide the width.
       dtype: compute dtype.
+      causal: each token attends to itself and earlier ones only (the text tower); False for
+        full attention (CLIP's image tower, `models/clip_vision.py`).
     """
 
     num_heads: int
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -132,7 +135,7 @@ class CLIPAttention(nn.Module):
         q = proj("query")(x).reshape(B, T, self.num_heads, d)  # [B, T, N, d]
         k = proj("key")(x).reshape(B, T, self.num_heads, d)  # [B, T, N, d]
         v = proj("value")(x).reshape(B, T, self.num_heads, d)  # [B, T, N, d]
-        o = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # [B, T, N, d]
+        o = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)  # [B, T, N, d]
         return proj("out")(o.reshape(B, T, D))  # [B, T, D]
 
 
@@ -152,13 +155,15 @@ class CLIPMLP(nn.Module):
 
 
 class CLIPEncoderLayer(nn.Module):
-    """Pre-LN transformer layer: x + Attn(LN_1(x)), then + MLP(LN_2(.)). [B, T, D] -> [B, T, D]."""
+    """Pre-LN transformer layer: x + Attn(LN_1(x)), then + MLP(LN_2(.)). [B, T, D] -> [B, T, D].
+    `causal` as in `CLIPAttention` (False in the image tower)."""
 
     num_heads: int
     intermediate_size: int
     hidden_act: str = "quick_gelu"
     layer_norm_eps: float = 1e-5
     dtype: Dtype = jnp.float32
+    causal: bool = True
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -166,7 +171,7 @@ class CLIPEncoderLayer(nn.Module):
             return nn.LayerNorm(epsilon=self.layer_norm_eps, dtype=self.dtype,
                                 param_dtype=jnp.float32, name=name)
 
-        x = x + CLIPAttention(self.num_heads, dtype=self.dtype, name="attn")(norm("norm_1")(x))
+        x = x + CLIPAttention(self.num_heads, dtype=self.dtype, causal=self.causal, name="attn")(norm("norm_1")(x))
         mlp = CLIPMLP(self.intermediate_size, self.hidden_act, dtype=self.dtype, name="mlp")
         return x + mlp(norm("norm_2")(x))
 
