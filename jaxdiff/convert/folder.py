@@ -218,7 +218,7 @@ def load_pretrained(path: str | os.PathLike, dtype=None, *, progress: bool = Fal
         if part == "unet":
             parts[part] = unet_convert.load(folder, dtype, variant=variant)
         elif part == "vae":
-            parts[part] = _load_vae(folder, dtype, variant)
+            parts[part] = vae_convert.load(folder, dtype, variant=variant)
         elif part.startswith("text_encoder"):
             parts[part] = clip_convert.load(folder, dtype, variant=variant)
         elif part.startswith("tokenizer"):
@@ -236,15 +236,6 @@ def load_pretrained(path: str | os.PathLike, dtype=None, *, progress: bool = Fal
     }
     _check_widths(path, parts)
     return parts
-
-
-def _load_vae(folder: str, dtype, variant: str | None):
-    if not variant:
-        return vae_convert.load(folder, dtype)
-    module = tensors.read_config(folder, lambda c: vae_convert.module_from_config(c, dtype),
-                                 what="a diffusers AutoencoderKL folder", subfolder="vae")
-    weights = tensors.read_weights_folder(folder, "diffusion_pytorch_model", variant=variant)
-    return module, vae_convert.params_from_torch(weights, module)
 
 
 def _check_widths(path: str, parts: Mapping[str, Any]) -> None:

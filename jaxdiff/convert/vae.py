@@ -204,14 +204,15 @@ def params_to_torch(params: Mapping, module: AutoencoderKL) -> dict[str, np.ndar
 # folders
 
 
-def load(folder: str, dtype=jnp.float32) -> tuple[AutoencoderKL, dict]:
-    """Read a diffusers AutoencoderKL folder -> (module with compute `dtype`, float32 params)."""
+def load(folder: str, dtype=jnp.float32, *, variant: str | None = None) -> tuple[AutoencoderKL, dict]:
+    """Read a diffusers AutoencoderKL folder -> (module with compute `dtype`, float32 params).
+    variant: e.g. "fp16" reads `diffusion_pytorch_model.fp16.safetensors`."""
     folder = os.fspath(folder)
     module = tensors.read_config(
         folder, lambda c: module_from_config(c, dtype), subfolder="vae",
         what="a diffusers AutoencoderKL folder (a Stable Diffusion pipeline's `vae` subfolder)")
-    return module, params_from_torch(tensors.read_weights_folder(folder, "diffusion_pytorch_model"),
-                                     module)
+    weights = tensors.read_weights_folder(folder, "diffusion_pytorch_model", variant=variant)
+    return module, params_from_torch(weights, module)
 
 
 def save(folder: str, module: AutoencoderKL, params: Mapping) -> None:

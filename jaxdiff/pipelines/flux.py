@@ -212,7 +212,7 @@ class Flux:
             if part == "transformer":
                 parts[part] = flux_convert.load(folder, dtype, variant=variant)
             elif part == "vae":
-                parts[part] = _load_vae(folder, dtype, variant)
+                parts[part] = vae_convert.load(folder, dtype, variant=variant)
             elif part == "text_encoder":
                 parts[part] = clip_convert.load(folder, dtype, variant=variant)
             elif part == "text_encoder_2":
@@ -357,15 +357,6 @@ class Flux:
 # --------------------------------------------------------------------------------------------
 # Reading a folder.
 # --------------------------------------------------------------------------------------------
-
-def _load_vae(folder: str, dtype, variant: str | None):
-    if not variant:
-        return vae_convert.load(folder, dtype)
-    module = tensors.read_config(folder, lambda c: vae_convert.module_from_config(c, dtype),
-                                 what="a diffusers AutoencoderKL folder", subfolder="vae")
-    weights = tensors.read_weights_folder(folder, "diffusion_pytorch_model", variant=variant)
-    return module, vae_convert.params_from_torch(weights, module)
-
 
 def check_folder(path: str) -> None:
     """Raise CheckpointError unless `path` is a diffusers Flux folder with every part."""

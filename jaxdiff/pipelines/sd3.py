@@ -130,13 +130,6 @@ def check_folder(path: str) -> tuple[str, ...]:
     return parts
 
 
-def _load_vae(folder: str, dtype, variant: str | None):
-    module = tensors.read_config(folder, lambda c: vae_convert.module_from_config(c, dtype),
-                                 what="a diffusers AutoencoderKL folder", subfolder="vae")
-    weights = tensors.read_weights_folder(folder, "diffusion_pytorch_model", variant=variant)
-    return module, vae_convert.params_from_torch(weights, module)
-
-
 def _load_t5(folder: str, tokenizer_folder: str, dtype, variant: str | None):
     from jaxdiff.convert import t5 as t5_convert
     from jaxdiff.models import t5_tokenizer
@@ -206,7 +199,7 @@ class StableDiffusion3:
         sub = functools.partial(tensors.inside, path)
         transformer, transformer_params = sd3_convert.load(sub("transformer"), dtype, variant=variant,
                                                            attention_impl=attention_impl)
-        vae, vae_params = _load_vae(sub("vae"), dtype, variant)
+        vae, vae_params = vae_convert.load(sub("vae"), dtype, variant=variant)
         clips = [clip_convert.load(sub(p), dtype, variant=variant) for p in ("text_encoder", "text_encoder_2")]
         tokenizers = [CLIPTokenizer.from_dir(sub(p)) for p in ("tokenizer", "tokenizer_2")]
         params = {"transformer": transformer_params, "vae": vae_params,
