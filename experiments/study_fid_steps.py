@@ -48,7 +48,16 @@ def main() -> None:
     parser.add_argument("--steps", default="5,10,20,50")
     parser.add_argument("--samplers", default=",".join(SAMPLERS))
     parser.add_argument("--out", default="docs/fid_digits_vs_steps")
+    parser.add_argument("--title", default=None, help="the figure's first line (default: the run's folder name)")
+    parser.add_argument("--replot", action="store_true", help="redraw OUT.png from OUT.json, sampling nothing")
     args = parser.parse_args()
+    args.title = args.title or os.path.basename(os.path.normpath(args.checkpoint))
+    if args.replot:
+        with open(args.out + ".json") as f:
+            saved = json.load(f)
+        args.num = saved["num"]
+        plot(saved["rows"], saved["real_floor"], args, saved["guidance_scale"], args.out + ".png")
+        return
     model = jaxdiff.load(args.checkpoint)
     guidance = model.config.sample.guidance_scale if model.num_classes else None
     steps = [int(s) for s in args.steps.split(",")]
@@ -85,7 +94,7 @@ def plot(rows, floor, args, guidance, path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("model calls per image")
     ax.set_ylabel("FID-digits (lower is better)")
-    ax.set_title(f"The demo model: FID-digits vs sampling cost\n{args.num} images, guidance {guidance}, seed 0")
+    ax.set_title(f"{args.title}: FID-digits vs sampling cost\n{args.num} images, guidance {guidance}, seed 0")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
