@@ -594,8 +594,10 @@ def _eval_parser() -> _Parser:
     parser.add_argument("--clip", default=None, metavar="FOLDER",
                         help="with --model: a local transformers CLIP model folder for clip_score")
     parser.add_argument("--metric", default=None, metavar="LIST",
-                        help="comma-separated: fid, kid, pr for --checkpoint (default: fid); clip_score, fid "
-                             "for --model (default: clip_score)")
+                        help="comma-separated: fid, kid, pr, bpd for --checkpoint (default: fid); clip_score, "
+                             "fid for --model (default: clip_score)")
+    parser.add_argument("--bpd_steps", type=_positive_int, default=1000, metavar="K",
+                        help="timesteps of the bits/dim bound (default: 1000, the full chain)")
     parser.add_argument("--num", type=_positive_int, default=1000, metavar="N",
                         help="images per seed (default: 1000; papers use 50000)")
     parser.add_argument("--seeds", type=_positive_int, default=3, metavar="K", help="seeds 0..K-1 (default: 3)")
@@ -638,7 +640,7 @@ def _eval(argv: list[str]) -> int:
     report = evaluate.evaluate(model, metrics=metrics, num=args.num, seeds=args.seeds, ref=args.ref,
                                inception=args.inception, sampler=args.sampler, num_steps=args.steps,
                                guidance_scale=args.guidance_scale, batch_size=args.batch_size,
-                               progress=not args.no_progress and _is_main_process())
+                               progress=not args.no_progress and _is_main_process(), bpd_steps=args.bpd_steps)
     _write_report(args, evaluate.format_report(report), report)
     return 0
 

@@ -22,6 +22,12 @@ Feature networks and references:
   with `stats` + `reference.save_reference`). A statistics file holds (mu, sigma) only, so KID and
   precision / recall, which need the real features themselves, are available with the digit
   reference only; asking for them otherwise is a one-line error.
+
+Bits/dim ("bpd", DDPM-objective pixel runs): the DDPM variational bound with the discretised
+Gaussian decoder (`metrics.likelihood.ddpm_bound`, Ho et al. 2020 eq. 5 and 13, reverse variance
+beta) of the unconditional model (the null class) on test images: the embedded digits' 1,000
+held-out ones for the digits (held out from the feature network; the demo diffusion model trains
+on all 5,000, so for it this is a training-set figure), the dataset's "test" split otherwise.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import numpy as np
 
 from jaxdiff.metrics import distribution, features, reference, stats
 
-METRICS = ("fid", "kid", "pr")
+METRICS = ("fid", "kid", "pr", "bpd")
 
 
 def parse_metrics(text: str | Sequence[str]) -> tuple[str, ...]:
@@ -89,11 +95,12 @@ def _summary(values: list[float]) -> dict:
 def evaluate(model, *, metrics: Sequence[str] | str = ("fid",), num: int = 1000, seeds: int | Sequence[int] = 3,
              ref: str | None = None, inception: str | None = None, sampler: str | None = None,
              num_steps: int = 50, guidance_scale: float | None = None, batch_size: int | None = 500,
-             progress: bool = False, **sampler_options) -> dict:
+             progress: bool = False, bpd_steps: int = 1000, **sampler_options) -> dict:
     """Draw `num` images per seed from `model` (a `DiffusionModel`, e.g. `jaxdiff.load(run)`),
     and score them (see the module docstring). seeds: a count (seeds 0..n-1) or the seeds.
 
-    Returns {"fid": {"per_seed", "min", "mean", "std"}, "kid": {... of the KID mean},
+    bpd_steps: timesteps of the bits/dim bound (1000: the full chain).
+    Returns {"fid": {"per_seed", "min", "mean", "std"}, "kid": {... of the KID mean}, "bpd": {...},
     "precision": {...}, "recall": {...}, "num", "seeds", "feature_net", "sampler", "num_steps",
     "guidance_scale"}, for the metrics asked for.
     """
@@ -103,10 +110,15 @@ def evaluate(model, *, metrics: Sequence[str] | str = ("fid",), num: int = 1000,
         raise ValueError("seeds must be a positive count or a non-empty list of seeds")
     if int(num) != num or num < 2:
         raise ValueError(f"num must be an integer >= 2 (images per seed), got {num}")
-    feats = _Features(model.image_shape, ref, inception, metrics)
+    values: dict[str, list[float]] = {k: [] for k in ("fid", "kid", "precision", "recall", "bpd")}
+    if "bpd" in metrics:
+        images = test_images(model)[:int(num)]
+        for seed in seeds:
+            values["bpd"].append(float(bits_per_dim(model, images, seed=seed, num_steps=bpd_steps).mean()))
+        metrics = tuple(m for m in metrics if m != "bpd")
+    feats = _Features(model.image_shape, ref, inception, metrics) if metrics else None
     labels = model.grid_labels(int(num))
-    values: dict[str, list[float]] = {k: [] for k in ("fid", "kid", "precision", "recall")}
-    for seed in seeds:
+    for seed in (seeds if metrics else []):
         images = model.sample(int(num), sampler=sampler, num_steps=num_steps, seed=seed, labels=labels,
                               guidance_scale=guidance_scale, batch_size=batch_size, progress=progress,
                               output_type="np", **sampler_options)                      # [N, H, W, C] in [0, 1]
@@ -121,16 +133,17 @@ def evaluate(model, *, metrics: Sequence[str] | str = ("fid",), num: int = 1000,
             values["precision"].append(p)
             values["recall"].append(r)
     report = {k: _summary(v) for k, v in values.items() if v}
-    report.update(num=int(num), seeds=seeds, feature_net=feats.name, sampler=sampler or "default",
+    report.update(num=int(num), seeds=seeds, feature_net=feats.name if feats else None, sampler=sampler or "default",
                   num_steps=int(num_steps), guidance_scale=guidance_scale)
     return report
 
 
 def format_report(report: dict) -> str:
     """The report as lines a person reads: metric, min, mean +- std over the seeds."""
+    net = (report["feature_net"] or "none").split(":")[0]
     rows = [f"{report['num']} images x {len(report['seeds'])} seeds, {report['sampler']} sampler, "
-            f"{report['num_steps']} steps, features {report['feature_net'].split(':')[0]}"]
-    for key in ("fid", "kid", "precision", "recall"):
+            f"{report['num_steps']} steps, features {net}"]
+    for key in ("fid", "kid", "precision", "recall", "bpd"):
         if key in report:
             r = report[key]
             digits = 5 if key == "kid" else 3
@@ -139,7 +152,7 @@ def format_report(report: dict) -> str:
 
 
 def is_finite_report(report: dict) -> bool:
-    return all(math.isfinite(v) for k in ("fid", "kid", "precision", "recall") if k in report
+    return all(math.isfinite(v) for k in ("fid", "kid", "precision", "recall", "bpd") if k in report
                for v in report[k]["per_seed"])
 
 
@@ -234,3 +247,48 @@ def evaluate_prompts(pipe, prompts: Sequence[str], *, metrics: Sequence[str] | s
     report = {k: _summary(v) for k, v in values.items()}
     report.update(num=len(prompts), seeds=seeds)
     return report
+
+
+def test_images(model) -> np.ndarray:
+    """float32 [N, H, W, C] in [-1, 1]: the held-out digits for a digits run, else the run's
+    dataset's "test" split at the run's image size."""
+    from jaxdiff.data import catalog, digits
+
+    cfg = model.config
+    if cfg.data.dataset == "digits":
+        source = digits.digits_source(model.image_shape[0], model.image_shape[2], None)
+        images, _ = source.load(np.sort(features.digit_split(source.num_examples)[1]))
+        return images
+    name = cfg.data.dataset.split(":")
+    dataset = ":".join(name[:2]) + ":test" if name[0] == "tfds" else cfg.data.dataset
+    source = catalog.open_source(dataset, image_size=model.image_shape[0], channels=model.image_shape[2],
+                                 split=None if name[0] == "tfds" else "test", data_dir=cfg.data.data_dir or None,
+                                 image_key="image", label_key=None)
+    return source.load(np.arange(min(source.num_examples, 10_000)))[0]
+
+
+def bits_per_dim(model, images, *, num_steps: int = 1000, batch_size: int = 250, seed: int = 0) -> np.ndarray:
+    """float64 [N] DDPM bounds (bits/dim, reverse variance beta, discretised decoder) of images
+    [N, H, W, C] in [-1, 1] under the unconditional model (null class) with the EMA weights."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdiff.metrics import likelihood
+
+    if model.is_flow or model.decode is not None:
+        raise ValueError("bits/dim is computed for DDPM-objective pixel runs (this one is "
+                         + ("a flow-matching run)" if model.is_flow else "a latent run)"))
+    params, network, null = model.ema_params, model._network, model.num_classes
+
+    def model_fn(x, t):                                               # one object: one compile for every batch
+        labels = None if null is None else jnp.full((x.shape[0],), null, jnp.int32)
+        return network(params, x, t, labels)
+
+    out = []
+    for start in range(0, len(images), batch_size):
+        x0 = np.asarray(images[start:start + batch_size], np.float32)                # [b, H, W, C]
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), start)
+        bound = likelihood.ddpm_bound(model_fn, model.schedule, x0, key, num_steps=num_steps, variance="large",
+                                      prediction_type=model.prediction_type)
+        out.append(np.asarray(bound.total, np.float64))
+    return np.concatenate(out)
