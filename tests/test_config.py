@@ -60,3 +60,13 @@ def test_json_round_trip():
     c.train.steps = 7
     back = config_lib.from_json(config_lib.to_json(c))
     assert back.to_dict() == c.to_dict()
+
+
+@pytest.mark.parametrize("name", ["digits", "digits_text", "digits_dit", "mnist_tfds", "cifar10_ddpm", "cifar10_dit"])
+def test_every_experiment_config_validates(name):
+    """(digits_lora and digits_controlnet validate only with their base folder, see their tests.)"""
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parents[1]
+    c = config_lib.load(str(root / "experiments" / f"{name}.py"))
+    config_lib.validate(c)
+    assert set(c.keys()) >= set(config_lib.get_config().keys())
