@@ -133,16 +133,21 @@ def evaluate(model, *, metrics: Sequence[str] | str = ("fid",), num: int = 1000,
             values["precision"].append(p)
             values["recall"].append(r)
     report = {k: _summary(v) for k, v in values.items() if v}
-    report.update(num=int(num), seeds=seeds, feature_net=feats.name if feats else None, sampler=sampler or "default",
+    report.update(bpd_steps=int(bpd_steps), num=int(num), seeds=seeds, feature_net=feats.name if feats else None,
+                  sampler=sampler or "default",
                   num_steps=int(num_steps), guidance_scale=guidance_scale)
     return report
 
 
 def format_report(report: dict) -> str:
     """The report as lines a person reads: metric, min, mean +- std over the seeds."""
-    net = (report["feature_net"] or "none").split(":")[0]
-    rows = [f"{report['num']} images x {len(report['seeds'])} seeds, {report['sampler']} sampler, "
-            f"{report['num_steps']} steps, features {net}"]
+    rows = []
+    if report["feature_net"]:
+        rows.append(f"{report['num']} images x {len(report['seeds'])} seeds, {report['sampler']} sampler, "
+                    f"{report['num_steps']} steps, features {report['feature_net'].split(':')[0]}")
+    if "bpd" in report:
+        rows.append(f"bits/dim: {report['num']} test images x {len(report['seeds'])} seeds, DDPM bound over "
+                    f"{report['bpd_steps']} timesteps")
     for key in ("fid", "kid", "precision", "recall", "bpd"):
         if key in report:
             r = report[key]
