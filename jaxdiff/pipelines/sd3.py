@@ -118,8 +118,10 @@ def check_folder(path: str) -> tuple[str, ...]:
     index = tensors.read_json(tensors.inside(path, MODEL_INDEX), what="a pipeline index object")
     name = index.get("_class_name")
     if "transformer" not in index or "text_encoder_2" not in index:
-        raise CheckpointError(f"{path} is a {name or 'different'} folder, not a Stable Diffusion 3 one "
-                              f"({PIPELINE_CLASS}: transformer, two CLIP text encoders, optional T5)")
+        missing = [p for p in ("transformer", "text_encoder_2") if p not in index]
+        raise CheckpointError(f"{os.path.join(path, MODEL_INDEX)} ({name or 'no _class_name'}) lists no "
+                              f"{' and no '.join(missing)}; a Stable Diffusion 3 folder has a transformer, two CLIP "
+                              "text encoders and an optional T5")
     parts = PARTS + (T5_PARTS if _listed(index, "text_encoder_3") else ())
     for part in parts:
         if not os.path.isdir(os.path.join(path, part)):
@@ -183,31 +185,43 @@ class StableDiffusion3:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=jnp.float32, *, max_steps: int = DEFAULT_MAX_STEPS,
-                        vae_float32: bool = True, devices=None, mesh=None, rules: str = "dp",
-                        variant: str | None = None, attention_impl: str = "auto") -> StableDiffusion3:
+                        vae_float32: bool = True, progress: bool = False, devices=None, mesh=None,
+                        rules: str = "dp", variant: str | None = None,
+                        attention_impl: str = "auto") -> StableDiffusion3:
         """Load a diffusers SD3 / SD3.5 folder (see the module docstring).
 
         dtype: compute dtype of the networks (parameters are float32 whatever the files hold).
         max_steps: plans are padded to this many steps (one compiled loop for any num_steps up to
             it). variant: e.g. "fp16" for `*.fp16.safetensors`. attention_impl: the transformer's
-            attention kernel (`models/flash.py`). Raises CheckpointError naming a missing part.
+            attention kernel (`models/flash.py`). progress: a bar over the parts while loading.
+            Raises CheckpointError naming a missing part.
         """
+        from tqdm.auto import tqdm
+
         from jaxdiff.models.tokenizer import CLIPTokenizer
 
         path = os.fspath(path)
         parts = check_folder(path)
         sub = functools.partial(tensors.inside, path)
-        transformer, transformer_params = sd3_convert.load(sub("transformer"), dtype, variant=variant,
-                                                           attention_impl=attention_impl)
-        vae, vae_params = vae_convert.load(sub("vae"), dtype, variant=variant)
-        clips = [clip_convert.load(sub(p), dtype, variant=variant) for p in ("text_encoder", "text_encoder_2")]
-        tokenizers = [CLIPTokenizer.from_dir(sub(p)) for p in ("tokenizer", "tokenizer_2")]
-        params = {"transformer": transformer_params, "vae": vae_params,
-                  "text_encoder": clips[0][1], "text_encoder_2": clips[1][1]}
-        t5 = t5_tokenizer = None
-        if "text_encoder_3" in parts:
-            (t5, params["text_encoder_3"]), t5_tokenizer = _load_t5(sub("text_encoder_3"), sub("tokenizer_3"),
-                                                                    dtype, variant)
+        with tqdm(total=4 + ("text_encoder_3" in parts), desc="load", unit="part", disable=not progress) as bar:
+            transformer, transformer_params = sd3_convert.load(sub("transformer"), dtype, variant=variant,
+                                                               attention_impl=attention_impl)
+            bar.update()
+            vae, vae_params = vae_convert.load(sub("vae"), dtype, variant=variant)
+            bar.update()
+            clips = []
+            for p in ("text_encoder", "text_encoder_2"):
+                clips.append(clip_convert.load(sub(p), dtype, variant=variant))
+                bar.update()
+            tokenizers = [CLIPTokenizer.from_dir(sub(p)) for p in ("tokenizer", "tokenizer_2")]
+            params = {"transformer": transformer_params, "vae": vae_params,
+                      "text_encoder": clips[0][1], "text_encoder_2": clips[1][1]}
+            t5 = t5_tokenizer = None
+            if "text_encoder_3" in parts:
+                (t5, params["text_encoder_3"]), t5_tokenizer = _load_t5(sub("text_encoder_3"), sub("tokenizer_3"),
+                                                                        dtype, variant)
+                bar.update()
+
         config = tensors.read_json(tensors.inside(sub("scheduler"), SCHEDULER_CONFIG))
         scheduler_convert.warn_unsupported(config)
         return cls(transformer=transformer, vae=vae, text_encoders=[m for m, _ in clips], tokenizers=tokenizers,
