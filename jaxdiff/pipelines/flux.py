@@ -248,14 +248,9 @@ class Flux:
         return self.transformer.guidance_embeds
 
     def _size(self, height, width) -> tuple[int, int]:
-        m = 2 * self.vae_scale_factor
-        default = DEFAULT_SAMPLE_SIZE * self.vae_scale_factor
-        height, width = int(height or default), int(width or default)
-        if height % m or width % m:
-            raise ValueError(f"height and width must be multiples of {m} (twice the VAE factor "
-                             f"{self.vae_scale_factor}: 2x2 latent patches), got {height}x{width}; try "
-                             f"{max(m, round(height / m) * m)}x{max(m, round(width / m) * m)}")
-        return height, width
+        return options_lib.check_size(height, width, multiple=2 * self.vae_scale_factor,
+                                      default=DEFAULT_SAMPLE_SIZE * self.vae_scale_factor,
+                                      why=f"twice the VAE factor {self.vae_scale_factor}: 2x2 latent patches")
 
     # ----------------------------------------------------------------------------------------
     # Text.

@@ -53,6 +53,22 @@ def check_count(name: str, value, what: str = "a positive integer", *, floats: b
     return int(value)
 
 
+def check_size(height, width, *, multiple: int, default: int | None, why: str) -> tuple[int, int]:
+    """(height, width) of a text-to-image call: None or 0 takes `default` (the network's sample size
+    in pixels; None: the config has none), each a positive integer and a multiple of `multiple`,
+    or a one-line ValueError saying `why` and the nearest sizes that work."""
+    height, width = height or default, width or default
+    if height is None or width is None:
+        raise ValueError("this model's config has no sample_size; pass height and width")
+    height = check_count("height", height, "a positive integer number of pixels")
+    width = check_count("width", width, "a positive integer number of pixels")
+    m = int(multiple)
+    if height % m or width % m:
+        raise ValueError(f"height and width must be positive multiples of {m} ({why}), got {height}x{width}; try "
+                         f"{max(m, round(height / m) * m)}x{max(m, round(width / m) * m)}")
+    return height, width
+
+
 def check_steps(num_steps) -> int:
     """num_steps as an int; a one-line ValueError unless it is a positive integer."""
     return check_count("num_steps", num_steps, floats=True)

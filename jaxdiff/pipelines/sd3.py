@@ -258,16 +258,10 @@ class StableDiffusion3:
         return self.vae_scale_factor * self.transformer.patch_size
 
     def _size(self, height, width) -> tuple[int, int]:
-        default = self.transformer.sample_size * self.vae_scale_factor
-        height, width = height or default, width or default
-        for name, v in (("height", height), ("width", width)):
-            options_lib.check_count(name, v, "a positive integer number of pixels")
-        m = self.size_multiple
-        if height % m or width % m:
-            raise ValueError(f"height and width must be multiples of {m} (VAE factor {self.vae_scale_factor} x "
-                             f"patch size {self.transformer.patch_size}), got {height}x{width}; try "
-                             f"{max(m, round(height / m) * m)}x{max(m, round(width / m) * m)}")
-        return int(height), int(width)
+        return options_lib.check_size(height, width, multiple=self.size_multiple,
+                                      default=self.transformer.sample_size * self.vae_scale_factor,
+                                      why=f"VAE factor {self.vae_scale_factor} x patch size "
+                                          f"{self.transformer.patch_size}")
 
     # ----------------------------------------------------------------------------------------
     # Text.

@@ -302,15 +302,9 @@ class StableDiffusion(lora_pipe.LoraMixin):
 
     def _size(self, height, width) -> tuple[int, int]:
         default = None if self.unet.sample_size is None else self.unet.sample_size * self.vae_scale_factor
-        height, width = height or default, width or default
-        if height is None or width is None:
-            raise ValueError("this U-Net's config has no sample_size; pass height and width")
-        m = self.size_multiple
-        if height % m or width % m or height <= 0 or width <= 0:
-            raise ValueError(f"height and width must be positive multiples of {m} (VAE factor "
-                             f"{self.vae_scale_factor} x U-Net downsampling {self.unet.downsample_factor}), "
-                             f"got {height}x{width}; try {max(m, round(height / m) * m)}x{max(m, round(width / m) * m)}")
-        return int(height), int(width)
+        return options_lib.check_size(height, width, multiple=self.size_multiple, default=default,
+                                      why=f"VAE factor {self.vae_scale_factor} x U-Net downsampling "
+                                          f"{self.unet.downsample_factor}")
 
     # ----------------------------------------------------------------------------------------
     # Text and images in.
