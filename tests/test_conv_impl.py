@@ -112,3 +112,72 @@ def test_group_norm_bf16_and_refusal():
     np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=3e-2)
     with pytest.raises(ValueError, match="not divisible into 5 groups"):
         GroupNorm(num_groups=5).init(jax.random.PRNGKey(0), x)
+
+
+def test_automatic_choice_follows_the_measured_rules():
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    # GPU / TPU: always XLA's convolution.
+    assert conv_lib.choose((1, 8, 8, 1280), (3, 3, 1280, 1280), f32, backend="gpu") == "xla"
+    assert conv_lib.choose((1, 64, 64, 320), (3, 3, 320, 320), bf16, backend="tpu") == "xla"
+    # CPU, float32: im2col only for the deep, small maps.
+    assert conv_lib.choose((1, 16, 16, 1280), (3, 3, 1280, 1280), f32, backend="cpu") == "im2col"
+    assert conv_lib.choose((1, 32, 32, 1280), (3, 3, 1280, 1280), f32, backend="cpu") == "xla"
+    assert conv_lib.choose((1, 8, 8, 256), (3, 3, 256, 256), f32, backend="cpu") == "xla"
+    # CPU, bf16: one dot per tap, or im2col for the few-channel input layer.
+    assert conv_lib.choose((1, 64, 64, 320), (3, 3, 320, 320), bf16, backend="cpu") == "shifted"
+    assert conv_lib.choose((1, 64, 64, 4), (3, 3, 4, 320), bf16, backend="cpu") == "im2col"
+    # A block forces one formulation, and the nesting unwinds.
+    with conv_lib.formulation("xla"):
+        assert conv_lib.resolve_impl("auto", (1, 8, 8, 1280), (3, 3, 1280, 1280), f32) == "xla"
+        with conv_lib.formulation("shifted"):
+            assert conv_lib.resolve_impl("auto") == "shifted"
+    assert conv_lib.resolve_impl("auto", (1, 8, 8, 1280), (3, 3, 1280, 1280), f32) == \
+        conv_lib.choose((1, 8, 8, 1280), (3, 3, 1280, 1280), f32)
+    with pytest.raises(ValueError, match="conv impl must be one of"):
+        with conv_lib.formulation("winograd"):
+            pass
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_flax_conv_with_the_hook_equals_plain_flax_conv(dtype, monkeypatch):
+    """`nn.Conv(conv_general_dilated=conv_general)` keeps flax's parameters and outputs, whichever
+    formulation the rule picks (forced here so the small shapes take each path)."""
+    rng = np.random.RandomState(4)
+    x = jnp.asarray(rng.randn(2, 6, 6, 40), jnp.float32)
+    for kernel, strides, padding in [((3, 3), (1, 1), ((1, 1), (1, 1))), ((3, 3), (2, 2), ((0, 1), (0, 1))),
+                                     ((1, 1), (1, 1), "VALID"), ((3, 3), (1, 1), "SAME")]:
+        ref_mod = nn.Conv(7, kernel, strides=strides, padding=padding, dtype=dtype)
+        params = jax.tree.map(lambda p: p + 0.05, ref_mod.init(jax.random.PRNGKey(0), x))
+        ref = ref_mod.apply(params, x).astype(jnp.float32)
+        hooked = nn.Conv(7, kernel, strides=strides, padding=padding, dtype=dtype,
+                         conv_general_dilated=conv_lib.conv_general)
+        for impl in ("im2col", "shifted", "xla"):
+            with conv_lib.formulation(impl):
+                out = jax.jit(hooked.apply)(params, x)
+            assert out.dtype == ref_mod.apply(params, x).dtype
+            tol = 1e-5 if dtype == jnp.float32 else 3e-2
+            np.testing.assert_allclose(out.astype(jnp.float32), ref, rtol=tol, atol=tol * float(jnp.abs(ref).max()))
+    # A dilated convolution is not covered: it goes to XLA whatever the block says.
+    dil = nn.Conv(3, (3, 3), kernel_dilation=(2, 2), conv_general_dilated=conv_lib.conv_general)
+    ref_dil = nn.Conv(3, (3, 3), kernel_dilation=(2, 2))
+    p = ref_dil.init(jax.random.PRNGKey(1), x)
+    with conv_lib.formulation("shifted"):
+        np.testing.assert_allclose(dil.apply(p, x), ref_dil.apply(p, x), rtol=1e-6, atol=1e-6)
+
+
+def test_low_precision_dense_accumulates_in_float32():
+    rng = np.random.RandomState(5)
+    x = jnp.asarray(rng.randn(4, 1024), jnp.float32)
+    w = jnp.asarray(rng.randn(1024, 8) / 32, jnp.float32)
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+    dims = (((1,), (0,)), ((), ()))
+    out = conv_lib.dot_general(xb, wb, dims)
+    assert out.dtype == jnp.bfloat16
+    # Against the exact product of the rounded inputs, the float32-accumulated result is off by
+    # one bf16 rounding of the output at most.
+    exact_b = np.asarray(xb, np.float64) @ np.asarray(wb, np.float64)
+    assert np.abs(np.asarray(out, np.float64) - exact_b).max() <= 2 ** -8 * np.abs(exact_b).max()
+    assert np.abs(np.asarray(out, np.float64) - exact).max() < 0.05 * np.abs(exact).max()
+    # float32 inputs are untouched.
+    np.testing.assert_array_equal(conv_lib.dot_general(x, w, dims), jax.lax.dot_general(x, w, dims))

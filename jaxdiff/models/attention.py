@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models import conv as conv_lib
 from jaxdiff.models.flash import attend
 from jaxdiff.models.layers import default_init, group_norm, split_heads, zero_init
 
@@ -50,7 +51,7 @@ FF_MULT = 4
 
 def _dense(features: int, dtype: Dtype, name: str, *, bias: bool = True, init=default_init):
     return nn.Dense(features, use_bias=bias, dtype=dtype, param_dtype=jnp.float32,
-                    kernel_init=init, name=name)
+                    kernel_init=init, name=name, dot_general=conv_lib.dot_general)
 
 
 def _layer_norm(dtype: Dtype, name: str) -> nn.LayerNorm:
@@ -178,4 +179,4 @@ class SpatialTransformer(nn.Module):
 
     def _conv1x1(self, features: int, name: str, init=default_init) -> nn.Conv:
         return nn.Conv(features, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
-                       kernel_init=init, name=name)
+                       kernel_init=init, name=name, conv_general_dilated=conv_lib.conv_general)

@@ -1,9 +1,9 @@
 """2-D convolution written as plain matrix products, for backends whose convolutions are slow.
 
-On some CPUs XLA runs `lax.conv_general_dilated` (and above all its gradients) well below the
-speed of its own 2-D matrix product, and bfloat16 convolutions do not reach the CPU's bf16
-matrix units (AMX), which XLA uses only for 2-D dots. A k x k convolution is the same sum
-written as products of 2-D matrices:
+On CPUs XLA runs `lax.conv_general_dilated` on some shapes well below the speed of its own 2-D
+matrix product, and its bfloat16 convolutions do not reach the CPU's bf16 dot instructions
+(AVX512-BF16, AMX), which XLA uses only for 2-D dots that accumulate in float32. A k x k
+convolution is the same sum written as products of 2-D matrices:
 
     y[b, p, q, o] = sum_{i, j, c} x_pad[b, s*p + i, s*q + j, c] * w[i, j, c, o]
 
@@ -18,12 +18,19 @@ In bfloat16 / float16 every product accumulates in float32 (`preferred_element_t
 the form XLA lowers to the CPU's bf16 dot instructions; the result is cast back to the compute
 dtype, as a convolution in that dtype would return.
 
+The models use them through two hooks of flax's own layers, so parameter trees and converters do
+not change: `nn.Conv(..., conv_general_dilated=conv_general)` picks the formulation per layer
+shape (`choose`: XLA on GPU/TPU; on CPU the measured winners), and `nn.Dense(...,
+dot_general=dot_general)` accumulates low-precision products in float32 on CPU.
+`formulation("xla")` turns both off inside a block (the benchmarks' baseline).
+
 `Conv` is a drop-in for `flax.linen.Conv` with the same parameters (`kernel` [kh, kw, C, O],
 `bias` [O]), so checkpoints and converters do not see which formulation ran.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,17 +45,98 @@ Dtype = Any
 IMPLS = ("auto", "xla", "im2col", "shifted")
 
 
-def resolve_impl(impl: str) -> str:
-    """The formulation "auto" stands for: "xla" on every backend for now.
+# The formulation "auto" convolutions use; `formulation(...)` overrides it for a block of code.
+# Read when a function is traced, so jit a function inside the block to get its formulation.
+_FORMULATION = ["auto"]
+LOW_PRECISION = (jnp.bfloat16, jnp.float16)
 
-    On the 2-core development CPU (jax 0.10.2, whose CPU backend hands convolutions and dots to
-    XNNPACK's YNN fusions) neither matmul form beat XLA's convolution on the U-Nets' layer
-    shapes in float32, forward or backward (experiments/bench_conv.py); in bfloat16 "shifted"
-    won only at 8x8-32x32 resolutions. The formulations stay for measuring other CPUs.
+
+@contextlib.contextmanager
+def formulation(impl: str):
+    """Trace the convolutions (and low-precision dense layers) of the models inside the block
+    with `impl` ("auto", "xla", "im2col" or "shifted") instead of the automatic choice: the
+    benchmarks use `formulation("xla")` to measure what the choice gains."""
+    resolve_impl(impl)
+    _FORMULATION.append(impl)
+    try:
+        yield
+    finally:
+        _FORMULATION.pop()
+
+
+def choose(x_shape, kernel_shape, dtype, backend: str | None = None) -> str:
+    """The formulation "auto" picks for one convolution, x [B, H, W, C] * kernel [kh, kw, C, O].
+
+    XLA's own convolution on GPU and TPU. On the CPU backend (jax 0.10, whose convolutions go to
+    XNNPACK/Eigen), measured per layer shape with experiments/bench_conv.py against XLA:
+    - bfloat16 / float16: XLA's convolution runs at the float32 rate (~230 GFLOP/s on the
+      development CPU) while a 2-D dot accumulating in float32 reaches ~650, so "shifted" (one
+      dot per tap) is 1.1-4.9x faster for every SD-1.5 layer with C >= 32; the 4-channel input
+      layer gains from "im2col" instead.
+    - float32: XLA's convolution is at its best on wide maps, but on maps of <= 16x16 positions
+      with >= 1024 input channels (SD's two deepest levels) it falls to 50-90 GFLOP/s, where one
+      im2col dot runs 2-6x faster forward and 2x with gradients. Elsewhere "xla".
     """
+    backend = backend or jax.default_backend()
+    if backend != "cpu":
+        return "xla"
+    _, H, W, C = x_shape
+    if jnp.dtype(dtype) in [jnp.dtype(d) for d in LOW_PRECISION]:
+        return "shifted" if C >= 32 else "im2col"
+    if C >= 1024 and H * W <= 256:
+        return "im2col"
+    return "xla"
+
+
+def resolve_impl(impl: str, x_shape=None, kernel_shape=None, dtype=jnp.float32) -> str:
+    """The formulation `impl` stands for: itself, or for "auto" the one `formulation()` sets, else
+    `choose(x_shape, kernel_shape, dtype)` (XLA when the shapes are not given)."""
     if impl not in IMPLS:
         raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
-    return "xla" if impl == "auto" else impl
+    if impl == "auto":
+        impl = _FORMULATION[-1]
+    if impl != "auto":
+        return impl
+    return "xla" if x_shape is None else choose(x_shape, kernel_shape, dtype)
+
+
+def conv_general(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                 dimension_numbers=None, feature_group_count: int = 1, precision=None,
+                 preferred_element_type=None) -> Array:
+    """`lax.conv_general_dilated` with the automatic formulation, for `flax.linen.Conv(...,
+    conv_general_dilated=conv_general)`: the parameters and their names stay flax's own.
+    Convolutions it does not cover (dilated, grouped, not NHWC/HWIO, other ranks) go to XLA."""
+    def xla():
+        return lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                        dimension_numbers, feature_group_count, precision=precision,
+                                        preferred_element_type=preferred_element_type)
+
+    if lhs.ndim != 4 or feature_group_count != 1 or preferred_element_type is not None:
+        return xla()
+    if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
+        return xla()
+    if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != lax.conv_dimension_numbers(
+            lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")):
+        return xla()
+    if isinstance(padding, str):
+        padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
+    impl = resolve_impl("auto", lhs.shape, rhs.shape, lhs.dtype)
+    if impl == "xla":
+        return xla()
+    return conv2d(lhs, rhs, strides=window_strides, padding=padding, impl=impl)
+
+
+def dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None, preferred_element_type=None) -> Array:
+    """`lax.dot_general` for `flax.linen.Dense(..., dot_general=dot_general)`: on the CPU backend a
+    bfloat16 / float16 product accumulates in float32 and is rounded back once, the form XLA lowers
+    to the CPU's bf16 dot instructions (~2.3x the rate of a bf16-accumulating dot on the
+    development CPU). Unchanged elsewhere, and under `formulation("xla")`."""
+    low = lhs.dtype in LOW_PRECISION and rhs.dtype == lhs.dtype
+    if (low and preferred_element_type is None and _FORMULATION[-1] != "xla"
+            and jax.default_backend() == "cpu"):
+        out = lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32)
+        return out.astype(lhs.dtype)
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=preferred_element_type)
 
 
 def _matmul(a: Array, b: Array) -> Array:
@@ -95,7 +183,7 @@ def conv2d(
     Returns:
       [B, H', W', O] in x's dtype, H' = (H + top + bottom - kh) // sh + 1 (W' likewise).
     """
-    impl = resolve_impl(impl)
+    impl = resolve_impl(impl, x.shape, kernel.shape, x.dtype)
     strides = tuple(int(s) for s in strides)
     padding = tuple((int(a), int(b)) for a, b in padding)
     if impl == "xla":

@@ -25,6 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models import conv as conv_lib
 from jaxdiff.models.flash import attend
 
 Array = jax.Array
@@ -168,6 +169,7 @@ def conv3x3(features: int, dtype: Dtype, name: str, *, zero: bool = False) -> nn
     return nn.Conv(
         features, (3, 3), padding=_PAD1, dtype=dtype,
         param_dtype=jnp.float32, kernel_init=zero_init if zero else default_init, name=name,
+        conv_general_dilated=conv_lib.conv_general,
     )
 
 
@@ -251,7 +253,7 @@ class ResBlock(nn.Module):
         if x.shape[-1] != self.out_channels:
             x = nn.Conv(
                 self.out_channels, (1, 1), dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=default_init, name="skip",
+                kernel_init=default_init, name="skip", conv_general_dilated=conv_lib.conv_general,
             )(x)
         return x + h
 
@@ -334,6 +336,7 @@ class Downsample(nn.Module):
         return nn.Conv(
             self.channels, (3, 3), strides=(2, 2), padding=pad, dtype=self.dtype,
             param_dtype=jnp.float32, kernel_init=default_init, name="conv",
+            conv_general_dilated=conv_lib.conv_general,
         )(x)
 
 

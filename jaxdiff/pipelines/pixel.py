@@ -109,6 +109,8 @@ class DiffusionModel:
         self.ema_params = place(ema_params)
         self.image_shape = tuple(image_shape)              # (H, W, C)
         self._network = functools.partial(_network, module)   # one object per model: jit's cache key
+        low = jnp.dtype(module.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+        self._low_precision = jnp.dtype(module.dtype) if low else None   # weights cast once per request
 
     @property
     def num_classes(self) -> int | None:
@@ -169,7 +171,7 @@ class DiffusionModel:
             network=self._network, params=params, sampler=plan, shape=self.image_shape, num=num, seed=seed,
             cond=labels, uncond=None if labels is None else np.full((1,), self.num_classes, np.int32),
             guidance_scale=scale, batch_size=batch_size, peak_bytes=peak, decode=self.decode,
-            image_shape=self.decoded_shape)
+            image_shape=self.decoded_shape, weights_dtype=self._low_precision)
         return core.run(job, self.mesh, output_type=output_type, progress=progress)
 
     def plan(self, sampler: str | None = None, num_steps: int = 50, **options: Any):
