@@ -132,3 +132,15 @@ def test_report_reads_as_one_line():
     r = warmup.Report(programs=7, cache_hits=2, seconds=1.25)
     assert str(r) == "compiled 7 programs in 1.2 s, loaded 2 from the compilation cache"
     assert str(r._replace(cache_hits=0)) == "compiled 7 programs in 1.2 s"
+
+
+def test_generate_warmup_flag(sd_folder, tmp_path):
+    import re
+
+    from conftest import run_cli
+
+    proc = run_cli("generate", "--model", str(sd_folder), "--prompt", "a cat", "--steps", "2", "--height", "16",
+                   "--width", "16", "--warmup", "--no-progress", "--out", str(tmp_path / "w.png"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert re.search(r"^jaxdiff generate: compiled \d+ programs in [\d.]+ s", proc.stderr, re.M), proc.stderr[-2000:]
+    assert (tmp_path / "w.png").is_file()
