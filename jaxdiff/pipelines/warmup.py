@@ -62,9 +62,8 @@ CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
 
 
 class Report(NamedTuple):
-    """What a warm-up did. programs: XLA programs compiled (backend compiles; a program loaded from
-    the persistent cache is not one); cache_hits: programs loaded from the persistent cache;
-    seconds: wall time of the warm-up."""
+    """What a warm-up did. programs: XLA programs compiled; cache_hits: programs loaded from the
+    persistent compilation cache instead; seconds: wall time of the warm-up."""
 
     programs: int
     cache_hits: int
@@ -76,16 +75,22 @@ class Report(NamedTuple):
 
 
 class CompileCounter:
-    """Counts, within the block, the programs compiled (`programs`) and loaded from the persistent
-    cache (`cache_hits`), from JAX's monitoring events; `names` lists the compiled functions."""
+    """Counts, within the block, JAX's monitoring events: `events`, the programs XLA built (the
+    backend-compile event, which JAX records for a program loaded from the persistent cache as
+    well), `cache_hits`, those loaded from the persistent cache, and `programs`, those compiled
+    (the difference); `names` lists the functions of every event."""
 
     def __init__(self):
-        self.programs = self.cache_hits = 0
+        self.events = self.cache_hits = 0
         self.names: list[str] = []
+
+    @property
+    def programs(self) -> int:
+        return self.events - self.cache_hits
 
     def _duration(self, event: str, duration: float, **kwargs) -> None:
         if event == COMPILE_EVENT:
-            self.programs += 1
+            self.events += 1
             self.names.append(str(kwargs.get("fun_name", "?")))
 
     def _event(self, event: str, **kwargs) -> None:
