@@ -114,7 +114,8 @@ def test_sd_warmup_with_progress_and_pil(sd):
 
 
 def test_bad_sizes_are_one_line(sd):
-    for kwargs in (dict(height=30, width=16), dict(height=0.5), dict(num_images=0), dict(num_steps=-1)):
+    for kwargs in (dict(height=30, width=16), dict(height=0.5), dict(num_images=0), dict(num_images="2"),
+                   dict(num_steps=-1)):
         with pytest.raises(ValueError) as e:
             sd.warmup("", **kwargs)
         assert "\n" not in str(e.value), str(e.value)
@@ -125,7 +126,8 @@ def test_bad_sizes_are_one_line(sd):
         with pytest.raises(ValueError, match="number of images") as e:
             model.warmup(bad)
         assert "\n" not in str(e.value)
-    assert core.COMPILE_ONLY.get() is None        # a refused warm-up leaves the core as it was
+    # a refused warm-up leaves the core and the pipeline as they were
+    assert core.COMPILE_ONLY.get() is None and "_encode" not in vars(sd.prompts) and sd.safety_checker is None
 
 
 def test_report_reads_as_one_line():

@@ -220,17 +220,19 @@ def _compile_checker(checker, num: int) -> None:
 
 
 def warm_stable_diffusion(pipe, prompt, negative_prompt, options: dict) -> Report:
-    """`pipe(prompt, negative_prompt, **options)` compile-only (see the module docstring)."""
+    """`pipe(prompt, negative_prompt, **options)` compile-only (see the module docstring). For the
+    duration, the pipeline's prompt encoder and safety checker are swapped for compile-only
+    stand-ins on this object: do not call the same pipeline from another thread meanwhile."""
     checker = getattr(pipe, "safety_checker", None)
-    n = len(prompts_lib.as_list(prompt)) * int(options.get("num_images", options.get("num_images_per_prompt", 1)))
     start = time.perf_counter()
     pipe.prompts._encode = _compile_encoder(pipe.prompts)              # this object only, undone below
     pipe.safety_checker = None
     try:
         with compiling() as counter:
             pipe(prompt, negative_prompt, **options)
-            if checker is not None and options.get("output_type", "pil") != "latent":
-                _compile_checker(checker, n)
+            if checker is not None and options.get("output_type", "pil") != "latent":   # options checked by now
+                n = len(prompts_lib.as_list(prompt)) * options.get("num_images", options.get("num_images_per_prompt", 1))
+                _compile_checker(checker, int(n))
     finally:
         del pipe.prompts._encode
         pipe.safety_checker = checker
