@@ -62,7 +62,7 @@ def _measure(fn, args, reps: int, max_run_mib: float) -> tuple[float, float]:
     return statistics.median(times), temp
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--impls", default="xla,blocked")
     p.add_argument("--batch", default="1,2")
@@ -72,7 +72,11 @@ def main() -> None:
     p.add_argument("--json", default=None)
     p.add_argument("--max-run-mib", type=float, default=4096.0,
                    help="compile but do not run programs whose temporaries exceed this")
-    args = p.parse_args()
+    return p
+
+
+def run(args) -> dict:
+    """The measurement (prints the table as it goes): {"backend", "dtype", "rows": [...]}."""
     dtype = jnp.dtype(args.dtype)
     rows = []
     print(f"backend {jax.default_backend()}, {HEADS} heads x {HEAD_DIM}, {dtype.name}, "
@@ -94,6 +98,13 @@ def main() -> None:
                              "fwd_bwd_s": t_b, "fwd_temp_mib": m_f, "fwd_bwd_temp_mib": m_b})
                 print(f"{case:<14} {B:>2} {T:>5} {S:>5} {impl:<8} {t_f:>8.3f} {t_b:>10.3f} "
                       f"{m_f:>13.1f} {m_b:>13.1f}", flush=True)
+    return {"backend": jax.default_backend(), "dtype": dtype.name, "heads": HEADS, "head_dim": HEAD_DIM,
+            "rows": rows}
+
+
+def main() -> None:
+    args = parser().parse_args()
+    rows = run(args)["rows"]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -131,7 +131,7 @@ def _write(path: str | None, rows: list[dict]) -> None:
             json.dump(rows, f, indent=1)
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog="\n".join(__doc__.splitlines()[1:]))
@@ -148,20 +148,16 @@ def main() -> None:
     p.add_argument("--json", default=None, help="write the rows here (rewritten after each row)")
     p.add_argument("--from-json", nargs="+", default=None, metavar="FILE",
                    help="compile nothing: print the table of rows saved by earlier runs")
-    args = p.parse_args()
+    return p
 
-    if args.from_json:
-        rows = []
-        for path in args.from_json:
-            with open(path) as f:
-                rows.extend(json.load(f))
-        print(table(rows))
-        _write(args.json, rows)
-        return
+
+def run(args) -> dict:
+    """Compile every configuration of `args` (printing each row, rewriting --json after each):
+    {"backend", "rows": [...]}. Raises ValueError for an unknown model."""
     rows = []
     for name in args.models.split(","):
         if name not in MODELS:
-            sys.exit(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+            raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
         pixel_list = ([int(v) for v in args.pixels.split(",")] if args.pixels
                       else DEFAULT_PIXELS.get(name, (64,)))
         for pixels in pixel_list:
@@ -174,6 +170,23 @@ def main() -> None:
                             rows.append(r)
                             print(json.dumps(r), flush=True)
                             _write(args.json, rows)
+    return {"backend": jax.default_backend(), "rows": rows}
+
+
+def main() -> None:
+    args = parser().parse_args()
+    if args.from_json:
+        rows = []
+        for path in args.from_json:
+            with open(path) as f:
+                rows.extend(json.load(f))
+        print(table(rows))
+        _write(args.json, rows)
+        return
+    try:
+        rows = run(args)["rows"]
+    except ValueError as e:
+        sys.exit(str(e))
     print(f"\nbackend {jax.default_backend()}, jax {jax.__version__}; compile only")
     print(table(rows))
 

@@ -88,7 +88,7 @@ def torch_fn(x, w, b, stride, grad, torch_dtype):
     return run
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--net", default="sd15,cifar")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
@@ -97,7 +97,13 @@ def main():
     ap.add_argument("--grad", action="store_true", help="time forward + input and kernel gradients")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--only", default=None, help="comma-separated shape names to keep")
-    args = ap.parse_args()
+    return ap
+
+
+def run(args) -> dict:
+    """The measurement (prints the markdown rows as it goes): {"dtype", "grad", "rows": [one per
+    shape: net, layer, shape, gflop, ms per formulation]}."""
+    rows = []
     dtype = DTYPES[args.dtype]
     impls = args.impls.split(",")
     torch_dtype = None
@@ -143,6 +149,12 @@ def main():
             print(f"| {net} | {name} | ({B}, {H}, {C}->{O}, {s}) | {flops / 1e9:.2f} | "
                   + " | ".join(f"{med[c]:.1f}" for c in cols) + " | "
                   + " | ".join(f"{ref / med[c]:.2f}x" for c in cols if c != "xla") + " |", flush=True)
+            rows.append({"net": net, "layer": name, "shape": [B, H, C, O, s], "gflop": flops / 1e9, "ms": med})
+    return {"dtype": args.dtype, "grad": bool(args.grad), "repeats": args.repeats, "rows": rows}
+
+
+def main():
+    run(parser().parse_args())
 
 
 if __name__ == "__main__":

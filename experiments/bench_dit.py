@@ -83,7 +83,7 @@ def _torch_side(model, x, t, y, reps):
     return out, _median_ms(forward, reps), _median_ms(one_step, reps)
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="DiT forward / train-step throughput, jaxdiff vs diffusers")
     parser.add_argument("--model", default="DiT_B_2", choices=sorted(k for k in dit.CONFIGS if k != "tiny"))
     parser.add_argument("--batch", type=int, default=2)
@@ -91,8 +91,12 @@ def main():
     parser.add_argument("--channels", type=int, default=4)
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    args = parser.parse_args()
+    return parser
 
+
+def run(args) -> dict:
+    """The measurement (prints the table): milliseconds per call and images/s of both, and their
+    agreement."""
     import torch
     from diffusers import DiTTransformer2DModel
 
@@ -133,6 +137,15 @@ def main():
     for name, j, d in (("forward", fwd_j, fwd_t), ("train step", step_j, step_t)):
         print(f"{name:14s}{j:12.1f}{d:14.1f}{1000 * args.batch / j:15.2f}{1000 * args.batch / d:17.2f}"
               f"{d / j:8.2f}")
+    return {"model": args.model, "params": int(n_params), "batch": args.batch, "size": args.size,
+            "channels": args.channels, "backend": jax.default_backend(), "torch_threads": torch.get_num_threads(),
+            "outputs_rel_diff": rel, "reps": args.reps,
+            **{f"{k}_{side}_ms": v for k, (j, d) in (("forward", (fwd_j, fwd_t)), ("train_step", (step_j, step_t)))
+               for side, v in (("jaxdiff", j), ("diffusers", d))}}
+
+
+def main():
+    run(parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def _mib(b: int) -> str:
     return f"{b / 2**20:9.1f}"
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help=f"a key of unet.CONFIGS: {sorted(unet.CONFIGS)}")
     p.add_argument("--devices", type=int, default=8)
@@ -215,10 +215,18 @@ def main() -> None:
     p.add_argument("--channels", type=int, default=None)
     p.add_argument("--remat", default="none", help=f"U-Net level rematerialisation: {', '.join(unet.REMAT_POLICIES)}")
     p.add_argument("--json", default=None, help="also write the figures here")
-    args = p.parse_args()
+    return p
+
+
+def run(args) -> dict:
+    """Compile the step under each rule table of `args` (printing each row): {"model",
+    "image_shape", "rows": [...]}. Raises ValueError for an unknown model or too few devices."""
     name = args.model or default_model()
     if name not in unet.CONFIGS:
-        sys.exit(f"unknown --model {name!r}; choose one of {sorted(unet.CONFIGS)}")
+        raise ValueError(f"unknown --model {name!r}; choose one of {sorted(unet.CONFIGS)}")
+    if args.devices > len(jax.devices()):
+        raise ValueError(f"--devices {args.devices} but this process has {len(jax.devices())} "
+                         f"({jax.default_backend()}); set XLA_FLAGS before jax starts for fake CPU devices")
     h, w, c = INPUT_SHAPES.get(name, (32, 32, 3))
     image_shape = (args.image_size or h, args.image_size or w, args.channels or c)
     rows = []
@@ -229,6 +237,16 @@ def main() -> None:
         r = bench(name, rules, args.devices, args.batch, image_shape, args.remat)
         rows.append(r)
         print(json.dumps(r), flush=True)
+    return {"model": name, "image_shape": list(image_shape), "rows": rows}
+
+
+def main() -> None:
+    args = parser().parse_args()
+    try:
+        result = run(args)
+    except ValueError as e:
+        sys.exit(str(e))
+    name, image_shape, rows = result["model"], result["image_shape"], result["rows"]
     print(f"\n{name}: {rows[0]['params_total'] / 1e6:.1f}M params, global batch {args.batch}, "
           f"{args.devices} devices, input {list(image_shape)}; MiB per device")
     print(f"{'rules':8} {'params':>9} {'ema':>9} {'opt':>9} {'args':>9} {'temps':>9} {'comm/step':>10}")

@@ -109,7 +109,8 @@ def bench_samplers(cfg, module, params, image_shape, args, ref):
     key = jax.random.PRNGKey(0)
     noise = jax.random.normal(key, (args.batch,) + image_shape)
     rows = {}
-    for name in samplers.names():
+    chosen = samplers.names() if not getattr(args, "samplers", None) else args.samplers.split(",")
+    for name in chosen:
         if name == "ddim_inverse":
             continue
         sampler = samplers.get(name, schedule, args.steps)
@@ -164,7 +165,7 @@ def bench_request_mix(cfg, module, params, image_shape, args):
             "note": "every request after the first reuses the compiled loop"}
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=16)
@@ -172,8 +173,12 @@ def main():
     ap.add_argument("--max_steps", type=int, default=50)
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--out", default=None, help="also write the results to this JSON file")
-    args = ap.parse_args()
+    ap.add_argument("--samplers", default=None, help="comma-separated sampler names (default: every sampler)")
+    return ap
 
+
+def run(args) -> dict:
+    """The measurement (prints a line per sampler): the results dict `main` prints and writes."""
     cfg, module, params, image_shape = demo_network(args.batch)
     ref = None if args.no_reference else torch_reference(module, image_shape, args.batch)
     results = {"device": str(jax.devices()[0]), "cpu": platform.processor() or platform.machine(),
@@ -183,6 +188,12 @@ def main():
         results.update(torch=ref[0].__version__, torch_threads=ref[0].get_num_threads())
     results["samplers"] = bench_samplers(cfg, module, params, image_shape, args, ref)
     results["request_mix"] = bench_request_mix(cfg, module, params, image_shape, args)
+    return results
+
+
+def main():
+    args = parser().parse_args()
+    results = run(args)
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

@@ -136,15 +136,18 @@ def diffusers_reference(module, image_shape, num_classes, batch, steps, repeats)
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-reference", action="store_true")
-    args = ap.parse_args()
+    return ap
 
+
+def run(args) -> dict:
+    """The measurement: the results dict `main` prints."""
     module, params, schedule, image_shape = demo_model(args.checkpoint)
     n_params = sum(x.size for x in jax.tree.leaves(params))
     labels = jnp.zeros((args.batch,), jnp.int32) if module.num_classes else None
@@ -184,7 +187,11 @@ def main():
             results["diffusers"] = ref
             results["diffusers_images_per_s"] = args.batch / ref["seconds"]
             results["jaxdiff_scan_speedup_vs_diffusers"] = ref["seconds"] / scan_s
-    print(json.dumps(results, indent=2))
+    return results
+
+
+def main():
+    print(json.dumps(run(parser().parse_args()), indent=2))
 
 
 if __name__ == "__main__":

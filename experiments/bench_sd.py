@@ -1,7 +1,7 @@
 """Stable-Diffusion-sized U-Net: seconds per denoising step, jaxdiff vs diffusers, same machine.
 
     python experiments/bench_sd.py [--model sd15] [--latent 64] [--batches 1,4] [--repeats 3]
-                                   [--dtype float32|bfloat16] [--out FILE.json]
+                                   [--dtype float32|bfloat16] [--torch-compile] [--out FILE.json]
 
 One process, one machine: diffusers' `UNet2DConditionModel` is built from the config jaxdiff
 exports for `--model` (real SD 1.5 shapes, 859.5M parameters, random weights: the cost of a
@@ -16,11 +16,15 @@ for each batch size B:
 A denoising step of a text-to-image sampler is one such call at batch 2B (classifier-free
 guidance batches the conditional and unconditional halves) plus a few elementwise operations.
 On a GPU machine pass `--dtype bfloat16` for jaxdiff's bf16 compute (torch then runs bf16 too).
+`--torch-compile` also times the diffusers U-Net under `torch.compile` (its first call, which
+compiles, apart; where it fails, the row says why in one line). `--model tiny_sd` (2 levels,
+32 channels) checks the script in seconds.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -45,21 +49,34 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main():
+# The Stable Diffusion U-Nets, and a tiny one of the same topology to check the script in seconds.
+MODELS = {k: v for k, v in unet_lib.CONFIGS.items() if k.startswith("sd")} | {
+    "tiny_sd": functools.partial(unet_lib.UNet, out_channels=4, in_channels=4, base_channels=32,
+                                 channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
+                                 num_heads=2, num_groups=8, context_dim=32),
+}
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="sd15", choices=sorted(k for k in unet_lib.CONFIGS if k.startswith("sd")))
+    ap.add_argument("--model", default="sd15", choices=sorted(MODELS))
     ap.add_argument("--latent", type=int, default=64, help="latent height = width (64 for 512x512 images)")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--no-reference", action="store_true")
     ap.add_argument("--out", default=None)
-    args = ap.parse_args()
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="also time the diffusers U-Net under torch.compile (its compile time apart)")
+    return ap
 
+
+def run(args) -> dict:
+    """The measurement (prints a line per batch): the results dict `main` prints and writes."""
     import torch
     from diffusers import UNet2DConditionModel
 
-    module = unet_lib.CONFIGS[args.model](dtype=DTYPES[args.dtype])
+    module = MODELS[args.model](dtype=DTYPES[args.dtype])
     torch.manual_seed(0)
     t0 = time.perf_counter()
     ref = UNet2DConditionModel(**unet_convert.config_to_diffusers(module)).eval()
@@ -108,9 +125,40 @@ def main():
             rel = float(np.linalg.norm(out - ref_out) / np.linalg.norm(ref_out))
             row.update(diffusers_s_per_call=torch_s, jaxdiff_speed_vs_diffusers=torch_s / jax_s,
                        output_rel_diff=rel)
+            if args.torch_compile:
+                row.update(_torch_compiled(torch, ref, xt, tt, ct, device, args.repeats, jax_s))
         results["batches"][str(batch)] = row
-        print(f"batch {batch}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items()), flush=True)
+        print(f"batch {batch}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                             for k, v in row.items()), flush=True)
+    return results
 
+
+def _torch_compiled(torch, ref, xt, tt, ct, device, repeats, jax_s) -> dict:
+    """torch.compile of the diffusers U-Net: its first call (compilation) and the median call, or
+    the one-line reason it did not work here."""
+    try:
+        compiled = torch.compile(ref)
+
+        def call():
+            with torch.inference_mode():
+                y = compiled(xt, tt, encoder_hidden_states=ct).sample
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return y
+
+        t0 = time.perf_counter()
+        call()
+        compile_s = time.perf_counter() - t0
+        seconds = median_seconds(call, repeats)
+    except Exception as e:  # an unsupported platform or compiler: say so, keep the eager figures
+        return {"diffusers_compiled_error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]}
+    return {"diffusers_compiled_first_call_s": compile_s, "diffusers_compiled_s_per_call": seconds,
+            "jaxdiff_speed_vs_diffusers_compiled": seconds / jax_s}
+
+
+def main():
+    args = parser().parse_args()
+    results = run(args)
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

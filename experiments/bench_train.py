@@ -171,14 +171,18 @@ def bench(name: str, batch: int, steps: int, repeats: int, peak: float) -> dict:
     return out
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="tiny,ddpm_cifar10")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5, help="steps per timed block")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--torch-threads", type=int, default=0, help="0: torch's default")
-    args = ap.parse_args()
+    return ap
+
+
+def run(args) -> dict:
+    """The measurement (each model's figures to stderr as they come): the results dict `main` prints."""
     import torch
 
     if args.torch_threads:
@@ -194,7 +198,11 @@ def main():
         results[name] = bench(name, args.batch, args.steps, args.repeats, results["peak_gflops_used"])
         print(json.dumps({name: results[name]}, indent=2), file=sys.stderr)
     results["load_average_end"] = os.getloadavg()
-    print(json.dumps(results, indent=2))
+    return results
+
+
+def main():
+    print(json.dumps(run(parser().parse_args()), indent=2))
 
 
 if __name__ == "__main__":

@@ -266,9 +266,7 @@ def profile(name: str, fn, args, repeats: int, peak: float, reference=None, top:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     instrs, comps, entry = parse_hlo(compiled.as_text())
-    def call():
-        return compiled(*args)
-
+    call = lambda: compiled(*args)  # noqa: E731
     jax.block_until_ready(call())                                           # warm-up
     walls, refs = [], []
     if reference is not None:
@@ -467,7 +465,7 @@ TARGETS = {"demo": target_demo, "cifar_fwd": target_cifar_fwd, "cifar_train": ta
            "sd15": target_sd15}
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--targets", default="demo,cifar_fwd,cifar_train")
     ap.add_argument("--repeats", type=int, default=3)
@@ -475,9 +473,13 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--reference", action="store_true", help="also time diffusers (PyTorch), interleaved")
     ap.add_argument("--top", type=int, default=0, help="also list the N instructions that took longest")
-    args = ap.parse_args()
-    dtype = DTYPES[args.dtype]
-    peak = matmul_peak()
+    return ap
+
+
+def run(args) -> dict:
+    """Profile every target (printing each table): {"peak_gflops", "targets": {name: profile()}}."""
+    dtype, peak = DTYPES[args.dtype], matmul_peak()
+    out = {"dtype": args.dtype, "peak_gflops": peak, "targets": {}}
     print(f"jax {jax.__version__} on {jax.devices()[0]}, compute dtype {args.dtype}; "
           f"f32 [2048x2048]^2 matmul peak {peak:.0f} GFLOP/s"
           + (f", bf16 (f32 accumulation) {matmul_peak(dtype=jnp.bfloat16):.0f} GFLOP/s" if args.dtype != "float32" else ""))
@@ -486,7 +488,12 @@ def main():
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name in args.targets.split(","):
         title, fn, fargs, ref = TARGETS[name](args, dtype)
-        profile(title, fn, fargs, args.repeats, peak, ref, args.top)
+        out["targets"][name] = profile(title, fn, fargs, args.repeats, peak, ref, args.top)
+    return out
+
+
+def main():
+    run(parser().parse_args())
 
 
 if __name__ == "__main__":

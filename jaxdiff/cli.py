@@ -285,6 +285,8 @@ def _sample_parser() -> _Parser:
     parser.add_argument("--guidance_scale", type=_finite_float, default=None, metavar="S",
                         help="classifier-free guidance scale, on when > 1 (default: off)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw rather than the EMA parameters")
+    parser.add_argument("--warmup", action="store_true",
+                        help="compile every program first, report how many and how long, then run them")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", default="samples.png", metavar="PNG", help="the grid to write (default: samples.png)")
     _add_recipe_args(parser)
@@ -363,9 +365,12 @@ def _sample(argv: list[str]) -> int:
     if args.labels == "grid":
         labels = model.grid_labels(args.num)
     options = {} if args.eta is None else {"eta": args.eta}
-    imgs = model.sample(args.num, sampler=args.sampler, num_steps=args.steps, seed=args.seed,
-                        labels=labels, guidance_scale=args.guidance_scale, use_ema=not args.no_ema,
-                        progress=not args.no_progress and _is_main_process(), **options)
+    call = dict(sampler=args.sampler, num_steps=args.steps, seed=args.seed, labels=labels,
+                guidance_scale=args.guidance_scale, use_ema=not args.no_ema,
+                progress=not args.no_progress and _is_main_process(), **options)
+    if args.warmup:
+        _warmup(parser, model.warmup, args.num, **call)
+    imgs = model.sample(args.num, **call)
     if _is_main_process():
         from jaxdiff import provenance
         from jaxdiff.checkpoint import resolve
@@ -384,6 +389,13 @@ def _sample(argv: list[str]) -> int:
         provenance.save_png(imgs, args.out, recipe, ncols=ncols)
         print(f"wrote {args.num} samples to {args.out}{_devices_note(model.mesh)}")
     return 0
+
+
+def _warmup(parser, warmup, *args, **kwargs) -> None:
+    """Compile a call's programs ahead of it (`jaxdiff.pipelines.warmup`); one line on stderr."""
+    report = warmup(*args, **kwargs)
+    if _is_main_process():
+        print(f"{parser.prog}: {report}", file=sys.stderr, flush=True)
 
 
 def _devices_note(mesh) -> str:
@@ -513,6 +525,8 @@ def _generate_parser() -> _Parser:
                              "(default 1); repeat the flag for several")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of the networks (bfloat16 on GPU/TPU; default: float32)")
+    parser.add_argument("--warmup", action="store_true",
+                        help="compile every program first, report how many and how long, then run them")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", default="generated.png", metavar="PNG",
                         help="the picture (a grid for several) to write (default: generated.png)")
@@ -561,9 +575,14 @@ def _generate(argv: list[str]) -> int:
     # Options only some families take are passed only when given (SD3 and Flux have no clip skip).
     given = (("eta", args.eta), ("clip_skip", args.clip_skip), ("guidance_scale", args.guidance_scale))
     extra = {k: v for k, v in given if v is not None}
-    pixels = pipe(args.prompt, negative_prompt=args.negative_prompt, num_steps=args.steps, sampler=args.sampler,
-                  seed=args.seed, num_images=args.num, height=args.height,
-                  width=args.width, output_type="uint8", progress=not quiet, **extra)
+    call = dict(negative_prompt=args.negative_prompt, num_steps=args.steps, sampler=args.sampler, seed=args.seed,
+                num_images=args.num, height=args.height, width=args.width, output_type="uint8",
+                progress=not quiet, **extra)
+    if args.warmup:
+        if not hasattr(pipe, "warmup"):
+            parser.error(f"argument --warmup: {type(pipe).__name__} pipelines have no warm-up (Stable Diffusion ones do)")
+        _warmup(parser, pipe.warmup, args.prompt, **call)
+    pixels = pipe(args.prompt, **call)
     if not _is_main_process():
         return 0
     weights = provenance.weights_fingerprint(args.model)

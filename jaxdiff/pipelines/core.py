@@ -34,6 +34,7 @@ prompts, labels, seeds and scales reuse the compiled program.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import functools
 import math
@@ -50,6 +51,10 @@ from jaxdiff import sharding as sharding_lib
 from jaxdiff.models import lora as lora_lib
 from jaxdiff.pipelines import options as options_lib
 from jaxdiff.samplers import masked as masked_lib
+
+
+# Set during a warm-up (pipelines/warmup.py): `run` hands its job to this compile-only function.
+COMPILE_ONLY: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("jaxdiff_compile_only", default=None)
 
 
 def guided(guidance_scale) -> bool:
@@ -215,6 +220,8 @@ def run(job: Job, mesh, *, output_type: str = "np", progress: bool = False, desc
     images. Every process of a multi-process run must call it and gets all N images.
     progress: a bar over the model calls of every batch (and one over decoding), shown on
     process 0 only; the time to the first step (compilation) is shown as its own phase."""
+    if COMPILE_ONLY.get() is not None:   # a warm-up: compile the job's programs, run none
+        return COMPILE_ONLY.get()(job, mesh, output_type, progress)
     images_lib.check_output_type(output_type)
     check(job)
     n = int(job.num)

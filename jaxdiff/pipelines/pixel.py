@@ -174,6 +174,13 @@ class DiffusionModel:
             image_shape=self.decoded_shape, weights_dtype=self._low_precision)
         return core.run(job, self.mesh, output_type=output_type, progress=progress)
 
+    def warmup(self, num: int, *args: Any, **kwargs: Any):
+        """Compile every program `self.sample(num, *args, **kwargs)` would run, running none; only
+        the shapes matter (num, batch_size, sampler, steps, guidance on or off, output_type).
+        Returns `warmup.Report` (programs compiled, cache hits, seconds); see `pipelines/warmup.py`."""
+        from jaxdiff.pipelines import warmup as warmup_lib
+        return warmup_lib.warm(self.sample, num, *args, **kwargs)
+
     def plan(self, sampler: str | None = None, num_steps: int = 50, **options: Any):
         """The sampler `sample` would use: `samplers.get(sampler or self.default_sampler, ...)`
         with this model's prediction type and `PIXEL_SAMPLER_OPTIONS` under `options`. A

@@ -427,6 +427,13 @@ class StableDiffusion(lora_pipe.LoraMixin):
 
     generate = __call__
 
+    def warmup(self, prompt: str | Sequence[str] = "", negative_prompt=None, **options: Any):
+        """Compile every program `self(prompt, negative_prompt, **options)` would run, running none;
+        only the shapes matter (number of prompts and images, size, sampler, steps, guidance on or off).
+        Returns `warmup.Report` (programs compiled, cache hits, seconds); see `pipelines/warmup.py`."""
+        from jaxdiff.pipelines import warmup as warmup_lib
+        return warmup_lib.warm_stable_diffusion(self, prompt, negative_prompt, options)
+
     # ----------------------------------------------------------------------------------------
     # Image to image, inpainting.
 
