@@ -146,3 +146,17 @@ def test_generate_warmup_flag(sd_folder, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert re.search(r"^jaxdiff generate: compiled \d+ programs in [\d.]+ s", proc.stderr, re.M), proc.stderr[-2000:]
     assert (tmp_path / "w.png").is_file()
+
+
+def test_bf16_call_after_warmup_compiles_nothing(sd_folder):
+    """A bf16 pipeline casts its weight matrices once per request (core.cast_weights); the warm-up
+    compiles that cast and the loop on bf16 weights, so the call still compiles nothing."""
+    from jaxdiff.pipelines.stable_diffusion import StableDiffusion
+
+    pipe = StableDiffusion.from_pretrained(sd_folder, jnp.bfloat16, max_steps=4)
+    run = dict(num_steps=2, guidance_scale=3.0, output_type="np", height=16, width=16)
+    pipe.warmup("", **run)
+    with warmup.CompileCounter() as c:
+        images = pipe("a cat", **run)
+    assert c.events == 0, c.names
+    assert images.shape == (1, 16, 16, 3) and np.isfinite(images).all() and images.std() > 0

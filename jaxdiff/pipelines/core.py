@@ -213,6 +213,23 @@ def _rows_of(tree, start: int, stop: int, n: int):
     return jax.tree.map(one, tree)
 
 
+def prepare(job: Job, mesh, output_type: str):
+    """What `run` (and the warm-up's compile-only twin) does before its batches: the checks, the
+    memory check, the start noise of the N images (host float32 [N, *shape]), and the weights cast
+    once (`weights_dtype`). Returns (the job to run, noise)."""
+    images_lib.check_output_type(output_type)
+    check(job)
+    n = int(job.num)
+    size = int(job.batch_size or n)
+    check_memory(mesh, n, job.shape, rows=min(size, n), image_shape=job.image_shape, peak_bytes=job.peak_bytes,
+                 inputs=(job.x0 is not None) + (job.keep is not None))
+    noise = job.noise if job.noise is not None else np.asarray(jax.random.normal(noise_key(job.seed), (n,) + tuple(job.shape)))
+    noise = np.asarray(noise, np.float32)
+    if job.weights_dtype is not None:                    # once per request, not once per call
+        job = dataclasses.replace(job, params=cast_weights(job.params, job.weights_dtype), weights_dtype=None)
+    return job, noise
+
+
 def run(job: Job, mesh, *, output_type: str = "np", progress: bool = False, desc: str = "sample"):
     """Run `job` on `mesh` (see the module docstring). Returns, for the N images:
     "latent": the sampler's result [N, *shape] float32 (for pixel models, data scale ~[-1, 1]);
@@ -222,17 +239,10 @@ def run(job: Job, mesh, *, output_type: str = "np", progress: bool = False, desc
     process 0 only; the time to the first step (compilation) is shown as its own phase."""
     if COMPILE_ONLY.get() is not None:   # a warm-up: compile the job's programs, run none
         return COMPILE_ONLY.get()(job, mesh, output_type, progress)
-    images_lib.check_output_type(output_type)
-    check(job)
+    job, noise = prepare(job, mesh, output_type)
     n = int(job.num)
     size = int(job.batch_size or n)
     starts = list(range(0, n, size))
-    check_memory(mesh, n, job.shape, rows=min(size, n), image_shape=job.image_shape, peak_bytes=job.peak_bytes,
-                 inputs=(job.x0 is not None) + (job.keep is not None))
-    noise = job.noise if job.noise is not None else np.asarray(jax.random.normal(noise_key(job.seed), (n,) + tuple(job.shape)))
-    noise = np.asarray(noise, np.float32)
-    if job.weights_dtype is not None:                    # once per request, not once per call
-        job = dataclasses.replace(job, params=cast_weights(job.params, job.weights_dtype), weights_dtype=None)
     bar = _Progress(desc, len(starts), enabled=progress and jax.process_index() == 0)
     out = []
     try:

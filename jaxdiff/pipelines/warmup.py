@@ -152,15 +152,9 @@ def compile_job(job, mesh, output_type: str, progress: bool):
     and placed, guidance wrapper, masked sampler, the scan, decode, [0, 1] conversion), with each
     network program lowered and compiled instead of run. Returns zeros shaped as `core.run`'s
     result for `output_type`."""
-    images_lib.check_output_type(output_type)
-    core.check(job)
+    job, noise = core.prepare(job, mesh, output_type)      # the call's own draw and weights cast (run)
     n = int(job.num)
     size = int(job.batch_size or n)
-    core.check_memory(mesh, n, job.shape, rows=min(size, n), image_shape=job.image_shape, peak_bytes=job.peak_bytes,
-                      inputs=(job.x0 is not None) + (job.keep is not None))
-    noise = job.noise if job.noise is not None else np.asarray(
-        jax.random.normal(core.noise_key(job.seed), (n,) + tuple(job.shape)))    # the call's own draw
-    noise = np.asarray(noise, np.float32)
     pixel_shape = tuple(job.image_shape or job.shape)
     for b, s in enumerate(range(0, n, size)):
         e = min(s + size, n)
