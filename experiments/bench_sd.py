@@ -16,6 +16,11 @@ for each batch size B:
 A denoising step of a text-to-image sampler is one such call at batch 2B (classifier-free
 guidance batches the conditional and unconditional halves) plus a few elementwise operations.
 On a GPU machine pass `--dtype bfloat16` for jaxdiff's bf16 compute (torch then runs bf16 too).
+In bf16 jaxdiff is handed its weight matrices already in bf16 (`core.cast_weights`), as a bf16
+pipeline holds them during a request (torch's bf16 module holds bf16 weights too). Every row also
+times the same call traced under `conv.formulation("xla")` (XLA's own convolutions and bf16
+dots, the choice before `models/conv.py` picked formulations per shape), and the timed calls are
+interleaved (one round calls each once), so a load that changes mid-run hits them alike.
 `--torch-compile` also times the diffusers U-Net under `torch.compile` (its first call, which
 compiles, apart; where it fails, the row says why in one line). `--model tiny_sd` (2 levels,
 32 channels) checks the script in seconds.
@@ -35,9 +40,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff.convert import unet as unet_convert
+from jaxdiff.models import conv as conv_lib
 from jaxdiff.models import unet as unet_lib
+from jaxdiff.pipelines import core
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def interleaved_medians(fns: dict, repeats: int) -> dict:
+    """Median seconds of each zero-argument function, timed in rounds that call each once."""
+    times = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -92,9 +110,11 @@ def run(args) -> dict:
                "torch": torch.__version__, "torch_device": device, "torch_threads": torch.get_num_threads(),
                "cpu": platform.processor() or platform.machine(), "setup_s": setup_s, "batches": {}}
 
-    @jax.jit
     def call(params, x, t, context):
         return module.apply({"params": params}, x, t, context=context)
+
+    if args.dtype == "bfloat16":
+        params = core.cast_weights(params, jnp.bfloat16)                   # as a bf16 pipeline holds them
 
     rng = np.random.RandomState(0)
     for batch in [int(b) for b in args.batches.split(",")]:
@@ -103,11 +123,15 @@ def run(args) -> dict:
         ctx = rng.randn(batch, 77, module.context_dim).astype(np.float32)
         xj, tj, cj = jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx)
         t0 = time.perf_counter()
-        compiled = call.lower(params, xj, tj, cj).compile()
+        compiled = jax.jit(call).lower(params, xj, tj, cj).compile()
         compile_s = time.perf_counter() - t0
-        out = np.asarray(compiled(params, xj, tj, cj))                         # warm-up
-        jax_s = median_seconds(lambda: compiled(params, xj, tj, cj).block_until_ready(), args.repeats)
-        row = {"jaxdiff_compile_s": compile_s, "jaxdiff_s_per_call": jax_s}
+        with conv_lib.formulation("xla"):   # a new function object: jit would reuse `call`'s trace
+            baseline = jax.jit(lambda *a: call(*a)).lower(params, xj, tj, cj).compile()
+        out = np.asarray(compiled(params, xj, tj, cj), np.float32)            # warm-up
+        base_out = np.asarray(baseline(params, xj, tj, cj), np.float32)
+        fns = {"jaxdiff": lambda: compiled(params, xj, tj, cj).block_until_ready(),
+               "xla": lambda: baseline(params, xj, tj, cj).block_until_ready()}
+        row = {"jaxdiff_compile_s": compile_s}
         if not args.no_reference:
             xt = torch.from_numpy(x.transpose(0, 3, 1, 2)).to(device, torch_dtype)
             tt = torch.from_numpy(t).to(device)
@@ -121,7 +145,14 @@ def run(args) -> dict:
                 return y
 
             ref_out = torch_call().float().cpu().numpy().transpose(0, 2, 3, 1)  # warm-up
-            torch_s = median_seconds(torch_call, args.repeats)
+            fns["torch"] = torch_call
+        med = interleaved_medians(fns, args.repeats)
+        jax_s = med["jaxdiff"]
+        row.update(jaxdiff_s_per_call=jax_s, jaxdiff_xla_formulation_s_per_call=med["xla"],
+                   formulation_speedup=med["xla"] / jax_s,
+                   formulation_rel_diff=float(np.linalg.norm(out - base_out) / np.linalg.norm(base_out)))
+        if not args.no_reference:
+            torch_s = med["torch"]
             rel = float(np.linalg.norm(out - ref_out) / np.linalg.norm(ref_out))
             row.update(diffusers_s_per_call=torch_s, jaxdiff_speed_vs_diffusers=torch_s / jax_s,
                        output_rel_diff=rel)

@@ -152,8 +152,10 @@ def test_flax_conv_with_the_hook_equals_plain_flax_conv(dtype, monkeypatch):
         hooked = nn.Conv(7, kernel, strides=strides, padding=padding, dtype=dtype,
                          conv_general_dilated=conv_lib.conv_general)
         for impl in ("im2col", "shifted", "xla"):
-            with conv_lib.formulation(impl):
-                out = jax.jit(hooked.apply)(params, x)
+            with conv_lib.formulation(impl):   # a new function per block: jit caches traces per function
+                out = jax.jit(lambda p, x: hooked.apply(p, x))(params, x)
+                jaxpr = str(jax.make_jaxpr(lambda p, x: hooked.apply(p, x))(params, x))
+            assert ("conv_general_dilated" in jaxpr) == (impl == "xla"), impl      # the block chose the program
             assert out.dtype == ref_mod.apply(params, x).dtype
             tol = 1e-5 if dtype == jnp.float32 else 3e-2
             np.testing.assert_allclose(out.astype(jnp.float32), ref, rtol=tol, atol=tol * float(jnp.abs(ref).max()))

@@ -36,8 +36,11 @@ def test_unet_output_is_the_same_under_every_formulation(dtype):
     params = jax.tree.map(lambda p: p + 0.02 * jnp.sign(p + 1e-3), params)     # zero-initialised layers matter too
     outs = {}
     for impl in ("xla", "im2col", "shifted"):
-        with conv_lib.formulation(impl):
-            outs[impl] = np.asarray(jax.jit(module.apply)({"params": params}, x, t, context=ctx), np.float32)
+        with conv_lib.formulation(impl):   # a new function per block: jit caches traces per function
+            outs[impl] = np.asarray(jax.jit(lambda *a, **k: module.apply(*a, **k))({"params": params}, x, t,
+                                                                                   context=ctx), np.float32)
+            jaxpr = str(jax.make_jaxpr(lambda *a, **k: module.apply(*a, **k))({"params": params}, x, t, context=ctx))
+        assert ("conv_general_dilated" in jaxpr) == (impl == "xla"), impl       # every conv took the path
     scale = np.abs(outs["xla"]).max()
     assert scale > 0.1
     tol = 1e-5 if dtype == jnp.float32 else 3e-2

@@ -55,7 +55,9 @@ LOW_PRECISION = (jnp.bfloat16, jnp.float16)
 def formulation(impl: str):
     """Trace the convolutions (and low-precision dense layers) of the models inside the block
     with `impl` ("auto", "xla", "im2col" or "shifted") instead of the automatic choice: the
-    benchmarks use `formulation("xla")` to measure what the choice gains."""
+    benchmarks use `formulation("xla")` to measure what the choice gains. The choice is made when
+    a function is traced, and jit keeps one trace per function object: inside the block, jit a
+    function object that was not traced outside it (e.g. a new lambda)."""
     resolve_impl(impl)
     _FORMULATION.append(impl)
     try:
