@@ -118,7 +118,7 @@ def run(args) -> dict:
     # step would then write its updates into the PyTorch model's own tensors.
     state = {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
     module = dit_convert.module_from_config(dict(model.config))
-    params = jax.tree.map(np.array, dit_convert.params_from_torch(state, module))
+    params = jax.device_put(jax.tree.map(np.array, dit_convert.params_from_torch(state, module)))
     n_params = sum(v.size for v in jax.tree.leaves(params))
 
     rs = np.random.RandomState(0)

@@ -101,8 +101,8 @@ def run(args) -> dict:
     torch_dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     device = "cuda" if torch.cuda.is_available() else "cpu"
     ref = ref.to(device) if torch_dtype == torch.float32 else ref.to(device=device, dtype=torch_dtype)
-    params = unet_convert.params_from_torch(
-        {k: v.float().cpu().numpy() for k, v in ref.state_dict().items()}, module)
+    params = jax.device_put(unet_convert.params_from_torch(                  # device arrays, as a pipeline
+        {k: v.float().cpu().numpy() for k, v in ref.state_dict().items()}, module))  # holds them
     setup_s = time.perf_counter() - t0
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     results = {"model": args.model, "params": n_params, "latent": [args.latent, args.latent, module.out_channels],

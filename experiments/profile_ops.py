@@ -445,8 +445,8 @@ def target_sd15(args, dtype):
         from jaxdiff.convert import unet as unet_convert
         torch.manual_seed(0)
         net = UNet2DConditionModel(**unet_convert.config_to_diffusers(module)).eval()
-        params = unet_convert.params_from_torch(
-            {k: v.float().numpy() for k, v in net.state_dict().items()}, module)
+        params = jax.device_put(unet_convert.params_from_torch(
+            {k: v.float().numpy() for k, v in net.state_dict().items()}, module))
         torch_dtype = torch.bfloat16 if dtype == jnp.bfloat16 else torch.float32
         net = net.to(torch_dtype)
         xt = torch.from_numpy(np.asarray(x).transpose(0, 3, 1, 2).copy()).to(torch_dtype)
