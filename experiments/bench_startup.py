@@ -16,9 +16,9 @@ wrote. Per process: the start-to-image seconds (wall time of the subprocess, int
 and imports included, measured by this script) and, from JAX's monitoring events inside the
 child, the programs compiled, loaded from the cache (`/jax/compilation_cache/cache_hits`) and
 written to it (`cache_misses`): JAX records `/jax/core/compile/backend_compile_duration` for
-every program it builds, loaded ones included, so compiled = those events - cache hits. Programs
-that compile in under `compile_cache.MIN_COMPILE_TIME_SECS` (small eager operations) are not
-written, so the second process still compiles those. Medians over
+every program it builds, loaded ones included, so compiled = those events - cache hits. With
+`compile_cache.MIN_COMPILE_TIME_SECS` = 0 every program is written, so the second process
+should compile none. Medians over
 `--pairs` pairs. Writes JSON (`--json`) and a markdown table (`--md`); prints the table.
 """
 
