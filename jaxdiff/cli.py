@@ -285,12 +285,19 @@ def _sample_parser() -> _Parser:
     parser.add_argument("--guidance_scale", type=_finite_float, default=None, metavar="S",
                         help="classifier-free guidance scale, on when > 1 (default: off)")
     parser.add_argument("--no-ema", action="store_true", help="use the raw rather than the EMA parameters")
+    _add_deep_cache(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", default="samples.png", metavar="PNG", help="the grid to write (default: samples.png)")
     _add_recipe_args(parser)
     _add_answers(parser)
     _add_distributed_args(parser, rules=True)
     return parser
+
+
+def _add_deep_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deep-cache", dest="deep_cache", type=_nonnegative_int, default=None, metavar="K",
+                        help="DeepCache: the whole U-Net every K-th step, its outer level alone in between "
+                             "(faster, slightly different; default: off; not recorded in the recipe)")
 
 
 def _parse_labels(parser: argparse.ArgumentParser, text: str | None, num: int):
@@ -365,7 +372,7 @@ def _sample(argv: list[str]) -> int:
     options = {} if args.eta is None else {"eta": args.eta}
     imgs = model.sample(args.num, sampler=args.sampler, num_steps=args.steps, seed=args.seed,
                         labels=labels, guidance_scale=args.guidance_scale, use_ema=not args.no_ema,
-                        progress=not args.no_progress and _is_main_process(), **options)
+                        progress=not args.no_progress and _is_main_process(), deep_cache=args.deep_cache, **options)
     if _is_main_process():
         from jaxdiff import provenance
         from jaxdiff.checkpoint import resolve
@@ -513,6 +520,7 @@ def _generate_parser() -> _Parser:
                              "(default 1); repeat the flag for several")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                         help="compute dtype of the networks (bfloat16 on GPU/TPU; default: float32)")
+    _add_deep_cache(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", default="generated.png", metavar="PNG",
                         help="the picture (a grid for several) to write (default: generated.png)")
@@ -559,7 +567,8 @@ def _generate(argv: list[str]) -> int:
     for path, scale in loras:
         pipe.load_lora(path, scale=scale)
     # Options only some families take are passed only when given (SD3 and Flux have no clip skip).
-    given = (("eta", args.eta), ("clip_skip", args.clip_skip), ("guidance_scale", args.guidance_scale))
+    given = (("eta", args.eta), ("clip_skip", args.clip_skip), ("guidance_scale", args.guidance_scale),
+             ("deep_cache", args.deep_cache))
     extra = {k: v for k, v in given if v is not None}
     pixels = pipe(args.prompt, negative_prompt=args.negative_prompt, num_steps=args.steps, sampler=args.sampler,
                   seed=args.seed, num_images=args.num, height=args.height,

@@ -94,11 +94,11 @@ def sample(sampler: base.Sampler, model_fn: Callable, noise: jax.Array, key: jax
         every k shares one program (one other than None's), and k = 1 gives the result of the
         plain run.
     """
-    args = _arguments(sampler, model_fn, noise, key, x0, reuse_every)
+    args, reuse = _arguments(sampler, model_fn, noise, key, x0, reuse_every)
     if progress is None:
-        return _run(*args, return_trajectory=return_trajectory)
+        return _run(*args, return_trajectory=return_trajectory, **reuse)
     with _listening(progress):
-        return jax.block_until_ready(_run(*args, return_trajectory=return_trajectory, progress=True))
+        return jax.block_until_ready(_run(*args, return_trajectory=return_trajectory, progress=True, **reuse))
 
 
 def lower(sampler: base.Sampler, model_fn: Callable, noise: jax.Array, key: jax.Array, *,
@@ -106,12 +106,13 @@ def lower(sampler: base.Sampler, model_fn: Callable, noise: jax.Array, key: jax.
           reuse_every: int | None = None) -> jax.stages.Lowered:
     """The compiled program `sample` would run for these arguments, lowered but not run:
     `.compile()` it to time compilation or read `.memory_analysis()` / `.cost_analysis()`."""
-    return _run.lower(*_arguments(sampler, model_fn, noise, key, x0, reuse_every), return_trajectory=return_trajectory)
+    args, reuse = _arguments(sampler, model_fn, noise, key, x0, reuse_every)
+    return _run.lower(*args, return_trajectory=return_trajectory, **reuse)
 
 
 def _arguments(sampler, model_fn, noise, key, x0, reuse_every=None):
-    """The arguments of `_run`, checked: x0 (zeros when absent), a traced `from_image` flag and
-    the traced reuse interval (None: no reuse, a static choice)."""
+    """The arguments of `_run`, checked: x0 (zeros when absent) and a traced `from_image` flag;
+    and its keyword arguments: {"every": the traced reuse interval}, or none without reuse."""
     if key is None:
         key = jax.random.PRNGKey(0)
     noise = jnp.asarray(noise)
@@ -122,8 +123,8 @@ def _arguments(sampler, model_fn, noise, key, x0, reuse_every=None):
     if from_image and jax.eval_shape(sampler.init, noise).signal_scales is None:
         raise ValueError("this sampler's plan has no noise levels (signal_scales / noise_scales), so it cannot "
                          "start from an image x0")
-    every = None if reuse_every is None else jnp.asarray(check_reuse_every(reuse_every), jnp.int32)
-    return sampler, _as_partial(model_fn), noise, key, x0, jnp.asarray(from_image), every
+    reuse = {} if reuse_every is None else {"every": jnp.asarray(check_reuse_every(reuse_every), jnp.int32)}
+    return (sampler, _as_partial(model_fn), noise, key, x0, jnp.asarray(from_image)), reuse
 
 
 def invert(sampler: base.Sampler, model_fn: Callable, x0: jax.Array, *, return_trajectory: bool = False):
@@ -135,7 +136,7 @@ def invert(sampler: base.Sampler, model_fn: Callable, x0: jax.Array, *, return_t
     """
     x0 = jnp.asarray(x0)
     return _run(sampler, _as_partial(model_fn), x0, jax.random.PRNGKey(0), jnp.zeros_like(x0), jnp.asarray(False),
-                None, return_trajectory=return_trajectory)
+                return_trajectory=return_trajectory)
 
 
 def _as_partial(model_fn: Callable) -> jax.tree_util.Partial:
@@ -169,8 +170,8 @@ def _report(done, total) -> None:
 
 @functools.partial(jax.jit, static_argnames=("return_trajectory", "progress"))
 def _run(sampler: base.Sampler, model_fn: jax.tree_util.Partial, noise: jax.Array, key: jax.Array,
-         x0: jax.Array, from_image: jax.Array, every: jax.Array | None, return_trajectory: bool,
-         progress: bool = False):
+         x0: jax.Array, from_image: jax.Array, return_trajectory: bool = False, progress: bool = False,
+         every: jax.Array | None = None):
     # from_image is traced, so text-to-image and image-to-image requests share one program;
     # so is `every`, the reuse interval (None: the plain model_fn, a static choice).
     noise = noise.astype(jnp.float32)

@@ -145,7 +145,8 @@ class DiffusionModel:
     def sample(self, num: int, sampler: str | None = None, num_steps: int = 50, seed: int = 0,
                labels: Sequence[int] | None = None, guidance_scale: float | None = None, *,
                use_ema: bool = True, batch_size: int | None = None, progress: bool = False,
-               output_type: str = "uint8", deep_cache: int | None = None, **sampler_options: Any):
+               output_type: str = "uint8", deep_cache: int | None = None, guidance_end: float | None = None,
+               **sampler_options: Any):
         """Draw `num` images. Returns uint8 `[num, H, W, C]` (output_type "uint8"), float32 in
         [0, 1] ("np"), a list of PIL images ("pil") or the sampler's result in data scale, about
         [-1, 1] and unclipped ("latent").
@@ -161,7 +162,8 @@ class DiffusionModel:
         images. diffusers' names are understood: num_inference_steps is num_steps; generator is
         answered with seed. deep_cache: k > 1 runs the whole U-Net every k-th model call and only
         its full-resolution level in between, from the cached deep feature (DeepCache, Ma et al.
-        2023; `core.Job.deep_cache`); None, 0 or 1: off.
+        2023; `core.Job.deep_cache`); None, 0 or 1: off. guidance_end: guide only the first
+        fraction in [0, 1] of the model calls (`core.Job.guidance_end`).
         """
         sampler_options, renamed = options_lib.take_aliases(sampler_options)
         num_steps = renamed.pop("num_steps", num_steps)
@@ -179,7 +181,8 @@ class DiffusionModel:
             network=self._network, params=params, sampler=plan, shape=self.image_shape, num=num, seed=seed,
             cond=labels, uncond=None if labels is None else np.full((1,), self.num_classes, np.int32),
             guidance_scale=scale, batch_size=batch_size, peak_bytes=peak, decode=self.decode,
-            image_shape=self.decoded_shape, deep_cache=deep_cache, reusing_network=self._reusing_network)
+            image_shape=self.decoded_shape, deep_cache=deep_cache, reusing_network=self._reusing_network,
+            guidance_end=guidance_end)
         return core.run(job, self.mesh, output_type=output_type, progress=progress)
 
     def plan(self, sampler: str | None = None, num_steps: int = 50, **options: Any):
