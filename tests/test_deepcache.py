@@ -245,3 +245,26 @@ def test_deep_cache_needs_a_unet():
     job = core.Job(network=network, params=PARAMS, sampler=_sampler(), shape=SHAPE[1:], num=2, deep_cache=2)
     with pytest.raises(ValueError, match="deep_cache needs a U-Net"):
         core.check(job)
+
+
+@pytest.mark.slow
+def test_stable_diffusion_front_end_takes_deep_cache(tmp_path):
+    pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from test_pipeline_sd import _components, _pipeline
+
+    from jaxdiff.pipelines.stable_diffusion import StableDiffusion
+
+    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                        clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    _pipeline(diffusers.StableDiffusionPipeline, _components(tmp_path, 4, scheduler)).save_pretrained(
+        str(tmp_path / "model"), safe_serialization=True)
+    pipe = StableDiffusion.from_pretrained(tmp_path / "model")
+    opts = dict(num_steps=6, seed=0, output_type="latent", guidance_scale=3.0)
+    plain = pipe("a cat", **opts)
+    np.testing.assert_array_equal(pipe("a cat", deep_cache=0, **opts), plain)                  # 0: off
+    _close_but_not_equal(pipe("a cat", deep_cache=2, **opts), plain, pipe("a cat", **{**opts, "seed": 1}))
+    cut = pipe("a cat", deep_cache=2, guidance_end=0.5, **opts)
+    assert np.isfinite(cut).all() and not np.array_equal(cut, plain)
+    with pytest.raises(ValueError, match="deep_cache must be an integer from 1 to 1000"):
+        pipe("a cat", deep_cache=-3, **opts)
