@@ -8,8 +8,9 @@ and truncated guidance (`guidance_end`), on the two trained digits demos.
 For each setting (no reuse; DeepCache k = 2, 3, 5; guidance_end 0.5 and 0.25; DeepCache k = 3 with
 guidance_end 0.5), on the same noise as the plain run (20 DDIM steps, guidance as the demos sample):
 
-* time: wall time of one batch (`--time_batch` images), the median of 3 runs after compilation,
-  and the speed-up over the plain run;
+* time: wall time of one batch (`--time_batch` images; the latent demo: one call), the median of
+  5 (latent: 3) rounds after compilation, each round timing every setting in turn, and the
+  speed-up over the plain run; and the FLOPs of a shallow U-Net call relative to a full one;
 * distance to the plain run's images from the same noise: mean absolute pixel difference (pixels
   in [0, 1]) and PSNR (peak 1);
 * quality: for the pixel demo, FID-digits of `--num` class-balanced images against the 1,000
@@ -32,6 +33,7 @@ import json
 import os
 import time
 
+import jax.numpy as jnp
 import numpy as np
 
 SETTINGS = (("plain", None, None), ("DeepCache k=2", 2, None), ("DeepCache k=3", 3, None),
@@ -39,15 +41,32 @@ SETTINGS = (("plain", None, None), ("DeepCache k=2", 2, None), ("DeepCache k=3",
             ("DeepCache k=3 + guidance_end 0.5", 3, 0.5))
 
 
-def median_time(fn, repeats: int = 3) -> float:
-    """Median wall seconds of fn() (its result made ready), after one untimed call (compilation)."""
-    fn()
-    times = []
+def median_times(calls: dict, repeats: int) -> dict:
+    """{name: median wall seconds of calls[name]()} over `repeats` rounds that time every call
+    once each, in turn (so a change in the machine's load hits every setting alike); the calls
+    must have run once already (compilation)."""
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def shallow_flops_ratio(unet, x, t, **inputs) -> float:
+    """FLOPs of a shallow U-Net call over those of a full one (XLA's cost analysis, one image)."""
+    import jax
+
+    params = jax.eval_shape(lambda: unet.init(jax.random.PRNGKey(0), x, t, **inputs))["params"]
+    feature = jax.ShapeDtypeStruct(unet.deep_feature_shape(x.shape), unet.dtype)
+
+    def flops(fn, *args):
+        return jax.jit(fn).lower(params, *args).compile().cost_analysis()["flops"]
+
+    full = flops(lambda p: unet.apply({"params": p}, x, t, **inputs, return_deep_feature=True))
+    shallow = flops(lambda p, f: unet.apply({"params": p}, x, t, **inputs, deep_feature=f), feature)
+    return float(shallow / full)
 
 
 def distance(images, plain) -> tuple[float, float]:
@@ -68,22 +87,30 @@ def study_pixel(path: str, num: int, time_batch: int, steps: int) -> dict:
     labels = model.grid_labels(num)
     ref = stats.from_features(evaluate.digits_heldout_features())
     classifier = digits_metric.reference_classifier(16)
-    rows, plain, base = [], None, None
+    rows, plain, calls = [], None, {}
     for name, k, end in SETTINGS:
         opts = dict(sampler="ddim", num_steps=steps, guidance_scale=guidance, deep_cache=k, guidance_end=end,
                     output_type="np")
-        seconds = median_time(lambda: model.sample(time_batch, seed=1, labels=labels[:time_batch], **opts))
+        calls[name] = lambda opts=opts: model.sample(time_batch, seed=1, labels=labels[:time_batch], **opts)
+        calls[name]()                                                                   # compile
         images = model.sample(num, seed=0, labels=labels, batch_size=500, **opts)         # [N, 16, 16, 1] in [0, 1]
-        if plain is None:
-            plain, base = images, seconds
+        plain = images if plain is None else plain
         mad, psnr = distance(images, plain)
         fid = distribution.fid(ref, stats.from_features(features.digit_features(images * 2.0 - 1.0)))
-        rows.append({"setting": name, "deep_cache": k, "guidance_end": end, "seconds": seconds,
-                     "speedup": base / seconds, "mean_abs_diff": mad, "psnr": psnr, "fid_digits": fid,
-                     "accuracy": digits_metric.accuracy(classifier, images * 2.0 - 1.0, labels)})
+        rows.append({"setting": name, "deep_cache": k, "guidance_end": end, "mean_abs_diff": mad, "psnr": psnr,
+                     "fid_digits": fid, "accuracy": digits_metric.accuracy(classifier, images * 2.0 - 1.0, labels)})
         print(rows[-1], flush=True)
+    _add_times(rows, median_times(calls, 5))
+    x = jnp.zeros((1,) + tuple(model.image_shape))
+    ratio = shallow_flops_ratio(model.module, x, jnp.zeros((1,)), labels=jnp.zeros((1,), jnp.int32))
     return {"model": os.path.basename(os.path.normpath(path)), "num": num, "time_batch": time_batch,
-            "steps": steps, "guidance_scale": guidance, "rows": rows}
+            "steps": steps, "guidance_scale": guidance, "repeats": 5, "shallow_flops_ratio": ratio, "rows": rows}
+
+
+def _add_times(rows: list[dict], seconds: dict) -> None:
+    base = seconds[rows[0]["setting"]]
+    for r in rows:
+        r["seconds"], r["speedup"] = seconds[r["setting"]], base / seconds[r["setting"]]
 
 
 def study_latent(path: str, per_digit: int, steps: int, guidance: float) -> dict:
@@ -95,20 +122,22 @@ def study_latent(path: str, per_digit: int, steps: int, guidance: float) -> dict
     captions = [f"a handwritten {w}" for w in DIGIT_WORDS]
     wanted = np.repeat(np.arange(10), per_digit)                 # each prompt's images are consecutive
     classifier = digits_metric.reference_classifier(16)
-    rows, plain, base = [], None, None
+    rows, plain, calls = [], None, {}
     for name, k, end in SETTINGS:
         def call(texts=captions, k=k, end=end):
             return pipe(texts, num_images=per_digit, num_steps=steps, guidance_scale=guidance, seed=0,
                         sampler="ddim", deep_cache=k, guidance_end=end, output_type="np")
-        seconds = median_time(call)
-        images = call()                                          # [N, 16, 16, 1] in [0, 1]
-        if plain is None:
-            plain, base = images, seconds
+        calls[name] = call
+        images = call()                                          # [N, 16, 16, 1] in [0, 1]; compiles
+        plain = images if plain is None else plain
         mad, psnr = distance(images, plain)
-        rows.append({"setting": name, "deep_cache": k, "guidance_end": end, "seconds": seconds,
-                     "speedup": base / seconds, "mean_abs_diff": mad, "psnr": psnr,
+        rows.append({"setting": name, "deep_cache": k, "guidance_end": end, "mean_abs_diff": mad, "psnr": psnr,
                      "accuracy": digits_metric.accuracy(classifier, images * 2.0 - 1.0, wanted)})
         print(rows[-1], flush=True)
+    _add_times(rows, median_times(calls, 3))
+    h, w = pipe.unet.sample_size, pipe.unet.sample_size
+    x = jnp.zeros((1, h, w, pipe.latent_channels))
+    ratio = shallow_flops_ratio(pipe.unet, x, jnp.zeros((1,)), context=jnp.zeros((1, 77, pipe.unet.context_dim)))
 
     def timed(texts):
         t0 = time.perf_counter()
@@ -123,7 +152,8 @@ def study_latent(path: str, per_digit: int, steps: int, guidance: float) -> dict
                     "new_prompts_same_images": bool(same_images)}
     print(prompt_cache, flush=True)
     return {"model": os.path.basename(os.path.normpath(path)), "num": len(wanted), "steps": steps,
-            "guidance_scale": guidance, "rows": rows, "prompt_cache": prompt_cache}
+            "guidance_scale": guidance, "repeats": 3, "shallow_flops_ratio": ratio, "rows": rows,
+            "prompt_cache": prompt_cache}
 
 
 def markdown(report: dict) -> str:
@@ -131,7 +161,9 @@ def markdown(report: dict) -> str:
     if "pixel" in report:
         p = report["pixel"]
         out += [f"Pixel digits demo (`{p['model']}`): {p['steps']} DDIM steps, guidance {p['guidance_scale']:g}; "
-                f"time per batch of {p['time_batch']}; distance and quality over {p['num']} images.", "",
+                f"time per batch of {p['time_batch']} (median of {p['repeats']}); distance and quality over "
+                f"{p['num']} images. A shallow U-Net call costs {100 * p['shallow_flops_ratio']:.0f}% of a full "
+                "one's FLOPs.", "",
                 "| setting | s / batch | speed-up | mean abs diff | PSNR (dB) | FID-digits | right digit |",
                 "|---|---|---|---|---|---|---|"]
         out += [f"| {r['setting']} | {r['seconds']:.3f} | {r['speedup']:.2f}x | {r['mean_abs_diff']:.4f} | "
@@ -140,7 +172,9 @@ def markdown(report: dict) -> str:
     if "latent" in report:
         p = report["latent"]
         out += [f"Latent text-to-image digits demo (`{p['model']}`): {p['steps']} DDIM steps, guidance "
-                f"{p['guidance_scale']:g}, {p['num']} images per call (\"a handwritten <digit>\"), decode included.", "",
+                f"{p['guidance_scale']:g}, {p['num']} images per call (\"a handwritten <digit>\"), decode included "
+                f"(median of {p['repeats']}). A shallow U-Net call costs {100 * p['shallow_flops_ratio']:.0f}% of a "
+                "full one's FLOPs.", "",
                 "| setting | s / call | speed-up | mean abs diff | PSNR (dB) | right digit |",
                 "|---|---|---|---|---|---|"]
         out += [f"| {r['setting']} | {r['seconds']:.3f} | {r['speedup']:.2f}x | {r['mean_abs_diff']:.4f} | "
