@@ -287,12 +287,19 @@ def _sample_parser() -> _Parser:
     parser.add_argument("--no-ema", action="store_true", help="use the raw rather than the EMA parameters")
     parser.add_argument("--warmup", action="store_true",
                         help="compile every program first, report how many and how long, then run them")
+    _add_deep_cache(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", default="samples.png", metavar="PNG", help="the grid to write (default: samples.png)")
     _add_recipe_args(parser)
     _add_answers(parser)
     _add_distributed_args(parser, rules=True)
     return parser
+
+
+def _add_deep_cache(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--deep-cache", "--deep_cache", dest="deep_cache", type=_nonnegative_int, default=None, metavar="K",
+                        help="DeepCache: the whole U-Net every K-th step, its outer level alone in between "
+                             "(faster, slightly different; default: off)")
 
 
 def _parse_labels(parser: argparse.ArgumentParser, text: str | None, num: int):
@@ -367,7 +374,7 @@ def _sample(argv: list[str]) -> int:
     options = {} if args.eta is None else {"eta": args.eta}
     call = dict(sampler=args.sampler, num_steps=args.steps, seed=args.seed, labels=labels,
                 guidance_scale=args.guidance_scale, use_ema=not args.no_ema,
-                progress=not args.no_progress and _is_main_process(), **options)
+                progress=not args.no_progress and _is_main_process(), deep_cache=args.deep_cache, **options)
     if args.warmup:
         _warmup(parser, model.warmup, args.num, **call)
     imgs = model.sample(args.num, **call)
@@ -384,7 +391,7 @@ def _sample(argv: list[str]) -> int:
             index=0 if args.num == 1 else None, sampler=args.sampler or model.default_sampler,
             sampler_options={"eta": args.eta}, steps=args.steps, guidance_scale=args.guidance_scale,
             height=int(imgs.shape[1]), width=int(imgs.shape[2]),
-            options={"labels": args.labels, "use_ema": not args.no_ema, "step": step})
+            options={"labels": args.labels, "use_ema": not args.no_ema, "step": step, "deep_cache": args.deep_cache})
         ncols = model.num_classes if args.labels == "grid" else None
         provenance.save_png(imgs, args.out, recipe, ncols=ncols)
         print(f"wrote {args.num} samples to {args.out}{_devices_note(model.mesh)}")
@@ -527,6 +534,7 @@ def _generate_parser() -> _Parser:
                         help="compute dtype of the networks (bfloat16 on GPU/TPU; default: float32)")
     parser.add_argument("--warmup", action="store_true",
                         help="compile every program first, report how many and how long, then run them")
+    _add_deep_cache(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", default="generated.png", metavar="PNG",
                         help="the picture (a grid for several) to write (default: generated.png)")
@@ -573,7 +581,8 @@ def _generate(argv: list[str]) -> int:
     for path, scale in loras:
         pipe.load_lora(path, scale=scale)
     # Options only some families take are passed only when given (SD3 and Flux have no clip skip).
-    given = (("eta", args.eta), ("clip_skip", args.clip_skip), ("guidance_scale", args.guidance_scale))
+    given = (("eta", args.eta), ("clip_skip", args.clip_skip), ("guidance_scale", args.guidance_scale),
+             ("deep_cache", args.deep_cache))
     extra = {k: v for k, v in given if v is not None}
     call = dict(negative_prompt=args.negative_prompt, num_steps=args.steps, sampler=args.sampler, seed=args.seed,
                 num_images=args.num, height=args.height, width=args.width, output_type="uint8",
@@ -593,7 +602,8 @@ def _generate(argv: list[str]) -> int:
         negative_prompt=args.negative_prompt, seed=args.seed, num_images=args.num, index=0 if args.num == 1 else None,
         sampler=args.sampler or getattr(pipe, "default_sampler", None), sampler_options={"eta": args.eta}, steps=args.steps,
         guidance_scale=args.guidance_scale, height=int(pixels.shape[1]), width=int(pixels.shape[2]),
-        loras=loras, options={"dtype": args.dtype, "clip_skip": args.clip_skip, "watermark": getattr(pipe, "watermark", False)})
+        loras=loras, options={"dtype": args.dtype, "clip_skip": args.clip_skip, "watermark": getattr(pipe, "watermark", False),
+                              "deep_cache": args.deep_cache})
     provenance.save_png(pixels, args.out, recipe, upscale=1)
     print(f"wrote {args.num} image(s) to {args.out}{_devices_note(pipe.mesh)}")
     return 0

@@ -185,6 +185,34 @@ def test_generate_info_and_bit_identical_replay(folder, tmp_path, monkeypatch, c
     assert not np.array_equal(_pixels(first), _pixels(other))
 
 
+def test_deep_cache_is_recorded_and_replayed(folder, tmp_path, monkeypatch):  # noqa: F811
+    import jax
+
+    from jaxdiff.convert.folder import save_pretrained
+    from jaxdiff.pipelines.stable_diffusion import StableDiffusion
+    from test_cli_generate import SCHEDULER
+
+    # The fixture's U-Net has its initial weights (zero output layers); perturb them so the deep
+    # feature shapes the picture.
+    pipe = StableDiffusion.from_pretrained(folder)
+    leaves, tree = jax.tree.flatten(pipe.params["unet"])
+    noisy = jax.tree.unflatten(tree, [np.asarray(p) + 0.05 * np.random.RandomState(i).randn(*np.shape(p)).astype(np.float32)
+                                      for i, p in enumerate(leaves)])
+    model = tmp_path / "model"
+    save_pretrained(model, {"unet": (pipe.unet, noisy), "vae": (pipe.vae, pipe.params["vae"]),
+                            "text_encoder": (pipe.text_encoder, pipe.params["text_encoder"]), "scheduler": SCHEDULER},
+                    tokenizer_dir=pathlib.Path(folder) / "tokenizer")
+    cached, again, plain = (str(tmp_path / n) for n in ("cached.png", "again.png", "plain.png"))
+    flags = ["--model", str(model), "--prompt", "a cat", "--steps", "3", "--seed", "2", "--no-progress"]
+    assert _cli(monkeypatch, "generate", *flags, "--deep-cache", "2", "--out", cached) == 0
+    assert provenance.read_recipe(cached)["options"]["deep_cache"] == 2
+    assert _cli(monkeypatch, "generate", "--recipe", cached, "--model", str(model), "--no-progress", "--out", again) == 0
+    assert np.array_equal(_pixels(cached), _pixels(again))                   # replayed with the reuse
+    assert _cli(monkeypatch, "generate", *flags, "--out", plain) == 0
+    assert "deep_cache" not in provenance.read_recipe(plain)["options"]
+    assert not np.array_equal(_pixels(cached), _pixels(plain))                # and the reuse mattered
+
+
 def test_replaying_with_other_weights_warns(tmp_path):
     from jaxdiff import cli
     from jaxdiff.errors import JaxdiffWarning

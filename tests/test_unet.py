@@ -419,7 +419,7 @@ def test_matches_diffusers_unet2d(downsample_padding):
 def test_pixel_checkpoint_round_trip(tmp_path):
     """save() writes a folder diffusers' UNet2DModel reads back with the same weights (the
     null-class row is dropped on export), and load() restores module and parameters."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     model = tiny(num_classes=3, head_dim=16)
     shapes = jax.eval_shape(lambda: _init(model, MNIST, jnp.zeros((B,), jnp.int32)))["params"]

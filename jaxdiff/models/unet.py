@@ -32,6 +32,16 @@ Parameter tree (names are stable; `convert/` maps diffusers checkpoints onto the
 `up_{i}` is indexed by resolution level like `down_{i}` (up_0 is the full-resolution block and
 runs last); diffusers numbers its up blocks the other way round (up_blocks.{L-1-i}).
 Inner names are listed in `layers.py` and `attention.py`.
+
+Deep feature reuse (DeepCache, Ma et al. 2023): `__call__(..., return_deep_feature=True)` also
+returns the feature the deep levels hand the shallow decoder levels, and `__call__(...,
+deep_feature=f)` runs only the shallow branch from such a cached feature (`deep_feature_shape`
+documents the cache point, `cache_level`); the parameter tree is the same.
+
+Why this file is long: the one U-Net serves the pixel DDPM/ADM networks, SD 1/2 and SDXL, with
+ControlNet residuals and deep feature reuse on the same call path; the input checks that give
+one-line errors for each of those conditioning kinds are most of its length (the levels
+themselves live in `levels.py`).
 """
 
 from __future__ import annotations
@@ -315,14 +325,15 @@ class UNet(nn.Module):
             emb = emb + TimestepMLP(emb_dim, self.dtype, name="add_embed")(added)
         return emb
 
-    def encode(self, h: Array, emb: Array, context: Array | None, train: bool
+    def encode(self, h: Array, emb: Array, context: Array | None, train: bool, levels: int | None = None
                ) -> tuple[Array, list[Array]]:
         """The down levels on h = conv_in(x) [B, H, W, base] -> (the lowest level's output, the
-        encoder activations: h, then each level's, the skips the decoder takes back)."""
+        encoder activations: h, then each level's, the skips the decoder takes back). `levels`
+        runs only the first that many levels (None: all)."""
         heads, depth = self.per_level("num_heads"), self.per_level("transformer_depth")
         num_levels = len(self.channel_mult)
         skips = [h]
-        for i, mult in enumerate(self.channel_mult):
+        for i, mult in enumerate(self.channel_mult[:levels]):
             h, level_skips = DownLevel(
                 channels=self.base_channels * mult, num_res_blocks=self.num_res_blocks,
                 use_attention=i in self.attention_levels, downsample=i < num_levels - 1,
@@ -354,7 +365,10 @@ class UNet(nn.Module):
         down_residuals: Sequence[Array] | None = None,
         mid_residual: Array | None = None,
         train: bool = False,
-    ) -> Array:
+        deep_feature: Array | None = None,
+        return_deep_feature: bool = False,
+        cache_level: int = 1,
+    ) -> Array | tuple[Array, Array]:
         """Predict the network output for noisy images.
 
         Args:
@@ -372,23 +386,53 @@ class UNet(nn.Module):
           mid_residual: [B, H/f, W/f, C_mid] added to the middle block's output (diffusers'
             `mid_block_additional_residual`).
           train: enables dropout (needs the 'dropout' rng).
+          deep_feature, return_deep_feature, cache_level: deep feature reuse (DeepCache, Ma et
+            al. 2023), see `deep_feature_shape`. With return_deep_feature=True the call also
+            returns the deep feature [B, h_c, w_c, C_c]: the input of decoder level
+            `cache_level - 1`, i.e. what the levels >= cache_level and the middle block hand
+            the shallow part of the decoder. Given `deep_feature` (such an array from an
+            earlier call), the call runs only the shallow branch on it: the time embedding,
+            conv_in, encoder levels < cache_level (their skips), decoder levels < cache_level
+            and the output head; the deeper blocks are not run. The parameters are the same.
         Returns:
-          [B, H, W, out_channels] float32.
+          [B, H, W, out_channels] float32; with return_deep_feature=True, (that, the deep
+          feature in the compute dtype; the given one when `deep_feature` was given).
         """
         t = jnp.asarray(t)
         labels = None if labels is None else jnp.asarray(labels)
         context = None if context is None else jnp.asarray(context)
         self._check_inputs(x, t, labels, context, text_embeds, time_ids)
+        reuse = deep_feature is not None or return_deep_feature
+        if reuse:
+            want = self.deep_feature_shape(x.shape, cache_level)
+            if deep_feature is not None and tuple(deep_feature.shape) != want:
+                raise ValueError(f"UNet: deep_feature must have shape {list(want)} (cache_level={cache_level}), "
+                                 f"got {list(deep_feature.shape)}")
+            if deep_feature is not None and (down_residuals is not None or mid_residual is not None):
+                raise ValueError("UNet: a shallow call from deep_feature takes no ControlNet residuals")
         emb = self.embed(t, x.shape[0], labels, text_embeds, time_ids)           # [B, 4 * base]
 
         x = space_to_depth(x, self.patch_size)                     # [B, H/p, W/p, C*p*p]
         h = conv3x3(self.base_channels, self.dtype, "conv_in")(x)  # [B, H/p, W/p, base]
-        h, skips = self.encode(h, emb, context, train)
-        h = self.middle(h, emb, context, train)
-        skips, h = add_residuals(skips, h, down_residuals, mid_residual)
+        num_levels = len(self.channel_mult)
+        if deep_feature is None:
+            h, skips = self.encode(h, emb, context, train)
+            h = self.middle(h, emb, context, train)
+            skips, h = add_residuals(skips, h, down_residuals, mid_residual)
+            top = num_levels - 1                                   # the first decoder level to run
+        else:
+            _, skips = self.encode(h, emb, context, train, levels=cache_level)
+            # decoder levels < cache_level take back conv_in's output and the skips of encoder
+            # levels < cache_level, all but the last level's downsampled output
+            skips = skips[:cache_level * (self.num_res_blocks + 1)]
+            h = deep_feature.astype(self.dtype)                    # [B, h_c, w_c, C_c]
+            top = cache_level - 1
+        feature = deep_feature
 
         heads, depth = self.per_level("num_heads"), self.per_level("transformer_depth")
-        for i in reversed(range(len(self.channel_mult))):
+        for i in reversed(range(top + 1)):
+            if reuse and deep_feature is None and i == cache_level - 1:
+                feature = h                                        # [B, h_c, w_c, C_c]
             # the decoder takes encoder activations back in reverse order of production
             level_skips = [skips.pop() for _ in range(self.num_res_blocks + 1)]
             h = UpLevel(
@@ -404,7 +448,26 @@ class UNet(nn.Module):
         p = self.patch_size
         h = conv3x3(self.out_channels * p * p, self.dtype, "conv_out", zero=True)(h)
         h = depth_to_space(h, p)                                  # [B, H, W, out]
-        return h.astype(jnp.float32)
+        h = h.astype(jnp.float32)
+        return (h, feature) if return_deep_feature else h
+
+    def deep_feature_shape(self, x_shape: Sequence[int], cache_level: int = 1) -> tuple[int, ...]:
+        """The shape of the deep feature that deep feature reuse caches for inputs x of shape
+        [B, H, W, C]: [B, H / (p * 2**(cache_level-1)), W / (...), base_channels *
+        channel_mult[cache_level]], the upsampled output of decoder level `cache_level`.
+
+        cache_level: how many resolution levels stay live in a shallow call, 1 <= cache_level <
+        len(channel_mult). The default, 1, keeps only the full-resolution level (the paper's
+        choice for its largest speed-ups): the shallow call runs conv_in, encoder level 0,
+        decoder level 0 and the output head. Larger values keep more levels, so shallow calls
+        cost more and stay closer to the full network."""
+        levels = len(self.channel_mult)
+        if isinstance(cache_level, bool) or not isinstance(cache_level, int) or not 1 <= cache_level < levels:
+            raise ValueError(f"UNet: cache_level must be an integer in [1, {levels - 1}] for {levels} levels "
+                             f"(channel_mult={self.channel_mult}), got {cache_level!r}")
+        B, H, W = x_shape[:3]
+        f = self.patch_size * 2 ** (cache_level - 1)
+        return (B, H // f, W // f, self.base_channels * self.channel_mult[cache_level])
 
 
 # DDPM CIFAR-10 network (Ho et al. 2020, Appendix B): 32x32 input, four levels 32/16/8/4,

@@ -24,6 +24,12 @@ What `run` does, the same way for every family:
     5. decode (if the job has a decoder), gather to every process, drop the padding, and convert
        with `jaxdiff.images.to_output` (one uint8 / PIL convention for every pipeline).
 
+Deep feature reuse (DeepCache, Ma et al. 2023; `Job.deep_cache=k`): the front end also hands
+the core `reusing_network(params, x, t, cond, feature) -> (prediction, feature)`, the network
+under `sampling`'s reuse convention (feature None: the whole network, returning its deep feature;
+a cached feature: the shallow branch from it), and the scan runs the whole network every k-th call
+only (`sampling.sample(..., reuse_every=k)`), k traced.
+
 The network convention: `network(params, x [B, ...], t [B], cond) -> prediction [B, ...]`, the
 network's native prediction at the training-scale timestep t, with `cond` the pytree of per-row
 conditioning (None for an unconditional network). `network` must be one function object per
@@ -125,6 +131,12 @@ class Job:
         weight matrices are then cast once per request, before the loop (`cast_weights`), instead
         of on every call inside it. Only for networks whose every `kernel` is used in that dtype
         (flax `Dense` / `Conv` with `dtype=weights_dtype`), so the products are unchanged.
+    deep_cache: deep feature reuse, the whole network every `deep_cache`-th model call and its
+        shallow branch from the cached deep feature in between (`deep_cache_every`); None, 0 or
+        1: off. Every k > 1 shares one program (one other than off's).
+    reusing_network: `reusing_network(params, x, t, cond, feature) -> (prediction, feature)`, the
+        network under the reuse convention (module docstring); None: the network cannot reuse
+        features, and deep_cache > 1 is refused. One object per pipeline, like `network`.
     """
 
     network: Callable
@@ -146,20 +158,38 @@ class Job:
     batch_size: int | None = None
     peak_bytes: Callable[[int], int] | None = None
     weights_dtype: Any = None
+    deep_cache: int | None = None
+    reusing_network: Callable | None = None
+
+
+def deep_cache_every(value) -> int | None:
+    """The reuse interval of `deep_cache=value`: None for off (None, 0 or 1), else an integer in
+    [2, sampling.MAX_REUSE_EVERY]; anything else (negative, a bool, a fraction, too large) is a
+    one-line ValueError."""
+    if value is None or (not isinstance(value, bool) and isinstance(value, (int, np.integer)) and value in (0, 1)):
+        return None
+    return sampling.check_reuse_every(value, "deep_cache")
 
 
 def _conditional(network_with_params, cond, x, t):
     return network_with_params(x, t, cond)
 
 
+def _conditional_reusing(network_with_params, cond, x, t, feature):
+    return network_with_params(x, t, cond, feature)
+
+
 def model_fn(job: Job, cond, uncond) -> jax.tree_util.Partial:
     """The `model_fn(x, t)` the scan calls: guided or conditional (the one rule), with `cond` /
-    `uncond` (mesh arrays) and the scales as traced leaves."""
-    network = jax.tree_util.Partial(job.network, job.params)
+    `uncond` (mesh arrays) and the scales as traced leaves; with `job.deep_cache` on, the same
+    under the reuse convention, `model_fn(x, t, feature) -> (prediction, feature)`."""
+    reuse = deep_cache_every(job.deep_cache) is not None
+    network = jax.tree_util.Partial(job.reusing_network if reuse else job.network, job.params)
     if not guided(job.guidance_scale):
-        return jax.tree_util.Partial(_conditional, network, cond)
+        return jax.tree_util.Partial(_conditional_reusing if reuse else _conditional, network, cond)
     cutoff = None if job.guidance_end is None else sampling.guidance_cutoff(job.sampler, job.guidance_end)
-    return sampling.cfg(network, job.guidance_scale, cond, uncond, job.guidance_rescale, guidance_cutoff=cutoff)
+    return sampling.cfg(network, job.guidance_scale, cond, uncond, job.guidance_rescale, guidance_cutoff=cutoff,
+                        reuse=reuse)
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -187,6 +217,9 @@ def check(job: Job) -> None:
     check_scale("guidance_scale", job.guidance_scale, optional=True)
     check_scale("guidance_rescale", job.guidance_rescale, lo=0.0, hi=1.0)
     check_scale("guidance_end", job.guidance_end, lo=0.0, hi=1.0, optional=True)
+    if deep_cache_every(job.deep_cache) is not None and job.reusing_network is None:
+        raise ValueError("deep_cache needs a U-Net (it reuses the U-Net's deep features); this model cannot, "
+                         "leave deep_cache unset")
     if guided(job.guidance_scale) and job.uncond is None:
         raise ValueError("classifier-free guidance (guidance_scale > 1) needs a conditional model and its "
                          "unconditional input; leave guidance_scale unset for this model")
@@ -259,7 +292,8 @@ def run(job: Job, mesh, *, output_type: str = "np", progress: bool = False, desc
                 sampler = masked_lib.masked(sampler, mask, known, x)
             fn = model_fn(job, put(job.cond), put(job.uncond))
             latents = sampling.sample(sampler, fn, x, sample_key(job.seed, b), x0=put(job.x0),
-                                      progress=bar.step if bar.enabled else None)
+                                      progress=bar.step if bar.enabled else None,
+                                      reuse_every=deep_cache_every(job.deep_cache))
             if output_type == "latent":
                 out.append(sharding_lib.gather(latents)[:e - s])
                 continue

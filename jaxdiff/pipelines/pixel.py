@@ -68,6 +68,13 @@ def _network(module, params, x, t, labels):
     return module.apply({"params": params}, x, t, labels)[..., :x.shape[-1]]
 
 
+def _reusing_network(module, params, x, t, labels, feature):
+    """`_network` under the deep-feature-reuse convention (`core.Job.reusing_network`): feature
+    None runs the whole U-Net and returns its deep feature, a feature the shallow branch."""
+    out, feature = module.apply({"params": params}, x, t, labels, deep_feature=feature, return_deep_feature=True)
+    return out[..., :x.shape[-1]], feature
+
+
 def peak_bytes(module, height: int, width: int, guided_call: bool):
     """`rows -> bytes`, a lower bound of one network call's peak memory: the U-Net's
     (`core.unet_peak_bytes`), or for a DiT three token activations [T, D] and, off GPU, the
@@ -111,6 +118,7 @@ class DiffusionModel:
         self._network = functools.partial(_network, module)   # one object per model: jit's cache key
         low = jnp.dtype(module.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         self._low_precision = jnp.dtype(module.dtype) if low else None   # weights cast once per request
+        self._reusing_network = None if isinstance(module, DiT) else functools.partial(_reusing_network, module)
 
     @property
     def num_classes(self) -> int | None:
@@ -139,7 +147,8 @@ class DiffusionModel:
     def sample(self, num: int, sampler: str | None = None, num_steps: int = 50, seed: int = 0,
                labels: Sequence[int] | None = None, guidance_scale: float | None = None, *,
                use_ema: bool = True, batch_size: int | None = None, progress: bool = False,
-               output_type: str = "uint8", **sampler_options: Any):
+               output_type: str = "uint8", deep_cache: int | None = None, guidance_end: float | None = None,
+               **sampler_options: Any):
         """Draw `num` images. Returns uint8 `[num, H, W, C]` (output_type "uint8"), float32 in
         [0, 1] ("np"), a list of PIL images ("pil") or the sampler's result in data scale, about
         [-1, 1] and unclipped ("latent").
@@ -153,7 +162,10 @@ class DiffusionModel:
         over the mesh, padded to a multiple of its batch shards. progress: a per-step bar.
         Every process of a multi-process run must call this, and every process gets all `num`
         images. diffusers' names are understood: num_inference_steps is num_steps; generator is
-        answered with seed.
+        answered with seed. deep_cache: k > 1 runs the whole U-Net every k-th model call and only
+        its full-resolution level in between, from the cached deep feature (DeepCache, Ma et al.
+        2023; `core.Job.deep_cache`); None, 0 or 1: off. guidance_end: guide only the first
+        fraction in [0, 1] of the model calls (`core.Job.guidance_end`).
         """
         sampler_options, renamed = options_lib.take_aliases(sampler_options)
         num_steps = renamed.pop("num_steps", num_steps)
@@ -171,7 +183,8 @@ class DiffusionModel:
             network=self._network, params=params, sampler=plan, shape=self.image_shape, num=num, seed=seed,
             cond=labels, uncond=None if labels is None else np.full((1,), self.num_classes, np.int32),
             guidance_scale=scale, batch_size=batch_size, peak_bytes=peak, decode=self.decode,
-            image_shape=self.decoded_shape, weights_dtype=self._low_precision)
+            image_shape=self.decoded_shape, deep_cache=deep_cache, reusing_network=self._reusing_network,
+            guidance_end=guidance_end, weights_dtype=self._low_precision)
         return core.run(job, self.mesh, output_type=output_type, progress=progress)
 
     def warmup(self, num: int, *args: Any, **kwargs: Any):

@@ -122,6 +122,8 @@ class GenerateOptions:
         cross_attention_kwargs={"scale": s} is read as this), see `pipelines/lora.py`.
     control: the ControlNet options (control_image, controlnet_conditioning_scale, ...; see
         `pipelines/controlnet.py`).
+    deep_cache: k > 1 runs the whole U-Net every k-th step, its outer level alone in between
+        (DeepCache; `core.Job.deep_cache`); None, 0 or 1: off. Not with a ControlNet.
     """
 
     num_steps: int = 30
@@ -139,6 +141,7 @@ class GenerateOptions:
     eta: float | None = None
     progress: bool = False
     lora_scale: float | None = None
+    deep_cache: int | None = None
     sampler_options: dict = dataclasses.field(default_factory=dict)
     control: dict = dataclasses.field(default_factory=dict)
 
@@ -162,6 +165,7 @@ class GenerateOptions:
         core.check_scale("guidance_end", self.guidance_end, lo=0.0, hi=1.0, optional=True)
         core.check_scale("eta", self.eta, lo=0.0, hi=1.0, optional=True)
         core.check_scale("lora_scale", self.lora_scale, optional=True)
+        core.deep_cache_every(self.deep_cache)
         options_lib.check_count("num_images", self.num_images)
         if isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer)):
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
@@ -176,14 +180,17 @@ class GenerateOptions:
 # Network calls (module-level so that each pipeline's partials are stable jit cache keys).
 # --------------------------------------------------------------------------------------------
 
-def _unet(module, params, x, t, cond):
+def _unet(module, params, x, t, cond, *feature):
     """The U-Net's prediction. x: [B, h, w, C]; cond: {"context": [B, S, D]}, for SDXL
     "text_embeds" [B, P] and "time_ids" [B, n], for 9-channel inpainting U-Nets "extra":
-    [B, h, w, 5] (mask and masked-image latents) joined to x, and ControlNet residuals."""
+    [B, h, w, 5] (mask and masked-image latents) joined to x, and ControlNet residuals. Given a
+    `feature` argument (None or a cached deep feature), the deep-feature-reuse convention
+    (`core.Job.reusing_network`): returns (prediction, feature)."""
     if "extra" in cond:
         x = jnp.concatenate([x, cond["extra"].astype(x.dtype)], axis=-1)           # [B, h, w, 9]
     added = {k: cond[k] for k in ("text_embeds", "time_ids") if k in cond}
-    return module.apply({"params": params}, x, t, context=cond["context"], **added,
+    reuse = {"deep_feature": feature[0], "return_deep_feature": True} if feature else {}
+    return module.apply({"params": params}, x, t, context=cond["context"], **added, **reuse,
                         down_residuals=cond.get("down_residuals"), mid_residual=cond.get("mid_residual"))
 
 
@@ -402,7 +409,9 @@ class StableDiffusion(lora_pipe.LoraMixin):
         shape, peak = self._latents(height, width, opts.guidance_scale)
         network, params = self._unet_fn, self._lora_params("unet", opts.lora_scale)
         network, params, cond, uncond = controlnet_lib.wire(self, opts, plan, network, params, cond, uncond, height, width)
+        reusing = None if self.controlnets else self._unet_fn            # `_unet` with a feature argument
         job = core.Job(network=network, params=params, sampler=plan, shape=shape, guidance_end=opts.guidance_end,
+                       deep_cache=opts.deep_cache, reusing_network=reusing,
                        num=cond["context"].shape[0], seed=opts.seed, cond=cond, uncond=uncond,
                        guidance_scale=opts.guidance_scale, guidance_rescale=opts.guidance_rescale,
                        noise=None if opts.latents is None else np.asarray(opts.latents, np.float32),

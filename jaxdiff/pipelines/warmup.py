@@ -168,11 +168,8 @@ def compile_job(job, mesh, output_type: str, progress: bool):
         fn = core.model_fn(job, put(job.cond), put(job.uncond))
         key = core.sample_key(job.seed, b)
         x0 = put(job.x0)
-        if progress:   # `sampling.sample(progress=...)` runs the loop with its per-step report (a static option)
-            lowered = sampling._run.lower(*sampling._arguments(sampler, fn, x, key, x0), return_trajectory=False,
-                                          progress=True)
-        else:
-            lowered = sampling.lower(sampler, fn, x, key, x0=x0)
+        lowered = sampling.lower(sampler, fn, x, key, x0=x0, reuse_every=core.deep_cache_every(job.deep_cache),
+                                 progress=progress)   # with a bar, the loop that reports each call
         loop = lowered.compile()
         if output_type == "latent":
             continue

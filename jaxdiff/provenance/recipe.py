@@ -62,8 +62,8 @@ _FIELDS: dict[str, tuple] = {
 _REQUIRED = ("format", "jaxdiff", "kind")
 # Per kind: the `options` a recipe may hold, and their types.
 OPTIONS: dict[str, dict[str, tuple]] = {
-    "generate": {"dtype": (str,), "clip_skip": (int,), "watermark": (bool,)},
-    "sample": {"labels": (str,), "use_ema": (bool,), "step": (int,)},
+    "generate": {"dtype": (str,), "clip_skip": (int,), "watermark": (bool,), "deep_cache": (int,)},
+    "sample": {"labels": (str,), "use_ema": (bool,), "step": (int,), "deep_cache": (int,)},
     "train_samples": {"step": (int,), "labels": (str,), "captions": (list,), "grid": (str,)},
 }
 _SAMPLER_OPTIONS = {"eta": (float, int)}
@@ -388,6 +388,7 @@ def command_args(recipe: Mapping, command: str) -> list[str]:
                       "width": recipe.get("width"), "clip_skip": opts.get("clip_skip"), "dtype": opts.get("dtype")})
     else:
         flags.update({"checkpoint": recipe.get("model"), "labels": opts.get("labels")})
+    flags["deep_cache"] = opts.get("deep_cache")
     args = [f"--{k}={v!r}" if isinstance(v, float) else f"--{k}={v}" for k, v in flags.items() if v is not None]
     if command == "generate":
         args += [f"--lora={a['name']}:{a['scale']!r}" for a in recipe.get("loras") or []]
