@@ -1,9 +1,10 @@
 """3x3 convolutions on this machine: XLA's convolution against the same sum as 2-D matmuls.
 
-    python experiments/bench_conv.py [--net sd15,cifar] [--dtype float32] [--repeats 5]
+    python experiments/bench_conv.py [--net sd15,cifar,demo] [--dtype float32] [--repeats 5]
                                      [--impls xla,im2col,shifted] [--no-torch] [--grad]
 
-For every distinct 3x3 convolution shape of the SD-1.5 U-Net (batch 1, 64x64 latents) and of the
+For every distinct 3x3 convolution shape of the SD-1.5 U-Net (batch 1, 64x64 latents), of the demo
+U-Net (batch 64, 16x16) and of the
 DDPM CIFAR-10 U-Net (batch 16, 32x32), times the forward (and with --grad the forward plus the
 gradients with respect to input and kernel) of each formulation of `jaxdiff.models.conv.conv2d`
 and of `torch.nn.functional.conv2d` on the same data. The calls are interleaved (one round runs
@@ -34,6 +35,16 @@ SHAPES = {
         ("L2 res", 1, 16, 1280, 1280, 1),
         ("L3 res", 1, 8, 1280, 1280, 1),
         ("up L0 in", 1, 64, 640, 320, 1),
+    ],
+    "demo": [
+        ("conv_in", 64, 16, 1, 16, 1),
+        ("L0 res", 64, 16, 16, 16, 1),
+        ("L0 down", 64, 16, 16, 16, 2),
+        ("L1 res", 64, 8, 32, 32, 1),
+        ("L1 in", 64, 8, 16, 32, 1),
+        ("L2 res", 64, 4, 64, 64, 1),
+        ("up L0 in", 64, 16, 48, 16, 1),
+        ("up L1 in", 64, 8, 96, 32, 1),
     ],
     "cifar": [
         ("L0 res", 16, 32, 128, 128, 1),

@@ -457,6 +457,9 @@ def target_sd15(args, dtype):
                 return net(xt, tt, encoder_hidden_states=ct).sample
     else:
         params = jax.jit(module.init)(jax.random.PRNGKey(0), x, t, context=ctx)["params"]
+    if dtype == jnp.bfloat16:   # the weight matrices in bf16, as a bf16 pipeline holds them in its loop
+        from jaxdiff.pipelines import core
+        params = core.cast_weights(params, jnp.bfloat16)
     return ("SD-1.5 U-Net forward (859.5M params, 64x64x4 latents, batch 1, random weights)",
             lambda p, x, t, c: module.apply({"params": p}, x, t, context=c), (params, x, t, ctx), ref)
 

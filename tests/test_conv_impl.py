@@ -125,6 +125,7 @@ def test_automatic_choice_follows_the_measured_rules():
     assert conv_lib.choose((1, 8, 8, 256), (3, 3, 256, 256), f32, backend="cpu") == "xla"
     # CPU, bf16: one dot per tap, or im2col for the few-channel input layer.
     assert conv_lib.choose((1, 64, 64, 320), (3, 3, 320, 320), bf16, backend="cpu") == "shifted"
+    assert conv_lib.choose((4, 32, 32, 640), (3, 3, 640, 640), bf16, backend="cpu") == "shifted"
     assert conv_lib.choose((1, 64, 64, 4), (3, 3, 4, 320), bf16, backend="cpu") == "im2col"
     # A block forces one formulation, and the nesting unwinds.
     with conv_lib.formulation("xla"):

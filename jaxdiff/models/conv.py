@@ -70,14 +70,16 @@ def choose(x_shape, kernel_shape, dtype, backend: str | None = None) -> str:
     """The formulation "auto" picks for one convolution, x [B, H, W, C] * kernel [kh, kw, C, O].
 
     XLA's own convolution on GPU and TPU. On the CPU backend (jax 0.10, whose convolutions go to
-    XNNPACK/Eigen), measured per layer shape with experiments/bench_conv.py against XLA:
-    - bfloat16 / float16: XLA's convolution runs at the float32 rate (~230 GFLOP/s on the
-      development CPU) while a 2-D dot accumulating in float32 reaches ~650, so "shifted" (one
-      dot per tap) is 1.1-4.9x faster for every SD-1.5 layer with C >= 32; the 4-channel input
-      layer gains from "im2col" instead.
-    - float32: XLA's convolution is at its best on wide maps, but on maps of <= 16x16 positions
-      with >= 1024 input channels (SD's two deepest levels) it falls to 50-90 GFLOP/s, where one
-      im2col dot runs 2-6x faster forward and 2x with gradients. Elsewhere "xla".
+    XNNPACK/Eigen), measured on an idle 2-core CPU (experiments/bench_conv.py per layer shape,
+    experiments/bench_sd.py for the whole SD-1.5 U-Net):
+    - bfloat16 / float16: on maps of <= 32x32 positions with >= 256 channels XLA's convolution
+      runs at 30-150 GFLOP/s, while a 2-D dot accumulating in float32 runs several times faster;
+      one dot per tap ("shifted") is 2-7x faster there. On the 64x64 maps XLA's convolution is
+      as fast alone, but inside the whole U-Net "shifted" everywhere (C >= 32) made the call
+      faster than XLA on the wide levels (batch 4: 9.4 s against 10.6 s), so it is used for every
+      layer with >= 32 input channels; "im2col" for the few-channel input layer.
+    - float32: on maps of <= 16x16 positions with >= 1024 channels (SD's two deepest levels) XLA
+      falls to 50-90 GFLOP/s, where "im2col" (one dot) runs 2-5x faster; elsewhere "xla".
     """
     backend = backend or jax.default_backend()
     if backend != "cpu":
