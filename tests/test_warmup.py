@@ -9,42 +9,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import write_clip_tokenizer
+from test_cli_generate import folder  # noqa: F401  (the tiny Stable Diffusion folder fixture)
 
 from jaxdiff.pipelines import core, warmup
 
-SCHEDULER = {"_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
-             "beta_schedule": "scaled_linear", "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1,
-             "prediction_type": "epsilon"}
-
-
-def _init(module, *args, **kwargs):
-    return jax.jit(lambda: module.init(jax.random.key(0), *args, **kwargs))()["params"]
-
 
 @pytest.fixture(scope="module")
-def sd_folder(tmp_path_factory):
-    """A tiny Stable Diffusion folder written by jaxdiff alone (as tests/test_cli_generate.py)."""
-    from jaxdiff.convert import clip, unet, vae
-    from jaxdiff.convert.folder import save_pretrained
-
-    tmp = tmp_path_factory.mktemp("sdwarm")
-    vocab = write_clip_tokenizer(tmp / "tokenizer", max_length=77)
-    um = unet.module_from_config(dict(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=[16, 32], layers_per_block=1,
-        down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"], up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"],
-        cross_attention_dim=16, norm_num_groups=8, attention_head_dim=4))
-    vm = vae.module_from_config(dict(
-        block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=8))
-    tm = clip.module_from_config(dict(
-        vocab_size=vocab, hidden_size=16, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4,
-        max_position_embeddings=77, bos_token_id=vocab - 2, eos_token_id=2, pad_token_id=vocab - 1))
-    components = {"unet": (um, _init(um, **um.example_inputs())),
-                  "vae": (vm, _init(vm, jnp.zeros((1, 16, 16, 3)))),
-                  "text_encoder": (tm, _init(tm, jnp.zeros((1, 77), jnp.int32))), "scheduler": SCHEDULER}
-    assert save_pretrained(tmp / "model", components, tokenizer_dir=tmp / "tokenizer") == []
-    return tmp / "model"
+def sd_folder(folder):  # noqa: F811
+    """The tiny Stable Diffusion folder of tests/test_cli_generate.py (jaxdiff-written, initial weights)."""
+    return folder
 
 
 @pytest.fixture(scope="module")
