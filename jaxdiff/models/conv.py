@@ -51,6 +51,11 @@ _FORMULATION = ["auto"]
 LOW_PRECISION = (jnp.bfloat16, jnp.float16)
 
 
+def low_precision(dtype) -> bool:
+    """Whether `dtype` is a 16-bit float (bfloat16 or float16), whose products accumulate in float32."""
+    return jnp.dtype(dtype) in (jnp.dtype(d) for d in LOW_PRECISION)
+
+
 @contextlib.contextmanager
 def formulation(impl: str):
     """Trace the convolutions (and low-precision dense layers) of the models inside the block
@@ -85,7 +90,7 @@ def choose(x_shape, kernel_shape, dtype, backend: str | None = None) -> str:
     if backend != "cpu":
         return "xla"
     _, H, W, C = x_shape
-    if jnp.dtype(dtype) in [jnp.dtype(d) for d in LOW_PRECISION]:
+    if low_precision(dtype):
         return "shifted" if C >= 32 else "im2col"
     if C >= 1024 and H * W <= 256:
         return "im2col"
@@ -135,7 +140,7 @@ def dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None, prefe
     bfloat16 / float16 product accumulates in float32 and is rounded back once, the form XLA lowers
     to the CPU's bf16 dot instructions (~2.3x the rate of a bf16-accumulating dot on the
     development CPU). Unchanged elsewhere, and under `formulation("xla")`."""
-    low = lhs.dtype in LOW_PRECISION and rhs.dtype == lhs.dtype
+    low = low_precision(lhs.dtype) and rhs.dtype == lhs.dtype
     if (low and preferred_element_type is None and _FORMULATION[-1] != "xla"
             and jax.default_backend() == "cpu"):
         out = lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type=jnp.float32)
@@ -145,7 +150,7 @@ def dot_general(lhs: Array, rhs: Array, dimension_numbers, precision=None, prefe
 
 def _matmul(a: Array, b: Array) -> Array:
     """[M, K] x [K, N] -> [M, N], accumulated in float32 for 16-bit inputs."""
-    low = a.dtype in (jnp.bfloat16, jnp.float16)
+    low = low_precision(a.dtype)
     out = lax.dot_general(
         a, b, (((1,), (0,)), ((), ())),
         preferred_element_type=jnp.float32 if low else None,

@@ -43,6 +43,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models import conv as conv_lib
+
 Array = jax.Array
 
 IMPLEMENTATIONS = ("auto", "xla", "blocked", "cudnn", "pallas")
@@ -198,7 +200,7 @@ def choose(implementation: str, q_shape, k_shape, dtype, *, masked: bool = False
                          f"{', '.join(IMPLEMENTATIONS)}")
     backend = backend or jax.default_backend()
     (B, T, N, D), S = q_shape, k_shape[1]
-    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    half = conv_lib.low_precision(dtype)
     tpu_ok = T % 128 == 0 and S % 128 == 0 and not masked
     if implementation == "cudnn":
         if backend != "gpu":

@@ -54,6 +54,7 @@ import numpy as np
 from jaxdiff import images as images_lib
 from jaxdiff import sampling
 from jaxdiff import sharding as sharding_lib
+from jaxdiff.models import conv as conv_lib
 from jaxdiff.models import lora as lora_lib
 from jaxdiff.pipelines import options as options_lib
 from jaxdiff.samplers import masked as masked_lib
@@ -190,6 +191,12 @@ def model_fn(job: Job, cond, uncond) -> jax.tree_util.Partial:
     cutoff = None if job.guidance_end is None else sampling.guidance_cutoff(job.sampler, job.guidance_end)
     return sampling.cfg(network, job.guidance_scale, cond, uncond, job.guidance_rescale, guidance_cutoff=cutoff,
                         reuse=reuse)
+
+
+def weights_dtype(compute_dtype):
+    """`Job.weights_dtype` for a network computing in `compute_dtype`: that dtype when it is a
+    16-bit float (its weight matrices are then cast once per request), else None."""
+    return jnp.dtype(compute_dtype) if conv_lib.low_precision(compute_dtype) else None
 
 
 @functools.partial(jax.jit, static_argnums=1)

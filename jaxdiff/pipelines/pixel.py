@@ -116,8 +116,7 @@ class DiffusionModel:
         self.ema_params = place(ema_params)
         self.image_shape = tuple(image_shape)              # (H, W, C)
         self._network = functools.partial(_network, module)   # one object per model: jit's cache key
-        low = jnp.dtype(module.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        self._low_precision = jnp.dtype(module.dtype) if low else None   # weights cast once per request
+        self._weights_dtype = core.weights_dtype(module.dtype)          # weights cast once per request
         self._reusing_network = None if isinstance(module, DiT) else functools.partial(_reusing_network, module)
 
     @property
@@ -184,7 +183,7 @@ class DiffusionModel:
             cond=labels, uncond=None if labels is None else np.full((1,), self.num_classes, np.int32),
             guidance_scale=scale, batch_size=batch_size, peak_bytes=peak, decode=self.decode,
             image_shape=self.decoded_shape, deep_cache=deep_cache, reusing_network=self._reusing_network,
-            guidance_end=guidance_end, weights_dtype=self._low_precision)
+            guidance_end=guidance_end, weights_dtype=self._weights_dtype)
         return core.run(job, self.mesh, output_type=output_type, progress=progress)
 
     def warmup(self, num: int, *args: Any, **kwargs: Any):

@@ -250,8 +250,7 @@ class StableDiffusion(lora_pipe.LoraMixin):
         self.rules = rules
         self.params = sharding_lib.place(params, sharding_lib.tree_shardings(params, self.mesh, rules))
         coder = vae.clone(dtype=jnp.float32) if vae_float32 else vae
-        low = jnp.dtype(unet.dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-        self._low_precision = jnp.dtype(unet.dtype) if low else None   # weights cast once per request
+        self._weights_dtype = core.weights_dtype(unet.dtype)            # weights cast once per request
         # One function object each per pipeline, so repeated calls hit jit's caches.
         self._unet_fn = lora_pipe.with_lora(functools.partial(_unet, unet))
         self._encode_fn = jax.jit(functools.partial(_encode_images, coder))
@@ -416,7 +415,7 @@ class StableDiffusion(lora_pipe.LoraMixin):
                        guidance_scale=opts.guidance_scale, guidance_rescale=opts.guidance_rescale,
                        noise=None if opts.latents is None else np.asarray(opts.latents, np.float32),
                        x0=x0, keep=keep, decode=functools.partial(self._decode_fn, self.params["vae"]),
-                       image_shape=(height, width, 3), peak_bytes=peak, weights_dtype=self._low_precision)
+                       image_shape=(height, width, 3), peak_bytes=peak, weights_dtype=self._weights_dtype)
         marked = self.watermark and opts.output_type != "latent"    # then [N, H, W, 3] in [0, 1], marked
         out = core.run(job, self.mesh, output_type="np" if marked else opts.output_type, progress=opts.progress)
         out = images_lib.to_output(watermark_lib.embed_watermark(out), opts.output_type) if marked else out
