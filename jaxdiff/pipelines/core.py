@@ -270,6 +270,26 @@ def prepare(job: Job, mesh, output_type: str):
     return job, noise
 
 
+def batch_arguments(job: Job, mesh, noise, b: int, s: int, e: int):
+    """The `sampling.sample` / `sampling.lower` arguments of batch `b`, images s..e of the job
+    (`noise` from `prepare`), laid out on the mesh and padded to its batch shards: ((sampler,
+    model_fn, x, key), {x0, reuse_every})."""
+    n = int(job.num)
+    rows = sharding_lib.padded_batch(e - s, mesh)
+
+    def put(tree):
+        return None if tree is None else jax.tree.map(
+            lambda a: sharding_lib.put_batch(a, mesh, rows), _rows_of(tree, s, e, n))
+
+    x = put(noise)                                                               # [rows, *shape]
+    sampler = job.sampler
+    if job.keep is not None:
+        sampler = masked_lib.masked(sampler, put(job.keep[0]), put(job.keep[1]), x)
+    fn = model_fn(job, put(job.cond), put(job.uncond))
+    return (sampler, fn, x, sample_key(job.seed, b)), {"x0": put(job.x0),
+                                                       "reuse_every": deep_cache_every(job.deep_cache)}
+
+
 def run(job: Job, mesh, *, output_type: str = "np", progress: bool = False, desc: str = "sample"):
     """Run `job` on `mesh` (see the module docstring). Returns, for the N images:
     "latent": the sampler's result [N, *shape] float32 (for pixel models, data scale ~[-1, 1]);
@@ -289,18 +309,8 @@ def run(job: Job, mesh, *, output_type: str = "np", progress: bool = False, desc
         for b, s in enumerate(starts):
             bar.begin(b)
             e = min(s + size, n)
-            rows = sharding_lib.padded_batch(e - s, mesh)
-            put = lambda tree: None if tree is None else jax.tree.map(  # noqa: E731
-                lambda a: sharding_lib.put_batch(a, mesh, rows), _rows_of(tree, s, e, n))
-            x = put(noise)                                                           # [rows, *shape]
-            sampler = job.sampler
-            if job.keep is not None:
-                mask, known = put(job.keep[0]), put(job.keep[1])
-                sampler = masked_lib.masked(sampler, mask, known, x)
-            fn = model_fn(job, put(job.cond), put(job.uncond))
-            latents = sampling.sample(sampler, fn, x, sample_key(job.seed, b), x0=put(job.x0),
-                                      progress=bar.step if bar.enabled else None,
-                                      reuse_every=deep_cache_every(job.deep_cache))
+            args, kwargs = batch_arguments(job, mesh, noise, b, s, e)
+            latents = sampling.sample(*args, **kwargs, progress=bar.step if bar.enabled else None)
             if output_type == "latent":
                 out.append(sharding_lib.gather(latents)[:e - s])
                 continue

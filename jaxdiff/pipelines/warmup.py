@@ -49,12 +49,10 @@ import numpy as np
 
 from jaxdiff import images as images_lib
 from jaxdiff import sampling
-from jaxdiff import sharding as sharding_lib
 from jaxdiff.models import safety as safety_model
 from jaxdiff.pipelines import core
 from jaxdiff.pipelines import prompts as prompts_lib
 from jaxdiff.pipelines import safety as safety_lib
-from jaxdiff.samplers import masked as masked_lib
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
@@ -158,18 +156,8 @@ def compile_job(job, mesh, output_type: str, progress: bool):
     pixel_shape = tuple(job.image_shape or job.shape)
     for b, s in enumerate(range(0, n, size)):
         e = min(s + size, n)
-        rows = sharding_lib.padded_batch(e - s, mesh)
-        put = lambda tree: None if tree is None else jax.tree.map(  # noqa: E731
-            lambda a: sharding_lib.put_batch(a, mesh, rows), core._rows_of(tree, s, e, n))
-        x = put(noise)                                                               # [rows, *shape]
-        sampler = job.sampler
-        if job.keep is not None:
-            sampler = masked_lib.masked(sampler, put(job.keep[0]), put(job.keep[1]), x)
-        fn = core.model_fn(job, put(job.cond), put(job.uncond))
-        key = core.sample_key(job.seed, b)
-        x0 = put(job.x0)
-        lowered = sampling.lower(sampler, fn, x, key, x0=x0, reuse_every=core.deep_cache_every(job.deep_cache),
-                                 progress=progress)   # with a bar, the loop that reports each call
+        args, kwargs = core.batch_arguments(job, mesh, noise, b, s, e)    # the call's own inputs
+        lowered = sampling.lower(*args, **kwargs, progress=progress)   # with a bar, the loop that reports each call
         loop = lowered.compile()
         if output_type == "latent":
             continue
