@@ -127,6 +127,9 @@ def test_automatic_choice_follows_the_measured_rules():
     assert conv_lib.choose((1, 64, 64, 320), (3, 3, 320, 320), bf16, backend="cpu") == "shifted"
     assert conv_lib.choose((4, 32, 32, 640), (3, 3, 640, 640), bf16, backend="cpu") == "shifted"
     assert conv_lib.choose((1, 64, 64, 4), (3, 3, 4, 320), bf16, backend="cpu") == "im2col"
+    # CPU, float32, one input channel: nine broadcast products; three channels stay with XLA.
+    assert conv_lib.choose((64, 16, 16, 1), (3, 3, 1, 16), f32, backend="cpu") == "shifted"
+    assert conv_lib.choose((16, 32, 32, 3), (3, 3, 3, 128), f32, backend="cpu") == "xla"
     # A block forces one formulation, and the nesting unwinds.
     with conv_lib.formulation("xla"):
         assert conv_lib.resolve_impl("auto", (1, 8, 8, 1280), (3, 3, 1280, 1280), f32) == "xla"
@@ -184,3 +187,66 @@ def test_low_precision_dense_accumulates_in_float32():
     assert np.abs(np.asarray(out, np.float64) - exact).max() < 0.05 * np.abs(exact).max()
     # float32 inputs are untouched.
     np.testing.assert_array_equal(conv_lib.dot_general(x, w, dims), jax.lax.dot_general(x, w, dims))
+
+
+def test_batch_parts_follows_the_measured_rule():
+    """Halves on one CPU device for calls of >= 8192 positions on maps of <= 32x32, B even."""
+    if jax.device_count() != 1:
+        pytest.skip("the rule keeps a sharded batch whole")
+    assert conv_lib.batch_parts((64, 16, 16, 1), backend="cpu") == 2     # the demo sampling batch
+    assert conv_lib.batch_parts((16, 32, 32, 3), backend="cpu") == 2     # the CIFAR-10 train batch
+    assert conv_lib.batch_parts((16, 16, 16, 1), backend="cpu") == 1     # too small to gain
+    assert conv_lib.batch_parts((63, 16, 16, 1), backend="cpu") == 1     # odd batch
+    assert conv_lib.batch_parts((8, 64, 64, 4), backend="cpu") == 1      # SD latents
+    assert conv_lib.batch_parts((64, 16, 16, 1), backend="gpu") == 1
+    with conv_lib.formulation("xla"):
+        assert conv_lib.batch_parts((64, 16, 16, 1), backend="cpu") == 1
+
+
+def _count_convs(fn, *args):
+    return str(jax.make_jaxpr(fn)(*args)).count("conv_general_dilated")
+
+
+def test_unet_in_halves_equals_the_whole_batch(monkeypatch):
+    """A U-Net call cut into two half batches (`conv.batch_parts`) gives the whole call's
+    outputs and gradients, with every per-sample input sliced (labels, context, ControlNet
+    residuals, deep features), and really runs the network twice."""
+    from jaxdiff.models.unet import UNet
+
+    net = UNet(out_channels=2, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+               num_groups=4, num_classes=3, context_dim=6, flip_sin_to_cos=True)
+    B, S = 4, 5
+    rng = np.random.RandomState(0)
+    x = jnp.asarray(rng.randn(B, 8, 8, 2), jnp.float32)
+    t = jnp.asarray([10.0, 400.0, 700.0, 999.0])
+    labels = jnp.asarray([0, 1, 2, 3])
+    context = jnp.asarray(rng.randn(B, S, 6), jnp.float32)
+    params = net.init(jax.random.PRNGKey(0), x[:1], t[:1], labels[:1], context=context[:1])["params"]
+    params = jax.tree.map(lambda p: p + 0.02 * jnp.asarray(rng.randn(*p.shape), p.dtype), params)  # no zero layers
+    # ControlNet-style residuals, one per encoder activation (conv_in, res, downsample, res) and mid
+    down = [jnp.asarray(rng.randn(B, *s), jnp.float32) * 0.1 for s in ((8, 8, 8), (8, 8, 8), (4, 4, 8), (4, 4, 16))]
+    mid = jnp.asarray(rng.randn(B, 4, 4, 16), jnp.float32) * 0.1
+
+    def call(p, x, **kw):
+        return net.apply({"params": p}, x, t, labels, context=context, **kw)
+
+    def loss(p, x):
+        return jnp.sum(call(p, x, down_residuals=down, mid_residual=mid) ** 2)
+
+    def run(parts):
+        monkeypatch.setattr(conv_lib, "batch_parts", lambda shape, backend=None: parts)
+        out = jax.jit(lambda p, x: call(p, x, down_residuals=down, mid_residual=mid))(params, x)
+        grads = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+        full, feature = jax.jit(lambda p, x: call(p, x, return_deep_feature=True))(params, x)
+        shallow = jax.jit(lambda p, x, f: call(p, x, deep_feature=f))(params, x, feature)
+        convs = _count_convs(lambda p, x: call(p, x), params, x)
+        return out, grads, full, feature, shallow, convs
+
+    whole, halves = run(1), run(2)
+    assert halves[-1] == 2 * whole[-1] > 0                      # the network is in the program twice
+    for a, b in zip(jax.tree.leaves(whole[:-1]), jax.tree.leaves(halves[:-1])):
+        np.testing.assert_allclose(b, a, rtol=2e-5, atol=2e-5 * float(jnp.abs(a).max()))
+    # the residuals are applied per sample: swapping two samples' residuals changes both outputs
+    monkeypatch.setattr(conv_lib, "batch_parts", lambda shape, backend=None: 2)
+    swapped = call(params, x, down_residuals=[d[::-1] for d in down], mid_residual=mid[::-1])
+    assert float(jnp.abs(swapped - halves[0]).max()) > 1e-3

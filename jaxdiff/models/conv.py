@@ -22,7 +22,9 @@ The models use them through two hooks of flax's own layers, so parameter trees a
 not change: `nn.Conv(..., conv_general_dilated=conv_general)` picks the formulation per layer
 shape (`choose`: XLA on GPU/TPU; on CPU the measured winners), and `nn.Dense(...,
 dot_general=dot_general)` accumulates low-precision products in float32 on CPU.
-`formulation("xla")` turns both off inside a block (the benchmarks' baseline).
+`batch_parts` says when a U-Net call on the CPU runs as two half batches, which XLA's runtime
+runs side by side on its threads (`unet.UNet.__call__`). `formulation("xla")` turns all three
+off inside a block (the benchmarks' baseline).
 
 `Conv` is a drop-in for `flax.linen.Conv` with the same parameters (`kernel` [kh, kw, C, O],
 `bias` [O]), so checkpoints and converters do not see which formulation ran.
@@ -84,7 +86,11 @@ def choose(x_shape, kernel_shape, dtype, backend: str | None = None) -> str:
       faster than XLA on the wide levels (batch 4: 9.4 s against 10.6 s), so it is used for every
       layer with >= 32 input channels; "im2col" for the few-channel input layer.
     - float32: on maps of <= 16x16 positions with >= 1024 channels (SD's two deepest levels) XLA
-      falls to 50-90 GFLOP/s, where "im2col" (one dot) runs 2-5x faster; elsewhere "xla".
+      falls to 50-90 GFLOP/s, where "im2col" (one dot) runs 2-5x faster; on one input channel
+      (grayscale images) "shifted", nine broadcast products, takes a quarter of XLA's time
+      forward and half with gradients (0.11 against 0.43 ms at [64, 16, 16, 1] -> 16); elsewhere
+      "xla" (other few-channel layers are slower as dots: [16, 32, 32, 3] -> 128 takes 20 ms
+      "shifted" against 0.5 ms in XLA).
     """
     backend = backend or jax.default_backend()
     if backend != "cpu":
@@ -94,7 +100,30 @@ def choose(x_shape, kernel_shape, dtype, backend: str | None = None) -> str:
         return "shifted" if C >= 32 else "im2col"
     if C >= 1024 and H * W <= 256:
         return "im2col"
+    if C == 1:
+        return "shifted"
     return "xla"
+
+
+def batch_parts(x_shape, backend: str | None = None) -> int:
+    """Into how many independent slices "auto" cuts the batch of a U-Net call on x [B, H, W, C]
+    (1: it runs whole). On one CPU device XLA's runtime runs operations that do not depend on
+    each other at the same time on its threads, but the convolutions of a small network are too
+    small to be split over them: the demo U-Net's forward at batch 64 kept 1.1 of 2 cores busy.
+    Two half batches through the same weights are two independent chains that the runtime runs
+    side by side. Measured on an idle 2-core CPU, demo U-Net forward (16x16): batch 16 5.4 ms
+    whole, 5.6 ms in halves; batch 32 10.0 -> 9.3 ms; batch 64 18.3 -> 15.0; batch 128 34.5 ->
+    27.3; the DDPM CIFAR-10 train step (batch 16, 32x32) 2.69 -> 2.22 s. On SD's 64x64 latents
+    it gained nothing at batch 2 and 11% at batch 4 (bfloat16) for twice the compile time. So:
+    halves when the call has >= 8192 positions (B * H * W) on maps of <= 32x32, B even. Never
+    on GPU/TPU or on a sharded batch (more than one device), nor under `formulation("xla")`.
+    The compiled program holds the network once per slice: its compile takes longer."""
+    backend = backend or jax.default_backend()
+    if backend != "cpu" or _FORMULATION[-1] == "xla" or jax.device_count() != 1:
+        return 1
+    B, H, W = x_shape[:3]
+    small_maps, enough = H * W <= 32 * 32, B * H * W >= 8192
+    return 2 if B % 2 == 0 and small_maps and enough else 1
 
 
 def resolve_impl(impl: str, x_shape=None, kernel_shape=None, dtype=jnp.float32) -> str:
