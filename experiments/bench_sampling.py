@@ -11,7 +11,8 @@ All in one process on the same machine:
 3. the reference: diffusers' `UNet2DModel` of the same topology driven by `DDIMScheduler` for 50
    steps in PyTorch on the CPU (skipped when torch/diffusers are not installed).
 
-Medians over `--repeats` runs. Weights are random unless `--checkpoint` is given: the cost of a
+Medians over `--repeats` rounds; each round runs 2 and 3 once each (interleaved), so a load that
+changes during the run hits jaxdiff and the reference alike. Weights are random unless `--checkpoint` is given: the cost of a
 network does not depend on its weights.
 """
 
@@ -104,7 +105,9 @@ def torch_unet(module, image_shape, num_classes):
     return unet
 
 
-def diffusers_reference(module, image_shape, num_classes, batch, steps, repeats):
+def diffusers_reference(module, image_shape, num_classes, batch, steps):
+    """(a call that runs diffusers' DDIM loop on the same-topology network, its details), or None
+    without torch/diffusers."""
     try:
         import torch
         from diffusers import DDIMScheduler
@@ -126,14 +129,22 @@ def diffusers_reference(module, image_shape, num_classes, batch, steps, repeats)
         return x
 
     run()  # warm-up
-    times = []
+    return run, {"params": sum(p.numel() for p in unet.parameters()),
+                 "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+def interleaved_medians(calls: dict, repeats: int) -> dict:
+    """{name: median seconds} of `repeats` rounds, each round running every call once, so a load
+    that changes during the run hits all of them alike."""
+    times = {name: [] for name in calls}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times),
-            "params": sum(p.numel() for p in unet.parameters()),
-            "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            out = fn()
+            if not hasattr(out, "numpy"):          # a torch tensor is ready when returned
+                jax.block_until_ready(out)
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -172,21 +183,23 @@ def run(args) -> dict:
     scan_run = lambda: sampling.sample(sampler, model_fn, noise, key)
     loop_run = python_loop_sampler(sampler, model_fn, noise, key)
     np.testing.assert_allclose(np.asarray(scan_run()), np.asarray(loop_run()), rtol=1e-4, atol=1e-4)
-    scan_s = median_time(scan_run, args.repeats)
-    loop_s = median_time(loop_run, args.repeats)
+    calls = {"scan": scan_run, "loop": loop_run}
+    ref = None
+    if not args.no_reference:           # 3. the reference in PyTorch, timed in the same rounds
+        ref = diffusers_reference(module, image_shape, module.num_classes, args.batch, args.steps)
+        if ref is not None:
+            calls["diffusers"] = ref[0]
+    medians = interleaved_medians(calls, args.repeats)
+    scan_s, loop_s = medians["scan"], medians["loop"]
     results["ddim_steps"] = args.steps
     results["scan_s"] = scan_s
     results["python_loop_s"] = loop_s
     results["scan_images_per_s"] = args.batch / scan_s
     results["python_loop_images_per_s"] = args.batch / loop_s
-
-    # 3. The reference in PyTorch.
-    if not args.no_reference:
-        ref = diffusers_reference(module, image_shape, module.num_classes, args.batch, args.steps, args.repeats)
-        if ref is not None:
-            results["diffusers"] = ref
-            results["diffusers_images_per_s"] = args.batch / ref["seconds"]
-            results["jaxdiff_scan_speedup_vs_diffusers"] = ref["seconds"] / scan_s
+    if ref is not None:
+        results["diffusers"] = {"seconds": medians["diffusers"], **ref[1]}
+        results["diffusers_images_per_s"] = args.batch / medians["diffusers"]
+        results["jaxdiff_scan_speedup_vs_diffusers"] = medians["diffusers"] / scan_s
     return results
 
 

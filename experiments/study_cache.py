@@ -35,23 +35,11 @@ import time
 
 import jax.numpy as jnp
 import numpy as np
+from bench_sampling import interleaved_medians
 
 SETTINGS = (("plain", None, None), ("DeepCache k=2", 2, None), ("DeepCache k=3", 3, None),
             ("DeepCache k=5", 5, None), ("guidance_end 0.5", None, 0.5), ("guidance_end 0.25", None, 0.25),
             ("DeepCache k=3 + guidance_end 0.5", 3, 0.5))
-
-
-def median_times(calls: dict, repeats: int) -> dict:
-    """{name: median wall seconds of calls[name]()} over `repeats` rounds that time every call
-    once each, in turn (so a change in the machine's load hits every setting alike); the calls
-    must have run once already (compilation)."""
-    times = {name: [] for name in calls}
-    for _ in range(repeats):
-        for name, fn in calls.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: float(np.median(t)) for name, t in times.items()}
 
 
 def shallow_flops_ratio(unet, x, t, **inputs) -> float:
@@ -100,7 +88,7 @@ def study_pixel(path: str, num: int, time_batch: int, steps: int) -> dict:
         rows.append({"setting": name, "deep_cache": k, "guidance_end": end, "mean_abs_diff": mad, "psnr": psnr,
                      "fid_digits": fid, "accuracy": digits_metric.accuracy(classifier, images * 2.0 - 1.0, labels)})
         print(rows[-1], flush=True)
-    _add_times(rows, median_times(calls, 5))
+    _add_times(rows, interleaved_medians(calls, 5))
     x = jnp.zeros((1,) + tuple(model.image_shape))
     ratio = shallow_flops_ratio(model.module, x, jnp.zeros((1,)), labels=jnp.zeros((1,), jnp.int32))
     return {"model": os.path.basename(os.path.normpath(path)), "num": num, "time_batch": time_batch,
@@ -134,7 +122,7 @@ def study_latent(path: str, per_digit: int, steps: int, guidance: float) -> dict
         rows.append({"setting": name, "deep_cache": k, "guidance_end": end, "mean_abs_diff": mad, "psnr": psnr,
                      "accuracy": digits_metric.accuracy(classifier, images * 2.0 - 1.0, wanted)})
         print(rows[-1], flush=True)
-    _add_times(rows, median_times(calls, 3))
+    _add_times(rows, interleaved_medians(calls, 3))
     h, w = pipe.unet.sample_size, pipe.unet.sample_size
     x = jnp.zeros((1, h, w, pipe.latent_channels))
     ratio = shallow_flops_ratio(pipe.unet, x, jnp.zeros((1,)), context=jnp.zeros((1, 77, pipe.unet.context_dim)))
