@@ -250,3 +250,6 @@ def test_unet_in_halves_equals_the_whole_batch(monkeypatch):
     monkeypatch.setattr(conv_lib, "batch_parts", lambda shape, backend=None: 2)
     swapped = call(params, x, down_residuals=[d[::-1] for d in down], mid_residual=mid[::-1])
     assert float(jnp.abs(swapped - halves[0]).max()) > 1e-3
+    # a mis-sized input is refused with the whole batch's shapes, not a half's
+    with pytest.raises(ValueError, match=r"mid_residual must have the middle block's shape \[4, 4, 4, 16\]"):
+        call(params, x, down_residuals=down, mid_residual=mid[:3])

@@ -419,6 +419,8 @@ class UNet(nn.Module):
                  "mid_residual": mid_residual, "deep_feature": deep_feature}
         flags = {"train": train, "return_deep_feature": return_deep_feature, "cache_level": cache_level}
         parts = conv.batch_parts(x.shape)
+        if any(jnp.shape(a)[:1] != x.shape[:1] for a in jax.tree.leaves(batch)):
+            parts = 1                          # a mis-sized input: `forward`'s check names the whole shapes
         if parts == 1:
             return self.forward(**batch, **flags)
         # independent slices of the batch through the same parameters (see `conv.batch_parts`);
