@@ -12,8 +12,8 @@ All in one process on the same machine:
    steps in PyTorch on the CPU (skipped when torch/diffusers are not installed).
 
 Medians over `--repeats` rounds; each round runs 2 and 3 once each (interleaved), so a load that
-changes during the run hits jaxdiff and the reference alike. Weights are random unless `--checkpoint` is given: the cost of a
-network does not depend on its weights.
+changes during the run hits jaxdiff and the reference alike. Weights are random unless
+`--checkpoint` is given: the cost of a network does not depend on its weights.
 """
 
 from __future__ import annotations
@@ -140,9 +140,7 @@ def interleaved_medians(calls: dict, repeats: int) -> dict:
     for _ in range(repeats):
         for name, fn in calls.items():
             t0 = time.perf_counter()
-            out = fn()
-            if not hasattr(out, "numpy"):          # a torch tensor is ready when returned
-                jax.block_until_ready(out)
+            jax.block_until_ready(fn())           # a torch tensor is ready when returned
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 

@@ -114,10 +114,11 @@ def batch_parts(x_shape, backend: str | None = None) -> int:
     side by side. Measured on an idle 2-core CPU, demo U-Net forward (16x16): batch 16 5.4 ms
     whole, 5.6 ms in halves; batch 32 10.0 -> 9.3 ms; batch 64 18.3 -> 15.0; batch 128 34.5 ->
     27.3; the DDPM CIFAR-10 train step (batch 16, 32x32) 2.69 -> 2.22 s. On SD's 64x64 latents
-    it gained nothing at batch 2 and 11% at batch 4 (bfloat16) for twice the compile time. So:
-    halves when the call has >= 8192 positions (B * H * W) on maps of <= 32x32, B even. Never
-    on GPU/TPU or on a sharded batch (more than one device), nor under `formulation("xla")`.
-    The compiled program holds the network once per slice: its compile takes longer."""
+    it gained nothing at batch 2, and 11% at batch 4 (bfloat16, four slices) for 2.8x the
+    compile time. So: halves when the call has >= 8192 positions (B * H * W) on maps of <= 32x32,
+    B even. Never on GPU/TPU or on a sharded batch (more than one device), nor under
+    `formulation("xla")`. The compiled program holds the network once per slice: its compile
+    takes longer."""
     backend = backend or jax.default_backend()
     if backend != "cpu" or _FORMULATION[-1] == "xla" or jax.device_count() != 1:
         return 1
