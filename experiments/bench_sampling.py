@@ -54,12 +54,8 @@ def _apply(module, params, labels, x, t):
 
 
 def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    """Median seconds of `repeats` calls of fn (one call of `interleaved_medians`)."""
+    return interleaved_medians({"call": fn}, repeats)["call"]
 
 
 def compile_seconds(sampler, model_fn, noise, key) -> tuple[float, float]:
