@@ -32,12 +32,12 @@ import argparse
 import functools
 import json
 import platform
-import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_sampling import interleaved_medians, median_time as median_seconds
 
 from jaxdiff.convert import unet as unet_convert
 from jaxdiff.models import conv as conv_lib
@@ -45,26 +45,6 @@ from jaxdiff.models import unet as unet_lib
 from jaxdiff.pipelines import core
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def interleaved_medians(fns: dict, repeats: int) -> dict:
-    """Median seconds of each zero-argument function, timed in rounds that call each once."""
-    times = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def median_seconds(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # The Stable Diffusion U-Nets, and a tiny one of the same topology to check the script in seconds.

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 import jax
 import jax.numpy as jnp
 import numpy as np
+from bench_sampling import median_time as median_wall
 
 CLASSES = ("conv fwd", "conv grad", "matmul/attention", "norm", "elementwise", "other")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -236,15 +237,6 @@ def trace_op_times(call, repeats: int, module_prefix: str) -> dict[str, float]:
     runs = list(per_run.values())
     names = set().union(*runs) if runs else set()
     return {n: statistics.median([r.get(n, 0.0) for r in runs]) for n in names}
-
-
-def median_wall(call, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(call())
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def matmul_peak(n: int = 2048, repeats: int = 5, dtype=jnp.float32) -> float:
