@@ -6,7 +6,7 @@
                                           [--dtype float32] [--json out.json]
 
 For each case (SD 1.5's first level: 8 heads of 40 channels; 64x64 latents give T = 4096 tokens,
-96x96 latents T = 9216; self-attention has S = T, cross-attention S = 77 text tokens), batch and
+96x96 latents T = 9216, and the second level of 64x64 latents T = 1024; self-attention has S = T, cross-attention S = 77 text tokens), batch and
 kernel it prints the median wall time of the jitted forward and forward + backward (gradients
 wrt q, k, v) over --reps runs after one warm-up, and the temporary bytes XLA's
 `memory_analysis()` reports for each compiled program (programs whose temporaries exceed
@@ -29,6 +29,7 @@ from jaxdiff.models import flash
 HEADS, HEAD_DIM = 8, 40
 CASES = {  # name: (T, S)
     "sd15_self": (4096, 4096),
+    "sd15_32_self": (1024, 1024),
     "sd15_cross": (4096, 77),
     "sd15_96_self": (9216, 9216),
     "sd15_96_cross": (9216, 77),

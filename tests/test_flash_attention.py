@@ -4,6 +4,8 @@ bfloat16, self and cross attention, lengths that do not divide the blocks, key m
 tiny SD U-Net; the memory the kernel saves (XLA's compiled memory analysis); and which kernel
 each backend gets."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +83,21 @@ def test_blocked_bfloat16_is_as_close_to_float32_as_xla(T, S):
         err_b, err_x = np.abs(b - e).max() / scale, np.abs(x - e).max() / scale
         assert err_b < 2e-2, (name, err_b)
         assert err_b < 2 * err_x + 2e-3, (name, err_b, err_x)
+
+
+def test_masking_is_traced_only_when_needed():
+    """Without a mask and with S a multiple of the key block, the kernel selects nothing on its
+    [B, N, bq, bk] blocks (each select is a pass over them); a mask or padded keys bring the
+    selects back, forward and backward."""
+    def block_selects(T, S, mask=None):
+        q, k, v, _ = _qkv(0, 2, T, S, 3, 8)
+        f = lambda q, k, v: _blocked(q, k, v, mask).sum()
+        text = str(jax.make_jaxpr(jax.grad(f, argnums=(0, 1, 2)))(q, k, v))
+        return len(re.findall(r"\[2,3,16,\d+\] = select_n", text))
+
+    assert block_selects(64, 96) == 0
+    assert block_selects(64, 96, jnp.arange(96)[None] < jnp.array([[50], [96]])) > 0
+    assert block_selects(64, 77) > 0  # 77 keys pad to 96: the padding is masked
 
 
 def test_a_fully_masked_query_gets_zeros_not_nans():
@@ -163,6 +180,13 @@ def test_auto_picks_by_backend_and_size():
     f32, bf16 = jnp.float32, jnp.bfloat16
     assert flash.choose("auto", *small, f32, backend="cpu") == "xla"
     assert flash.choose("auto", *big, f32, backend="cpu") == "blocked"
+    # On the CPU the blocked kernel is chosen once T and S both fill a block of 512, far below
+    # the memory threshold (32x32 latents: 32 MiB of logits at batch 1); elsewhere not.
+    mid = ((1, 1024, 8, 40), (1, 1024, 8, 40))
+    assert flash.choose("auto", *mid, f32, backend="cpu") == "blocked"
+    assert flash.choose("auto", *mid, f32, backend="gpu") == "xla"
+    assert flash.choose("auto", (64, 256, 8, 40), (64, 256, 8, 40), f32, backend="cpu") == "xla"
+    assert flash.choose("auto", (1, 4096, 8, 40), (1, 77, 8, 40), f32, backend="cpu") == "xla"
     assert flash.choose("auto", *small, bf16, backend="gpu") == "cudnn"
     assert flash.choose("auto", *big, f32, backend="gpu") == "blocked"  # cuDNN wants half inputs
     assert flash.choose("auto", *big, bf16, backend="tpu") == "pallas"
