@@ -782,11 +782,16 @@ def _warnings_as_lines(command: str) -> None:
 
 
 # Commands that compile networks: they share compiled programs across runs through JAX's
-# persistent cache (see compile_cache.py; JAXDIFF_COMPILATION_CACHE=off turns it off).
+# persistent cache (see compile_cache.py; JAXDIFF_COMPILATION_CACHE=off turns it off), and, run
+# as their own process, keep freed host memory for the next call (host_memory.py;
+# JAXDIFF_HOST_MEMORY=default turns it off).
 CACHED_COMMANDS = ("train", "sample", "generate", "eval")
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `jaxdiff` command. Called without argv (the console script, `python -m jaxdiff.cli`)
+    it owns the process and tunes its allocator; called with argv from a program, it does not."""
+    own_process = argv is None
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
         asked = bool(argv)
@@ -807,8 +812,10 @@ def main(argv: list[str] | None = None) -> int:
 
     _warnings_as_lines(argv[0])
     if argv[0] in CACHED_COMMANDS and not {"-h", "--help"} & set(argv[1:]):
-        from jaxdiff import compile_cache
+        from jaxdiff import compile_cache, host_memory
 
+        if own_process:
+            host_memory.configure()  # before XLA starts its threads and allocates
         compile_cache.configure(prog=f"jaxdiff {argv[0]}")  # before the first compile
     try:
         return COMMANDS[argv[0]](argv[1:])
