@@ -815,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
         from jaxdiff import compile_cache, host_memory
 
         if own_process:
-            host_memory.configure()  # before XLA starts its threads and allocates
+            host_memory.configure(prog=f"jaxdiff {argv[0]}")  # before XLA starts its threads
         compile_cache.configure(prog=f"jaxdiff {argv[0]}")  # before the first compile
     try:
         return COMMANDS[argv[0]](argv[1:])

@@ -30,6 +30,7 @@ import sys
 
 ENV = "JAXDIFF_HOST_MEMORY"
 OFF = ("default", "off", "0", "false", "no", "none")
+ON = ("", "keep", "on", "1", "true", "yes")
 
 # glibc's mallopt parameters (malloc.h) and the values set.
 M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8
@@ -40,13 +41,18 @@ SETTINGS = (
 )
 
 
-def configure(environ=None) -> bool:
+def configure(environ=None, *, prog: str = "jaxdiff") -> bool:
     """Apply the settings above to this process; True when they took effect. False when
     JAXDIFF_HOST_MEMORY (in `environ`, default os.environ) is default/off, or the C library is
-    not glibc. Call it before the first large computation; calling it again is harmless."""
+    not glibc; another value than keep/default is one warning line on stderr and keeps. Call it
+    before the first large computation; calling it again is harmless."""
     env = os.environ if environ is None else environ
-    if env.get(ENV, "").strip().lower() in OFF:
+    value = env.get(ENV, "").strip().lower()
+    if value in OFF:
         return False
+    if value not in ON:
+        print(f"{prog}: warning: {ENV}={env[ENV]!r} is neither 'keep' nor 'default'; keeping freed "
+              f"host memory (set {ENV}=default to leave malloc alone)", file=sys.stderr, flush=True)
     if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
         return False
     try:

@@ -48,9 +48,14 @@ def test_kept_memory_is_not_faulted_again():
     assert kept < default / 20, (kept, default)
 
 
-def test_off_values_and_other_platforms_leave_malloc_alone(monkeypatch):
+def test_off_values_and_other_platforms_leave_malloc_alone(monkeypatch, capsys):
     for value in ("default", "OFF", " 0 ", "no"):
         assert host_memory.configure({"JAXDIFF_HOST_MEMORY": value}) is False
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(host_memory.ctypes, "CDLL", lambda name: None)  # nothing applied here
+    host_memory.configure({"JAXDIFF_HOST_MEMORY": "banana"}, prog="jaxdiff sample")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "JAXDIFF_HOST_MEMORY='banana' is neither" in err, err
     monkeypatch.setattr(host_memory.platform, "libc_ver", lambda: ("", ""))
     assert host_memory.configure({}) is False
 
