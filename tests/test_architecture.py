@@ -22,7 +22,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jaxdiff"
 
 LAYERS = {
     "errors": 0, "files": 0, "images": 0, "schedules": 0, "parameterization": 0,
-    "compile_cache": 0, "provenance": 0,
+    "compile_cache": 0, "host_memory": 0, "provenance": 0,
     "models": 1,
     "samplers": 2, "convert": 2, "data": 2, "sharding": 2, "checkpoint": 2, "config": 2,
     "sampling": 3, "metrics": 3, "analytic": 3,

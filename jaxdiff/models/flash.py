@@ -113,7 +113,7 @@ def _forward(q, k, v, keep, bq, bk):
     p in v's dtype. The row sum l comes out of the p v product (v's last column is ones), not a
     fourth pass: in bfloat16 it then sums the same rounded p that weight v."""
     scale = 1.0 / math.sqrt(q.shape[-1])
-    D = q.shape[-1]
+    D = v.shape[-1]                                              # acc carries [p v | l]
     xs = _key_blocks(k, v, keep, bk)
 
     def one_query_block(qb):                                     # [B, N, bq, D]
