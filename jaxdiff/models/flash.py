@@ -111,7 +111,7 @@ def _forward(q, k, v, keep, bq, bk):
     Per key block the [B, N, bq, bk] float32 logits are passed over three times: written by the
     product, read for the row max, read once more by one fused exp (scale included) that writes
     p in v's dtype. The row sum l comes out of the p v product (v's last column is ones), not a
-    fourth pass: in bfloat16 it then sums the same rounded p that weight v."""
+    fourth pass: in bfloat16 it then sums the same rounded p that multiplies v."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     D = v.shape[-1]                                              # acc carries [p v | l]
     xs = _key_blocks(k, v, keep, bk)
