@@ -94,11 +94,10 @@ def _logits(qb: Array, kb: Array, keep: Array | None) -> Array:
     return s if keep is None else jnp.where(keep[:, None, None, :], s, _NEG)
 
 
-def _key_blocks(k: Array, v: Array, keep: Array | None, bk: int):
-    """The scan inputs over key blocks: k and v as [nk, B, N, bk, D(+1)] and keep as [nk, B, bk]
-    (left out when None). v gets a column of ones, so the product p v also returns sum_k p."""
-    ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)
-    blocks = (_blocks(k, bk), _blocks(jnp.concatenate([v, ones], -1), bk))
+def _key_blocks(k: Array, v: Array, keep: Array | None, bk: int) -> tuple:
+    """The scan inputs over key blocks: k and v as [nk, B, N, bk, D] and keep [B, Sp] as
+    [nk, B, bk] (left out when None)."""
+    blocks = (_blocks(k, bk), _blocks(v, bk))
     if keep is None:
         return blocks
     return (*blocks, keep.reshape(keep.shape[0], -1, bk).transpose(1, 0, 2))
@@ -114,7 +113,8 @@ def _forward(q, k, v, keep, bq, bk):
     fourth pass: in bfloat16 it then sums the same rounded p that multiplies v."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     D = v.shape[-1]                                              # acc carries [p v | l]
-    xs = _key_blocks(k, v, keep, bk)
+    ones = jnp.ones(v.shape[:-1] + (1,), v.dtype)                # so p [v | 1] = [p v | sum_k p]
+    xs = _key_blocks(k, jnp.concatenate([v, ones], -1), keep, bk)
 
     def one_query_block(qb):                                     # [B, N, bq, D]
         def step(carry, blk):
@@ -150,9 +150,7 @@ def _backward(q, k, v, keep, o, lse, do, bq, bk):
     qbs, dobs = _blocks(q, bq), _blocks(do, bq)                  # [nq, B, N, bq, D]
     lses = _blocks(lse[..., None], bq)[..., 0]                   # [nq, B, N, bq]
     deltas = _blocks(delta[..., None], bq)[..., 0]               # [nq, B, N, bq]
-    xs = (_blocks(k, bk), _blocks(v, bk))
-    if keep is not None:
-        xs = (*xs, keep.reshape(keep.shape[0], -1, bk).transpose(1, 0, 2))  # [nk, B, bk]
+    xs = _key_blocks(k, v, keep, bk)
 
     def one_key_block(dq, blk):                                  # dq: [nq, B, N, bq, D] float32
         kb, vb, kp = blk if keep is not None else (*blk, None)   # [B, N, bk, D], [B, bk]
