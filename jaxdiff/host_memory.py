@@ -28,8 +28,10 @@ import os
 import platform
 import sys
 
+from jaxdiff import compile_cache
+
 ENV = "JAXDIFF_HOST_MEMORY"
-OFF = ("default", "off", "0", "false", "no", "none")
+OFF = ("default", *compile_cache.OFF)  # the compile cache's off words, and "default"
 ON = ("", "keep", "on", "1", "true", "yes")
 
 # glibc's mallopt parameters (malloc.h) and the values set.
