@@ -1,6 +1,7 @@
 """Checkpoints that protect themselves: no non-finite state is saved, a bad newest step does not
 block the good ones, silent corruption is caught by checksums, read-only use is quiet."""
 
+import asyncio
 import hashlib
 import json
 import os
@@ -9,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import types
 import warnings
 
 import jax
@@ -20,6 +22,7 @@ import pytest
 from conftest import run_python
 from jaxdiff import data
 from jaxdiff.checkpoint import MANIFEST, Checkpointer, CheckpointWarning, nonfinite_summary
+from jaxdiff.checkpoint.messages import ReadEchoes
 from jaxdiff.errors import CheckpointError, TrainingError
 from jaxdiff.train import state as state_lib
 
@@ -484,6 +487,7 @@ def test_read_only_use_prints_only_jaxdiff_lines(template, tmp_path):
     assert [l.split()[-1] for l in out.stdout.splitlines()] == ["3", "2", "2"]
     ours, orbax_raw = out.stderr.split("MARK\n")
     # broken: the skipped step; old: the skipped step and the unverified one restored.
+    assert len(ours.splitlines()) == 3, ours
     skip_broken, skip_old, note_old = ours.splitlines()
     prefix = "jaxdiff.checkpoint:0: CheckpointWarning: "
     assert skip_broken.startswith(prefix + f"skipped unreadable checkpoint step(s) in {broken}: 3 ("), ours
@@ -491,6 +495,47 @@ def test_read_only_use_prints_only_jaxdiff_lines(template, tmp_path):
     assert note_old == prefix + (f"checkpoint step 2 in {old} has no {MANIFEST} (saved without "
                                  f"checksums, or by an older jaxdiff); restoring it unverified"), ours
     assert "read only" in orbax_raw  # the capture works: orbax alone is not quiet
+
+
+def _unraisable(exc: BaseException, obj=None):
+    return types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=exc.__traceback__,
+                                 err_msg=None, object=obj)
+
+
+def test_read_echoes_drop_only_the_echoes_of_a_failed_read(monkeypatch):
+    """The echo of a failed read (tensorstore's callback finding orbax's loop closed) is dropped
+    from the moment a read starts; any other unraisable reaches the hook that was there before."""
+    printed = []
+    monkeypatch.setattr(sys, "unraisablehook", printed.append)
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as e:
+        echo = e
+    try:
+        raise RuntimeError("Event loop is closed")  # the same words, not from the loop
+    except RuntimeError as e:
+        other = e
+
+    echoes = ReadEchoes()
+    echoes.watch()  # before the read: an echo can come before the failure reaches `restore`
+    sys.unraisablehook(_unraisable(echo))
+    sys.unraisablehook(_unraisable(other))
+    sys.unraisablehook(_unraisable(ValueError("x")))
+    assert [type(u.exc_value) for u in printed] == [RuntimeError, ValueError]
+    assert printed[0].exc_value is other
+    echoes.read_done(failed=False)  # a clean read: the hook goes at once
+    assert sys.unraisablehook == printed.append
+
+    echoes.watch()
+    echoes.read_done(failed=True)  # a failed read: it stays for the late echoes ...
+    echoes.watch()
+    echoes.read_done(failed=False)  # ... even past a clean read after it ...
+    sys.unraisablehook(_unraisable(echo))
+    assert len(printed) == 2
+    echoes.remove()  # ... until `close`
+    assert sys.unraisablehook == printed.append
 
 
 # ---------------------------------------------------------------------------------------------

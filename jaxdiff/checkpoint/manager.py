@@ -323,12 +323,13 @@ class Checkpointer:
         if data_iterator is not None and self.has_data_state(step):
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         state, error = None, ""
+        self._echoes.watch()
         with quiet_orbax():
             try:
                 state = self._manager.restore(step, args=ocp.args.Composite(**items)).state
             except Exception as e:  # orbax raises many types; the caller gets one line
                 error = first_line(e)
-                self._echoes.install()
+        self._echoes.read_done(failed=bool(error))
         error = agree(error)
         return (None, error) if error else (state, "")
 

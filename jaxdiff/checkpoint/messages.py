@@ -59,23 +59,38 @@ class ReadEchoes:
     the garbage collector finalises it ("Exception ignored in: <coroutine
     _read_array_index_and_device_put>"), and tensorstore's completion callback, which finds the
     loop closed ("Event loop is closed" from `call_soon_threadsafe`). The failure itself was
-    raised to, and reported by, `restore`. Installed at the first failed read, removed by `close`
-    after the pending reads have settled; every other unraisable passes."""
+    raised to, and reported by, `restore`. An echo can come before the failure reaches the caller,
+    so the hook is in place around every read (`watch`); after a failed read it stays until
+    `close`, which removes it once the pending reads have settled. Every other unraisable
+    passes."""
 
     def __init__(self):
         self._previous = None
+        self._failed = False
 
-    def install(self) -> None:
+    def watch(self) -> None:
+        """Before a read."""
         if self._previous is None:
             self._previous = sys.unraisablehook
             sys.unraisablehook = self._hook
 
+    def read_done(self, failed: bool) -> None:
+        """After a read: a clean read (and none failed before) takes the hook away at once."""
+        self._failed = self._failed or failed
+        if not self._failed:
+            self._uninstall()
+
     def remove(self) -> None:
+        if self._failed:
+            gc.collect()
+            time.sleep(0.1)  # local reads settle in milliseconds; only after a failed read
+            gc.collect()
+        self._uninstall()
+        self._failed = False
+
+    def _uninstall(self) -> None:
         if self._previous is None:
             return
-        gc.collect()
-        time.sleep(0.1)  # local reads settle in milliseconds; only after a failed read
-        gc.collect()
         if sys.unraisablehook == self._hook:
             sys.unraisablehook = self._previous
         self._previous = None
@@ -89,7 +104,7 @@ class ReadEchoes:
         if "_read_array_index_and_device_put" in repr(unraisable.object):
             return True
         tb = unraisable.exc_traceback
-        frames = [f.name for f, _ in traceback.walk_tb(tb)] if tb is not None else []
+        frames = [f.f_code.co_name for f, _ in traceback.walk_tb(tb)] if tb is not None else []
         return (isinstance(unraisable.exc_value, RuntimeError) and "call_soon_threadsafe" in frames
                 and str(unraisable.exc_value) == "Event loop is closed")
 
