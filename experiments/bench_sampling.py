@@ -86,7 +86,8 @@ def python_loop_sampler(sampler, model_fn, noise, key):
 
 
 def torch_unet(module, image_shape, num_classes):
-    """diffusers' `UNet2DModel` with the topology of jaxdiff's pixel `module` (random weights)."""
+    """diffusers' `UNet2DModel` with the topology of jaxdiff's pixel `module` (random weights; the
+    same ResBlock dropout rate, which acts only in train mode)."""
     from diffusers import UNet2DModel
 
     levels = len(module.channel_mult)
@@ -96,7 +97,7 @@ def torch_unet(module, image_shape, num_classes):
         sample_size=image_shape[0], in_channels=image_shape[-1], out_channels=image_shape[-1],
         block_out_channels=tuple(module.base_channels * m for m in module.channel_mult),
         layers_per_block=module.num_res_blocks, down_block_types=down, up_block_types=up,
-        norm_num_groups=module.num_groups, attention_head_dim=None,
+        norm_num_groups=module.num_groups, attention_head_dim=None, dropout=module.dropout,
         num_class_embeds=(num_classes + 1) if num_classes else None).eval()
     return unet
 

@@ -318,7 +318,7 @@ def profile(name: str, fn, args, repeats: int, peak: float, reference=None, top:
           f"{total_flops / 1e9 / wall:.0f} | {floor * 1e3:.1f} |", flush=True)
     for s, op in heaviest:
         i = instrs[op]
-        print(f"  {s / total_s:6.1%}  {classify(i, instrs, comps)[0]:16s} {op} {i.opcode} "
+        print(f"  {s / total_s:6.2%} {s * 1e3:7.2f} ms  {classify(i, instrs, comps)[0]:16s} {op} {i.opcode} "
               f"{'x'.join(map(str, i.shape or ()))} {i.op_name[-90:]}")
     return {"wall_s": wall, "reference_s": statistics.median(refs) if refs else None, "classes": rows}
 
