@@ -1,7 +1,7 @@
 """Where a U-Net call's CPU time goes, by class of XLA operation, and how far it is from the floor.
 
     python experiments/profile_ops.py [--targets demo,cifar_fwd,cifar_train,sd15] [--repeats 3]
-                                      [--batch 16] [--dtype float32] [--reference]
+                                      [--batch 16] [--dtype float32] [--reference] [--host-memory]
 
 For each target program (the demo U-Net forward at batch 64; the DDPM CIFAR-10 U-Net of
 experiments/cifar10_ddpm.py forward, and its AdamW training step, at --batch; the SD-1.5 U-Net
@@ -468,11 +468,17 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     ap.add_argument("--reference", action="store_true", help="also time diffusers (PyTorch), interleaved")
     ap.add_argument("--top", type=int, default=0, help="also list the N instructions that took longest")
+    ap.add_argument("--host-memory", action="store_true",
+                    help="first keep freed host memory in this process (jaxdiff.host_memory, what the "
+                         "command line does); PyTorch, in the same process, gets it too")
     return ap
 
 
 def run(args) -> dict:
     """Profile every target (printing each table): {"peak_gflops", "targets": {name: profile()}}."""
+    if getattr(args, "host_memory", False):
+        from jaxdiff import host_memory
+        print(f"freed host memory kept in the process: {host_memory.configure(prog='profile_ops')}")
     dtype, peak = DTYPES[args.dtype], matmul_peak()
     out = {"dtype": args.dtype, "peak_gflops": peak, "targets": {}}
     print(f"jax {jax.__version__} on {jax.devices()[0]}, compute dtype {args.dtype}; "
