@@ -207,6 +207,53 @@ def _count_convs(fn, *args):
     return str(jax.make_jaxpr(fn)(*args)).count("conv_general_dilated")
 
 
+def _upsample_then_conv(x, w, b):
+    return _xla(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2), w, (1, 1), ((1, 1), (1, 1))) + b
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 7, 6), (1, 4, 4, 3)])
+def test_upsample_folded_into_four_phase_convs_equals_upsample_then_conv(shape):
+    """`Upsample` on the CPU in float32: four 2x2 convolutions of the low-resolution map (16
+    instead of 36 products per output) give the upsampled map's 3x3 convolution, in values and
+    in the gradients of the input, kernel and bias; odd, non-square maps."""
+    from jaxdiff.models.layers import Upsample
+    rng = np.random.RandomState(1)
+    x = jnp.asarray(rng.randn(*shape), jnp.float32)
+    m = Upsample(5)
+    p = m.init(jax.random.PRNGKey(0), x)
+    p = jax.tree.map(lambda a: jnp.asarray(rng.randn(*a.shape), jnp.float32), p)   # a bias that is not 0
+    kernel, bias = p["params"]["conv"]["kernel"], p["params"]["conv"]["bias"]
+    g = jnp.asarray(rng.randn(shape[0], 2 * shape[1], 2 * shape[2], 5), jnp.float32)
+
+    def phases(x, kernel, bias):
+        return m.apply({"params": {"conv": {"kernel": kernel, "bias": bias}}}, x)
+
+    assert conv_lib.upsample_phases(shape, kernel.shape, jnp.float32, backend="cpu")
+    if jax.default_backend() == "cpu":
+        assert _count_convs(phases, x, kernel, bias) == 4                   # the folded path ran
+    ref = _upsample_then_conv(x, kernel, bias)
+    out = phases(x, kernel, bias)
+    assert out.shape == ref.shape == (shape[0], 2 * shape[1], 2 * shape[2], 5)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-6 * float(jnp.abs(ref).max()))
+    grads = jax.grad(lambda *a: jnp.sum(phases(*a) * g), argnums=(0, 1, 2))(x, kernel, bias)
+    grads_ref = jax.grad(lambda *a: jnp.sum(_upsample_then_conv(*a) * g), argnums=(0, 1, 2))(x, kernel, bias)
+    for a, b in zip(grads, grads_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6 * float(jnp.abs(b).max()))
+
+
+def test_upsample_phases_follows_the_measured_rule():
+    """Folded on the CPU in float32 where the upsampled map's convolution would be XLA's; not
+    where that one is a dot (SD's 8x8x1280 -> 16x16), in bf16, on GPU/TPU or under "xla"."""
+    k = (3, 3, 1280, 1280)
+    assert conv_lib.upsample_phases((1, 16, 16, 1280), k, jnp.float32, backend="cpu")
+    assert not conv_lib.upsample_phases((1, 8, 8, 1280), k, jnp.float32, backend="cpu")
+    assert not conv_lib.upsample_phases((1, 16, 16, 1280), k, jnp.bfloat16, backend="cpu")
+    assert not conv_lib.upsample_phases((1, 16, 16, 1280), k, jnp.float32, backend="gpu")
+    assert not conv_lib.upsample_phases((1, 16, 16, 1280), (1, 1, 1280, 1280), jnp.float32, backend="cpu")
+    with conv_lib.formulation("xla"):
+        assert not conv_lib.upsample_phases((1, 16, 16, 1280), k, jnp.float32, backend="cpu")
+
+
 def test_unet_in_halves_equals_the_whole_batch(monkeypatch):
     """A U-Net call cut into two half batches (`conv.batch_parts`) gives the whole call's
     outputs and gradients, with every per-sample input sliced (labels, context, ControlNet

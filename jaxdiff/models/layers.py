@@ -348,8 +348,10 @@ class Upsample(nn.Module):
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        x = _upsample_nearest(x)  # [B, 2H, 2W, C]
-        return conv3x3(self.channels, self.dtype, "conv")(x)
+        # the convolution of the upsampled map, applied to x (`conv.upsample_conv`: on the CPU it
+        # folds the 3x3 kernel onto x's pixels instead of convolving the 4x larger map)
+        return nn.Conv(self.channels, (3, 3), padding=_PAD1, dtype=self.dtype, param_dtype=jnp.float32,
+                       kernel_init=default_init, name="conv", conv_general_dilated=conv_lib.upsample_conv)(x)
 
 
 def space_to_depth(x: Array, p: int) -> Array:
