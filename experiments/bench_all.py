@@ -69,6 +69,7 @@ BENCHES = {
     "attention": ("bench_attention", ["--cases", "sd15_cross", "--batch", "1", "--reps", "1"], []),
     "memory": ("bench_memory", ["--model", "tiny", "--devices", "1", "--batch", "2", "--rules", "dp"], _memory_full),
     "conv": ("bench_conv", ["--net", "cifar", "--only", "L3 res", "--repeats", "1"], []),
+    "upsample": ("bench_upsample", ["--repeats", "1", "--max-pixels", "16"], []),
     "dit": ("bench_dit", ["--model", "DiT_S_2", "--batch", "1", "--size", "16", "--reps", "1"], []),
     "profile_ops": ("profile_ops", ["--targets", "demo", "--repeats", "1"], []),
     "startup": ("bench_startup", None, None),

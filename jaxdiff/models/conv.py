@@ -175,11 +175,11 @@ def upsample_phases(x_shape, kernel_shape, dtype, backend: str | None = None) ->
     Each output pixel (2i + a, 2j + b) of the upsampled map sees only four distinct input pixels,
     so its 3x3 taps fold into a 2x2 kernel (rows: w0 | w1 + w2 for a = 0, w0 + w1 | w2 for a = 1;
     the same for columns): 16 instead of 36 multiply-adds per output and channel pair, forward
-    and in both gradients, and no 4x larger upsampled map. Measured on an idle 2-core CPU in
-    float32 (the sums are reordered: outputs within 1.2e-6 of the largest), forward + gradients
-    [8, 16, 16, 256] -> [8, 32, 32, 256]: 58.5 -> 30.3 ms; forward alone, SD-1.5's and its VAE's
-    upsamplers at batch 1: 16x16x1280 68.7 -> 39.2 ms, 32x32x640 64.6 -> 31.9, 64x64x512 158 ->
-    73, 128x128x256 157 -> 77. Taken on the CPU in float32 under "auto" where the upsampled map's
+    and in both gradients, and no 4x larger upsampled map. The sums are reordered: outputs within
+    1.2e-6 of the largest. Measured on a 2-core CPU in float32 (experiments/bench_upsample.py),
+    forward + gradients [8, 16, 16, 256] -> [8, 32, 32, 256]: 58.5 -> 30.3 ms; forward alone,
+    SD-1.5's and its VAE's upsamplers at batch 1: 16x16x1280 68.7 -> 39.2 ms, 32x32x640 64.6 ->
+    31.9, 64x64x512 158 -> 73. Taken on the CPU in float32 under "auto" where the upsampled map's
     convolution would be XLA's own: at 8x8x1280 that one is an im2col dot (17.9 ms) and the four
     small ones are slower (22.5 ms). In bfloat16 the convolutions are already dots ("shifted")
     on the upsampled map, and GPU/TPU keep XLA's convolution."""
