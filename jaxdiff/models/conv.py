@@ -205,13 +205,13 @@ def upsample_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=
     (`upsample_phases`); anything else upsamples and convolves."""
     args = (lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, precision,
             preferred_element_type)
-    plain = (tuple(window_strides) == (1, 1) and not isinstance(padding, str)
-             and tuple(map(tuple, padding)) == ((1, 1), (1, 1)) and feature_group_count == 1
-             and preferred_element_type is None and lhs.ndim == 4
-             and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-             == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
-             and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
-    if not (plain and upsample_phases(lhs.shape, rhs.shape, lhs.dtype)):
+    foldable = (tuple(window_strides) == (1, 1) and not isinstance(padding, str)
+                and tuple(map(tuple, padding)) == ((1, 1), (1, 1)) and feature_group_count == 1
+                and preferred_element_type is None and lhs.ndim == 4
+                and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+                == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
+                and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
+    if not (foldable and upsample_phases(lhs.shape, rhs.shape, lhs.dtype)):
         up = jnp.repeat(jnp.repeat(lhs, 2, axis=1), 2, axis=2)
         return conv_general(up, rhs, window_strides, padding, *args)
     rows = []
