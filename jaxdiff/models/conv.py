@@ -142,6 +142,21 @@ def resolve_impl(impl: str, x_shape=None, kernel_shape=None, dtype=jnp.float32) 
     return "xla" if x_shape is None else choose(x_shape, kernel_shape, dtype)
 
 
+def _plain_nhwc(lhs: Array, rhs: Array, lhs_dilation, rhs_dilation, dimension_numbers,
+                feature_group_count: int, preferred_element_type) -> bool:
+    """A 2-D NHWC/HWIO convolution without dilation, groups or a requested output type: what the
+    formulations here (and the upsampling fold) cover; anything else goes to XLA."""
+    return (lhs.ndim == 4 and feature_group_count == 1 and preferred_element_type is None
+            and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ())))
+            and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+            == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC))
+
+
+def upsample_nearest(x: Array) -> Array:
+    """[B, H, W, C] -> [B, 2H, 2W, C], each pixel repeated 2x2."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
 def conv_general(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                  dimension_numbers=None, feature_group_count: int = 1, precision=None,
                  preferred_element_type=None) -> Array:
@@ -153,12 +168,8 @@ def conv_general(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=N
                                         dimension_numbers, feature_group_count, precision=precision,
                                         preferred_element_type=preferred_element_type)
 
-    if lhs.ndim != 4 or feature_group_count != 1 or preferred_element_type is not None:
-        return xla()
-    if any(d != 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))):
-        return xla()
-    if lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) != lax.conv_dimension_numbers(
-            lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC")):
+    if not _plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count,
+                       preferred_element_type):
         return xla()
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
@@ -206,14 +217,11 @@ def upsample_conv(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=
     args = (lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count, precision,
             preferred_element_type)
     foldable = (tuple(window_strides) == (1, 1) and not isinstance(padding, str)
-                and tuple(map(tuple, padding)) == ((1, 1), (1, 1)) and feature_group_count == 1
-                and preferred_element_type is None and lhs.ndim == 4
-                and lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-                == lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
-                and all(d == 1 for d in (*(lhs_dilation or ()), *(rhs_dilation or ()))))
+                and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
+                and _plain_nhwc(lhs, rhs, lhs_dilation, rhs_dilation, dimension_numbers,
+                                feature_group_count, preferred_element_type))
     if not (foldable and upsample_phases(lhs.shape, rhs.shape, lhs.dtype)):
-        up = jnp.repeat(jnp.repeat(lhs, 2, axis=1), 2, axis=2)
-        return conv_general(up, rhs, window_strides, padding, *args)
+        return conv_general(upsample_nearest(lhs), rhs, window_strides, padding, *args)
     rows = []
     for a, w_rows in enumerate(_fold(rhs, 0)):
         # phase a reads low-resolution rows (i-1, i) for a = 0 and (i, i+1) for a = 1

@@ -164,18 +164,14 @@ def group_norm(num_groups: int, eps: float, dtype: Dtype, name: str) -> GroupNor
                      name=name)
 
 
-def conv3x3(features: int, dtype: Dtype, name: str, *, zero: bool = False) -> nn.Conv:
-    """Shape-preserving 3x3 convolution, NHWC."""
+def conv3x3(features: int, dtype: Dtype, name: str, *, zero: bool = False,
+            conv_general_dilated=conv_lib.conv_general) -> nn.Conv:
+    """Shape-preserving 3x3 convolution, NHWC (`conv_general_dilated`: how it is computed)."""
     return nn.Conv(
         features, (3, 3), padding=_PAD1, dtype=dtype,
         param_dtype=jnp.float32, kernel_init=zero_init if zero else default_init, name=name,
-        conv_general_dilated=conv_lib.conv_general,
+        conv_general_dilated=conv_general_dilated,
     )
-
-
-def _upsample_nearest(x: Array) -> Array:
-    """[B, H, W, C] -> [B, 2H, 2W, C], each pixel repeated 2x2."""
-    return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
 
 
 def _downsample_avg(x: Array) -> Array:
@@ -227,7 +223,7 @@ class ResBlock(nn.Module):
         h = group_norm(self.num_groups, self.norm_eps, self.dtype, "norm_0")(x)
         h = nn.silu(h)
         if self.resample is not None:
-            fn = _downsample_avg if self.resample == "down" else _upsample_nearest
+            fn = _downsample_avg if self.resample == "down" else conv_lib.upsample_nearest
             h, x = fn(h), fn(x)
         h = conv3x3(self.out_channels, self.dtype, "conv_0")(h)
 
@@ -350,8 +346,7 @@ class Upsample(nn.Module):
     def __call__(self, x: Array) -> Array:
         # the convolution of the upsampled map, applied to x (`conv.upsample_conv`: on the CPU it
         # folds the 3x3 kernel onto x's pixels instead of convolving the 4x larger map)
-        return nn.Conv(self.channels, (3, 3), padding=_PAD1, dtype=self.dtype, param_dtype=jnp.float32,
-                       kernel_init=default_init, name="conv", conv_general_dilated=conv_lib.upsample_conv)(x)
+        return conv3x3(self.channels, self.dtype, "conv", conv_general_dilated=conv_lib.upsample_conv)(x)
 
 
 def space_to_depth(x: Array, p: int) -> Array:
