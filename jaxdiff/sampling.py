@@ -1,4 +1,4 @@
-"""The sampling loop: one `jax.lax.scan` over a sampler's model calls, under `jax.jit`.
+"""The sampling loop: one `jax.lax.scan` over a sampler's model calls, under `jax.jit` (`compiler.jit`).
 
     sampler = samplers.get("ddim", schedule, num_steps=50)
     model_fn = jax.tree_util.Partial(apply_fn, params)       # model_fn(x, t) -> prediction
@@ -50,8 +50,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import compiler
 from jaxdiff.samplers import base
-
 
 # The largest reuse interval `check_reuse_every` accepts: far beyond any plan's length, so a
 # larger number is a mistake (and would overflow the traced int32 counter sooner or later).
@@ -171,7 +171,7 @@ def _report(done, total) -> None:
         _LISTENERS[-1](int(done), int(total))
 
 
-@functools.partial(jax.jit, static_argnames=("return_trajectory", "progress"))
+@functools.partial(compiler.jit, static_argnames=("return_trajectory", "progress"))
 def _run(sampler: base.Sampler, model_fn: jax.tree_util.Partial, noise: jax.Array, key: jax.Array,
          x0: jax.Array, from_image: jax.Array, return_trajectory: bool = False, progress: bool = False,
          every: jax.Array | None = None):

@@ -1,7 +1,8 @@
 """The house is one-way: imports flow down the layers of DESIGN.md, never in a circle, and no
 module grows past ~500 lines without saying why.
 
-    0  errors, files, images, schedules, parameterization, provenance
+    0  errors, files, images, schedules, parameterization, provenance, compile_cache, compiler,
+       host_memory
     1  models
     2  samplers, convert, data, sharding, checkpoint, config
     3  sampling, metrics, analytic
@@ -22,7 +23,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "jaxdiff"
 
 LAYERS = {
     "errors": 0, "files": 0, "images": 0, "schedules": 0, "parameterization": 0,
-    "compile_cache": 0, "host_memory": 0, "provenance": 0,
+    "compile_cache": 0, "compiler": 0, "host_memory": 0, "provenance": 0,
     "models": 1,
     "samplers": 2, "convert": 2, "data": 2, "sharding": 2, "checkpoint": 2, "config": 2,
     "sampling": 3, "metrics": 3, "analytic": 3,

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxdiff import compiler
 
 MANIFEST = "checksums.json"
 TMP_MARK = ".orbax-checkpoint-tmp"  # orbax's name for a step folder being written
@@ -27,7 +28,7 @@ HASH_THREADS = min(8, os.cpu_count() or 1)
 # Finiteness: one on-device reduction per group of co-located leaves.
 
 
-@jax.jit
+@compiler.jit
 def _nonfinite_counts(leaves: list) -> jax.Array:
     """[n, 2] float32: NaN and Inf counts of each leaf (float32 counts: exact below 2**24, never 0
     when a value is non-finite)."""

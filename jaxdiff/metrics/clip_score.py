@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import compiler
 from jaxdiff.convert import clip_vision as clip_vision_convert
 from jaxdiff.models.clip_vision import CLIPVisionEncoder, preprocess
 from jaxdiff.models.text import CLIPTextEncoder
@@ -72,12 +73,12 @@ def result(state: ClipScoreState) -> float:
     return state.total / state.count
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(compiler.jit, static_argnums=0)
 def _image_embeds(module: CLIPVisionEncoder, params, pixels):
     return module.apply({"params": params}, pixels).image_embeds
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(compiler.jit, static_argnums=0)
 def _text_embeds(module: CLIPTextEncoder, params, ids):
     return module.apply({"params": params}, ids).text_embeds
 

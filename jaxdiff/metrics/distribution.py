@@ -53,6 +53,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import compiler
+
 _HIGH = jax.lax.Precision.HIGHEST
 
 
@@ -80,7 +82,7 @@ def _features(x, name: str) -> tuple[int, int]:
 # Frechet distance (FID)
 
 
-@jax.jit
+@compiler.jit
 def _trace_sqrt_product(s1: jax.Array, s2: jax.Array) -> jax.Array:
     """tr (S1^{1/2} S2 S1^{1/2})^{1/2} for symmetric PSD S1, S2 [D, D]."""
     lam, u = jnp.linalg.eigh(s1)                                       # S1 = U diag(lam) U^T
@@ -142,7 +144,7 @@ def _kernel(a: jax.Array, b: jax.Array) -> jax.Array:
     return (jnp.matmul(a, b.T, precision=_HIGH) / a.shape[1] + 1.0) ** 3
 
 
-@jax.jit
+@compiler.jit
 def _mmd2_subsets(x: jax.Array, y: jax.Array, ix: jax.Array, iy: jax.Array) -> jax.Array:
     """Unbiased MMD^2 on each subset: x [N, D], y [M, D], ix, iy [S, m] row indices -> [S]."""
     m = ix.shape[1]
@@ -195,7 +197,7 @@ def _sq_distances(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.maximum(d2, 0.0)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "block"))
+@functools.partial(compiler.jit, static_argnames=("k", "block"))
 def _kth_neighbour_sq(points: jax.Array, k: int, block: int) -> jax.Array:
     """Squared distance of each of points [N, D] to its k-th nearest other point -> [N]."""
     def one(rows):                                                          # [block, D]
@@ -204,7 +206,7 @@ def _kth_neighbour_sq(points: jax.Array, k: int, block: int) -> jax.Array:
     return jax.lax.map(one, _row_blocks(points, block)).reshape(-1)[:points.shape[0]]
 
 
-@functools.partial(jax.jit, static_argnames=("block",))
+@functools.partial(compiler.jit, static_argnames=("block",))
 def _inside(queries: jax.Array, points: jax.Array, radii_sq: jax.Array, block: int) -> jax.Array:
     """Whether each of queries [Q, D] lies in some ball (points [N, D], radii_sq [N]) -> bool [Q]."""
     def one(rows):

@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import compiler
 from jaxdiff.convert.inception import load_inception
 from jaxdiff.convert.tensors import read_safetensors
 from jaxdiff.models.inception import InceptionV3
@@ -110,7 +111,7 @@ def flatten_params(params) -> dict[str, np.ndarray]:
             for path, v in flat}
 
 
-@jax.jit
+@compiler.jit
 def _digit_apply(params, x):
     return DigitNet().apply({"params": params}, x)
 
@@ -134,7 +135,7 @@ def _inception_params(path: str, mtime: float) -> dict:
     return jax.tree.map(jnp.asarray, load_inception(path))
 
 
-@jax.jit
+@compiler.jit
 def _inception_apply(params, x):
     return InceptionV3().apply({"params": params}, (x + 1.0) * 0.5)
 

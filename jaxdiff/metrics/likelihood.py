@@ -74,7 +74,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import parameterization, schedules
+from jaxdiff import compiler, parameterization, schedules
 
 Array = jax.Array
 DECODERS = ("discretized", "gaussian")
@@ -182,7 +182,7 @@ def ddpm_bound(model_fn: Callable, schedule: schedules.DiscreteSchedule, x0, key
     return _ddpm(model_fn, table, jnp.asarray(x0, jnp.float32), key, decoder, prediction_type, clip_x0, dims)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7))
+@functools.partial(compiler.jit, static_argnums=(0, 4, 5, 6, 7))
 def _ddpm(model_fn, table, x0, key, decoder, prediction_type, clip_x0, dims) -> Bound:
     """table: [K, 6] rows (t_k, abar_k, sigma_k^2, mu~ coefficient of x0, of x_k, beta~_k)."""
     B = x0.shape[0]
@@ -252,7 +252,7 @@ def vdm_bound(model_fn: Callable, schedule: schedules.DiscreteSchedule, x0, key,
                 prediction_type, dims, n, num_steps is None)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
+@functools.partial(compiler.jit, static_argnums=(0, 4, 5, 6, 7, 8))
 def _vdm(model_fn, gamma_table, x0, key, decoder, prediction_type, dims, n, continuous) -> Bound:
     B = x0.shape[0]
     T = gamma_table.shape[0]

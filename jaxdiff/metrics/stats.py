@@ -44,6 +44,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import compiler
+
 
 class FeatureStats(NamedTuple):
     """n: how many feature vectors; mean: float64 [D]; m2: centred scatter float64 [D, D]."""
@@ -100,7 +102,7 @@ def merge_processes(s: FeatureStats) -> FeatureStats:
                             init(s.dim))
 
 
-@jax.jit
+@compiler.jit
 def _device_moments(x: jax.Array, count: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [B, D] (any layout), count: rows that count -> (mean [D], centred scatter [D, D]),
     float32, replicated."""

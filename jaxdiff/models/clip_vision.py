@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import compiler
 from jaxdiff.models.text import ACTIVATIONS, CLIPEncoderLayer
 
 Array = jax.Array
@@ -201,7 +202,7 @@ def preprocess(images, size: int = 224, crop_size: int = 224, mean=CLIP_MEAN, st
     return np.asarray(_normalize(x, jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)))
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
+@functools.partial(compiler.jit, static_argnums=(1, 2))
 def _resize(x: Array, h: int, w: int) -> Array:
     """Bicubic (antialiased when shrinking), then clipped and rounded to 8-bit levels, as the
     uint8 PIL resize of transformers' processor."""
@@ -210,6 +211,6 @@ def _resize(x: Array, h: int, w: int) -> Array:
     return jnp.round(jnp.clip(x, 0.0, 1.0) * 255.0) / 255.0
 
 
-@jax.jit
+@compiler.jit
 def _normalize(x: Array, mean: Array, std: Array) -> Array:
     return (x - mean) / std

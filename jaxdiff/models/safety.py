@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import compiler
 from jaxdiff.models.clip_vision import CLIPVisionEncoder, CLIPViTL14
 
 Array = jax.Array
@@ -118,7 +119,7 @@ def decide(special_cos, concept_cos, special_thresholds, concept_thresholds) -> 
                         concept_scores, special_scores)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(compiler.jit, static_argnums=0)
 def cosines(module: SafetyChecker, params, pixel_values: Array) -> tuple[Array, Array]:
     """The jitted module call: (special_cos [B, 3], concept_cos [B, 17])."""
     return module.apply({"params": params}, pixel_values)

@@ -51,14 +51,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import compiler, sampling
 from jaxdiff import images as images_lib
-from jaxdiff import sampling
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.models import conv as conv_lib
 from jaxdiff.models import lora as lora_lib
 from jaxdiff.pipelines import options as options_lib
 from jaxdiff.samplers import masked as masked_lib
-
 
 # Set during a warm-up (pipelines/warmup.py): `run` hands its job to this compile-only function.
 COMPILE_ONLY: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("jaxdiff_compile_only", default=None)
@@ -199,7 +198,7 @@ def weights_dtype(compute_dtype):
     return jnp.dtype(compute_dtype) if conv_lib.low_precision(compute_dtype) else None
 
 
-@functools.partial(jax.jit, static_argnums=1)
+@functools.partial(compiler.jit, static_argnums=1)
 def cast_weights(params, dtype):
     """`params` with each float32 weight matrix (a leaf named `kernel`, 2 or more dims) in `dtype`;
     biases, norm scales and everything else as they are. A network computing in bfloat16 casts
@@ -322,7 +321,7 @@ def run(job: Job, mesh, *, output_type: str = "np", progress: bool = False, desc
     return result if output_type == "latent" else images_lib.to_output(result, output_type)
 
 
-@jax.jit
+@compiler.jit
 def _to_unit(images):
     """[-1, 1] -> [0, 1], clipped (diffusers' postprocess), on the devices."""
     return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)

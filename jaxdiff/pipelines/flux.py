@@ -48,8 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import compiler, samplers, schedules
 from jaxdiff import images as images_lib
-from jaxdiff import samplers, schedules
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.convert import clip as clip_convert
 from jaxdiff.convert import flux as flux_convert
@@ -186,8 +186,8 @@ class Flux:
         coder = vae.clone(dtype=jnp.float32) if vae_float32 else vae
         # One function object each per pipeline, so repeated calls hit jit's caches.
         self._network = functools.partial(_transformer, transformer)
-        self._text_fn = jax.jit(functools.partial(_encode_text, text_encoder, text_encoder_2))
-        self._decode_fn = jax.jit(functools.partial(_decode, coder))
+        self._text_fn = compiler.jit(functools.partial(_encode_text, text_encoder, text_encoder_2))
+        self._decode_fn = compiler.jit(functools.partial(_decode, coder))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=jnp.float32, *, max_steps: int = DEFAULT_MAX_STEPS,

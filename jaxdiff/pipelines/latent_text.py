@@ -24,8 +24,8 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxdiff import compiler, files, provenance, samplers
 from jaxdiff import data as data_lib
-from jaxdiff import files, provenance, samplers
 from jaxdiff import images as images_lib
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.metrics import digits as digits_metric
@@ -42,7 +42,7 @@ def _network(module, params, x, t, context):
 @functools.lru_cache(maxsize=8)
 def _networks(module, vae):
     """One network function and one jitted decoder per (U-Net, autoencoder): jit's cache keys."""
-    return functools.partial(_network, module), jax.jit(functools.partial(decode_latents, vae))
+    return functools.partial(_network, module), compiler.jit(functools.partial(decode_latents, vae))
 
 
 def grid_captions(num: int) -> np.ndarray:

@@ -30,6 +30,7 @@ import os
 import jax
 import numpy as np
 
+from jaxdiff import compiler
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.convert import clip as clip_convert
 from jaxdiff.convert import lora as lora_convert
@@ -53,7 +54,7 @@ def with_lora(fn):
     return network
 
 
-@jax.jit
+@compiler.jit
 def _merge(params, adapters, scales):
     return lora_lib.merge(params, adapters, scales)
 

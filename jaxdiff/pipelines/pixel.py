@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxdiff import provenance, samplers
+from jaxdiff import compiler, provenance, samplers
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.errors import CheckpointError
 from jaxdiff.models.dit import DiT
@@ -283,7 +283,7 @@ def _data_signature(cfg) -> tuple[tuple[int, int, int], int | None]:
 @functools.lru_cache(maxsize=4)
 def _decoder(vae):
     """One jitted `decode(vae_params, latents)` per autoencoder module: jit's cache key."""
-    return jax.jit(functools.partial(decode_latents, vae))
+    return compiler.jit(functools.partial(decode_latents, vae))
 
 
 def write_run_samples(run, params, name: str, final: bool = True) -> str:

@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import compiler
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.models import lora as lora_lib
 from jaxdiff.pipelines import options as options_lib
@@ -257,7 +258,7 @@ class PromptEncoder:
         self.modules = tuple(m for m, _ in encoders)
         self.tokenizers = tuple(t for _, t in encoders)
         self.xl, self.force_zeros, self.aesthetics = bool(xl), bool(force_zeros), bool(aesthetics)
-        self._fn = jax.jit(functools.partial(_encode_text, self.modules, self.xl), static_argnames="skip")
+        self._fn = compiler.jit(functools.partial(_encode_text, self.modules, self.xl), static_argnames="skip")
         self.cache = EmbeddingCache(cache_size)
 
     @property

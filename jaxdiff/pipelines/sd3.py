@@ -39,12 +39,11 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import compiler, samplers, schedules
 from jaxdiff import images as images_lib
-from jaxdiff import samplers, schedules
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.convert import clip as clip_convert
 from jaxdiff.convert import scheduler as scheduler_convert
@@ -179,9 +178,9 @@ class StableDiffusion3:
         coder = vae.clone(dtype=jnp.float32) if vae_float32 else vae
         # One function object each per pipeline, so repeated calls hit jit's caches.
         self._network = functools.partial(_transformer, transformer)
-        self._clip_fn = jax.jit(functools.partial(_encode_clip, self.text_encoders), static_argnames="skip")
-        self._t5_fn = None if t5 is None else jax.jit(functools.partial(_encode_t5, t5))
-        self._decode_fn = jax.jit(functools.partial(_decode, coder))
+        self._clip_fn = compiler.jit(functools.partial(_encode_clip, self.text_encoders), static_argnames="skip")
+        self._t5_fn = None if t5 is None else compiler.jit(functools.partial(_encode_t5, t5))
+        self._decode_fn = compiler.jit(functools.partial(_decode, coder))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=jnp.float32, *, max_steps: int = DEFAULT_MAX_STEPS,

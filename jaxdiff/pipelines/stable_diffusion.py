@@ -87,13 +87,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import compiler, samplers
 from jaxdiff import images as images_lib
-from jaxdiff import samplers
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.convert import scheduler as scheduler_convert
 from jaxdiff.models import vae as vae_lib
-from jaxdiff.pipelines import controlnet as controlnet_lib, core, lora as lora_pipe, options as options_lib
-from jaxdiff.pipelines import prompts as prompts_lib, safety as safety_lib
+from jaxdiff.pipelines import controlnet as controlnet_lib
+from jaxdiff.pipelines import core
+from jaxdiff.pipelines import lora as lora_pipe
+from jaxdiff.pipelines import options as options_lib
+from jaxdiff.pipelines import prompts as prompts_lib
+from jaxdiff.pipelines import safety as safety_lib
 from jaxdiff.provenance import watermark as watermark_lib
 
 DEFAULT_MAX_STEPS = 50
@@ -253,8 +257,8 @@ class StableDiffusion(lora_pipe.LoraMixin):
         self._weights_dtype = core.weights_dtype(unet.dtype)            # weights cast once per request
         # One function object each per pipeline, so repeated calls hit jit's caches.
         self._unet_fn = lora_pipe.with_lora(functools.partial(_unet, unet))
-        self._encode_fn = jax.jit(functools.partial(_encode_images, coder))
-        self._decode_fn = jax.jit(functools.partial(_decode, coder))
+        self._encode_fn = compiler.jit(functools.partial(_encode_images, coder))
+        self._decode_fn = compiler.jit(functools.partial(_decode, coder))
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype=jnp.float32, *, max_steps: int = DEFAULT_MAX_STEPS,

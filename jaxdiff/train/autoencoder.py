@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxdiff import compiler
 from jaxdiff.models.vae import AutoencoderKL
 
 
@@ -63,7 +64,7 @@ def fit(vae: AutoencoderKL, images: np.ndarray, *, steps: int = 400, batch_size:
     opt_state = tx.init(params)
     loss = vae_loss_fn(vae, kl_weight)
 
-    @jax.jit
+    @compiler.jit
     def step(params, opt_state, batch, key):
         (value, parts), grads = jax.value_and_grad(loss, has_aux=True)(params, batch, key)
         updates, opt_state = tx.update(grads, opt_state, params)
@@ -84,7 +85,7 @@ def fit(vae: AutoencoderKL, images: np.ndarray, *, steps: int = 400, batch_size:
 
 def encode_mean(vae: AutoencoderKL, params, images: np.ndarray, chunk: int = 500) -> np.ndarray:
     """Posterior means of `images` [N, H, W, C], unscaled: float32 [N, H/f, W/f, latent]."""
-    encode = jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode").mean)
+    encode = compiler.jit(lambda p, x: vae.apply({"params": p}, x, method="encode").mean)
     return np.concatenate([np.asarray(encode(params, images[i:i + chunk]))
                            for i in range(0, len(images), chunk)])
 
@@ -98,7 +99,7 @@ def with_unit_scaling(vae: AutoencoderKL, params, images: np.ndarray) -> Autoenc
 
 def reconstruction_error(vae: AutoencoderKL, params, images: np.ndarray) -> float:
     """Mean squared error of decode(posterior mean) against `images` (pixels in [-1, 1])."""
-    decode = jax.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))
+    decode = compiler.jit(lambda p, z: vae.apply({"params": p}, z, method="decode"))
     z = encode_mean(vae, params, images)
     recon = np.concatenate([np.asarray(decode(params, z[i:i + 500]))
                             for i in range(0, len(z), 500)])

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from jaxdiff import compiler, schedules
 from jaxdiff import data as data_lib
-from jaxdiff import schedules
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.errors import ConfigError, TrainingError
 from jaxdiff.models import dit as dit_lib
@@ -219,10 +219,10 @@ def build_trainer(cfg: ml_collections.ConfigDict, mesh, model, schedule, tx, ima
             prediction_type=cfg.diffusion.prediction_type, min_snr_gamma=cfg.diffusion.min_snr_gamma,
             condition=condition)
     batch_sharding = sharding_lib.batch_sharding(mesh)
-    step = jax.jit(make_train_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay, **accumulation_options(cfg, mesh)),
-                   donate_argnums=(0,),
-                   in_shardings=(state_sharding, batch_sharding),
-                   out_shardings=(state_sharding, sharding_lib.replicated(mesh)))
-    return Trainer(init=jax.jit(init, out_shardings=state_sharding), step=step,
+    step = compiler.jit(make_train_step(loss_fn, tx, ema_decay=cfg.optim.ema_decay, **accumulation_options(cfg, mesh)),
+                        donate_argnums=(0,),
+                        in_shardings=(state_sharding, batch_sharding),
+                        out_shardings=(state_sharding, sharding_lib.replicated(mesh)))
+    return Trainer(init=compiler.jit(init, out_shardings=state_sharding), step=step,
                    abstract=sharding_lib.with_shardings(abstract, state_sharding),
                    state_sharding=state_sharding, batch_sharding=batch_sharding)

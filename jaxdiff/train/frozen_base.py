@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from jaxdiff import compiler
 from jaxdiff import sharding as sharding_lib
 from jaxdiff.errors import ConfigError
 from jaxdiff.train import frozen, latent
@@ -102,12 +103,12 @@ def build_trainer(cfg: ml_collections.ConfigDict, mesh, base_params, make_init, 
         abstract = jax.eval_shape(make_init(base_abstract))
     state_sharding = sharding_lib.tree_shardings(abstract, mesh, rules)
     if init_reads_base:
-        init = functools.partial(jax.jit(init_of, out_shardings=state_sharding), base)
+        init = functools.partial(compiler.jit(init_of, out_shardings=state_sharding), base)
     else:
-        init = jax.jit(make_init(base_abstract), out_shardings=state_sharding)
+        init = compiler.jit(make_init(base_abstract), out_shardings=state_sharding)
     batch_sharding = sharding_lib.batch_sharding(mesh)
-    step = jax.jit(make_train_step(loss, tx, ema_decay=cfg.optim.ema_decay, **accumulation_options(cfg, mesh)),
-                   donate_argnums=(0,), in_shardings=(state_sharding, batch_sharding, base_sharding),
-                   out_shardings=(state_sharding, sharding_lib.replicated(mesh)))
+    step = compiler.jit(make_train_step(loss, tx, ema_decay=cfg.optim.ema_decay, **accumulation_options(cfg, mesh)),
+                        donate_argnums=(0,), in_shardings=(state_sharding, batch_sharding, base_sharding),
+                        out_shardings=(state_sharding, sharding_lib.replicated(mesh)))
     return Trainer(init=init, step=step, abstract=sharding_lib.with_shardings(abstract, state_sharding),
                    state_sharding=state_sharding, batch_sharding=batch_sharding, frozen=(base,))

@@ -33,6 +33,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from jaxdiff import compiler
 from jaxdiff import data as data_lib
 from jaxdiff.errors import DataError
 from jaxdiff.models.vae import vae_latents
@@ -47,7 +48,7 @@ TEXT_FILE = "text.npz"
 
 def encode_images(parts: frozen.FrozenParts, images: np.ndarray, chunk: int = 500) -> np.ndarray:
     """Scaled posterior-mean latents of `images` [N, H, W, C]: float32 [N, h, w, c]."""
-    encode = jax.jit(lambda p, x: vae_latents(parts.vae, p, x))
+    encode = compiler.jit(lambda p, x: vae_latents(parts.vae, p, x))
     return np.concatenate([np.asarray(encode(parts.vae_params, images[i:i + chunk]))
                            for i in range(0, len(images), chunk)])
 
