@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import compiler
 from jaxdiff.models.conv import conv2d
 
 # (name, batch, H, C_in, C_out, stride): the 3x3 convolutions of each network, one per shape.
@@ -65,12 +66,12 @@ def build(impl: str, stride: int, grad: bool):
         return conv2d(x, w, strides=(stride, stride), padding=pad, impl=impl)
 
     if not grad:
-        return jax.jit(fwd)
+        return compiler.jit(fwd)
 
     def loss(x, w, g):
         return jnp.sum(fwd(x, w).astype(jnp.float32) * g)
 
-    return jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return compiler.jit(jax.grad(loss, argnums=(0, 1)))
 
 
 def torch_fn(x, w, b, stride, grad, torch_dtype):

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxdiff import compiler
 from jaxdiff.convert import dit as dit_convert
 from jaxdiff.models import dit
 
@@ -39,7 +40,7 @@ def _median_ms(fn, reps: int) -> float:
 
 
 def _jax_side(module, params, x, t, y, reps):
-    fwd = jax.jit(lambda p, x, t, y: module.apply({"params": p}, x, t, y))
+    fwd = compiler.jit(lambda p, x, t, y: module.apply({"params": p}, x, t, y))
     tx = optax.adamw(1e-4)
     C = x.shape[-1]
 
@@ -50,7 +51,7 @@ def _jax_side(module, params, x, t, y, reps):
         updates, opt = tx.update(grads, opt, p)
         return optax.apply_updates(p, updates), opt, value
 
-    step = jax.jit(step, donate_argnums=(0, 1))
+    step = compiler.jit(step, donate_argnums=(0, 1))
     state = {"p": jax.tree.map(jnp.array, params), "opt": tx.init(params)}   # copies: the step donates them
 
     def one_step():

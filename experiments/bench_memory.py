@@ -41,6 +41,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from jaxdiff import compiler  # noqa: E402
 from jaxdiff import config as config_lib  # noqa: E402
 from jaxdiff import sharding  # noqa: E402
 from jaxdiff.models import unet  # noqa: E402
@@ -173,9 +174,9 @@ def bench(name: str, rules: str, n_devices: int, batch: int, image_shape, remat:
     state_sh = sharding.tree_shardings(abstract, mesh, rules)
     batch_abs = example_batch(model, batch, image_shape, as_struct=True)
     batch_sh = jax.tree.map(lambda _: sharding.batch_sharding(mesh), batch_abs)
-    step = jax.jit(make_train_step(make_loss(model), tx, ema_decay=0.999), donate_argnums=(0,),
-                   in_shardings=(state_sh, batch_sh),
-                   out_shardings=(state_sh, sharding.replicated(mesh)))
+    step = compiler.jit(make_train_step(make_loss(model), tx, ema_decay=0.999), donate_argnums=(0,),
+                        in_shardings=(state_sh, batch_sh),
+                        out_shardings=(state_sh, sharding.replicated(mesh)))
     t0 = time.perf_counter()
     compiled = step.lower(sharding.with_shardings(abstract, state_sh),
                           sharding.with_shardings(batch_abs, batch_sh)).compile()

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import compiler
 from jaxdiff import config as config_lib
 from jaxdiff import samplers, sampling
 from jaxdiff.samplers import base
@@ -69,7 +70,7 @@ def compile_seconds(sampler, model_fn, noise, key) -> tuple[float, float]:
 
 def python_loop_sampler(sampler, model_fn, noise, key):
     """The same DDIM run as `sampling.sample`, but a Python loop over one jitted step."""
-    @jax.jit
+    @compiler.jit
     def one_step(state, x, model_fn, key):
         t, scale = base.next_call(state)
         out = model_fn(scale * x, jnp.full((x.shape[0],), t, jnp.float32))

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from bench_sampling import interleaved_medians, median_time as median_seconds
 
+from jaxdiff import compiler
 from jaxdiff.convert import unet as unet_convert
 from jaxdiff.models import conv as conv_lib
 from jaxdiff.models import unet as unet_lib
@@ -103,10 +104,10 @@ def run(args) -> dict:
         ctx = rng.randn(batch, 77, module.context_dim).astype(np.float32)
         xj, tj, cj = jnp.asarray(x), jnp.asarray(t), jnp.asarray(ctx)
         t0 = time.perf_counter()
-        compiled = jax.jit(call).lower(params, xj, tj, cj).compile()
+        compiled = compiler.jit(call).lower(params, xj, tj, cj).compile()
         compile_s = time.perf_counter() - t0
         with conv_lib.formulation("xla"):   # a new function object: jit would reuse `call`'s trace
-            baseline = jax.jit(lambda *a: call(*a)).lower(params, xj, tj, cj).compile()
+            baseline = compiler.jit(lambda *a: call(*a)).lower(params, xj, tj, cj).compile()
         out = np.asarray(compiled(params, xj, tj, cj), np.float32)            # warm-up
         base_out = np.asarray(baseline(params, xj, tj, cj), np.float32)
         fns = {"jaxdiff": lambda: compiled(params, xj, tj, cj).block_until_ready(),

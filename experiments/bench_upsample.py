@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench_sampling import interleaved_medians  # a sibling script, not a package
+from jaxdiff import compiler
 from jaxdiff.models import conv, layers
 
 # (network, batch, H, channels) of the low-resolution map each Upsample receives.
@@ -52,9 +53,9 @@ def run(args) -> dict:
         else:
             def f(p, x):
                 return m.apply(p, x)
-        folded = jax.jit(lambda p, x: f(p, x))
+        folded = compiler.jit(lambda p, x: f(p, x))
         with conv.formulation("xla"):
-            plain = jax.jit(lambda p, x: f(p, x))
+            plain = compiler.jit(lambda p, x: f(p, x))
             jax.block_until_ready(plain(params, x))              # traced under "xla"
         jax.block_until_ready(folded(params, x))
         t = interleaved_medians({"folded": lambda: folded(params, x), "plain": lambda: plain(params, x)},
