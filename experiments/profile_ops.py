@@ -38,6 +38,7 @@ import bisect
 import collections
 import glob
 import math
+import os
 import re
 import statistics
 import tempfile
@@ -232,10 +233,12 @@ def trace_op_times(call, repeats: int, module_prefix: str) -> dict[str, float]:
     per_run: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
     # An instruction XLA runs asynchronously (its own convolutions and dots, on the Eigen thread
     # pool) has an event that only spans its launch; the pool marks its completion with an event
-    # named "end: <instruction>". Each such instruction uses the whole pool, so they are taken to
-    # run one after another in the order they complete: one's time runs from its launch, or from
-    # the completion of the one before it if that came later, to its own end marker (their sum is
-    # the time the pool was busy with them, not their overlapping spans).
+    # named "end: <instruction>". Each such instruction is split over all the pool's threads, so
+    # they are taken to run one after another in the order they complete, each on every thread:
+    # one's time runs from its launch, or from the completion of the one before it if that came
+    # later, to its own end marker, times the pool's threads (one per core). Other instructions
+    # run on one thread each and count their own span, so the sum over instructions stays thread
+    # time.
     starts, ends = [], collections.defaultdict(list)
     for plane in ProfileData.from_file(path).planes:
         for line in plane.lines:
@@ -257,10 +260,11 @@ def trace_op_times(call, repeats: int, module_prefix: str) -> dict[str, float]:
             pooled[run].append((done[k], start, op))
         else:
             per_run[run][op] += duration * 1e-9
+    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     for run, ops in pooled.items():
         previous = 0
         for end, start, op in sorted(ops):
-            per_run[run][op] += (end - max(start, previous)) * 1e-9
+            per_run[run][op] += threads * (end - max(start, previous)) * 1e-9
             previous = end
     runs = list(per_run.values())
     names = set().union(*runs) if runs else set()
