@@ -13,16 +13,20 @@ from jaxdiff import host_memory
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A program whose [4096, 4096] float32 product (64 MiB) is a temporary of every call; prints the
-# fewest minor page faults of one call among calls 3 to 6 (the first compile and settle the heap).
+# fewest minor page faults of one call among calls 3 to 10 (the first compile and settle the heap).
+# Each call starts after a short pause: XLA may free a call's temporaries on another thread just
+# after its output is ready, and on a loaded machine (the suite's other worker) the next call
+# could otherwise allocate before the last one's block is back in the heap.
 PROBE = """
-import resource, sys
+import resource, sys, time
 from jaxdiff import host_memory
 applied = host_memory.configure()
 import jax, jax.numpy as jnp
 f = jax.jit(lambda a, b, c: (a @ b) @ c)
 a, b, c = jnp.ones((4096, 512)), jnp.ones((512, 4096)), jnp.ones((4096, 8))
 faults = []
-for _ in range(6):
+for _ in range(10):
+    time.sleep(0.05)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(a, b, c).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
