@@ -43,7 +43,7 @@ _CHOSEN: dict[str, dict[str, str] | None] = {}
 
 def _ynn_convolution(compiler_options) -> bool:
     """Whether XLA, compiling one 3x3 convolution with `compiler_options`, gives it to YNNPACK."""
-    cpu = jax.devices("cpu")[0]
+    cpu = jax.local_devices(backend="cpu")[0]
     x = jax.device_put(jnp.zeros((1, 8, 8, 32), jnp.float32), cpu)
     w = jax.device_put(jnp.zeros((3, 3, 32, 32), jnp.float32), cpu)
     conv = jax.jit(lambda x, w: lax.conv_general_dilated(x, w, (1, 1), ((1, 1), (1, 1)),
