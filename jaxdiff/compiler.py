@@ -11,10 +11,10 @@ against 15.5 ms (kernel gradient). Whole programs: the DDPM CIFAR-10 AdamW train
 1.90 -> 1.72 s, the SD-1.5 U-Net call (float32, batch 1) 2.24 -> 2.09 s, the CIFAR-10 U-Net
 forward 504 -> 492 ms; the demo's `jaxdiff train` 12.3 -> 17.3-17.8 steps/s, though its bare
 train step (batch 64) was level (61.6 against 63.5 ms). Dots and reductions stay with YNNPACK
-(the step without its reductions takes 2.58 s). So on the CPU `options()` names the fusion types without convolutions, once a
-probe has shown that this XLA gives convolutions to YNNPACK by default and accepts the option;
-anywhere else, or when XLA_FLAGS sets the fusion types itself (your choice wins), it is None and
-XLA compiles as it would.
+(the step without its reductions takes 2.58 s). So on the CPU `options()` names the fusion types
+without convolutions, once a probe has shown that this XLA gives convolutions to YNNPACK by
+default and accepts the option; anywhere else, or when XLA_FLAGS sets the fusion types itself
+(your choice wins), it is None and XLA compiles as it would.
 
 The options are chosen when a function is first called or lowered, not when it is decorated:
 importing jaxdiff starts no backend. A program of your own that jits jaxdiff's modules gets the
