@@ -118,8 +118,13 @@ def batch_parts(x_shape, backend: str | None = None) -> int:
     whole, 5.6 ms in halves; batch 32 10.0 -> 9.3 ms; batch 64 18.3 -> 15.0; batch 128 34.5 ->
     27.3; the DDPM CIFAR-10 train step (batch 16, 32x32) 2.69 -> 2.22 s. On SD's 64x64 latents
     it gained nothing at batch 2, and 11% at batch 4 (bfloat16, four slices) for 2.8x the
-    compile time. So: halves when the call has >= 8192 positions (B * H * W) on maps of <= 32x32,
-    B even. Never on GPU/TPU or on a sharded batch (more than one device), nor under
+    compile time. Rechecked on a second, slower 2-core CPU after `compiler.jit` moved the
+    convolutions to XLA's own kernels: in one process holding both programs, whole and halved
+    steps ran level (CIFAR-10 step 3.47-3.69 against 3.60-3.65 s), but in a process of its own
+    (`profile_ops.py`, what a user runs) the whole CIFAR-10 step took 4.14 s against 3.59 s
+    halved with host memory kept and 5.22 against 4.72 s with glibc's default allocator, and
+    its threads were busy 1.48-1.78 of 2 against 1.78-1.97. So: halves when the call has >= 8192
+    positions (B * H * W) on maps of <= 32x32, B even. Never on GPU/TPU or on a sharded batch (more than one device), nor under
     `formulation("xla")`. The compiled program holds the network once per slice: its compile
     takes longer."""
     backend = backend or jax.default_backend()
