@@ -124,9 +124,9 @@ def batch_parts(x_shape, backend: str | None = None) -> int:
     (`profile_ops.py`, what a user runs) the whole CIFAR-10 step took 4.14 s against 3.59 s
     halved with host memory kept and 5.22 against 4.72 s with glibc's default allocator, and
     its threads were busy 1.48-1.78 of 2 against 1.78-1.97. So: halves when the call has >= 8192
-    positions (B * H * W) on maps of <= 32x32, B even. Never on GPU/TPU or on a sharded batch (more than one device), nor under
-    `formulation("xla")`. The compiled program holds the network once per slice: its compile
-    takes longer."""
+    positions (B * H * W) on maps of <= 32x32, B even. Never on GPU/TPU or on a sharded batch
+    (more than one device), nor under `formulation("xla")`. The compiled program holds the
+    network once per slice: its compile takes longer."""
     backend = backend or jax.default_backend()
     if backend != "cpu" or _FORMULATION[-1] == "xla" or jax.device_count() != 1:
         return 1
