@@ -18,6 +18,7 @@ CASES = [
     ((1, 8, 6, 3), (3, 3, 3, 5), (2, 2), ((0, 1), (0, 1))),
     ((2, 7, 5, 6), (1, 1, 6, 4), (1, 1), ((0, 0), (0, 0))),
     ((1, 9, 7, 2), (3, 2, 2, 3), (2, 1), ((2, 0), (1, 1))),
+    ((1, 6, 10, 5), (3, 3, 5, 7), (1, 1), ((1, 1), (1, 1))),     # even, non-square: Winograd's tiles
 ]
 
 
@@ -25,7 +26,7 @@ def _xla(x, w, strides, padding):
     return jax.lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
-@pytest.mark.parametrize("impl", ["im2col", "shifted"])
+@pytest.mark.parametrize("impl", ["im2col", "shifted", "winograd"])
 def test_conv2d_matches_lax_conv_values_and_gradients(impl):
     rng = np.random.RandomState(0)
     for xs, ws, strides, padding in CASES:
@@ -55,11 +56,40 @@ def test_conv2d_bf16_accumulates_in_float32():
     x = jnp.asarray(rng.randn(2, 8, 8, 64), jnp.float32)
     w = jnp.asarray(rng.randn(3, 3, 64, 16) / 24, jnp.float32)
     ref = _xla(x, w, (1, 1), ((1, 1), (1, 1)))
-    for impl in ("im2col", "shifted"):
+    for impl in ("im2col", "shifted", "winograd"):
         out = conv_lib.conv2d(x.astype(jnp.bfloat16), w.astype(jnp.bfloat16), padding=((1, 1), (1, 1)), impl=impl)
         assert out.dtype == jnp.bfloat16
         rel = float(jnp.linalg.norm(out.astype(jnp.float32) - ref) / jnp.linalg.norm(ref))
         assert rel < 1e-2, (impl, rel)
+
+
+def _count_dots(fn, *args):
+    return str(jax.make_jaxpr(fn)(*args)).count("dot_general")
+
+
+def test_winograd_is_exact_on_small_integers_and_covers_only_its_shapes():
+    """F(2x2, 3x3) only adds, subtracts and halves: on small integers every step is exact in
+    float32, so it equals the direct sum bit for bit. It makes 16 products where the direct sum
+    makes 9; a stride-2 or odd-sized convolution under "winograd" runs one product per tap."""
+    rng = np.random.RandomState(3)
+    x = jnp.asarray(rng.randint(-4, 5, (2, 6, 8, 3)), jnp.float32)
+    w = jnp.asarray(rng.randint(-4, 5, (3, 3, 3, 4)), jnp.float32)
+    pad = ((1, 1), (1, 1))
+    ref = _xla(x, w, (1, 1), pad)
+    out = conv_lib.conv2d(x, w, padding=pad, impl="winograd")
+    np.testing.assert_array_equal(out, ref)
+    assert float(jnp.abs(ref).max()) > 10
+    assert _count_dots(lambda x, w: conv_lib.conv2d(x, w, padding=pad, impl="winograd"), x, w) == 16
+    assert conv_lib.winograd_applies(x.shape, w.shape, (1, 1), pad)
+    for shape, strides in (((2, 6, 8, 3), (2, 2)), ((2, 7, 8, 3), (1, 1))):
+        xs = jnp.asarray(rng.randint(-4, 5, shape), jnp.float32)
+        assert not conv_lib.winograd_applies(shape, w.shape, strides, pad)
+        assert _count_dots(lambda x, w: conv_lib.conv2d(x, w, strides=strides, padding=pad, impl="winograd"),
+                           xs, w) == 9
+        np.testing.assert_array_equal(conv_lib.conv2d(xs, w, strides=strides, padding=pad, impl="winograd"),
+                                      _xla(xs, w, strides, pad))
+    assert not conv_lib.winograd_applies(x.shape, (3, 3, 3, 4), (1, 1), ((0, 0), (0, 0)))
+    assert not conv_lib.winograd_applies(x.shape, (1, 1, 3, 4), (1, 1), ((0, 0), (0, 0)))
 
 
 def test_conv_module_has_nn_conv_parameters_and_outputs():
@@ -76,7 +106,7 @@ def test_conv_module_has_nn_conv_parameters_and_outputs():
 
 def test_conv_impl_refusal_is_one_line():
     with pytest.raises(ValueError, match="conv impl must be one of"):
-        conv_lib.resolve_impl("winograd")
+        conv_lib.resolve_impl("fft")
     assert conv_lib.resolve_impl("auto") == "xla"
     assert conv_lib.resolve_impl("shifted") == "shifted"
 
@@ -119,13 +149,25 @@ def test_automatic_choice_follows_the_measured_rules():
     # GPU / TPU: always XLA's convolution.
     assert conv_lib.choose((1, 8, 8, 1280), (3, 3, 1280, 1280), f32, backend="gpu") == "xla"
     assert conv_lib.choose((1, 64, 64, 320), (3, 3, 320, 320), bf16, backend="tpu") == "xla"
-    # CPU, float32: im2col only for the deep, small maps.
+    # CPU, float32: im2col for the deep, small maps; Winograd for wide 3x3 "same" convolutions
+    # on maps of >= 8x8; XLA for the rest.
     assert conv_lib.choose((1, 16, 16, 1280), (3, 3, 1280, 1280), f32, backend="cpu") == "im2col"
-    assert conv_lib.choose((1, 32, 32, 1280), (3, 3, 1280, 1280), f32, backend="cpu") == "xla"
-    assert conv_lib.choose((1, 8, 8, 256), (3, 3, 256, 256), f32, backend="cpu") == "xla"
-    # CPU, bf16: one dot per tap, or im2col for the few-channel input layer.
-    assert conv_lib.choose((1, 64, 64, 320), (3, 3, 320, 320), bf16, backend="cpu") == "shifted"
-    assert conv_lib.choose((4, 32, 32, 640), (3, 3, 640, 640), bf16, backend="cpu") == "shifted"
+    assert conv_lib.choose((1, 32, 32, 1280), (3, 3, 1280, 1280), f32, backend="cpu") == "winograd"
+    assert conv_lib.choose((1, 8, 8, 256), (3, 3, 256, 256), f32, backend="cpu") == "winograd"
+    assert conv_lib.choose((16, 32, 32, 128), (3, 3, 128, 128), f32, backend="cpu") == "winograd"
+    assert conv_lib.choose((1, 4, 4, 256), (3, 3, 256, 256), f32, backend="cpu") == "xla"
+    assert conv_lib.choose((1, 32, 32, 64), (3, 3, 64, 64), f32, backend="cpu") == "xla"
+    assert conv_lib.choose((1, 9, 9, 256), (3, 3, 256, 256), f32, backend="cpu") == "xla"
+    assert conv_lib.choose((16, 32, 32, 128), (3, 3, 128, 128), f32, backend="cpu", strides=(2, 2),
+                           padding=((1, 1), (1, 1))) == "xla"
+    # CPU, bf16: Winograd on maps of >= 32x32, else one dot per tap, or im2col for the
+    # few-channel input layer.
+    assert conv_lib.choose((1, 64, 64, 320), (3, 3, 320, 320), bf16, backend="cpu") == "winograd"
+    assert conv_lib.choose((4, 32, 32, 640), (3, 3, 640, 640), bf16, backend="cpu") == "winograd"
+    assert conv_lib.choose((1, 16, 16, 1280), (3, 3, 1280, 1280), bf16, backend="cpu") == "shifted"
+    assert conv_lib.choose((1, 64, 64, 320), (3, 3, 320, 320), bf16, backend="cpu", strides=(2, 2),
+                           padding=((1, 1), (1, 1))) == "shifted"
+    assert conv_lib.choose((1, 64, 64, 320), (1, 1, 320, 320), bf16, backend="cpu") == "shifted"
     assert conv_lib.choose((1, 64, 64, 4), (3, 3, 4, 320), bf16, backend="cpu") == "im2col"
     # CPU, float32, one input channel: nine broadcast products; three channels stay with XLA.
     assert conv_lib.choose((64, 16, 16, 1), (3, 3, 1, 16), f32, backend="cpu") == "shifted"
@@ -138,7 +180,7 @@ def test_automatic_choice_follows_the_measured_rules():
     assert conv_lib.resolve_impl("auto", (1, 8, 8, 1280), (3, 3, 1280, 1280), f32) == \
         conv_lib.choose((1, 8, 8, 1280), (3, 3, 1280, 1280), f32)
     with pytest.raises(ValueError, match="conv impl must be one of"):
-        with conv_lib.formulation("winograd"):
+        with conv_lib.formulation("fft"):
             pass
 
 
@@ -242,10 +284,13 @@ def test_upsample_folded_into_four_phase_convs_equals_upsample_then_conv(shape):
 
 
 def test_upsample_phases_follows_the_measured_rule():
-    """Folded on the CPU in float32 where the upsampled map's convolution would be XLA's; not
-    where that one is a dot (SD's 8x8x1280 -> 16x16), in bf16, on GPU/TPU or under "xla"."""
+    """Folded on the CPU in float32 where the upsampled map's convolution would be XLA's or
+    Winograd's; not where that one is an im2col dot (SD's 8x8x1280 -> 16x16), in bf16, on
+    GPU/TPU or under "xla"."""
     k = (3, 3, 1280, 1280)
     assert conv_lib.upsample_phases((1, 16, 16, 1280), k, jnp.float32, backend="cpu")
+    assert conv_lib.choose((1, 32, 32, 1280), k, jnp.float32, backend="cpu") == "winograd"
+    assert conv_lib.upsample_phases((8, 16, 16, 256), (3, 3, 256, 256), jnp.float32, backend="cpu")
     assert not conv_lib.upsample_phases((1, 8, 8, 1280), k, jnp.float32, backend="cpu")
     assert not conv_lib.upsample_phases((1, 16, 16, 1280), k, jnp.bfloat16, backend="cpu")
     assert not conv_lib.upsample_phases((1, 16, 16, 1280), k, jnp.float32, backend="gpu")

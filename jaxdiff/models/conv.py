@@ -10,6 +10,11 @@ convolution is the same sum written as products of 2-D matrices:
 - "im2col": gather the k*k shifted windows side by side on the channel axis,
   [B, H', W', k*k*C] -> [B*H'*W', k*k*C], and multiply once by w as [k*k*C, O].
 - "shifted": k*k products [B*H'*W', C] x [C, O], one per kernel tap, summed in float32.
+- "winograd": for 3x3, stride 1, "same" padding on even-sized maps, Winograd's F(2x2, 3x3):
+  transform each 4x4 tile of inputs and the kernel (sums and differences), 16 products
+  [B*H*W/4, C] x [C, O], and transform back to the 2x2 tile of outputs: 16 multiply-adds per
+  output and channel pair where the direct sum takes 36 (`winograd3x3`; other shapes under it
+  run "shifted").
 - "xla": `lax.conv_general_dilated` itself.
 
 Their gradients are again 2-D products (the weight gradient is patches^T x dy) plus the
@@ -46,7 +51,7 @@ from jax import lax
 Array = jax.Array
 Dtype = Any
 
-IMPLS = ("auto", "xla", "im2col", "shifted")
+IMPLS = ("auto", "xla", "im2col", "shifted", "winograd")
 NHWC = ("NHWC", "HWIO", "NHWC")
 
 
@@ -76,33 +81,58 @@ def formulation(impl: str):
         _FORMULATION.pop()
 
 
-def choose(x_shape, kernel_shape, dtype, backend: str | None = None) -> str:
-    """The formulation "auto" picks for one convolution, x [B, H, W, C] * kernel [kh, kw, C, O].
+def choose(x_shape, kernel_shape, dtype, backend: str | None = None, *, strides=(1, 1),
+           padding=None) -> str:
+    """The formulation "auto" picks for one convolution, x [B, H, W, C] * kernel [kh, kw, C, O]
+    with `strides` and `padding` (default: stride 1, "same" padding).
 
     XLA's own convolution on GPU and TPU. On the CPU backend (jax 0.10, whose convolutions go to
     XNNPACK/Eigen), measured on an idle 2-core CPU (experiments/bench_conv.py per layer shape,
-    experiments/bench_sd.py for the whole SD-1.5 U-Net):
-    - bfloat16 / float16: on maps of <= 32x32 positions with >= 256 channels XLA's convolution
-      runs at 30-150 GFLOP/s, while a 2-D dot accumulating in float32 runs several times faster;
-      one dot per tap ("shifted") is 2-7x faster there. On the 64x64 maps XLA's convolution is
-      as fast alone, but inside the whole U-Net "shifted" everywhere (C >= 32) made the call
-      faster than XLA on the wide levels (batch 4: 9.4 s against 10.6 s), so it is used for every
-      layer with >= 32 input channels; "im2col" for the few-channel input layer.
-    - float32: on maps of <= 16x16 positions with >= 1024 channels (SD's two deepest levels) XLA
-      falls to 50-90 GFLOP/s, where "im2col" (one dot) runs 2-5x faster; on one input channel
-      (grayscale images) "shifted", nine broadcast products, takes a quarter of XLA's time
-      forward and half with gradients (0.11 against 0.43 ms at [64, 16, 16, 1] -> 16); elsewhere
-      "xla" (other few-channel layers are slower as dots: [16, 32, 32, 3] -> 128 takes 20 ms
-      "shifted" against 0.5 ms in XLA).
+    experiments/bench_sd.py for the whole SD-1.5 U-Net, experiments/profile_ops.py for the
+    DDPM CIFAR-10 U-Net):
+    - "winograd" (`winograd3x3`, 2.25x fewer multiply-adds) for every 3x3, stride-1, "same"
+      convolution on an even-sized map it covers, with >= 32 input channels on maps of >= 32x32
+      positions in bfloat16 / float16 and >= 128 channels on maps of >= 8x8 in float32. On the
+      slower development CPU (f32 matmul peak ~200 GFLOP/s), SD-1.5's 64x64 level in bfloat16
+      [1, 64, 64, 320] -> 320 takes 15-16 ms against 25 ms "shifted" and 17-18 ms in PyTorch
+      (oneDNN), 960 -> 320 30-46 against 71-93 and 51; in float32 22 against 35 ms (XLA) and 33
+      (PyTorch). With gradients, float32, freed host memory kept: the CIFAR-10 U-Net's
+      [16, 32, 32, 128] -> 128 41 against 63 ms (XLA), [16, 8, 8, 256] -> 256 13 against 22.
+      Whole programs in their own processes: the SD-1.5 call in bfloat16 2.90 s against 3.23 s
+      (PyTorch 3.16), in float32 4.43 against 4.64 s; the CIFAR-10 forward 0.81 against 1.11 s;
+      its AdamW train step 2.95 against 3.28 s (3.01 against 3.41 with host memory kept).
+      Below 32x32 in bfloat16 the kernel transform (16 instead of 9 matrices, redone every call)
+      outweighs the saving when glibc returns freed memory: [1, 16, 16, 1280] -> 1280 37 against
+      23 ms "shifted". On 4x4 maps it gained nothing. Its compiled programs are larger: the
+      CIFAR-10 train step compiles in ~50-64 s against ~19-23 s (the persistent compilation
+      cache pays that once per machine).
+    - bfloat16 / float16 otherwise: on maps of <= 32x32 positions with >= 256 channels XLA's
+      convolution runs at 30-150 GFLOP/s, while a 2-D dot accumulating in float32 runs several
+      times faster; one dot per tap ("shifted") is 2-7x faster there, and it is used for every
+      other layer with >= 32 input channels (strided ones included); "im2col" for the
+      few-channel input layer.
+    - float32 otherwise: on maps of <= 16x16 positions with >= 1024 channels (SD's two deepest
+      levels) XLA falls to 50-90 GFLOP/s, where "im2col" (one dot) runs 2-5x faster; on one
+      input channel (grayscale images) "shifted", nine broadcast products, takes a quarter of
+      XLA's time forward and half with gradients (0.11 against 0.43 ms at [64, 16, 16, 1] -> 16);
+      elsewhere "xla" (other few-channel layers are slower as dots: [16, 32, 32, 3] -> 128 takes
+      20 ms "shifted" against 0.5 ms in XLA).
     """
     backend = backend or jax.default_backend()
     if backend != "cpu":
         return "xla"
     _, H, W, C = x_shape
+    if padding is None:                                   # "same": half the kernel on each side
+        padding = tuple((k // 2, k // 2) for k in kernel_shape[:2])
+    winograd = winograd_applies(x_shape, kernel_shape, strides, padding)
     if low_precision(dtype):
+        if winograd and C >= 32 and H * W >= 32 * 32:
+            return "winograd"
         return "shifted" if C >= 32 else "im2col"
     if C >= 1024 and H * W <= 256:
         return "im2col"
+    if winograd and C >= 128 and H * W >= 8 * 8:
+        return "winograd"
     if C == 1:
         return "shifted"
     return "xla"
@@ -135,16 +165,20 @@ def batch_parts(x_shape, backend: str | None = None) -> int:
     return 2 if B % 2 == 0 and small_maps and enough else 1
 
 
-def resolve_impl(impl: str, x_shape=None, kernel_shape=None, dtype=jnp.float32) -> str:
+def resolve_impl(impl: str, x_shape=None, kernel_shape=None, dtype=jnp.float32, *,
+                 strides=(1, 1), padding=None) -> str:
     """The formulation `impl` stands for: itself, or for "auto" the one `formulation()` sets, else
-    `choose(x_shape, kernel_shape, dtype)` (XLA when the shapes are not given)."""
+    `choose(x_shape, kernel_shape, dtype, strides=..., padding=...)` (XLA when the shapes are not
+    given)."""
     if impl not in IMPLS:
         raise ValueError(f"conv impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
         impl = _FORMULATION[-1]
     if impl != "auto":
         return impl
-    return "xla" if x_shape is None else choose(x_shape, kernel_shape, dtype)
+    if x_shape is None:
+        return "xla"
+    return choose(x_shape, kernel_shape, dtype, strides=strides, padding=padding)
 
 
 def _plain_nhwc(lhs: Array, rhs: Array, lhs_dilation, rhs_dilation, dimension_numbers,
@@ -178,7 +212,7 @@ def conv_general(lhs: Array, rhs: Array, window_strides, padding, lhs_dilation=N
         return xla()
     if isinstance(padding, str):
         padding = lax.padtype_to_pads(lhs.shape[1:3], rhs.shape[:2], window_strides, padding)
-    impl = resolve_impl("auto", lhs.shape, rhs.shape, lhs.dtype)
+    impl = resolve_impl("auto", lhs.shape, rhs.shape, lhs.dtype, strides=window_strides, padding=padding)
     if impl == "xla":
         return xla()
     return conv2d(lhs, rhs, strides=window_strides, padding=padding, impl=impl)
@@ -196,14 +230,17 @@ def upsample_phases(x_shape, kernel_shape, dtype, backend: str | None = None) ->
     forward + gradients [8, 16, 16, 256] -> [8, 32, 32, 256]: 58.5 -> 30.3 ms; forward alone,
     SD-1.5's and its VAE's upsamplers at batch 1: 16x16x1280 68.7 -> 39.2 ms, 32x32x640 64.6 ->
     31.9, 64x64x512 158 -> 73. Taken on the CPU in float32 under "auto" where the upsampled map's
-    convolution would be XLA's own: at 8x8x1280 that one is an im2col dot (17.9 ms) and the four
-    small ones are slower (22.5 ms). In bfloat16 the convolutions are already dots ("shifted")
+    convolution would be XLA's own or "winograd" (the same 16 multiply-adds per output, but on
+    the 4x larger map: forward + gradients [8, 16, 16, 256] -> [8, 32, 32, 256] 66.6 ms against
+    50.5 folded, and level or slower on the other shapes measured): at 8x8x1280 that one is an
+    im2col dot (17.9 ms) and the four small ones are slower (22.5 ms). In bfloat16 the convolutions are already dots ("shifted")
     on the upsampled map, and GPU/TPU keep XLA's convolution."""
     backend = backend or jax.default_backend()
     if backend != "cpu" or _FORMULATION[-1] != "auto" or low_precision(dtype) or len(x_shape) != 4:
         return False
     B, H, W, C = x_shape
-    return tuple(kernel_shape[:2]) == (3, 3) and choose((B, 2 * H, 2 * W, C), kernel_shape, dtype, backend) == "xla"
+    return (tuple(kernel_shape[:2]) == (3, 3)
+            and choose((B, 2 * H, 2 * W, C), kernel_shape, dtype, backend) in ("xla", "winograd"))
 
 
 def _fold(w: Array, axis: int) -> tuple[Array, Array]:
@@ -296,9 +333,13 @@ def conv2d(
     Returns:
       [B, H', W', O] in x's dtype, H' = (H + top + bottom - kh) // sh + 1 (W' likewise).
     """
-    impl = resolve_impl(impl, x.shape, kernel.shape, x.dtype)
     strides = tuple(int(s) for s in strides)
     padding = tuple((int(a), int(b)) for a, b in padding)
+    impl = resolve_impl(impl, x.shape, kernel.shape, x.dtype, strides=strides, padding=padding)
+    if impl == "winograd":
+        if winograd_applies(x.shape, kernel.shape, strides, padding):
+            return winograd3x3(x, kernel)
+        impl = "shifted"                       # what "winograd" does not cover runs one dot per tap
     if impl == "xla":
         return lax.conv_general_dilated(
             x, kernel, strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -318,6 +359,61 @@ def conv2d(
         w = kernel.reshape(kh * kw, C, O)  # [taps, C, O]
         y = sum(_matmul(v.reshape(B * ho * wo, C), w[n]) for n, v in enumerate(views))  # [M, O]
     return y.reshape(B, ho, wo, O).astype(x.dtype)  # [B, H', W', O]
+
+# Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016): a 2x2 tile of outputs from the
+# 4x4 tile of inputs around it, y = A^T [(G g G^T) * (B^T d B)] A, as 16 products per channel pair
+# where the direct sum takes 36. The transforms along one axis, on lists of equal-shaped arrays:
+def _winograd_data(d):
+    """B^T d for the four rows (or columns) d0..d3 of input tiles."""
+    d0, d1, d2, d3 = d
+    return [d0 - d2, d1 + d2, d2 - d1, d1 - d3]
+
+
+def _winograd_kernel(g):
+    """G g for the three taps g0..g2 of a kernel axis."""
+    g0, g1, g2 = g
+    return [g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2]
+
+
+def _winograd_output(m):
+    """A^T m: the two outputs of a tile from its four transformed products."""
+    m0, m1, m2, m3 = m
+    return [m0 + m1 + m2, m1 - m2 - m3]
+
+
+def winograd_applies(x_shape, kernel_shape, strides, padding) -> bool:
+    """Whether `winograd3x3` covers this convolution: a 3x3 kernel, stride 1, one pixel of zeros
+    on every side ("same" output size), and a map of even height and width."""
+    return (tuple(kernel_shape[:2]) == (3, 3) and tuple(strides) == (1, 1)
+            and tuple(map(tuple, padding)) == ((1, 1), (1, 1))
+            and x_shape[1] % 2 == 0 and x_shape[2] % 2 == 0)
+
+
+def winograd3x3(x: Array, kernel: Array) -> Array:
+    """x [B, H, W, C] (H, W even) * kernel [3, 3, C, O], stride 1, padding 1 -> [B, H, W, O] in
+    x's dtype, by F(2x2, 3x3): 2.25x fewer multiply-adds than the direct sum.
+
+    The data and kernel transforms (sums, differences and halvings) run in float32; each of the
+    16 products [B*H*W/4, C] x [C, O] is a 2-D dot in x's dtype that accumulates in float32 (as
+    in "shifted"), and the output transform adds float32 products. The rounding differs from the
+    direct sum: in float32 the outputs are within ~1e-6 of the largest (2x the direct sum's
+    error against a float64 reference), in bfloat16 ~1.5x the direct sum's error, because the
+    transformed tiles and kernels are rounded to bfloat16 for the products."""
+    B, H, W, C = x.shape
+    O = kernel.shape[-1]
+    f32 = jnp.float32
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0))).astype(f32)          # [B, H+2, W+2, C]
+    rows = _winograd_data([xp[:, k:k + H:2] for k in range(4)])             # 4 x [B, H/2, W+2, C]
+    v = [_winograd_data([r[:, :, k:k + W:2] for k in range(4)]) for r in rows]  # [a][b]: [B, H/2, W/2, C]
+    w = kernel.astype(f32)
+    u = [_winograd_kernel([ur[j] for j in range(3)])                        # [a][b]: [C, O]
+         for ur in _winograd_kernel([w[i] for i in range(3)])]
+    m = [[_matmul(v[a][b].reshape(-1, C).astype(x.dtype), u[a][b].astype(x.dtype))
+          .astype(f32).reshape(B, H // 2, W // 2, O) for b in range(4)] for a in range(4)]
+    cols = [_winograd_output(m[a]) for a in range(4)]                       # [a][j]: tile column j
+    y = [_winograd_output([cols[a][j] for a in range(4)]) for j in range(2)]  # [j][i]: output (i, j)
+    tiles = jnp.stack([jnp.stack([y[j][i] for j in range(2)], 3) for i in range(2)], 2)  # [B, H/2, 2, W/2, 2, O]
+    return tiles.reshape(B, H, W, O).astype(x.dtype)
 
 
 class Conv(nn.Module):
