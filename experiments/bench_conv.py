@@ -1,7 +1,7 @@
 """3x3 convolutions on this machine: XLA's convolution against the same sum as 2-D matmuls.
 
     python experiments/bench_conv.py [--net sd15,cifar,demo] [--dtype float32] [--repeats 5]
-                                     [--impls xla,im2col,shifted] [--no-torch] [--grad]
+                                     [--impls xla,im2col,shifted,winograd] [--no-torch] [--grad]
 
 For every distinct 3x3 convolution shape of the SD-1.5 U-Net (batch 1, 64x64 latents), of the demo
 U-Net (batch 64, 16x16) and of the
@@ -10,6 +10,7 @@ gradients with respect to input and kernel) of each formulation of `jaxdiff.mode
 and of `torch.nn.functional.conv2d` on the same data. The calls are interleaved (one round runs
 every formulation once) and the medians over rounds reported, so a load that changes during the
 run hits all of them alike. Prints one markdown row per shape: ms per call and speed vs XLA.
+"winograd" runs one product per tap ("shifted") on the layers it does not cover (stride 2).
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--net", default="sd15,cifar")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    ap.add_argument("--impls", default="xla,im2col,shifted")
+    ap.add_argument("--impls", default="xla,im2col,shifted,winograd")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--grad", action="store_true", help="time forward + input and kernel gradients")
     ap.add_argument("--no-torch", action="store_true")
