@@ -233,8 +233,9 @@ def upsample_phases(x_shape, kernel_shape, dtype, backend: str | None = None) ->
     convolution would be XLA's own or "winograd" (the same 16 multiply-adds per output, but on
     the 4x larger map: forward + gradients [8, 16, 16, 256] -> [8, 32, 32, 256] 66.6 ms against
     50.5 folded, and level or slower on the other shapes measured): at 8x8x1280 that one is an
-    im2col dot (17.9 ms) and the four small ones are slower (22.5 ms). In bfloat16 the convolutions are already dots ("shifted")
-    on the upsampled map, and GPU/TPU keep XLA's convolution."""
+    im2col dot (17.9 ms) and the four small ones are slower (22.5 ms). In bfloat16 the
+    convolutions are already dots ("shifted" or "winograd") on the upsampled map, and GPU/TPU
+    keep XLA's convolution."""
     backend = backend or jax.default_backend()
     if backend != "cpu" or _FORMULATION[-1] != "auto" or low_precision(dtype) or len(x_shape) != 4:
         return False
@@ -360,6 +361,7 @@ def conv2d(
         y = sum(_matmul(v.reshape(B * ho * wo, C), w[n]) for n, v in enumerate(views))  # [M, O]
     return y.reshape(B, ho, wo, O).astype(x.dtype)  # [B, H', W', O]
 
+
 # Winograd's minimal filtering F(2x2, 3x3) (Lavin & Gray 2016): a 2x2 tile of outputs from the
 # 4x4 tile of inputs around it, y = A^T [(G g G^T) * (B^T d B)] A, as 16 products per channel pair
 # where the direct sum takes 36. The transforms along one axis, on lists of equal-shaped arrays:
@@ -408,11 +410,12 @@ def winograd3x3(x: Array, kernel: Array) -> Array:
     w = kernel.astype(f32)
     u = [_winograd_kernel([ur[j] for j in range(3)])                        # [a][b]: [C, O]
          for ur in _winograd_kernel([w[i] for i in range(3)])]
-    m = [[_matmul(v[a][b].reshape(-1, C).astype(x.dtype), u[a][b].astype(x.dtype))
-          .astype(f32).reshape(B, H // 2, W // 2, O) for b in range(4)] for a in range(4)]
+    m = [[_matmul(v[a][b].reshape(-1, C).astype(x.dtype), u[a][b].astype(x.dtype))  # float32
+          .reshape(B, H // 2, W // 2, O) for b in range(4)] for a in range(4)]
     cols = [_winograd_output(m[a]) for a in range(4)]                       # [a][j]: tile column j
     y = [_winograd_output([cols[a][j] for a in range(4)]) for j in range(2)]  # [j][i]: output (i, j)
-    tiles = jnp.stack([jnp.stack([y[j][i] for j in range(2)], 3) for i in range(2)], 2)  # [B, H/2, 2, W/2, 2, O]
+    # [B, H/2, 2, W/2, 2, O]: output row 2t + i, column 2s + j
+    tiles = jnp.stack([jnp.stack([y[j][i] for j in range(2)], 3) for i in range(2)], 2)
     return tiles.reshape(B, H, W, O).astype(x.dtype)
 
 
