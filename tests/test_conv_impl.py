@@ -142,6 +142,34 @@ def test_group_norm_bf16_and_refusal():
     np.testing.assert_allclose(out.astype(jnp.float32), ref, atol=3e-2)
     with pytest.raises(ValueError, match="not divisible into 5 groups"):
         GroupNorm(num_groups=5).init(jax.random.PRNGKey(0), x)
+    with pytest.raises(ValueError, match="activation must be None or 'silu'"):
+        GroupNorm(num_groups=4, activation="relu").init(jax.random.PRNGKey(0), x)
+
+
+def test_group_norm_silu_is_taken_before_the_one_rounding():
+    """activation="silu" equals SiLU of the norm in float32 (same values and gradients) and in
+    bf16 is SiLU of the float32 norm rounded once: closer to it than a rounded norm's SiLU."""
+    rng = np.random.RandomState(5)
+    x = jnp.asarray(rng.randn(2, 8, 8, 32) * 3 + 1, jnp.float32)
+    p = GroupNorm(num_groups=8).init(jax.random.PRNGKey(0), x)
+    p = jax.tree.map(lambda a: a + jnp.asarray(rng.randn(*a.shape) * 0.3, jnp.float32), p)
+    fused, plain = GroupNorm(num_groups=8, activation="silu"), GroupNorm(num_groups=8)
+    ref = nn.silu(plain.apply(p, x))
+    np.testing.assert_allclose(fused.apply(p, x), ref, rtol=1e-6, atol=1e-6)
+    g = jnp.asarray(rng.randn(*x.shape), jnp.float32)
+    ga = jax.grad(lambda p, x: jnp.sum(fused.apply(p, x) * g), argnums=(0, 1))(p, x)
+    gb = jax.grad(lambda p, x: jnp.sum(nn.silu(plain.apply(p, x)) * g), argnums=(0, 1))(p, x)
+    for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()))
+    xb = x.astype(jnp.bfloat16)
+    exact = nn.silu(plain.apply(p, xb.astype(jnp.float32)))
+    once = GroupNorm(num_groups=8, dtype=jnp.bfloat16, activation="silu").apply(p, xb)
+    twice = nn.silu(GroupNorm(num_groups=8, dtype=jnp.bfloat16).apply(p, xb))
+    assert once.dtype == twice.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(once, exact.astype(jnp.bfloat16))
+    err_once = float(jnp.abs(once.astype(jnp.float32) - exact).max())
+    err_twice = float(jnp.abs(twice.astype(jnp.float32) - exact).max())
+    assert err_once < err_twice
 
 
 def test_automatic_choice_follows_the_measured_rules():

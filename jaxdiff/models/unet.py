@@ -472,8 +472,7 @@ class UNet(nn.Module):
             )(h, emb, level_skips, context, train)
         assert not skips, "every encoder activation is consumed by the decoder"
 
-        h = group_norm(self.num_groups, self.norm_eps, self.dtype, "norm_out")(h)
-        h = nn.silu(h)
+        h = group_norm(self.num_groups, self.norm_eps, self.dtype, "norm_out", activation="silu")(h)
         p = self.patch_size
         h = conv3x3(self.out_channels * p * p, self.dtype, "conv_out", zero=True)(h)
         h = depth_to_space(h, p)                                  # [B, H, W, out]

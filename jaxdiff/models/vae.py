@@ -182,8 +182,7 @@ class Encoder(nn.Module):
             self.block_out_channels[-1], self.norm_num_groups, self.mid_attention, self.dtype,
             name="mid",
         )(h)
-        h = group_norm(self.norm_num_groups, NORM_EPS, self.dtype, "norm_out")(h)
-        h = nn.silu(h)
+        h = group_norm(self.norm_num_groups, NORM_EPS, self.dtype, "norm_out", activation="silu")(h)
         return conv3x3(2 * self.latent_channels, self.dtype, "conv_out")(h)
 
 
@@ -209,8 +208,7 @@ class Decoder(nn.Module):
                 self.block_out_channels[i], self.layers_per_block + 1, "up" if i > 0 else None,
                 self.norm_num_groups, self.dtype, name=f"up_{i}",
             )(h)
-        h = group_norm(self.norm_num_groups, NORM_EPS, self.dtype, "norm_out")(h)
-        h = nn.silu(h)
+        h = group_norm(self.norm_num_groups, NORM_EPS, self.dtype, "norm_out", activation="silu")(h)
         return conv3x3(self.out_channels, self.dtype, "conv_out")(h)
 
 
