@@ -177,9 +177,14 @@ def test_automatic_choice_follows_the_measured_rules():
     # GPU / TPU: always XLA's convolution.
     assert conv_lib.choose((1, 8, 8, 1280), (3, 3, 1280, 1280), f32, backend="gpu") == "xla"
     assert conv_lib.choose((1, 64, 64, 320), (3, 3, 320, 320), bf16, backend="tpu") == "xla"
-    # CPU, float32: im2col for the deep, small maps; Winograd for wide 3x3 "same" convolutions
-    # on maps of >= 8x8; XLA for the rest.
+    # CPU, float32: im2col for the deep, small maps until the batch fills 512 positions;
+    # Winograd for wide 3x3 "same" convolutions on maps of >= 8x8; XLA for the rest.
     assert conv_lib.choose((1, 16, 16, 1280), (3, 3, 1280, 1280), f32, backend="cpu") == "im2col"
+    assert conv_lib.choose((4, 8, 8, 1280), (3, 3, 1280, 1280), f32, backend="cpu") == "im2col"
+    assert conv_lib.choose((2, 16, 16, 1280), (3, 3, 1280, 1280), f32, backend="cpu") == "winograd"
+    assert conv_lib.choose((8, 8, 8, 2560), (3, 3, 2560, 1280), f32, backend="cpu") == "winograd"
+    assert conv_lib.choose((8, 16, 16, 1280), (3, 3, 1280, 1280), f32, backend="cpu", strides=(2, 2),
+                           padding=((1, 1), (1, 1))) == "im2col"
     assert conv_lib.choose((1, 32, 32, 1280), (3, 3, 1280, 1280), f32, backend="cpu") == "winograd"
     assert conv_lib.choose((1, 8, 8, 256), (3, 3, 256, 256), f32, backend="cpu") == "winograd"
     assert conv_lib.choose((16, 32, 32, 128), (3, 3, 128, 128), f32, backend="cpu") == "winograd"
@@ -188,11 +193,18 @@ def test_automatic_choice_follows_the_measured_rules():
     assert conv_lib.choose((1, 9, 9, 256), (3, 3, 256, 256), f32, backend="cpu") == "xla"
     assert conv_lib.choose((16, 32, 32, 128), (3, 3, 128, 128), f32, backend="cpu", strides=(2, 2),
                            padding=((1, 1), (1, 1))) == "xla"
-    # CPU, bf16: Winograd on maps of >= 32x32, else one dot per tap, or im2col for the
-    # few-channel input layer.
+    # CPU, bf16: Winograd from 512 positions (or < 1024 channels on >= 16x16 maps), else
+    # im2col for deep small maps, one dot per tap, or im2col for the few-channel input layer.
     assert conv_lib.choose((1, 64, 64, 320), (3, 3, 320, 320), bf16, backend="cpu") == "winograd"
     assert conv_lib.choose((4, 32, 32, 640), (3, 3, 640, 640), bf16, backend="cpu") == "winograd"
-    assert conv_lib.choose((1, 16, 16, 1280), (3, 3, 1280, 1280), bf16, backend="cpu") == "shifted"
+    assert conv_lib.choose((1, 16, 16, 1280), (3, 3, 1280, 1280), bf16, backend="cpu") == "im2col"
+    assert conv_lib.choose((4, 8, 8, 1280), (3, 3, 1280, 1280), bf16, backend="cpu") == "im2col"
+    assert conv_lib.choose((2, 16, 16, 1280), (3, 3, 1280, 1280), bf16, backend="cpu") == "winograd"
+    assert conv_lib.choose((1, 16, 16, 640), (3, 3, 640, 1280), bf16, backend="cpu") == "winograd"
+    assert conv_lib.choose((16, 8, 8, 256), (3, 3, 256, 256), bf16, backend="cpu") == "winograd"
+    assert conv_lib.choose((1, 8, 8, 256), (3, 3, 256, 256), bf16, backend="cpu") == "shifted"
+    assert conv_lib.choose((4, 16, 16, 1280), (3, 3, 1280, 1280), bf16, backend="cpu", strides=(2, 2),
+                           padding=((1, 1), (1, 1))) == "im2col"
     assert conv_lib.choose((1, 64, 64, 320), (3, 3, 320, 320), bf16, backend="cpu", strides=(2, 2),
                            padding=((1, 1), (1, 1))) == "shifted"
     assert conv_lib.choose((1, 64, 64, 320), (1, 1, 320, 320), bf16, backend="cpu") == "shifted"
@@ -313,12 +325,15 @@ def test_upsample_folded_into_four_phase_convs_equals_upsample_then_conv(shape):
 
 def test_upsample_phases_follows_the_measured_rule():
     """Folded on the CPU in float32 where the upsampled map's convolution would be XLA's or
-    Winograd's; not where that one is an im2col dot (SD's 8x8x1280 -> 16x16), in bf16, on
-    GPU/TPU or under "xla"."""
+    Winograd's with < 1024 channels; not on SD's 1280-channel levels (the four small
+    convolutions would be im2col dots), in bf16, on GPU/TPU or under "xla"."""
     k = (3, 3, 1280, 1280)
-    assert conv_lib.upsample_phases((1, 16, 16, 1280), k, jnp.float32, backend="cpu")
-    assert conv_lib.choose((1, 32, 32, 1280), k, jnp.float32, backend="cpu") == "winograd"
+    assert conv_lib.upsample_phases((1, 32, 32, 640), (3, 3, 640, 640), jnp.float32, backend="cpu")
+    assert conv_lib.choose((1, 64, 64, 640), (3, 3, 640, 640), jnp.float32, backend="cpu") == "winograd"
     assert conv_lib.upsample_phases((8, 16, 16, 256), (3, 3, 256, 256), jnp.float32, backend="cpu")
+    assert conv_lib.choose((1, 32, 32, 1280), k, jnp.float32, backend="cpu") == "winograd"
+    assert not conv_lib.upsample_phases((1, 16, 16, 1280), k, jnp.float32, backend="cpu")
+    assert not conv_lib.upsample_phases((4, 8, 8, 1280), k, jnp.float32, backend="cpu")
     assert not conv_lib.upsample_phases((1, 8, 8, 1280), k, jnp.float32, backend="cpu")
     assert not conv_lib.upsample_phases((1, 16, 16, 1280), k, jnp.bfloat16, backend="cpu")
     assert not conv_lib.upsample_phases((1, 16, 16, 1280), k, jnp.float32, backend="gpu")

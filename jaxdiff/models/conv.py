@@ -91,8 +91,10 @@ def choose(x_shape, kernel_shape, dtype, backend: str | None = None, *, strides=
     experiments/bench_sd.py for the whole SD-1.5 U-Net, experiments/profile_ops.py for the
     DDPM CIFAR-10 U-Net):
     - "winograd" (`winograd3x3`, 2.25x fewer multiply-adds) for every 3x3, stride-1, "same"
-      convolution on an even-sized map it covers, with >= 32 input channels on maps of >= 32x32
-      positions in bfloat16 / float16 and >= 128 channels on maps of >= 8x8 in float32. On the
+      convolution on an even-sized map it covers: in bfloat16 / float16 with >= 32 input
+      channels once the call holds >= 512 positions (B * H * W), or with < 1024 channels on maps
+      of >= 16x16; in float32 with >= 128 channels on maps of >= 8x8, except that >= 1024
+      channels on maps of <= 16x16 need >= 512 positions (below that, im2col). On the
       slower development CPU (f32 matmul peak ~200 GFLOP/s), SD-1.5's 64x64 level in bfloat16
       [1, 64, 64, 320] -> 320 takes 15-16 ms against 25 ms "shifted" and 17-18 ms in PyTorch
       (oneDNN), 960 -> 320 30-46 against 71-93 and 51; in float32 22 against 35 ms (XLA) and 33
@@ -101,16 +103,28 @@ def choose(x_shape, kernel_shape, dtype, backend: str | None = None, *, strides=
       Whole programs in their own processes: the SD-1.5 call in bfloat16 2.90 s against 3.23 s
       (PyTorch 3.16), in float32 4.43 against 4.64 s; the CIFAR-10 forward 0.81 against 1.11 s;
       its AdamW train step 2.95 against 3.28 s (3.01 against 3.41 with host memory kept).
-      Below 32x32 in bfloat16 the kernel transform (16 instead of 9 matrices, redone every call)
-      outweighs the saving when glibc returns freed memory: [1, 16, 16, 1280] -> 1280 37 against
-      23 ms "shifted". On 4x4 maps it gained nothing. Its compiled programs are larger: the
+      On SD's deep levels the kernel transform (16 instead of 9 matrices, redone every call)
+      weighs as much as the products at batch 1, but not once the batch fills 512 positions:
+      bfloat16 [1, 16, 16, 1280] -> 1280 34 ms against 27 im2col and 35 "shifted" (PyTorch 24);
+      [4, 16, 16, 1280] 66 against 111 im2col and 100 "shifted" (PyTorch 71); [4, 16, 16, 2560]
+      134 against 185 "shifted" (PyTorch 160); [2, 16, 16, 1280] 43 against 54 (PyTorch 39);
+      [8, 8, 8, 1280] 49 against 58 "shifted"; but [4, 8, 8, 1280] 34 against 25 im2col; with
+      640 channels already at batch 1, [1, 16, 16, 640] -> 1280 8.9 against 11.9 im2col and 17.5
+      "shifted" (PyTorch 9.9). Smaller maps and channel counts alike: [16, 16, 16, 256] 13
+      against 32 "shifted" (PyTorch 11), [64, 16, 16, 64] 7.7 against 24. In float32
+      [4, 16, 16, 1280] 112 against 173 im2col (PyTorch 158), [8, 8, 8, 1280] 76 against 95,
+      while [1, 16, 16, 1280] stays im2col (45 against 55) and so does [4, 8, 8, 1280] (44
+      against 57). On 4x4 maps it gained nothing. Its compiled programs are larger: the
       CIFAR-10 train step compiles in ~50-64 s against ~19-23 s (the persistent compilation
       cache pays that once per machine).
     - bfloat16 / float16 otherwise: on maps of <= 32x32 positions with >= 256 channels XLA's
       convolution runs at 30-150 GFLOP/s, while a 2-D dot accumulating in float32 runs several
-      times faster; one dot per tap ("shifted") is 2-7x faster there, and it is used for every
-      other layer with >= 32 input channels (strided ones included); "im2col" for the
-      few-channel input layer.
+      times faster. "im2col" (one dot on the kernel as it is) for >= 1024 channels on maps of
+      <= 16x16: there the kernel outweighs the activations, and one dot per tap would copy
+      each tap's [C, O] slice on every call ([1, 16, 16, 1280] -> 1280 27 against 35 ms; the
+      SD-1.5 call at batch 1 holds 446 instead of 1,304 MiB of temporaries). One dot per tap
+      ("shifted") for every other layer with >= 32 input channels (strided ones included);
+      "im2col" for the few-channel input layer.
     - float32 otherwise: on maps of <= 16x16 positions with >= 1024 channels (SD's two deepest
       levels) XLA falls to 50-90 GFLOP/s, where "im2col" (one dot) runs 2-5x faster; on one
       input channel (grayscale images) "shifted", nine broadcast products, takes a quarter of
@@ -121,14 +135,19 @@ def choose(x_shape, kernel_shape, dtype, backend: str | None = None, *, strides=
     backend = backend or jax.default_backend()
     if backend != "cpu":
         return "xla"
-    _, H, W, C = x_shape
+    B, H, W, C = x_shape
     if padding is None:                                   # "same": half the kernel on each side
         padding = tuple((k // 2, k // 2) for k in kernel_shape[:2])
     winograd = winograd_applies(x_shape, kernel_shape, strides, padding)
+    positions = B * H * W
     if low_precision(dtype):
-        if winograd and C >= 32 and H * W >= 32 * 32:
+        if winograd and C >= 32 and (positions >= 512 or (C < 1024 and H * W >= 16 * 16)):
             return "winograd"
+        if C >= 1024 and H * W <= 256:
+            return "im2col"
         return "shifted" if C >= 32 else "im2col"
+    if winograd and C >= 1024 and positions >= 512:
+        return "winograd"
     if C >= 1024 and H * W <= 256:
         return "im2col"
     if winograd and C >= 128 and H * W >= 8 * 8:
@@ -232,15 +251,18 @@ def upsample_phases(x_shape, kernel_shape, dtype, backend: str | None = None) ->
     31.9, 64x64x512 158 -> 73. Taken on the CPU in float32 under "auto" where the upsampled map's
     convolution would be XLA's own or "winograd" (the same 16 multiply-adds per output, but on
     the 4x larger map: forward + gradients [8, 16, 16, 256] -> [8, 32, 32, 256] 66.6 ms against
-    50.5 folded, and level or slower on the other shapes measured): at 8x8x1280 that one is an
-    im2col dot (17.9 ms) and the four small ones are slower (22.5 ms). In bfloat16 the
-    convolutions are already dots ("shifted" or "winograd") on the upsampled map, and GPU/TPU
-    keep XLA's convolution."""
+    50.5 folded, and level or slower on the other shapes measured), with fewer than 1024
+    channels. On SD's deep levels the four small convolutions become im2col dots that lose to
+    the upsampled map's own formulation: 8x8x1280 17.9 ms im2col against 22.5 folded at batch 1;
+    since Winograd covers the upsampled map, 16x16x1280 120.6 against 136.6 ms at batch 1 and
+    8x8x1280 129 against 196 ms at batch 4. In bfloat16 the convolutions are already dots
+    ("shifted", "im2col" or "winograd") on the upsampled map, and GPU/TPU keep XLA's
+    convolution."""
     backend = backend or jax.default_backend()
     if backend != "cpu" or _FORMULATION[-1] != "auto" or low_precision(dtype) or len(x_shape) != 4:
         return False
     B, H, W, C = x_shape
-    return (tuple(kernel_shape[:2]) == (3, 3)
+    return (tuple(kernel_shape[:2]) == (3, 3) and C < 1024
             and choose((B, 2 * H, 2 * W, C), kernel_shape, dtype, backend) in ("xla", "winograd"))
 
 
