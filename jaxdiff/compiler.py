@@ -77,12 +77,17 @@ def options(backend: str | None = None) -> dict[str, str] | None:
     return None if chosen is None else dict(chosen)
 
 
+_NESTED = "can only be passed to top-level"   # what jax says of compiler_options on a nested jit
+
+
 class _Jit:
     """`jax.jit(fun, **kwargs)`, built at its first use with `options()`; calls, `.lower`,
-    `.trace`, `.eval_shape` and the rest go to it."""
+    `.trace`, `.eval_shape` and the rest go to it. Called inside another traced function (your
+    own `jax.jit`, `jax.grad`, `jax.eval_shape`, ...) it is a plain `jax.jit`: only the outermost
+    program takes compiler options, and it is the one that is compiled."""
 
     def __init__(self, fun: Callable, kwargs: dict[str, Any]):
-        self._fun, self._kwargs, self._jitted = fun, kwargs, None
+        self._fun, self._kwargs, self._jitted, self._nested = fun, kwargs, None, None
         functools.update_wrapper(self, fun)
 
     def _built(self):
@@ -91,11 +96,23 @@ class _Jit:
                                    **self._kwargs)
         return self._jitted
 
+    def _plain(self):
+        if self._nested is None:
+            self._nested = jax.jit(self._fun, **self._kwargs)
+        return self._nested
+
     def __call__(self, *args, **kwargs):
-        return self._built()(*args, **kwargs)
+        if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves((args, kwargs))):
+            return self._plain()(*args, **kwargs)
+        try:
+            return self._built()(*args, **kwargs)
+        except ValueError as e:                  # traced inside another function, no tracer passed
+            if _NESTED not in str(e):
+                raise
+            return self._plain()(*args, **kwargs)
 
     def __getattr__(self, name: str):
-        if name.startswith("__") or name in ("_fun", "_kwargs", "_jitted"):
+        if name.startswith("__") or name in ("_fun", "_kwargs", "_jitted", "_nested"):
             raise AttributeError(name)
         return getattr(self._built(), name)
 

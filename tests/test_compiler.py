@@ -77,6 +77,19 @@ def test_jit_compiles_with_the_options_and_the_same_answers():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-5 * float(jnp.max(jnp.abs(b))))
 
 
+def test_jit_called_inside_another_trace_is_a_plain_jit():
+    """Only a top-level jit takes compiler options: inside your own jax.jit, grad or eval_shape
+    (with or without a traced argument) a compiler.jit function runs as jax.jit would."""
+    inner = compiler.jit(lambda x: jnp.sin(x) * 2)
+    x = jnp.linspace(-1.0, 1.0, 8)
+    np.testing.assert_allclose(np.asarray(jax.jit(lambda x: inner(x) + 1)(x)), np.sin(x) * 2 + 1, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(jax.grad(lambda x: inner(x).sum())(x)), np.cos(x) * 2, rtol=1e-6)
+    assert jax.eval_shape(inner, jax.ShapeDtypeStruct((3,), jnp.float32)).shape == (3,)
+    const = jax.jit(lambda x: x + inner(np.ones(3, np.float32)))(jnp.zeros(3))   # no tracer reaches inner
+    np.testing.assert_allclose(np.asarray(const), np.sin(1.0) * 2 * np.ones(3), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(inner(x)), np.sin(x) * 2, rtol=1e-6)   # still top-level
+
+
 def test_jit_keeps_jax_jit_arguments_and_decorator_forms():
     calls = []
 
