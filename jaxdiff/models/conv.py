@@ -140,16 +140,13 @@ def choose(x_shape, kernel_shape, dtype, backend: str | None = None, *, strides=
         padding = tuple((k // 2, k // 2) for k in kernel_shape[:2])
     winograd = winograd_applies(x_shape, kernel_shape, strides, padding)
     positions = B * H * W
+    deep = C >= 1024 and H * W <= 256          # SD's deepest levels: the kernel outweighs the map
+    if deep:
+        return "winograd" if winograd and positions >= 512 else "im2col"
     if low_precision(dtype):
         if winograd and C >= 32 and (positions >= 512 or (C < 1024 and H * W >= 16 * 16)):
             return "winograd"
-        if C >= 1024 and H * W <= 256:
-            return "im2col"
         return "shifted" if C >= 32 else "im2col"
-    if winograd and C >= 1024 and positions >= 512:
-        return "winograd"
-    if C >= 1024 and H * W <= 256:
-        return "im2col"
     if winograd and C >= 128 and H * W >= 8 * 8:
         return "winograd"
     if C == 1:
